@@ -1,0 +1,365 @@
+"""ComfyUI nodes: a thin layer that turns host types into ``daam_core`` calls and back.
+
+MASK outputs are plain ``[batch, H, W]`` float masks in [0, 1]; IMAGE outputs are ``[batch, H, W, 3]``.
+Outputs that cover several words are ordered image-major: (image 0, word 0), (image 0, word 1), ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..daam_core import masks as mask_ops
+from ..daam_core import render
+from ..daam_core.aggregate import COMBINE_MODES, NORMALIZE_MODES
+from ..daam_core.io import TraceFormatError, load_trace, save_trace
+from ..daam_core.recorder import RecordFilter
+from ..daam_core.tokens import TokenLayout, WordNotFoundError, layout_from_comfy_tokens, parse_query
+from ..daam_core.trace import AttentionTrace
+from .session import patch_model, session_of
+
+CATEGORY = "DAAM"
+MAPS_TYPE = "DAAM_MAPS"
+BRANCH = {"positive": "cond", "negative": "uncond"}
+TRACE_FOLDER = "daam"
+
+
+@dataclass
+class DaamMaps:
+    """What flows between DAAM nodes: the trace of one sampling and the decoded images (if given)."""
+
+    trace: AttentionTrace
+    images: torch.Tensor | None = None  # [B, H, W, 3]
+
+
+def split_words(text: str) -> list[str]:
+    return [w.strip() for w in (text or "").split(",") if w.strip()]
+
+
+def comfy_layout(tokenizer, text: str) -> TokenLayout:
+    """Token layout of ``text`` exactly as the host's tokenizer (``clip.tokenizer``) encodes it."""
+    tokens = tokenizer.tokenize_with_weights(text, return_word_ids=True)
+    key = next((k for k in ("l", "g", "h") if k in tokens), None) or next(iter(tokens))
+    sd_tokenizer = getattr(tokenizer, f"clip_{key}", None)
+    hf = getattr(sd_tokenizer, "tokenizer", None)
+    if hf is None:
+        raise ValueError(f"DAAM supports CLIP text encoders (SD1.x, SD2.x, SDXL); this CLIP's tokenizer "
+                         f"({type(tokenizer).__name__}) is not one")
+    return layout_from_comfy_tokens(tokens[key], hf, prompt=text)
+
+
+def maps_for(trace: AttentionTrace, words: list[str], branch: str, **kwargs) -> torch.Tensor:
+    """``[B, W, H, W]`` maps with errors that name the word and list the prompt's words."""
+    if not words:
+        raise ValueError("no words given: type words or phrases of the prompt, separated by commas")
+    try:
+        return trace.word_maps(words, branch=branch, **kwargs)
+    except WordNotFoundError as e:
+        raise ValueError(f"DAAM: {e}") from None
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """[B, W, ...] -> [B * W, ...] (image-major)."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+class DAAMTraceModel:
+    """Returns a clone of MODEL that records cross-attention during any sampler's run."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to trace. It is cloned; the original is never modified."}),
+                "resolutions": (["all", "low (1/32, 1/64)", "middle (1/16, 1/32)", "high (1/8, 1/16)"],
+                                {"default": "all", "tooltip": "Which cross-attention layers to record, by their size "
+                                 "relative to the image (SD1.5 at 512: 1/32 = 16x16 maps)."}),
+                "unet_parts": (["all", "down", "mid", "up", "down+up"],
+                               {"default": "all", "tooltip": "Which UNet parts to record."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                            "tooltip": "Start of the recorded part of the sampling (0 = first step)."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                          "tooltip": "End of the recorded part of the sampling (1 = last step)."}),
+                "heads": ("STRING", {"default": "", "tooltip": "Attention heads to sum, e.g. '0,1,2'; empty = all."}),
+                "record_negative": ("BOOLEAN", {"default": True,
+                                                "tooltip": "Also record the negative prompt's maps."}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A traced clone: give it to any sampler and to the DAAM Heatmaps node.",)
+    FUNCTION = "trace"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Trace a model so that any sampler records where each prompt word acts (DAAM)."
+
+    RESOLUTIONS = {"all": None, "low (1/32, 1/64)": (4, 8), "middle (1/16, 1/32)": (2, 4),
+                   "high (1/8, 1/16)": (1, 2)}
+    PARTS = {"all": None, "down": ("down",), "mid": ("mid",), "up": ("up",), "down+up": ("down", "up")}
+
+    def trace(self, model, resolutions="all", unet_parts="all", start_percent=0.0, end_percent=1.0, heads="",
+              record_negative=True):
+        if start_percent > end_percent:
+            raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
+        try:
+            head_list = tuple(int(h) for h in split_words(heads)) or None
+        except ValueError:
+            raise ValueError(f"heads must be comma-separated integers, got {heads!r}") from None
+        f = RecordFilter(factors=self.RESOLUTIONS[resolutions], locations=self.PARTS[unet_parts], heads=head_list,
+                         start=start_percent, end=end_percent,
+                         branches=("cond", "uncond") if record_negative else ("cond",))
+        patched, _ = patch_model(model, f)
+        return (patched,)
+
+
+class DAAMHeatmaps:
+    """Heat maps, overlays and masks of words after sampling."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The traced MODEL from 'DAAM Trace Model' (the one the sampler used)."}),
+                "clip": ("CLIP", {"tooltip": "The CLIP that encoded the prompts (its tokenizer maps words to tokens)."}),
+                "samples": ("LATENT", {"tooltip": "The sampler's LATENT output: it picks the sampling and makes this "
+                                       "node run after it."}),
+                "positive": ("STRING", {"multiline": True, "default": "",
+                                        "tooltip": "The positive prompt text, exactly as encoded."}),
+                "negative": ("STRING", {"multiline": True, "default": "",
+                                        "tooltip": "The negative prompt text, exactly as encoded."}),
+                "words": ("STRING", {"default": "", "tooltip": "Words or phrases of the positive prompt, comma "
+                                     "separated; 'dog#2' is the second 'dog'."}),
+                "negative_words": ("STRING", {"default": "", "tooltip": "Words of the negative prompt to map too."}),
+                "threshold": ("FLOAT", {"default": 0.4, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "Mask threshold as a fraction of each map's maximum (paper: 0.4)."}),
+                "normalize": (list(NORMALIZE_MODES), {"default": "minmax", "tooltip": "Per-map min-max or max, or "
+                              "'shared' across the words of an image so their strengths compare."}),
+                "combine": (list(COMBINE_MODES), {"default": "mean",
+                                                  "tooltip": "How the tokens of a word or phrase are combined."}),
+                "colormap": (list(render.COLORMAPS), {"default": "jet", "tooltip": "Colour map of the heat maps."}),
+                "alpha": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
+                                    "tooltip": "Opacity of the heat map in overlays."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "The decoded images, for overlays and the output size."}),
+            },
+        }
+
+    RETURN_TYPES = ("IMAGE", "IMAGE", "MASK", MAPS_TYPE)
+    RETURN_NAMES = ("heatmaps", "overlays", "masks", "maps")
+    OUTPUT_TOOLTIPS = ("Colour heat maps, one per image and word (image-major).",
+                       "Heat maps over the decoded images (the heat maps alone without images).",
+                       "Thresholded masks at image size, one per image and word.",
+                       "Raw maps for the other DAAM nodes.")
+    FUNCTION = "heatmaps"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Per-word heat maps (DAAM) of the last sampling of a traced model."
+
+    def heatmaps(self, model, clip, samples, positive, negative, words, negative_words="", threshold=0.4,
+                 normalize="minmax", combine="mean", colormap="jet", alpha=0.5, images=None):
+        if clip is None:
+            raise ValueError("a CLIP is needed to read the prompt's tokens")
+        trace = build_trace(model, clip.tokenizer, samples, positive, negative, images)
+        pos_words, neg_words = split_words(words), split_words(negative_words)
+        if not pos_words and not neg_words:
+            raise ValueError("no words given: type words or phrases of the prompt, separated by commas")
+        parts = []
+        if pos_words:
+            parts.append(maps_for(trace, pos_words, "cond", normalize=normalize, combine=combine))
+        if neg_words:
+            parts.append(maps_for(trace, neg_words, "uncond", normalize=normalize, combine=combine))
+        maps = torch.cat(parts, dim=1)  # [B, W, H, W]
+        masks = mask_ops.threshold(maps, threshold, "relative")
+        heat = torch.stack([torch.from_numpy(render.colorize(m.detach(), colormap)) for m in flat(maps)])
+        if images is not None:
+            per = [images[b].detach().cpu().numpy() for b in range(maps.shape[0]) for _ in range(maps.shape[1])]
+            over = torch.stack([torch.from_numpy(render.overlay(im, m, alpha, colormap))
+                                for im, m in zip(per, flat(maps))])
+        else:
+            over = heat
+        labels = [f"{b}:{w}" for b in range(maps.shape[0]) for w in pos_words + [f"neg:{x}" for x in neg_words]]
+        ui = {"images": preview(over, "daam_overlay"), "daam_labels": labels,
+              "daam_words": [w.text for w in trace.layout(0).words]}
+        return {"ui": ui, "result": (heat, over, flat(masks), DaamMaps(trace, images))}
+
+
+def preview(images: torch.Tensor, prefix: str) -> list[dict]:
+    """Save ``[B, H, W, 3]`` images to the host's temp folder and describe them for the UI preview."""
+    import folder_paths
+
+    folder = folder_paths.get_temp_directory()
+    full, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder, images.shape[2],
+                                                                         images.shape[1])
+    out = []
+    for i, im in enumerate(images):
+        file = f"{name}_{counter + i:05}_.png"
+        render.save_png(os.path.join(full, file), im.cpu().numpy())
+        out.append({"filename": file, "subfolder": subfolder, "type": "temp"})
+    return out
+
+
+def build_trace(model, tokenizer, samples, positive: str, negative: str, images=None) -> AttentionTrace:
+    """The trace of the sampling that produced ``samples``, with the prompts' token layouts."""
+    session = session_of(model)
+    latent = samples["samples"] if isinstance(samples, dict) else samples
+    record = session.find(latent)
+    pos_count, neg_count = record.token_counts
+    layouts = [comfy_layout(tokenizer, positive)]
+    if layouts[0].length != pos_count:
+        raise ValueError(f"the positive text has {layouts[0].length} tokens but the sampler's positive conditioning "
+                         f"has {pos_count}: give DAAM the same text and CLIP that encoded the conditioning")
+    if neg_count is not None:
+        layouts.append(comfy_layout(tokenizer, negative))
+        if layouts[1].length != neg_count:
+            raise ValueError(f"the negative text has {layouts[1].length} tokens but the sampler's negative "
+                             f"conditioning has {neg_count}: give DAAM the same negative text that was encoded")
+    h, w = record.recorded["latent_hw"]
+    if images is not None:
+        if images.shape[0] != record.latent.shape[0]:
+            raise ValueError(f"{images.shape[0]} images given for a sampling of {record.latent.shape[0]} latents")
+        image_hw = (int(images.shape[1]), int(images.shape[2]))
+    else:
+        image_hw = (h * 8, w * 8)
+    meta = {"positive": positive, "negative": negative, "host": "comfyui"}
+    trace = AttentionTrace.from_recorder(record.recorded, layouts, image_hw, meta)
+    trace.warnings += record.notes
+    if not trace.sums:
+        raise ValueError("no cross-attention was recorded in this sampling (check the resolutions, UNet parts and "
+                         "time window of 'DAAM Trace Model')")
+    return trace
+
+
+class DAAMMask:
+    """One MASK from the maps of one or more words: threshold, clean-up and set operations."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "maps": (MAPS_TYPE, {"tooltip": "Maps from 'DAAM Heatmaps' or 'DAAM Load Trace'."}),
+                "words": ("STRING", {"default": "", "tooltip": "Words or phrases, comma separated; their masks are "
+                                     "combined with the operation below."}),
+                "prompt": (["positive", "negative"], {"default": "positive", "tooltip": "Which prompt the words are in."}),
+                "operation": (list(mask_ops.SET_OPERATIONS), {"default": "union", "tooltip": "union: any word; "
+                              "intersection: all words; difference: the first word minus the others."}),
+                "threshold_mode": (list(mask_ops.THRESHOLD_MODES), {"default": "relative", "tooltip": "relative: "
+                                   "fraction of each map's max; absolute: level of the normalised map; otsu: automatic."}),
+                "threshold": ("FLOAT", {"default": 0.4, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "Threshold value (ignored by otsu)."}),
+                "open_px": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "Remove specks up to this radius."}),
+                "close_px": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "Fill holes up to this radius."}),
+                "grow_px": ("INT", {"default": 0, "min": -256, "max": 256,
+                                    "tooltip": "Grow (positive) or shrink (negative) the mask, in pixels."}),
+                "feather_px": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip": "Soften the edge, in pixels."}),
+            }
+        }
+
+    RETURN_TYPES = ("MASK",)
+    RETURN_NAMES = ("mask",)
+    OUTPUT_TOOLTIPS = ("One [batch, H, W] mask per image, for inpainting and compositing nodes.",)
+    FUNCTION = "mask"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Mask of words taken from the generation itself (e.g. 'dog') for inpainting and compositing."
+
+    def mask(self, maps, words, prompt="positive", operation="union", threshold_mode="relative", threshold=0.4,
+             open_px=0, close_px=0, grow_px=0, feather_px=0):
+        word_list = split_words(words)
+        m = maps_for(maps.trace, word_list, BRANCH[prompt])  # [B, W, H, W]
+        binary = mask_ops.threshold(m, threshold, threshold_mode)
+        combined = mask_ops.combine([binary[:, j] for j in range(binary.shape[1])], operation)
+        return (mask_ops.refine(combined, open_px=open_px, close_px=close_px, grow_px=grow_px,
+                                feather_px=feather_px).clamp_(0, 1),)
+
+
+def _output_dir() -> str:
+    import folder_paths
+
+    return folder_paths.get_output_directory()
+
+
+def safe_prefix(prefix: str) -> str:
+    """A file-name prefix without path traversal: only the last component, restricted characters."""
+    name = os.path.basename(prefix.replace("\\", "/")) or "daam"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".") or "daam"
+
+
+class DAAMSaveTrace:
+    """Save the raw maps (safetensors + JSON) into ComfyUI's output folder."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "maps": (MAPS_TYPE, {"tooltip": "Maps to save."}),
+            "filename_prefix": ("STRING", {"default": "daam", "tooltip": "File name prefix, written to output/daam/."}),
+        }}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Save a DAAM trace to output/daam/ as safetensors with a JSON sidecar."
+
+    def save(self, maps, filename_prefix="daam"):
+        folder = os.path.join(_output_dir(), TRACE_FOLDER)
+        os.makedirs(folder, exist_ok=True)
+        prefix = safe_prefix(filename_prefix)
+        n = 1
+        while os.path.exists(os.path.join(folder, f"{prefix}_{n:05}.safetensors")):
+            n += 1
+        path = save_trace(maps.trace, os.path.join(folder, f"{prefix}_{n:05}.safetensors"))
+        return {"ui": {"text": [os.path.join(TRACE_FOLDER, path.name)]}}
+
+
+class DAAMLoadTrace:
+    """Load a trace saved by 'DAAM Save Trace' (safetensors only)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        folder = os.path.join(_output_dir(), TRACE_FOLDER)
+        files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
+        return {"required": {"trace": (files or [""], {"tooltip": "A trace in output/daam/."})},
+                "optional": {"images": ("IMAGE", {"tooltip": "The images the trace belongs to, for overlays."})}}
+
+    RETURN_TYPES = (MAPS_TYPE,)
+    RETURN_NAMES = ("maps",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Load a DAAM trace from output/daam/."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, trace):
+        return True if trace and os.path.basename(trace) == trace else f"invalid trace file name {trace!r}"
+
+    def load(self, trace, images=None):
+        folder = os.path.realpath(os.path.join(_output_dir(), TRACE_FOLDER))
+        path = os.path.realpath(os.path.join(folder, trace))
+        if os.path.dirname(path) != folder:
+            raise ValueError(f"invalid trace file name {trace!r}")
+        try:
+            loaded = load_trace(path)
+        except (TraceFormatError, FileNotFoundError) as e:
+            raise ValueError(f"DAAM: {e}") from None
+        if images is not None:
+            loaded.image_hw = (int(images.shape[1]), int(images.shape[2]))
+        return (DaamMaps(loaded, images),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "DAAMTraceModel": DAAMTraceModel,
+    "DAAMHeatmaps": DAAMHeatmaps,
+    "DAAMMask": DAAMMask,
+    "DAAMSaveTrace": DAAMSaveTrace,
+    "DAAMLoadTrace": DAAMLoadTrace,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DAAMTraceModel": "DAAM Trace Model",
+    "DAAMHeatmaps": "DAAM Heatmaps",
+    "DAAMMask": "DAAM Mask",
+    "DAAMSaveTrace": "DAAM Save Trace",
+    "DAAMLoadTrace": "DAAM Load Trace",
+}

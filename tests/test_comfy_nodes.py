@@ -1,0 +1,265 @@
+"""The node pack in-process against the real ComfyUI host (samplers, ModelPatcher, attention)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.host
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pack(comfy_host):
+    """The pack imported the way ComfyUI imports a custom node folder (a package from its __init__.py)."""
+    name = "comfyui_daam_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{name}.nodes.nodes")
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy_host, sd15_checkpoint):
+    import comfy.sd
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint), output_vae=True, output_clip=True)
+    return model, clip, vae
+
+
+def encode(clip, text):
+    import nodes as host_nodes
+
+    return host_nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def ksample(model, positive, negative, batch=1, width=64, height=48, seed=1, steps=2, cfg=5.0, sampler="euler",
+            callback=None):
+    import comfy.sample
+
+    latent = torch.zeros(batch, 4, height // 8, width // 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", positive, negative, latent, denoise=1.0,
+                               seed=seed, disable_pbar=True, callback=callback)
+
+
+def options_snapshot(model):
+    to = model.model_options.get("transformer_options", {})
+    return (sorted(model.model_options), sorted(to), {k: len(v) for k, v in to.get("patches", {}).items()},
+            {k: sorted(v) for k, v in model.wrappers.items()})
+
+
+POS = "a cat and a dog on a red sofa"
+NEG = "blurry, low quality"
+
+
+def test_traced_sampling_is_identical_and_model_untouched(pack, sd15):
+    model, clip, _ = sd15
+    pos, neg = encode(clip, POS), encode(clip, NEG)
+    before = options_snapshot(model)
+    plain = ksample(model, pos, neg)
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced = ksample(traced_model, pos, neg)
+    assert traced_model is not model
+    assert torch.equal(plain, traced)
+    assert options_snapshot(model) == before  # the model given to the node is never modified
+    attn = [m for n, m in model.model.diffusion_model.named_modules() if n.endswith("attn2")]
+    assert attn and all("forward" not in vars(m) for m in attn)
+    assert torch.equal(ksample(model, pos, neg), plain)
+
+
+def reference_hooks(model, store):
+    """Forward hooks on the host's attn2 modules computing softmax(QK^T/sqrt(d)) per row (for reference only)."""
+    handles = []
+    for name, module in model.model.diffusion_model.named_modules():
+        if not name.endswith("attn2"):
+            continue
+
+        def hook(mod, args, kwargs, output, name=name):
+            x = args[0]
+            context = kwargs.get("context", args[1] if len(args) > 1 else None)
+            q, k = mod.to_q(x), mod.to_k(context)
+            b, n, c = q.shape
+            h = mod.heads
+            qh = q.double().view(b, n, h, -1).transpose(1, 2)
+            kh = k.double().view(b, k.shape[1], h, -1).transpose(1, 2)
+            p = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1]), -1).sum(1)
+            kinds = kwargs["transformer_options"]["cond_or_uncond"]
+            store.setdefault(name, []).append((kinds, p))
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    return handles
+
+
+def test_recorded_probabilities_match_reference_with_batch_and_negative(pack, sd15):
+    model, clip, _ = sd15
+    pos, neg = encode(clip, POS), encode(clip, NEG)
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    store = {}
+    handles = reference_hooks(model, store)
+    try:
+        samples = ksample(traced_model, pos, neg, batch=2, steps=1)
+    finally:
+        for h in handles:
+            h.remove()
+    session = pack.session_of(traced_model)
+    rec = session.find(samples).recorded
+    assert set(rec["sums"]) == {daam_name(n) for n in store}
+    for layer, calls in store.items():
+        (kinds, p), = calls  # one step: cond and uncond batched together
+        # chunk i (2 images) has kind kinds[i] (0 = positive, 1 = negative); streams are cond 0, 1, uncond 0, 1
+        expected = torch.zeros(4, p.shape[1], 77, dtype=torch.float64)
+        for chunk, kind in enumerate(kinds):
+            for img in range(2):
+                expected[kind * 2 + img] = p[chunk * 2 + img, :, :77]
+        torch.testing.assert_close(rec["sums"][daam_name(layer)].double(), expected, atol=1e-5, rtol=0)
+
+
+def daam_name(module_path: str) -> str:
+    """Host module path -> the (block, number, transformer index) name DAAM gives the layer."""
+    parts = module_path.split(".")
+    block = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}[parts[0]]
+    number = 0 if block == "middle" else int(parts[1])
+    return f"{block}.{number}.{int(parts[parts.index('transformer_blocks') + 1])}"
+
+
+def test_heatmaps_node_outputs_and_errors(pack, sd15):
+    import nodes as host_nodes
+
+    model, clip, vae = sd15
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    samples = ksample(traced_model, encode(clip, POS), encode(clip, NEG), batch=2, width=64, height=48)
+    images = host_nodes.VAEDecode().decode(vae, {"samples": samples})[0]
+    out = pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, POS, NEG, "cat, red sofa, dog",
+                                       negative_words="blurry", images=images)
+    heat, over, masks, maps = out["result"]
+    assert heat.shape == over.shape == (2 * 4, 48, 64, 3) and masks.shape == (8, 48, 64)
+    assert len(out["ui"]["images"]) == 8 and out["ui"]["daam_labels"][3] == "0:neg:blurry"
+    assert 0 < masks[0].mean() < 1 and 0 < masks[2].mean() < 1
+    assert not torch.equal(masks[0], masks[2])  # cat and dog differ
+    assert over.min() >= 0 and over.max() <= 1
+    mask = pack.DAAMMask().mask(maps, "cat, dog", operation="union", grow_px=2, feather_px=2)[0]
+    assert mask.shape == (2, 48, 64) and 0 < mask.mean() < 1
+    inter = pack.DAAMMask().mask(maps, "cat, dog", operation="intersection")[0]
+    assert inter.sum() <= mask.sum()
+    with pytest.raises(ValueError, match="zebra.*cat"):
+        pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, POS, NEG, "zebra", images=images)
+    with pytest.raises(ValueError, match="no words"):
+        pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, POS, NEG, " , ", images=images)
+    with pytest.raises(ValueError, match="not traced"):
+        pack.DAAMHeatmaps().heatmaps(model, clip, {"samples": samples}, POS, NEG, "cat")
+    long_text = POS + ", " + ", ".join(["a tiny house"] * 30)
+    with pytest.raises(ValueError, match="tokens but the sampler"):
+        pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, long_text, NEG, "cat")
+
+
+def test_error_or_cancel_mid_sampling_leaves_nothing_behind(pack, sd15):
+    import comfy.model_management as mm
+
+    model, clip, _ = sd15
+    pos, neg = encode(clip, POS), encode(clip, NEG)
+    plain = ksample(model, pos, neg, steps=3)
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    session = pack.session_of(traced_model)
+
+    def cancel(step, *args):
+        if step == 1:
+            raise mm.InterruptProcessingException()
+
+    with pytest.raises(mm.InterruptProcessingException):
+        ksample(traced_model, pos, neg, steps=3, callback=cancel)
+    assert session.records == [] and not session.recorder.active and session.recorder.sums == {}
+    assert torch.equal(ksample(model, pos, neg, steps=3), plain)  # the plain model is unaffected
+    again = ksample(traced_model, pos, neg, steps=3)
+    assert torch.equal(again, plain) and len(session.records) == 1
+    assert set(session.find(again).recorded["calls"].values()) == {3}
+
+
+def test_new_seed_new_maps_and_two_traced_models_do_not_mix(pack, sd15):
+    model, clip, _ = sd15
+    a = pack.DAAMTraceModel().trace(model)[0]
+    b = pack.DAAMTraceModel().trace(model)[0]
+    pos_a, pos_b, neg = encode(clip, POS), encode(clip, "a green car in the city"), encode(clip, NEG)
+    s1 = ksample(a, pos_a, neg, seed=1)
+    s2 = ksample(a, pos_a, neg, seed=2)
+    s3 = ksample(b, pos_b, neg, seed=1)
+    maps1 = pack.build_trace(a, clip.tokenizer, {"samples": s1}, POS, NEG).word_maps("dog")
+    maps2 = pack.build_trace(a, clip.tokenizer, {"samples": s2}, POS, NEG).word_maps("dog")
+    assert not torch.allclose(maps1, maps2)
+    trace_b = pack.build_trace(b, clip.tokenizer, {"samples": s3}, "a green car in the city", NEG)
+    assert trace_b.word_maps("car").shape == (1, 1, 48, 64)
+    with pytest.raises(ValueError, match="not produced by a sampler using this DAAM model"):
+        pack.build_trace(b, clip.tokenizer, {"samples": s1}, POS, NEG)
+
+
+def test_existing_attention_patches_are_wrapped_not_overwritten(pack, sd15):
+    model, clip, _ = sd15
+    pos, neg = encode(clip, POS), encode(clip, NEG)
+    calls = {"override": 0, "attn2": 0}
+
+    def other_override(func, *args, **kwargs):
+        calls["override"] += 1
+        return func(*args, **kwargs) * 0.9
+
+    def other_attn2_patch(n, context, value, extra):
+        calls["attn2"] += 1
+        return n, context * 1.1, value
+
+    other = model.clone()
+    other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = other_override
+    other.set_model_attn2_patch(other_attn2_patch)
+    expected = ksample(other, pos, neg)
+    seen = dict(calls)
+    traced_model = pack.DAAMTraceModel().trace(other)[0]
+    got = ksample(traced_model, pos, neg)
+    assert torch.equal(expected, got)
+    assert calls["override"] == 2 * seen["override"] and calls["attn2"] == 2 * seen["attn2"]
+    assert pack.build_trace(traced_model, clip.tokenizer, {"samples": got}, POS, NEG).word_maps("dog").max() == 1
+
+
+def test_long_weighted_prompt_positions(pack, sd15):
+    model, clip, _ = sd15
+    text = "a (cat:1.3) and a dog, " + ", ".join(["a small wooden house"] * 20) + ", a golden dragon"
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    samples = ksample(traced_model, encode(clip, text), encode(clip, NEG))
+    trace = pack.build_trace(traced_model, clip.tokenizer, {"samples": samples}, text, NEG)
+    layout = trace.layout(0)
+    assert layout.length == 154 and trace.sums[next(iter(trace.sums))].shape[-1] == 154
+    host = clip.tokenizer.tokenize_with_weights(text)["l"]
+    flat = [t for chunk in host for t in chunk]
+    (dragon,) = layout.positions("dragon")
+    assert dragon >= 77 and flat[dragon][0] == clip.tokenizer.clip_l.tokenizer.convert_tokens_to_ids("dragon</w>")
+    (cat,) = layout.positions("cat")
+    assert flat[cat][1] == pytest.approx(1.3)
+    maps = trace.word_maps(["dragon", "cat", "house#20"])
+    assert maps.shape == (1, 3, 48, 64) and torch.isfinite(maps).all()
+
+
+def test_sdxl_with_both_encoders(pack, comfy_host):
+    from comfy.sdxl_clip import SDXLTokenizer
+
+    from helpers.checkpoints import build_tiny_sdxl_model, sdxl_conditioning
+
+    model, _ = build_tiny_sdxl_model()
+    tok = SDXLTokenizer()
+    text = "a blue bird on a branch"
+    tokens = tok.tokenize_with_weights(text)
+    assert len(tokens["g"][0]) == len(tokens["l"][0]) == 77
+    pos = sdxl_conditioning(seed=1, width=256, height=256)
+    neg = sdxl_conditioning(seed=2, width=256, height=256)
+    plain = ksample(model, pos, neg, width=256, height=256)
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    samples = ksample(traced_model, pos, neg, width=256, height=256)
+    assert torch.equal(plain, samples)
+    trace = pack.build_trace(traced_model, tok, {"samples": samples}, text, "")
+    assert {layer.factor for layer in trace.layers.values()} >= {2}
+    maps = trace.word_maps(["bird", "branch"])
+    assert maps.shape == (1, 2, 256, 256) and not torch.allclose(maps[0, 0], maps[0, 1])
