@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,56 @@ class DAAMTraceModel:
                          branches=("cond", "uncond") if record_negative else ("cond",))
         patched, _ = patch_model(model, f)
         return (patched,)
+
+
+def host_nodes():
+    """ComfyUI's own ``nodes`` module (loaded by the host before any custom node)."""
+    import importlib
+
+    module = sys.modules.get("nodes")
+    if module is None or not hasattr(module, "common_ksampler"):
+        module = importlib.import_module("nodes")
+    return module
+
+
+class DAAMKSampler:
+    """KSampler with DAAM tracing in one node: the stock sampler on a traced clone of MODEL."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import comfy.samplers
+
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to sample with; it is cloned and traced, never modified."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "The random seed of the noise."}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Denoising steps."}),
+                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance scale."}),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "The sampling algorithm."}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "The noise schedule."}),
+                "positive": ("CONDITIONING", {"tooltip": "The positive prompt's conditioning."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt's conditioning."}),
+                "latent_image": ("LATENT", {"tooltip": "The latent to denoise."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "How much of the latent is replaced by noise (1 = all)."}),
+            }
+        }
+
+    RETURN_TYPES = ("LATENT", "MODEL")
+    RETURN_NAMES = ("LATENT", "traced_model")
+    OUTPUT_TOOLTIPS = ("The denoised latent (the same as KSampler's).",
+                       "The traced clone that recorded this run: give it to DAAM Heatmaps.")
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Sample exactly like KSampler while recording where each prompt word acts (DAAM)."
+
+    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0):
+        traced, _ = patch_model(model, RecordFilter())
+        (latent,) = host_nodes().common_ksampler(traced, seed, steps, cfg, sampler_name, scheduler, positive,
+                                                 negative, latent_image, denoise=denoise)
+        return (latent, traced)
 
 
 class DAAMHeatmaps:
@@ -350,6 +401,7 @@ class DAAMLoadTrace:
 
 NODE_CLASS_MAPPINGS = {
     "DAAMTraceModel": DAAMTraceModel,
+    "DAAMKSampler": DAAMKSampler,
     "DAAMHeatmaps": DAAMHeatmaps,
     "DAAMMask": DAAMMask,
     "DAAMSaveTrace": DAAMSaveTrace,
@@ -358,6 +410,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DAAMTraceModel": "DAAM Trace Model",
+    "DAAMKSampler": "KSampler (DAAM)",
     "DAAMHeatmaps": "DAAM Heatmaps",
     "DAAMMask": "DAAM Mask",
     "DAAMSaveTrace": "DAAM Save Trace",

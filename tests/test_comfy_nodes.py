@@ -76,6 +76,22 @@ def test_traced_sampling_is_identical_and_model_untouched(pack, sd15):
     assert torch.equal(ksample(model, pos, neg), plain)
 
 
+def test_ksampler_daam_node_equals_stock_ksampler(pack, sd15):
+    import nodes as host_nodes
+
+    model, clip, _ = sd15
+    pos, neg = encode(clip, POS), encode(clip, NEG)
+    latent = {"samples": torch.zeros(1, 4, 6, 8)}
+    args = (3, 2, 5.0, "euler", "normal", pos, neg, latent)
+    (stock,) = host_nodes.KSampler().sample(model, *args)
+    before = options_snapshot(model)
+    daam_latent, traced = pack.DAAMKSampler().sample(model, *args)
+    assert torch.equal(stock["samples"], daam_latent["samples"]) and traced is not model
+    assert options_snapshot(model) == before
+    heat, _, masks, _ = pack.DAAMHeatmaps().heatmaps(traced, clip, daam_latent, POS, NEG, "dog")["result"]
+    assert heat.shape == (1, 48, 64, 3) and 0 < masks.mean() < 1
+
+
 def reference_hooks(model, store):
     """Forward hooks on the host's attn2 modules computing softmax(QK^T/sqrt(d)) per row (for reference only)."""
     handles = []
