@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Run the test suite in the project's venv: scripts/test.sh [pytest args...]
-# Without a test path among the arguments it runs all of tests/; `scripts/test.sh tests/test_x.py -x` runs one file.
-# Set up first with scripts/setup_host.sh (it also runs setup_env.sh).
+# The test command: sets up (or reuses) the venv and the ComfyUI host, then runs pytest in the venv.
+#   scripts/test.sh [pytest args...]   e.g. scripts/test.sh tests/test_recorder.py -x
+# Without a test path among the arguments it runs all of tests/.
 set -euo pipefail
 
-source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+here="$(dirname "${BASH_SOURCE[0]}")"
+host_out="$(bash "$here/setup_host.sh")"  # idempotent: a few seconds when everything is in place
+source "$here/env.sh"
+COMFYUI_DIR="$(sed -n 's/^COMFYUI_DIR=//p' <<<"$host_out" | tail -n 1)"
+export COMFYUI_DIR
 cd "$DAAM_REPO"
 
-if [[ ! -x "$PY" ]]; then
-    echo "no venv at $DAAM_VENV: run scripts/setup_host.sh first" >&2
-    exit 2
-fi
 targets=(tests)
 for arg in "$@"; do
     if [[ "$arg" != -* && -e "${arg%%::*}" ]]; then

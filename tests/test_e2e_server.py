@@ -1,0 +1,165 @@
+"""End to end: a real ComfyUI server with the pack runs the example workflows over HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.host]
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "example_workflows" / "api"
+CHECKPOINT = "daam_tiny_sd15.safetensors"
+DAAM_NODES = {"DAAMTraceModel", "DAAMKSampler", "DAAMHeatmaps", "DAAMMask", "DAAMSaveTrace", "DAAMLoadTrace"}
+
+
+SIZE, STEPS = 256, 6  # CPU-sized; the workflows themselves default to 512x512 and 20 steps
+
+
+def load_workflow(name: str, changes: dict | None = None) -> dict:
+    """An example workflow with the checkpoint name set (the one thing a user must change), made CPU-sized."""
+    text = (WORKFLOWS / f"{name}.json").read_text().replace("CHANGE_ME.safetensors", CHECKPOINT)
+    wf = json.loads(text)
+    for node in wf.values():
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=SIZE, height=SIZE)
+        elif node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = STEPS
+    for (node, key), value in (changes or {}).items():
+        wf[node]["inputs"][key] = value
+    return wf
+
+
+@pytest.fixture(scope="module")
+def server(comfyui_dir, sd15_checkpoint, tmp_path_factory):
+    from helpers.comfy_server import running_comfyui
+
+    work = tmp_path_factory.mktemp("comfyui")
+    ckpts = work / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / CHECKPOINT).symlink_to(sd15_checkpoint)
+    pack_link = Path(comfyui_dir) / "custom_nodes" / "comfyui-daam"
+    if not pack_link.exists():
+        pytest.fail(f"the pack is not installed in {pack_link}: run scripts/setup_host.sh")
+    with running_comfyui(comfyui_dir, sys.executable, work_dir=work, checkpoints_dir=ckpts) as client:
+        yield client
+
+
+def images_of(client, entry, prefix: str) -> list[np.ndarray]:
+    from PIL import Image
+
+    out = []
+    pattern = re.compile(re.escape(prefix.split("/")[-1]) + r"_\d{5}_\.png")
+    for filename, subfolder, kind in client.output_images(entry):
+        if pattern.fullmatch(filename) and subfolder == "daam" and kind == "output":
+            arr = np.asarray(Image.open(io.BytesIO(client.view(filename, subfolder, kind))).convert("RGB"))
+            out.append(arr.astype(np.float32) / 255.0)
+    return out
+
+
+def run_ok(client, wf, timeout=900):
+    entry = client.wait(client.queue(wf), timeout=timeout)
+    assert entry["error"] is None, entry["error"] + "\n" + client.log_text(3000)
+    return entry
+
+
+def test_object_info_lists_every_daam_node(server):
+    info = server.object_info()
+    assert DAAM_NODES <= set(info)
+    for name in DAAM_NODES:
+        assert info[name]["category"] == "DAAM"
+        for section in info[name]["input"].values():
+            for spec in section.values():
+                assert len(spec) > 1 and spec[1].get("tooltip"), (name, spec)
+
+
+def test_txt2img_heatmaps_workflow(server):
+    entry = run_ok(server, load_workflow("txt2img_heatmaps"))
+    (image,) = images_of(server, entry, "daam/image")
+    heat = images_of(server, entry, "daam/heatmap")
+    over = images_of(server, entry, "daam/overlay")
+    masks = [m[..., 0] for m in images_of(server, entry, "daam/mask")]
+    assert len(heat) == len(over) == len(masks) == 4  # cat, dog, red sofa + negative 'blurry'
+    for m in masks + heat + over:
+        assert m.shape[:2] == image.shape[:2] == (SIZE, SIZE)
+    for m in masks:
+        assert 0.0 < m.mean() < 1.0  # neither empty nor full
+    assert not np.array_equal(masks[0], masks[1]) and not np.array_equal(heat[0], heat[1])
+    node_ui = entry["outputs"]["8"]
+    assert len(node_ui["images"]) == 4 and "dog" in node_ui["daam_words"]
+
+
+def test_inpaint_workflow_repaints_inside_the_word_mask(server):
+    entry = run_ok(server, load_workflow("inpaint_word_mask"))
+    (source,) = images_of(server, entry, "daam/inpaint_source")
+    (result,) = images_of(server, entry, "daam/inpainted")
+    (mask,) = images_of(server, entry, "daam/inpaint_mask")
+    m = mask[..., 0]
+    assert result.shape == source.shape and 0 < (m > 0.5).mean() < 1
+    diff = np.abs(result - source).mean(-1)
+    assert diff[m > 0.99].mean() > 0.02  # repainted inside the mask of "dog" ...
+    assert diff[m < 0.01].max() <= 2 / 255  # ... and untouched outside it
+
+
+def test_composite_workflow_pastes_the_word_region(server):
+    entry = run_ok(server, load_workflow("composite_word_mask"))
+    (source,) = images_of(server, entry, "daam/composite_source")
+    (background,) = images_of(server, entry, "daam/composite_background")
+    (composite,) = images_of(server, entry, "daam/composite")
+    (mask,) = images_of(server, entry, "daam/composite_mask")
+    m = mask[..., 0]
+    inside, outside = m >= 1.0, m <= 0.0  # the feathered rim is blended; the PNG mask is 8-bit
+    assert 0 < inside.mean() < 1 and outside.any()
+    assert np.abs(composite[inside] - source[inside]).max() <= 2 / 255
+    assert np.abs(composite[outside] - background[outside]).max() <= 2 / 255
+
+
+def test_bad_word_gives_node_error_and_server_keeps_running(server):
+    wf = load_workflow("txt2img_heatmaps", {("8", "words"): "zebra", ("5", "width"): 256, ("5", "height"): 256,
+                                              ("6", "steps"): 4})
+    entry = server.wait(server.queue(wf), timeout=600)
+    assert entry["error"] is not None and "DAAMHeatmaps" in entry["error"]
+    assert "zebra" in entry["error"] and "dog" in entry["error"]  # names the word and lists the prompt's words
+    ok = load_workflow("txt2img_heatmaps", {("5", "width"): 256, ("5", "height"): 256, ("6", "steps"): 4,
+                                              ("6", "seed"): 5})
+    entry = run_ok(server, ok)
+    assert len(images_of(server, entry, "daam/mask")) == 4
+
+
+def test_save_and_load_trace_round_trip(server):
+    wf = load_workflow("txt2img_heatmaps", {("5", "width"): 256, ("5", "height"): 256, ("6", "steps"): 4})
+    wf["50"] = {"class_type": "DAAMSaveTrace", "inputs": {"maps": ["8", 3], "filename_prefix": "../../evil/run"}}
+    entry = run_ok(server, wf)
+    (saved,) = entry["outputs"]["50"]["text"]
+    assert saved.startswith("daam/run_") and saved.endswith(".safetensors")  # traversal stripped
+    wf2 = {
+        "1": {"class_type": "DAAMLoadTrace", "inputs": {"trace": Path(saved).name}},
+        "2": {"class_type": "DAAMMask", "inputs": {"maps": ["1", 0], "words": "dog", "prompt": "positive",
+              "operation": "union", "threshold_mode": "otsu", "threshold": 0.4, "open_px": 0, "close_px": 0,
+              "grow_px": 0, "feather_px": 0}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "daam/loaded_mask"}},
+    }
+    entry = run_ok(server, wf2)
+    (mask,) = images_of(server, entry, "daam/loaded_mask")
+    assert mask.shape[:2] == (256, 256) and 0 < mask.mean() < 1
+
+
+def test_ui_workflows_match_the_api_ones(server):
+    """The template-browser (UI) workflows queue exactly the API workflows that the tests above run."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_ui_workflows import to_api
+
+    info = server.object_info()
+    for api_path in sorted(WORKFLOWS.glob("*.json")):
+        ui = json.loads((WORKFLOWS.parent / api_path.name).read_text())
+        api = json.loads(api_path.read_text())
+        assert {n["type"] for n in ui["nodes"]} <= set(info)
+        expected = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in api.items()}
+        assert to_api(ui, info) == expected, api_path.name
