@@ -399,6 +399,35 @@ class DAAMLoadTrace:
         return (DaamMaps(loaded, images),)
 
 
+class DAAMShapesLoader:
+    """The embedded shapes model as MODEL, CLIP and VAE: a checkpoint-free model with meaningful maps."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}, "optional": {
+            "folder": ("STRING", {"default": "", "tooltip": "A shapes pipeline folder (diffusers layout); empty = the "
+                                  "model shipped with the pack. It draws 32x32 scenes of coloured circles, squares "
+                                  "and triangles, e.g. 'a red circle on the left and a blue square on the right'."})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = ("The shapes UNet (pixel space: use 32x32 latents).", "Its text encoder.",
+                       "Its VAE (the identity at scale 1).")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Load the small 'shapes' model trained by this project (no checkpoint needed)."
+
+    def load(self, folder=""):
+        from pathlib import Path
+
+        from ..daam_core import shapes_model
+        from . import shapes_loader
+
+        path = Path(folder) if folder.strip() else shapes_model.ASSET_DIR
+        if not shapes_model.available(path):
+            raise ValueError(f"DAAM: no shapes model in {path} (a diffusers folder with model_index.json and unet/)")
+        return (shapes_loader.load_model(path), shapes_loader.load_clip(path), shapes_loader.load_vae(path))
+
+
 NODE_CLASS_MAPPINGS = {
     "DAAMTraceModel": DAAMTraceModel,
     "DAAMKSampler": DAAMKSampler,
@@ -406,6 +435,7 @@ NODE_CLASS_MAPPINGS = {
     "DAAMMask": DAAMMask,
     "DAAMSaveTrace": DAAMSaveTrace,
     "DAAMLoadTrace": DAAMLoadTrace,
+    "DAAMShapesLoader": DAAMShapesLoader,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -415,4 +445,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DAAMMask": "DAAM Mask",
     "DAAMSaveTrace": "DAAM Save Trace",
     "DAAMLoadTrace": "DAAM Load Trace",
+    "DAAMShapesLoader": "DAAM Shapes Model Loader",
 }

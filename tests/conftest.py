@@ -6,6 +6,7 @@ The host is the copy made by ``scripts/setup_host.sh`` (``$DAAM_CACHE/ComfyUI-0.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -116,3 +117,16 @@ def sd15_checkpoint() -> Path:
     from helpers.checkpoints import cached_sd15_checkpoint
 
     return cached_sd15_checkpoint(seed=0)
+
+
+@pytest.fixture(scope="session")
+def pack(comfy_host):
+    """The pack imported the way ComfyUI imports a custom node folder (a package from its __init__.py)."""
+    name = "comfyui_daam_under_test"
+    if name not in sys.modules:
+        repo = Path(__file__).resolve().parents[1]
+        spec = importlib.util.spec_from_file_location(name, repo / "__init__.py", submodule_search_locations=[str(repo)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{name}.nodes.nodes")

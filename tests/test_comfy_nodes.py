@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.host
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def pack(comfy_host):
-    """The pack imported the way ComfyUI imports a custom node folder (a package from its __init__.py)."""
-    name = "comfyui_daam_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{name}.nodes.nodes")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,83 @@
+"""The shapes model in ComfyUI: the loader's MODEL, CLIP and VAE compute what the diffusers pipeline computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.host
+
+
+@pytest.fixture(scope="module")
+def shapes_folder(tmp_path_factory, comfy_host):
+    from daam_core import shapes_model
+
+    unet, text, vae = shapes_model.build_components(seed=3)
+    with torch.no_grad():  # a random VAE is far from the identity: give its decoder some signal
+        for p in vae.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    pipe = shapes_model.assemble_pipeline(unet.eval(), text.eval(), vae.eval())
+    folder = tmp_path_factory.mktemp("shapes")
+    shapes_model.save_pipeline(pipe, folder, dtype=torch.float32)
+    return folder, shapes_model.load_shapes_pipeline(folder)
+
+
+@pytest.fixture(scope="module")
+def loaded(pack, shapes_folder):
+    folder, _ = shapes_folder
+    return pack.DAAMShapesLoader().load(str(folder))
+
+
+def test_unet_matches_diffusers(shapes_folder, loaded):
+    _, pipe = shapes_folder
+    model, _, _ = loaded
+    torch.manual_seed(0)
+    x, ctx = torch.randn(2, 3, 32, 32), torch.randn(2, 77, pipe.text_encoder.config.hidden_size)
+    t = torch.tensor([999.0, 120.0])
+    with torch.inference_mode():
+        ref = pipe.unet(x, t, encoder_hidden_states=ctx).sample
+        out = model.model.diffusion_model(x, timesteps=t, context=ctx)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_text_encoder_matches_diffusers(shapes_folder, loaded):
+    _, pipe = shapes_folder
+    _, clip, _ = loaded
+    text = "a red circle on the left and a blue square on the right"
+    with torch.inference_mode():
+        ids = pipe.tokenizer(text, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        ref = pipe.text_encoder(ids)[0]
+        cond = clip.encode_from_tokens(clip.tokenize(text))
+    torch.testing.assert_close(cond.float(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_vae_matches_diffusers_and_keeps_pixel_size(shapes_folder, loaded):
+    _, pipe = shapes_folder
+    _, _, vae = loaded
+    torch.manual_seed(1)
+    z = torch.randn(1, 3, 32, 48)
+    with torch.inference_mode():
+        ref = (pipe.vae.decode(z).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        out = vae.decode(z)
+        enc = vae.encode(out)
+    assert out.shape == (1, 32, 48, 3) and enc.shape == (1, 3, 32, 48)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_with_daam_on_the_loaded_model(pack, loaded):
+    import comfy.sample
+    import nodes as host_nodes
+
+    model, clip, vae = loaded
+    text = "a red circle and a blue square"
+    pos = host_nodes.CLIPTextEncode().encode(clip, text)[0]
+    neg = host_nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = {"samples": torch.zeros(1, 3, 32, 32)}
+    (stock,) = host_nodes.KSampler().sample(model, 1, 3, 4.0, "euler", "normal", pos, neg, latent)
+    daam_latent, traced = pack.DAAMKSampler().sample(model, 1, 3, 4.0, "euler", "normal", pos, neg, latent)
+    assert torch.equal(stock["samples"], daam_latent["samples"])
+    images = host_nodes.VAEDecode().decode(vae, daam_latent)[0]
+    heat, over, masks, _ = pack.DAAMHeatmaps().heatmaps(traced, clip, daam_latent, text, "", "circle, square",
+                                                        images=images)["result"]
+    assert heat.shape == (2, 32, 32, 3) and masks.shape == (2, 32, 32)
+    assert not torch.equal(masks[0], masks[1])
