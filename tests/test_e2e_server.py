@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.host]
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "example_workflows" / "api"
 CHECKPOINT = "daam_tiny_sd15.safetensors"
-DAAM_NODES = {"DAAMTraceModel", "DAAMKSampler", "DAAMHeatmaps", "DAAMMask", "DAAMSaveTrace", "DAAMLoadTrace"}
+DAAM_NODES = {"DAAMTraceModel", "DAAMKSampler", "DAAMShapesLoader", "DAAMHeatmaps", "DAAMMask", "DAAMSaveTrace", "DAAMLoadTrace"}
 
 
 SIZE, STEPS = 256, 6  # CPU-sized; the workflows themselves default to 512x512 and 20 steps
