@@ -1,0 +1,192 @@
+"""Attribution against ground truth: DAAM maps of the shapes model scored as segmentation (mIoU).
+
+    python bench/attribution.py                                  # the shipped model (daam_core/assets/shapes)
+    python bench/attribution.py --checkpoint RUN/state.safetensors   # a training checkpoint (EMA weights)
+
+Real scenes: a rendered scene is noised to timestep ~250 and denoised by one UNet pass (img2img with one step);
+the maps of its caption's words are thresholded and compared with the exact object masks. Generated images:
+the pipeline draws the caption; objects are found by colour (daam_core.scenes.detect_objects), a prompt counts as
+drawn right when every named colour is found with the named shape, and maps are scored against the found objects.
+Baselines: the whole image and a centred disc. Ablations (real scenes): layer resolution, down/up blocks, token
+aggregation, threshold 0.2-0.6, and the timestep of the pass. Head/dependent overlap (mIoD, mIoH) of colour-noun
+pairs as in the paper. Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from daam_core import masks as mask_ops  # noqa: E402
+from daam_core import metrics, scenes, shapes_model, trace  # noqa: E402
+
+
+def load_pipeline(args):
+    if args.checkpoint:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+        from train_shapes import load_state
+
+        unet, text, vae = shapes_model.build_components()
+        ema_u, ema_t, _ = shapes_model.build_components()
+        load_state(args.checkpoint, {"unet": unet, "text": text, "vae": vae, "ema_unet": ema_u, "ema_text": ema_t})
+        pipe = shapes_model.assemble_pipeline(ema_u.eval(), ema_t.eval(), vae.eval())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    return shapes_model.load_shapes_pipeline(args.model)
+
+
+def img2img_of(pipe):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    p = StableDiffusionImg2ImgPipeline(**pipe.components)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_scenes(n_one: int, n_two: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    out = [scenes.random_scene(rng, n_objects=1) for _ in range(n_one)]
+    held = scenes.held_out_prompts()
+    for i in range(n_two):  # the held-out colour/shape pairs, never seen in training
+        c1, s1, c2, s2 = held[i % len(held)]
+        out.append(scenes.random_scene(rng, n_objects=2, colors=(c1, c2), shapes=(s1, s2)))
+    return out
+
+
+def to_pil(image: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(image)
+
+
+def score(word_map: torch.Tensor, gt: np.ndarray, tau: float) -> float:
+    return metrics.iou(mask_ops.threshold(word_map, tau), torch.from_numpy(gt))
+
+
+def baselines(scene) -> dict:
+    h, w = scene.image.shape[:2]
+    disc = scenes.shape_mask("circle", (h / 2, w / 2), 0.6 * w, (h, w))
+    out = {"whole": [], "disc": []}
+    for o in scene.objects:
+        out["whole"].append(metrics.iou(torch.ones(h, w), torch.from_numpy(o.mask)))
+        out["disc"].append(metrics.iou(torch.from_numpy(disc), torch.from_numpy(o.mask)))
+    return out
+
+
+def real_scene_traces(pipe, items, strength: float, seed: int):
+    i2i = img2img_of(pipe)
+    steps = max(1, round(1 / strength))
+    traces = []
+    for s in items:
+        with trace(i2i) as tc:
+            i2i(s.caption, image=to_pil(s.image), strength=1 / steps, num_inference_steps=steps, guidance_scale=1.0,
+                generator=torch.Generator().manual_seed(seed), output_type="np")
+        traces.append(tc.result())
+    return traces
+
+
+def evaluate_real(traces, items, tau=0.4, combine="mean", **select) -> dict:
+    """mIoU of noun and colour maps against their objects, and of noun maps against the other object."""
+    res = {"noun_1": [], "color_1": [], "noun_2": [], "color_2": [], "noun_2_wrong": []}
+    for tr, s in zip(traces, items):
+        n = len(s.objects)
+        for o in s.objects:
+            words = [o.shape, o.color]
+            maps = tr.word_maps(words, image=0, combine=combine, **select)
+            res[f"noun_{n}"].append(score(maps[0], o.mask, tau))
+            res[f"color_{n}"].append(score(maps[1], o.mask, tau))
+            if n == 2:
+                other = next(x for x in s.objects if x is not o)
+                res["noun_2_wrong"].append(score(maps[0], other.mask, tau))
+    return {k: float(np.mean(v)) for k, v in res.items() if v}
+
+
+def head_dependent(traces, items, tau=0.4) -> dict:
+    pairs = []
+    for tr, s in zip(traces, items):
+        for o in s.objects:
+            maps = tr.word_maps([o.shape, o.color], image=0)
+            pairs.append((mask_ops.threshold(maps[0], tau), mask_ops.threshold(maps[1], tau)))
+    return metrics.head_dependent_overlap(pairs)
+
+
+def evaluate_generated(pipe, items, seed: int, steps: int, guidance: float, tau=0.4) -> dict:
+    right, res = 0, {"noun_1": [], "noun_2": [], "noun_2_wrong": [], "color_1": [], "color_2": []}
+    for i, s in enumerate(items):
+        with trace(pipe) as tc:
+            img = pipe(s.caption, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                       generator=torch.Generator().manual_seed(seed + i)).images[0]
+        img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+        found = {c: (shape, m) for c, shape, m in scenes.detect_objects(img)}
+        ok = all(o.color in found and found[o.color][0] == o.shape for o in s.objects)
+        right += ok
+        if not ok:
+            continue
+        tr = tc.result()
+        n = len(s.objects)
+        for o in s.objects:
+            gt = found[o.color][1]
+            maps = tr.word_maps([o.shape, o.color], image=0)
+            res[f"noun_{n}"].append(score(maps[0], gt, tau))
+            res[f"color_{n}"].append(score(maps[1], gt, tau))
+            if n == 2:
+                other = next(x for x in s.objects if x is not o)
+                res["noun_2_wrong"].append(score(maps[0], found[other.color][1], tau))
+    out = {k: float(np.mean(v)) for k, v in res.items() if v}
+    out["correct_fraction"] = right / len(items)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a shapes pipeline folder (default: the shipped one)")
+    ap.add_argument("--checkpoint", type=Path, help="a training state (scripts/train_shapes.py) instead")
+    ap.add_argument("--scenes", type=int, default=48, help="scenes per object count")
+    ap.add_argument("--generated", type=int, default=48, help="prompts per object count for generated images")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--quick", action="store_true", help="no ablations")
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    t0 = time.time()
+    pipe = load_pipeline(args)
+    items = test_scenes(args.scenes, args.scenes, args.seed)
+    traces = real_scene_traces(pipe, items, 0.25, args.seed)
+    result = {"bench": "attribution", "real": evaluate_real(traces, items)}
+    base = {"whole": [], "disc": []}
+    for s in items:
+        for k, v in baselines(s).items():
+            base[k].extend(v)
+    result["baselines"] = {k: float(np.mean(v)) for k, v in base.items()}
+    result["head_dependent"] = head_dependent(traces, items)
+    if not args.quick:
+        abl = {}
+        for name, sel in {"16x16": {"factors": [2]}, "8x8": {"factors": [4]}, "down": {"locations": ["down"]},
+                          "up": {"locations": ["up"]}, "mid": {"locations": ["mid"]}}.items():
+            abl[f"layers:{name}"] = evaluate_real(traces, items, **sel)
+        for combine in ("max", "sum"):
+            abl[f"combine:{combine}"] = evaluate_real(traces, items, combine=combine)
+        for tau in (0.2, 0.3, 0.5, 0.6):
+            abl[f"tau:{tau}"] = evaluate_real(traces, items, tau=tau)
+        for strength in (0.1, 0.5, 0.75):
+            abl[f"timestep:{int(1000 * strength)}"] = evaluate_real(
+                real_scene_traces(pipe, items, strength, args.seed), items)
+        result["ablations"] = abl
+    gen = test_scenes(args.generated, args.generated, args.seed + 1)
+    result["generated"] = evaluate_generated(pipe, gen, args.seed, args.steps, args.guidance)
+    result["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
