@@ -244,14 +244,11 @@ def bench_tiny_pipeline(seed: int = 0):
     """The tiny SD1.x pipeline shared with the reference library: ``daam_core.tiny``'s UNet (channels 32/64/64,
     cross-attention at latent factors 1 and 2 plus the mid block, 2 heads) with ``sample_size`` 64 and a VAE of
     scale factor 8, so that 512x512 images have the 64x64 latent the reference library assumes."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32).eval()
+    from daam_core.tiny import tiny_sd_unet
+
+    unet = tiny_sd_unet(seed, sample_size=64)
     seeded_init_(unet, seed)
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)

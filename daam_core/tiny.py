@@ -74,6 +74,18 @@ def _vae(seed: int, levels: int):
                          layers_per_block=1, norm_num_groups=32, sample_size=64).eval()
 
 
+def tiny_sd_unet(seed: int = 0, sample_size: int = 16):
+    """The SD1.x-shaped UNet of :func:`tiny_sd_pipeline` (random weights from ``seed``)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32).eval()
+
+
 def tiny_sd_pipeline(seed: int = 0, tokenizer_dir=None, vae_levels: int = 2, scheduler: str = "ddim"):
     """A Stable Diffusion 1.x-shaped pipeline with random weights.
 
@@ -81,14 +93,9 @@ def tiny_sd_pipeline(seed: int = 0, tokenizer_dir=None, vae_levels: int = 2, sch
     last two up blocks (latent factors 1 and 2, 4 for the mid block); 2 heads of width 16 / 32;
     text width 32. The VAE downsamples by ``2 ** (vae_levels - 1)``.
     """
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32).eval()
+    unet = tiny_sd_unet(seed)
     sched_cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[scheduler]
     sched = sched_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     pipe = StableDiffusionPipeline(vae=_vae(seed + 1, vae_levels), text_encoder=_text_encoder(32, seed + 2),

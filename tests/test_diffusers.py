@@ -12,6 +12,7 @@ from diffusers.models.attention_processor import Attention  # noqa: E402
 
 from daam_core import WordNotFoundError, metrics, trace  # noqa: E402
 from daam_core.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
+from helpers.reference import head_summed_probabilities  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +45,7 @@ def test_captured_probabilities_equal_explicit_softmax(sd):
             hs = args[0] if args else kwargs["hidden_states"]
             ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
             q, k = module.to_q(hs), module.to_k(ehs)
-            b, n, c = q.shape
-            h = module.heads
-            qh = q.double().view(b, n, h, -1).transpose(1, 2)
-            kh = k.double().view(b, k.shape[1], h, -1).transpose(1, 2)
-            p = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1]), -1).sum(1)
+            p = head_summed_probabilities(q, k, module.heads)
             reference[name] = reference.get(name, 0) + p
         return hook
 
