@@ -262,3 +262,21 @@ def test_sdxl_with_both_encoders(pack, comfy_host):
     assert {layer.factor for layer in trace.layers.values()} >= {2}
     maps = trace.word_maps(["bird", "branch"])
     assert maps.shape == (1, 2, 256, 256) and not torch.allclose(maps[0, 0], maps[0, 1])
+
+
+def test_combined_and_area_conditionings_map_the_first_entry(pack, sd15):
+    import nodes as host_nodes
+
+    model, clip, _ = sd15
+    pos, other, neg = encode(clip, POS), encode(clip, "a green car in the city"), encode(clip, NEG)
+    area = host_nodes.ConditioningSetArea().append(other, 32, 24, 0, 0, 1.0)[0]  # left half, cropped calls
+    for extra in (other, area):
+        combined = host_nodes.ConditioningCombine().combine(pos, extra)[0]
+        plain = ksample(model, combined, neg)
+        traced_model = pack.DAAMTraceModel().trace(model)[0]
+        samples = ksample(traced_model, combined, neg)
+        assert torch.equal(plain, samples)  # the image is never changed
+        trace = pack.build_trace(traced_model, clip.tokenizer, {"samples": samples}, POS, NEG)
+        assert any("2 entries" in w and "first one only" in w for w in trace.warnings)
+        dog = trace.word_maps("dog")
+        assert dog.shape == (1, 1, 48, 64) and torch.isfinite(dog).all() and dog.max() == 1
