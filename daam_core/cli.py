@@ -188,11 +188,34 @@ def cmd_generate(args) -> dict:
     return generate(pipe, args, Path(args.out))
 
 
+DEMO_DEFAULTS = {  # prompt, words, steps, size, guidance
+    "shapes": ("a red circle on the left and a blue square on the right", "circle,square,red,blue", 20, 32, 4.0),
+    "tiny": ("a red car and a dog on the grass", "car,dog,red", 10, 256, 7.5),
+}
+
+
 def cmd_demo(args) -> dict:
+    """The shapes model when one is given or shipped, else a random-weight tiny pipeline."""
+    from . import shapes_model
     from .tiny import tiny_sd_pipeline
 
-    pipe = tiny_sd_pipeline(seed=args.seed, vae_levels=4)
-    return generate(pipe, args, Path(args.out))
+    folder = Path(args.model) if args.model else (shapes_model.ASSET_DIR if shapes_model.available() else None)
+    if folder is not None:
+        if not shapes_model.available(folder):
+            raise CliError(f"{folder} is not a shapes pipeline folder (model_index.json and unet/ expected)")
+        pipe, kind = shapes_model.load_shapes_pipeline(folder), "shapes"
+    else:
+        pipe, kind = tiny_sd_pipeline(seed=args.seed, vae_levels=4), "tiny"
+    prompt, words, steps, size, guidance = DEMO_DEFAULTS[kind]
+    if not args.prompt:  # the model's own prompt and its words
+        args.prompt, args.words = prompt, args.words or words
+    args.steps = args.steps or steps
+    args.width, args.height = args.width or size, args.height or size
+    args.guidance = args.guidance or guidance
+    args.model = str(folder) if folder else "tiny random-weight pipeline"
+    summary = generate(pipe, args, Path(args.out))
+    summary["model"] = args.model
+    return summary
 
 
 def cmd_analyze(args) -> dict:
@@ -241,7 +264,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(p: argparse.ArgumentParser, prompt_default: str | None, words_default: str | None) -> None:
-    p.add_argument("--prompt", default=prompt_default, required=prompt_default is None, help="the prompt")
+    p.add_argument("--prompt", default=prompt_default, required=prompt_default is None,
+                   help="the prompt" + (" (default: one made for the model)" if prompt_default == "" else ""))
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--words", default=words_default, help="words or phrases to map, comma separated (dog#2 = "
                    "second 'dog'); default: the first words of the prompt")
@@ -268,8 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling(g, None, None)
     _common(g)
     d = sub.add_parser("demo", help="run the main job on the embedded default model")
-    _sampling(d, "a red car and a dog on the grass", "car,dog,red")
-    d.set_defaults(steps=10, width=256, height=256)
+    d.add_argument("--model", help="a shapes pipeline folder (default: the shipped shapes model if present, else a "
+                   "random-weight tiny pipeline)")
+    _sampling(d, "", None)
+    d.set_defaults(steps=None, width=None, height=None, guidance=None)
     _common(d)
     a = sub.add_parser("analyze", help="maps, masks and overlap from a saved trace")
     a.add_argument("trace", help="trace .safetensors written by generate")
