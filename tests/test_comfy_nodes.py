@@ -280,3 +280,36 @@ def test_combined_and_area_conditionings_map_the_first_entry(pack, sd15):
         assert any("2 entries" in w and "first one only" in w for w in trace.warnings)
         dog = trace.word_maps("dog")
         assert dog.shape == (1, 1, 48, 64) and torch.isfinite(dog).all() and dog.max() == 1
+
+
+def test_ksampler_advanced_and_custom_guider_sampling(pack, sd15):
+    """KSamplerAdvanced (a step range) and the SamplerCustomAdvanced path (guider.sample) on a traced clone."""
+    import comfy.sample
+    import comfy.samplers
+    import nodes as host_nodes
+
+    model, clip, _ = sd15
+    pos, neg = encode(clip, POS), encode(clip, NEG)
+    latent = {"samples": torch.zeros(1, 4, 6, 8)}
+    adv = (model, "enable", 4, 3, 5.0, "euler", "normal", pos, neg, latent, 1, 3, "disable")
+    plain = host_nodes.KSamplerAdvanced().sample(*adv)[0]["samples"]
+    traced = pack.DAAMTraceModel().trace(model)[0]
+    samples = host_nodes.KSamplerAdvanced().sample(traced, *adv[1:])[0]["samples"]
+    assert torch.equal(plain, samples)
+    assert pack.build_trace(traced, clip.tokenizer, {"samples": samples}, POS, NEG).word_maps("dog").max() == 1
+
+    def custom(m):
+        guider = comfy.samplers.CFGGuider(m)
+        guider.set_conds(pos, neg)
+        guider.set_cfg(5.0)
+        sigmas = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), "karras", 3)
+        noise = comfy.sample.prepare_noise(latent["samples"], 9)
+        return guider.sample(noise, latent["samples"], comfy.samplers.sampler_object("dpmpp_2m"), sigmas, seed=9,
+                             disable_pbar=True)
+
+    plain = custom(model)
+    traced = pack.DAAMTraceModel().trace(model)[0]
+    samples = custom(traced)
+    assert torch.equal(plain, samples)
+    maps = pack.build_trace(traced, clip.tokenizer, {"samples": samples}, POS, NEG).word_maps(["cat", "dog"])
+    assert maps.shape == (1, 2, 48, 64) and not torch.equal(maps[0, 0], maps[0, 1])
