@@ -29,7 +29,27 @@ VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=3, block_out_ch
                   down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
                   layers_per_block=1, norm_num_groups=32, sample_size=IMAGE_SIZE, scaling_factor=1.0,
                   mid_block_add_attention=False)
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+# Training noises with the full 1000-step cosine schedule. Its last steps reach sigma ~2e4, where Euler
+# and DPM-Solver++ multiply tiny epsilon errors into noise, so the pipeline ships the first 956 steps
+# only (sigma_max 14.6, as SD1.x): the same alphas for every timestep it keeps.
+TRAINING_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                 prediction_type="epsilon")
+INFERENCE_TIMESTEPS = 956
+
+
+def cosine_betas(n: int = 1000, keep: int | None = None) -> list[float]:
+    """The ``squaredcos_cap_v2`` betas of an ``n``-step schedule (first ``keep`` of them)."""
+    import math
+
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)]
+    return betas[:keep]
+
+
+SCHEDULER_CONFIG = dict(num_train_timesteps=INFERENCE_TIMESTEPS, trained_betas=cosine_betas(1000, INFERENCE_TIMESTEPS),
+                        prediction_type="epsilon")
 
 
 def build_components(seed: int = 0):
@@ -60,7 +80,8 @@ def save_pipeline(pipe, out: str | Path, dtype: torch.dtype = torch.float16) -> 
     """Write ``pipe`` as a pipeline folder (safetensors); returns its size in bytes.
 
     The CLIP ``vocab.json``/``merges.txt`` go beside the tokenizer files so that older transformers
-    (and ComfyUI's tokenizer) read the folder too.
+    (and ComfyUI's tokenizer) read the folder too; the fast tokenizer's ``tokenizer.json`` is left out
+    (transformers rebuilds it from those two).
     """
     import shutil
 
@@ -74,6 +95,7 @@ def save_pipeline(pipe, out: str | Path, dtype: torch.dtype = torch.float16) -> 
     for name in TOKENIZER_FILES:
         if not (out / "tokenizer" / name).exists():
             shutil.copyfile(src / name, out / "tokenizer" / name)
+    (out / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)  # 3.6 MB, rebuilt from vocab + merges
     return sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 

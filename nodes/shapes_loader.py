@@ -44,6 +44,9 @@ def comfy_unet_config(cfg: dict) -> dict:
     }
 
 
+SCHEDULES = {"squaredcos_cap_v2": "squaredcos_cap_v2", "linear": "sqrt_linear", "scaled_linear": "linear"}
+
+
 def load_model(folder: Path):
     import comfy.latent_formats
     import comfy.model_base
@@ -58,7 +61,10 @@ def load_model(folder: Path):
         raise ValueError("ComfyUI's UNet uses 32 norm groups; this UNet has " + str(cfg["norm_num_groups"]))
     if sched.get("prediction_type", "epsilon") != "epsilon":
         raise ValueError(f"only epsilon prediction is supported, not {sched['prediction_type']!r}")
-    schedule = {"squaredcos_cap_v2": "cosine", "linear": "linear", "scaled_linear": "linear"}[sched["beta_schedule"]]
+    given_betas = sched.get("trained_betas")
+    if given_betas is None and sched.get("beta_schedule") not in SCHEDULES:
+        raise ValueError(f"unknown beta schedule {sched.get('beta_schedule')!r}; known: {sorted(SCHEDULES)}")
+    schedule = SCHEDULES.get(sched.get("beta_schedule"), "linear")
     unet_config = comfy_unet_config(cfg)
 
     class PixelLatent(comfy.latent_formats.LatentFormat):
@@ -78,6 +84,8 @@ def load_model(folder: Path):
     model_config = ShapesConfig(unet_config)
     model_config.set_inference_dtype(torch.float32, None)
     model = comfy.model_base.BaseModel(model_config, device=mm.unet_offload_device())
+    if given_betas is not None:  # the folder's own betas: timestep i of ComfyUI is timestep i of diffusers
+        model.model_sampling._register_schedule(given_betas=torch.tensor(given_betas, dtype=torch.float64))
     key_map = comfy.utils.unet_to_diffusers(unet_config)
     state = {key_map[k]: v.float() for k, v in weights.items() if k in key_map}
     missing, unexpected = model.diffusion_model.load_state_dict(state, strict=False)

@@ -81,3 +81,15 @@ def test_sampling_with_daam_on_the_loaded_model(pack, loaded):
                                                         images=images)["result"]
     assert heat.shape == (2, 32, 32, 3) and masks.shape == (2, 32, 32)
     assert not torch.equal(masks[0], masks[1])
+
+
+def test_noise_schedule_matches_diffusers(shapes_folder, loaded):
+    """ComfyUI samples over the folder's own betas: same sigmas, timestep i is diffusers' timestep i."""
+    _, pipe = shapes_folder
+    model, _, _ = loaded
+    ac = pipe.scheduler.alphas_cumprod.double()
+    ref = ((1 - ac) / ac).sqrt()
+    sampling = model.get_model_object("model_sampling")
+    torch.testing.assert_close(sampling.sigmas.double(), ref, rtol=1e-5, atol=1e-5)  # fp32 both sides
+    assert float(sampling.sigma_max) == pytest.approx(14.56, abs=0.01)  # SD1.x's range, not the cosine's 2e4
+    assert float(sampling.timestep(sampling.sigma_max)) == len(ac) - 1
