@@ -23,9 +23,10 @@ from helpers.comfy_server import running_comfyui  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--checkpoint", help="an SD1.x / SD2.x / SDXL .safetensors checkpoint (default: a random-weight "
-                   "SD1.5-shaped one written now)")
-    p.add_argument("--workflow", default="txt2img_heatmaps", help="name of a workflow in example_workflows/api")
+    p.add_argument("--checkpoint", help="an SD1.x / SD2.x / SDXL .safetensors checkpoint for the workflows that load one "
+                   "(default: a random-weight SD1.5-shaped one written now)")
+    p.add_argument("--workflow", help="name of a workflow in example_workflows/api (default: shapes_heatmaps, which "
+                   "runs the shipped shapes model; txt2img_heatmaps when --checkpoint is given)")
     p.add_argument("--out", default="daam_out", help="folder for the outputs")
     p.add_argument("--prompt", help="replace the positive prompt")
     p.add_argument("--words", help="replace the words to map (comma separated)")
@@ -34,16 +35,23 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=1800)
     args = p.parse_args(argv)
 
-    if not args.checkpoint:  # random weights: the plumbing is the point, so keep the CPU run short
-        args.size = args.size or 256
-        args.steps = args.steps or 8
-    ckpt = Path(args.checkpoint) if args.checkpoint else cached_sd15_checkpoint(seed=0)
-    if not ckpt.is_file() or ckpt.suffix != ".safetensors":
-        p.error(f"--checkpoint must be an existing .safetensors file, got {ckpt}")
-    wf_path = REPO / "example_workflows" / "api" / f"{Path(args.workflow).name}.json"
+    name = Path(args.workflow or ("txt2img_heatmaps" if args.checkpoint else "shapes_heatmaps")).name
+    wf_path = REPO / "example_workflows" / "api" / f"{name}.json"
     if not wf_path.is_file():
         p.error(f"no workflow {wf_path.name} in example_workflows/api")
-    wf = json.loads(wf_path.read_text().replace("CHANGE_ME.safetensors", ckpt.name))
+    text = wf_path.read_text()
+    ckpt = None
+    if "CHANGE_ME.safetensors" in text:
+        if not args.checkpoint:  # random weights: the plumbing is the point, so keep the CPU run short
+            args.size = args.size or 256
+            args.steps = args.steps or 8
+        ckpt = Path(args.checkpoint) if args.checkpoint else cached_sd15_checkpoint(seed=0)
+        if not ckpt.is_file() or ckpt.suffix != ".safetensors":
+            p.error(f"--checkpoint must be an existing .safetensors file, got {ckpt}")
+        text = text.replace("CHANGE_ME.safetensors", ckpt.name)
+    elif args.checkpoint:
+        p.error(f"{wf_path.name} loads no checkpoint; name a workflow that does (txt2img_heatmaps, ...)")
+    wf = json.loads(text)
     positive_text = {n["inputs"]["positive"][0] for n in wf.values()
                      if n["class_type"] == "DAAMHeatmaps" and isinstance(n["inputs"]["positive"], list)}
     for node_id, node in wf.items():
@@ -62,10 +70,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="daam-demo-") as work:
         ckpts = Path(work) / "checkpoints"
         ckpts.mkdir()
-        os.symlink(ckpt.resolve(), ckpts / ckpt.name)
+        if ckpt is not None:
+            os.symlink(ckpt.resolve(), ckpts / ckpt.name)
         with running_comfyui(os.environ["COMFYUI_DIR"], sys.executable, work_dir=work, checkpoints_dir=ckpts) as client:
             print(f"ComfyUI {client.system_stats()['system']['comfyui_version']} on {client.base_url}; "
-                  f"running {wf_path.name} with {ckpt.name}", flush=True)
+                  f"running {wf_path.name} with {ckpt.name if ckpt else 'the shapes model'}", flush=True)
             entry = client.wait(client.queue(wf), timeout=args.timeout)
             if entry["error"]:
                 print(entry["error"], file=sys.stderr)

@@ -151,6 +151,28 @@ def test_save_and_load_trace_round_trip(server):
     assert mask.shape[:2] == (256, 256) and 0 < mask.mean() < 1
 
 
+def test_shapes_workflow_masks_the_named_object(server):
+    """No checkpoint at all: the shipped shapes model draws the prompt, and the word's mask is its object."""
+    from daam_core import metrics, scenes
+
+    wf = json.loads((WORKFLOWS / "shapes_heatmaps.json").read_text())
+    assert wf["1"]["class_type"] == "DAAMShapesLoader" and "a red circle" in wf["20"]["inputs"]["value"]
+    entry = run_ok(server, wf)
+    (image,) = images_of(server, entry, "daam/shapes_image")
+    (mask,) = images_of(server, entry, "daam/shapes_circle_mask")
+    heat = images_of(server, entry, "daam/shapes_heatmap")
+    assert image.shape == mask.shape == (32, 32, 3)
+    assert len(heat) == 4 and all(h.shape == (256, 256, 3) for h in heat)  # circle, square, red, blue; 8x
+    found = {c: (shape, m) for c, shape, m in scenes.detect_objects((image * 255).round().astype(np.uint8))}
+    assert found["red"][0] == "circle" and found["blue"][0] == "square", {c: s for c, (s, _) in found.items()}
+    import torch
+
+    word_mask = torch.from_numpy(mask[..., 0] > 0.5)
+    right = metrics.iou(word_mask, torch.from_numpy(found["red"][1]))
+    wrong = metrics.iou(word_mask, torch.from_numpy(found["blue"][1]))
+    assert right >= 0.5 and wrong <= 0.1, (right, wrong)
+
+
 def test_ui_workflows_match_the_api_ones(server):
     """The template-browser (UI) workflows queue exactly the API workflows that the tests above run."""
     sys.path.insert(0, str(REPO / "scripts"))
