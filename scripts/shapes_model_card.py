@@ -28,6 +28,7 @@ def loss_curve(records: list[dict], size=(360, 640)) -> np.ndarray:
     h, w = size
     img = np.full((h, w, 3), 255, np.uint8)
     if len(pts) < 2:
+        cv2.putText(img, "fewer than 2 loss records", (50, h // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1)
         return img
     steps, losses = np.array(pts, dtype=np.float64).T
     logl = np.log10(losses)
@@ -56,6 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, default=shapes_model.ASSET_DIR)
     ap.add_argument("--attribution", type=Path, help="bench/attribution.py output (a JSON line) to quote")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--hardware", help="where it trained (default: the run's logged config, else unknown)")
+    ap.add_argument("--batch", type=int, help="batch size (default: the run's logged config)")
+    ap.add_argument("--how", default="", help="one more line on how the run went (its phases, say)")
     args = ap.parse_args(argv)
     records = [json.loads(line) for line in (args.work / "log.jsonl").read_text().splitlines() if line.strip()]
     meta = json.loads((args.model / "training.json").read_text())
@@ -70,6 +74,9 @@ def main(argv=None) -> int:
     text_params = sum(p.numel() for p in pipe.text_encoder.parameters())
     size = sum(f.stat().st_size for f in args.model.rglob("*") if f.is_file())
     last = [r for r in records if r.get("phase") == "unet"][-1:]
+    configs = [r for r in records if r.get("phase") == "config"]
+    hardware = args.hardware or (configs[-1]["device"] if configs else "unknown hardware")
+    batch = args.batch or (configs[-1]["batch"] if configs else "?")
     quality = ""
     if args.attribution:
         res = json.loads(args.attribution.read_text().strip().splitlines()[-1])
@@ -83,10 +90,14 @@ on the right"; the two-object colour/shape pairs {held} are held out). A diffuse
 folder: UNet {unet_params / 1e6:.2f}M parameters (channels {list(pipe.unet.config.block_out_channels)},
 cross-attention at 16x16 and 8x8), CLIP text encoder {text_params / 1e6:.2f}M parameters (width
 {pipe.text_encoder.config.hidden_size}, {pipe.text_encoder.config.num_hidden_layers} layers, real CLIP BPE
-vocabulary), identity VAE (pixels are the latents), cosine noise schedule, epsilon prediction.
+vocabulary), identity VAE (pixels are the latents), epsilon prediction. Noise schedule: cosine
+(`squaredcos_cap_v2`) over 1000 steps in training; the folder's scheduler keeps its first
+{pipe.scheduler.config.num_train_timesteps} steps as `trained_betas` (sigma_max 14.6, as SD1.x), because the last
+ones reach sigma 2e4, where Euler and DPM-Solver++ turn tiny epsilon errors into noise.
 
-- training: {meta['step']} steps at batch 64, {meta['seconds'] / 3600:.2f} CPU hours (2 cores), final loss
-  {last[0]['loss'] if last else float('nan'):.4f}; AdamW, min-SNR-5 weighting, 10% empty captions, EMA 0.999
+- training: {meta['step']} steps at batch {batch} on {hardware}, {meta['seconds'] / 60:.1f} minutes, final loss
+  {last[0]['loss'] if last else float('nan'):.4f}; AdamW, bf16 autocast, min-SNR-5 weighting, 10% empty captions,
+  EMA 0.999. {args.how}
 - folder size: {size / 2 ** 20:.1f} MiB (fp16 safetensors)
 
 ![loss](loss.png)

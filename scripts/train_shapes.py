@@ -191,6 +191,9 @@ def main(argv=None):
             save_state(args.weights_out, {"ema_unet": ema_unet, "ema_text": ema_text, "vae": vae}, meta,
                        torch.float16)
 
+    log({"phase": "config", "step": meta["step"], "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+         else f"CPU ({torch.get_num_threads()} threads)", "batch": args.batch, "lr": args.lr,
+         "schedule": args.schedule, "time_budget": args.time_budget, "steps": args.steps})
     for m in modules.values():
         m.to(device)
     rng = np.random.default_rng(args.seed + meta["step"])

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -20,9 +21,11 @@ def test_train_resume_export_and_trace(tmp_path):
     common = ["--work", str(work), "--batch", "4", "--vae-steps", "2", "--save-every", "2", "--threads", "1"]
     assert train_shapes.main(common + ["--steps", "2"]) == 0
     log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in log][:2] == ["vae", "vae"]
+    assert [r["phase"] for r in log][:3] == ["config", "vae", "vae"]
+    assert log[0]["batch"] == 4 and log[0]["device"].startswith("CPU")
     assert train_shapes.main(common + ["--steps", "3"]) == 0  # resumes at step 2, one more step
-    assert json.loads((work / "log.jsonl").read_text().splitlines()[-1])["phase"] == "vae"  # no 50-step line yet
+    last = json.loads((work / "log.jsonl").read_text().splitlines()[-1])
+    assert last["phase"] == "config" and last["step"] == 2  # the resumed run; no 50-step line yet
     assert train_shapes.main(common + ["--export", str(out)]) == 0
     meta = json.loads((out / "training.json").read_text())
     assert meta["step"] == 3 and meta["vae_done"]
@@ -34,3 +37,19 @@ def test_train_resume_export_and_trace(tmp_path):
                      generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 32, 32, 3)
     assert tc.result().word_maps("circle", image=0).shape == (1, 32, 32)
+
+    import shapes_model_card
+
+    assert shapes_model_card.main(["--work", str(work), "--model", str(out), "--hardware", "a test CPU"]) == 0
+    card = (out / "README.md").read_text()
+    assert "3 steps at batch 4 on a test CPU" in card and "trained_betas" in card
+    from PIL import Image
+
+    for name in ("loss.png", "samples.png"):
+        img = np.asarray(Image.open(out / name).convert("RGB"))
+        assert img.std() > 1, name  # drawn, not blank
+    records = [{"phase": "unet", "step": 50 * i, "loss": 0.1 / i} for i in range(1, 40)]
+    curve = shapes_model_card.loss_curve(records)
+    line = (np.abs(curve.astype(int) - (200, 60, 30)).sum(-1) < 30).nonzero()
+    assert line[1].min() <= 60 and line[1].max() >= 600  # spans the plot from the first step to the last
+    assert line[0][line[1].argmin()] < line[0][line[1].argmax()]  # falling loss: the curve goes down
