@@ -8,7 +8,8 @@ the maps of its caption's words are thresholded and compared with the exact obje
 the pipeline draws the caption; objects are found by colour (daam_core.scenes.detect_objects), a prompt counts as
 drawn right when every named colour is found with the named shape, and maps are scored against the found objects.
 Baselines: the whole image and a centred disc. Ablations (real scenes): layer resolution, down/up blocks, token
-aggregation, threshold 0.2-0.6, and the timestep of the pass. Head/dependent overlap (mIoD, mIoH) of colour-noun
+aggregation (two-token phrases), threshold 0.2-0.6, and the timestep of the pass; on generated images: layers,
+threshold and the window of sampling steps recorded. Head/dependent overlap (mIoD, mIoH) of colour-noun
 pairs as in the paper. Ends with one JSON line.
 """
 
@@ -95,7 +96,8 @@ def real_scene_traces(pipe, items, strength: float, seed: int):
 
 def evaluate_real(traces, items, tau=0.4, combine="mean", **select) -> dict:
     """mIoU of noun and colour maps against their objects, and of noun maps against the other object."""
-    res = {"noun_1": [], "color_1": [], "noun_2": [], "color_2": [], "noun_2_wrong": []}
+    res = {"noun_1": [], "color_1": [], "noun_2": [], "color_2": [], "noun_2_wrong": [], "noun_2_positions": [],
+           "noun_2_plain": []}
     for tr, s in zip(traces, items):
         n = len(s.objects)
         for o in s.objects:
@@ -106,7 +108,13 @@ def evaluate_real(traces, items, tau=0.4, combine="mean", **select) -> dict:
             if n == 2:
                 other = next(x for x in s.objects if x is not o)
                 res["noun_2_wrong"].append(score(maps[0], other.mask, tau))
+                res[f"noun_2_{caption_kind(s)}"].append(res["noun_2"][-1])
     return {k: float(np.mean(v)) for k, v in res.items() if v}
+
+
+def caption_kind(scene) -> str:
+    """"positions" when the caption says where each object is ("... on the left"), else "plain"."""
+    return "positions" if " on the " in scene.caption else "plain"
 
 
 def head_dependent(traces, items, tau=0.4) -> dict:
@@ -118,31 +126,50 @@ def head_dependent(traces, items, tau=0.4) -> dict:
     return metrics.head_dependent_overlap(pairs)
 
 
-def evaluate_generated(pipe, items, seed: int, steps: int, guidance: float, tau=0.4) -> dict:
-    right, res = 0, {"noun_1": [], "noun_2": [], "noun_2_wrong": [], "color_1": [], "color_2": []}
+def generate(pipe, items, seed: int, steps: int, guidance: float, time_window=(0.0, 1.0)):
+    """Draw each caption (traced); returns ``(images uint8, traces, found objects, drawn right)`` per item."""
+    out = []
     for i, s in enumerate(items):
-        with trace(pipe) as tc:
+        with trace(pipe, time_window=time_window) as tc:
             img = pipe(s.caption, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
                        generator=torch.Generator().manual_seed(seed + i)).images[0]
         img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
         found = {c: (shape, m) for c, shape, m in scenes.detect_objects(img)}
         ok = all(o.color in found and found[o.color][0] == o.shape for o in s.objects)
-        right += ok
+        out.append((tc.result(), found, ok))
+    return out
+
+
+def evaluate_generated(drawn, items, tau=0.4, **select) -> dict:
+    """mIoU of the maps of the images drawn right, against the objects found in them by colour."""
+    res = {"noun_1": [], "noun_2": [], "noun_2_wrong": [], "color_1": [], "color_2": [], "noun_2_positions": [],
+           "noun_2_plain": []}
+    for (tr, found, ok), s in zip(drawn, items):
         if not ok:
             continue
-        tr = tc.result()
         n = len(s.objects)
         for o in s.objects:
             gt = found[o.color][1]
-            maps = tr.word_maps([o.shape, o.color], image=0)
+            maps = tr.word_maps([o.shape, o.color], image=0, **select)
             res[f"noun_{n}"].append(score(maps[0], gt, tau))
             res[f"color_{n}"].append(score(maps[1], gt, tau))
             if n == 2:
                 other = next(x for x in s.objects if x is not o)
                 res["noun_2_wrong"].append(score(maps[0], found[other.color][1], tau))
+                res[f"noun_2_{caption_kind(s)}"].append(res["noun_2"][-1])
     out = {k: float(np.mean(v)) for k, v in res.items() if v}
-    out["correct_fraction"] = right / len(items)
+    out["correct_fraction"] = sum(ok for _, _, ok in drawn) / len(items)
     return out
+
+
+def evaluate_phrases(traces, items, tau=0.4, combine="mean") -> dict:
+    """mIoU of two-token phrase maps ("red circle"): how the tokens of a phrase are combined."""
+    res = {"phrase_1": [], "phrase_2": []}
+    for tr, s in zip(traces, items):
+        for o in s.objects:
+            res[f"phrase_{len(s.objects)}"].append(score(tr.word_maps(o.phrase, image=0, combine=combine)[0],
+                                                         o.mask, tau))
+    return {k: float(np.mean(v)) for k, v in res.items() if v}
 
 
 def main(argv=None) -> int:
@@ -168,21 +195,32 @@ def main(argv=None) -> int:
             base[k].extend(v)
     result["baselines"] = {k: float(np.mean(v)) for k, v in base.items()}
     result["head_dependent"] = head_dependent(traces, items)
+    gen = test_scenes(args.generated, args.generated, args.seed + 1)
+    drawn = generate(pipe, gen, args.seed, args.steps, args.guidance)
+    result["generated"] = evaluate_generated(drawn, gen)
     if not args.quick:
         abl = {}
         for name, sel in {"16x16": {"factors": [2]}, "8x8": {"factors": [4]}, "down": {"locations": ["down"]},
                           "up": {"locations": ["up"]}, "mid": {"locations": ["mid"]}}.items():
             abl[f"layers:{name}"] = evaluate_real(traces, items, **sel)
-        for combine in ("max", "sum"):
-            abl[f"combine:{combine}"] = evaluate_real(traces, items, combine=combine)
+        for combine in ("mean", "max", "sum"):
+            abl[f"phrase_combine:{combine}"] = evaluate_phrases(traces, items, combine=combine)
         for tau in (0.2, 0.3, 0.5, 0.6):
             abl[f"tau:{tau}"] = evaluate_real(traces, items, tau=tau)
         for strength in (0.1, 0.5, 0.75):
-            abl[f"timestep:{int(1000 * strength)}"] = evaluate_real(
+            abl[f"timestep:{round(strength * pipe.scheduler.config.num_train_timesteps)}"] = evaluate_real(
                 real_scene_traces(pipe, items, strength, args.seed), items)
         result["ablations"] = abl
-    gen = test_scenes(args.generated, args.generated, args.seed + 1)
-    result["generated"] = evaluate_generated(pipe, gen, args.seed, args.steps, args.guidance)
+        gab = {}
+        for name, sel in {"16x16": {"factors": [2]}, "8x8": {"factors": [4]}, "down": {"locations": ["down"]},
+                          "up": {"locations": ["up"]}}.items():
+            gab[f"layers:{name}"] = evaluate_generated(drawn, gen, **sel)
+        for tau in (0.2, 0.3, 0.5, 0.6):
+            gab[f"tau:{tau}"] = evaluate_generated(drawn, gen, tau=tau)
+        for window in ((0.0, 0.5), (0.25, 1.0), (0.5, 1.0), (0.75, 1.0)):
+            gab[f"steps:{window[0]}-{window[1]}"] = evaluate_generated(
+                generate(pipe, gen, args.seed, args.steps, args.guidance, window), gen)
+        result["generated_ablations"] = gab
     result["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(result))
     return 0

@@ -38,6 +38,7 @@ run memory              bench/memory.py --model tiny --size 512 --steps 10,20,50
 run memory_sd15_256     bench/memory.py --model sd15 --size 256 --steps 10,20,50
 run compare_reference   bench/compare_reference.py --steps 10,20,40 --pairs 7
 run compare_reference_20 bench/compare_reference.py --steps 20 --pairs 11
+run attribution         bench/attribution.py --scenes 48 --generated 48
 if [[ -z "${BENCH_SKIP_SDXL:-}" ]]; then
     run diffusers_sdxl_1024 bench/overhead_diffusers.py --model sdxl --size 1024 --steps 1 --pairs 5 --configs plain,all
 fi

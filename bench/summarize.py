@@ -90,11 +90,37 @@ def reference_table(results: dict) -> None:
               f"{c['pearson_min']:.5f} |")
 
 
+def attribution_table(results: dict) -> None:
+    r = results.get("attribution")
+    if not r:
+        return
+    cols = ("noun_1", "noun_2", "noun_2_wrong", "noun_2_positions", "noun_2_plain", "color_1", "color_2")
+    print("| setting | " + " | ".join(cols) + " | drawn right |")
+    print("|---|" + "---|" * (len(cols) + 1))
+    rows = [("rendered scenes, defaults", r["real"]), ("generated images, defaults", r["generated"])]
+    rows += [(f"rendered, {k}", v) for k, v in r.get("ablations", {}).items() if not k.startswith("phrase")]
+    rows += [(f"generated, {k}", v) for k, v in r.get("generated_ablations", {}).items()]
+    for label, v in rows:
+        cells = [f"{v[c]:.3f}" if c in v else "" for c in cols]
+        right = f"{v['correct_fraction']:.1%}" if "correct_fraction" in v else ""
+        print(f"| {label} | " + " | ".join(cells) + f" | {right} |")
+    phrases = {k.split(":")[1]: v for k, v in r.get("ablations", {}).items() if k.startswith("phrase")}
+    if phrases:
+        print("\n| phrase tokens combined by | phrase_1 | phrase_2 |\n|---|---|---|")
+        for k, v in phrases.items():
+            print(f"| {k} | {v['phrase_1']:.3f} | {v['phrase_2']:.3f} |")
+    b, hd = r["baselines"], r["head_dependent"]
+    print(f"\nBaselines (noun mIoU): whole image {b['whole']:.3f}, centred disc {b['disc']:.3f}. "
+          f"Head/dependent (noun/colour) overlap: mIoU {hd['miou']:.3f}, mIoD {hd['miod']:.3f}, "
+          f"mIoH {hd['mioh']:.3f}.")
+
+
 def main():
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("results"))
     results = load(folder)
     for title, fn in (("Overhead", overhead_table), ("Per layer resolution", breakdown_table),
-                      ("Memory", memory_table), ("Reference library", reference_table)):
+                      ("Memory", memory_table), ("Reference library", reference_table),
+                      ("Attribution (shapes model)", attribution_table)):
         print(f"\n### {title}\n")
         fn(results)
 

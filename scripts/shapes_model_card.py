@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hardware", help="where it trained (default: the run's logged config, else unknown)")
     ap.add_argument("--batch", type=int, help="batch size (default: the run's logged config)")
     ap.add_argument("--how", default="", help="one more line on how the run went (its phases, say)")
+    ap.add_argument("--extra", type=Path, help="markdown appended to the card (the exact commands, say)")
     args = ap.parse_args(argv)
     records = [json.loads(line) for line in (args.work / "log.jsonl").read_text().splitlines() if line.strip()]
     meta = json.loads((args.model / "training.json").read_text())
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     prompts = [f"a {c} {s}" for c, s in (("red", "circle"), ("green", "square"), ("blue", "triangle"),
                                          ("yellow", "square"))]
     prompts += [f"a {a} {b} on the left and a {c} {d} on the right" for a, b, c, d in held]
-    render.save_png(args.model / "loss.png", loss_curve(records))
+    render.save_png(args.model / "loss.png", loss_curve(records) / 255.0)  # save_png takes floats in [0, 1]
     render.save_png(args.model / "samples.png", sample_grid(pipe, prompts, args.seed, 20, 4.0))
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
     text_params = sum(p.numel() for p in pipe.text_encoder.parameters())
@@ -104,6 +105,8 @@ ones reach sigma 2e4, where Euler and DPM-Solver++ turn tiny epsilon errors into
 
 ![samples](samples.png) (seed {args.seed}, 20 DPM-Solver++ steps, guidance 4)
 {quality}"""
+    if args.extra:
+        card += "\n" + args.extra.read_text()
     (args.model / "README.md").write_text(card)
     print(json.dumps({"card": str(args.model / "README.md"), "bytes": size}))
     return 0

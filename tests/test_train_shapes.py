@@ -45,10 +45,16 @@ def test_train_resume_export_and_trace(tmp_path):
     assert "3 steps at batch 4 on a test CPU" in card and "trained_betas" in card
     from PIL import Image
 
-    for name in ("loss.png", "samples.png"):
-        img = np.asarray(Image.open(out / name).convert("RGB"))
-        assert img.std() > 1, name  # drawn, not blank
+    samples = np.asarray(Image.open(out / "samples.png").convert("RGB"))
+    assert samples.std() > 1  # drawn, not blank
+    loss_png = np.asarray(Image.open(out / "loss.png").convert("RGB")).astype(int)
+    assert (loss_png < 128).any() and (loss_png > 250).mean() > 0.9  # a white page with a frame and text
     records = [{"phase": "unet", "step": 50 * i, "loss": 0.1 / i} for i in range(1, 40)]
+    with open(work / "log.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    assert shapes_model_card.main(["--work", str(work), "--model", str(out)]) == 0
+    loss_png = np.asarray(Image.open(out / "loss.png").convert("RGB")).astype(int)
+    assert (np.abs(loss_png - (200, 60, 30)).sum(-1) < 30).sum() > 500  # the curve, in its colour, in the file
     curve = shapes_model_card.loss_curve(records)
     line = (np.abs(curve.astype(int) - (200, 60, 30)).sum(-1) < 30).nonzero()
     assert line[1].min() <= 60 and line[1].max() >= 600  # spans the plot from the first step to the last
