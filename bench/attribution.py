@@ -183,7 +183,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--quick", action="store_true", help="no ablations")
     args = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # not set_grad_enabled(False): main() is also called inside the test process
+        result = run(args)
+    print(json.dumps(result))
+    return 0
+
+
+def run(args) -> dict:
     t0 = time.time()
     pipe = load_pipeline(args)
     items = test_scenes(args.scenes, args.scenes, args.seed)
@@ -222,8 +228,7 @@ def main(argv=None) -> int:
                 generate(pipe, gen, args.seed, args.steps, args.guidance, window), gen)
         result["generated_ablations"] = gab
     result["seconds"] = round(time.time() - t0, 1)
-    print(json.dumps(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -198,10 +198,10 @@ def main(argv=None):
         m.to(device)
     rng = np.random.default_rng(args.seed + meta["step"])
     torch.manual_seed(args.seed + meta["step"])
-    t0 = time.time()
+    run_start, seconds_before = time.time(), meta["seconds"]  # --time-budget and "seconds" count the VAE phase too
     if not meta["vae_done"]:
         train_vae(vae, rng, args.vae_steps, log, device)
-        meta["vae_done"] = True
+        meta.update(vae_done=True, seconds=seconds_before + time.time() - run_start)
         save()
     vae.requires_grad_(False)
 
@@ -219,7 +219,6 @@ def main(argv=None):
     unet.train()
     text.train()
     start = meta["step"]
-    run_start, seconds_before = time.time(), meta["seconds"]
     loss_sum, n_loss = torch.zeros((), device=device), 0
     step = start
     for step in range(start, args.steps):
