@@ -107,6 +107,29 @@ def load_state(path: Path, modules: dict) -> dict:
         return json.loads(f.metadata()["meta"])
 
 
+class AdamMoments:
+    """An optimizer's per-parameter state as a flat tensor dict, so it saves and resumes with the modules."""
+
+    KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        self.opt = opt
+        self.params = [p for g in opt.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict:
+        return {f"{i}.{k}": torch.as_tensor(self.opt.state[p][k], dtype=torch.float32)
+                for i, p in enumerate(self.params) if p in self.opt.state for k in self.KEYS}
+
+    def load_state_dict(self, tensors: dict) -> None:
+        fused = any(g.get("fused") for g in self.opt.param_groups)
+        for i, p in enumerate(self.params):
+            if f"{i}.exp_avg" in tensors:
+                st = {k: tensors[f"{i}.{k}"].to(p.device) for k in self.KEYS}
+                if not fused:  # the plain and foreach paths keep the step count on the CPU
+                    st["step"] = st["step"].cpu()
+                self.opt.state[p] = st
+
+
 @torch.no_grad()
 def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
@@ -216,6 +239,9 @@ def main(argv=None):
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, persistent_workers=workers > 0))
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=device.type == "cuda")
+    modules["opt"] = AdamMoments(opt)
+    if ckpt.exists():  # resume the moments too: fresh ones would jolt the weights at full lr
+        load_state(ckpt, {"opt": modules["opt"]})
     unet.train()
     text.train()
     start = meta["step"]

@@ -26,6 +26,11 @@ def test_train_resume_export_and_trace(tmp_path):
     assert train_shapes.main(common + ["--steps", "3"]) == 0  # resumes at step 2, one more step
     last = json.loads((work / "log.jsonl").read_text().splitlines()[-1])
     assert last["phase"] == "config" and last["step"] == 2  # the resumed run; no 50-step line yet
+    from safetensors.torch import load_file
+
+    state = load_file(str(work / "state.safetensors"))
+    assert float(state["opt.0.step"]) == 3  # the optimizer's moments carried over the resume (fresh ones: 1)
+    assert all(k.split(".")[0] in {"unet", "text", "vae", "ema_unet", "ema_text", "opt"} for k in state)
     assert train_shapes.main(common + ["--export", str(out)]) == 0
     meta = json.loads((out / "training.json").read_text())
     assert meta["step"] == 3 and meta["vae_done"]
