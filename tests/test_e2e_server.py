@@ -173,6 +173,24 @@ def test_shapes_workflow_masks_the_named_object(server):
     assert right >= 0.5 and wrong <= 0.1, (right, wrong)
 
 
+def test_shapes_inpaint_workflow_repaints_the_named_object(server):
+    """The mask of "circle" drives inpainting: the red circle becomes a yellow square, nothing else changes."""
+    from daam_core import scenes
+
+    entry = run_ok(server, json.loads((WORKFLOWS / "shapes_inpaint_word_mask.json").read_text()))
+    (source,) = images_of(server, entry, "daam/shapes_inpaint_source")
+    (result,) = images_of(server, entry, "daam/shapes_inpainted")
+    (mask,) = images_of(server, entry, "daam/shapes_inpaint_mask")
+    inside = mask[..., 0] > 0.5
+    assert 0.05 < inside.mean() < 0.5
+    np.testing.assert_allclose(result[~inside], source[~inside], atol=1 / 255)  # pasted back through the mask
+    before = {c: s for c, s, _ in scenes.detect_objects((source * 255).round().astype(np.uint8))}
+    after = {c: (s, m) for c, s, m in scenes.detect_objects((result * 255).round().astype(np.uint8))}
+    assert before == {"red": "circle", "blue": "square"}
+    assert "red" not in after and after["blue"][0] == "square", {c: s for c, (s, _) in after.items()}
+    assert after["yellow"][0] == "square" and inside[after["yellow"][1]].mean() > 0.9  # drawn inside the mask
+
+
 def test_ui_workflows_match_the_api_ones(server):
     """The template-browser (UI) workflows queue exactly the API workflows that the tests above run."""
     sys.path.insert(0, str(REPO / "scripts"))
