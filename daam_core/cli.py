@@ -99,7 +99,7 @@ def write_outputs(trace: AttentionTrace, words: Sequence[str], out: Path, images
             tiles.insert(0, image)
             labels.insert(0, "image")
         path = out / f"{prefix}grid-{b}.png"
-        render.save_png(path, render.grid(tiles, labels))
+        render.save_png(path, render.grid(tiles, labels, min_side=128))
         entry["files"].append(path.name)
         summary["images"].append(entry)
     if save_trace:

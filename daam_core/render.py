@@ -81,14 +81,22 @@ def label(image, text: str, scale: float | None = None) -> np.ndarray:
 
 
 def grid(images: Sequence, labels: Sequence[str] | None = None, columns: int | None = None,
-         gap: int = 2) -> np.ndarray:
-    """Tile images ``[H, W, 3]`` (same size) into one picture, each with an optional label."""
+         gap: int = 2, min_side: int = 0) -> np.ndarray:
+    """Tile images ``[H, W, 3]`` (same size) into one picture, each with an optional label.
+
+    Tiles whose shorter side is under ``min_side`` are first enlarged by a whole factor (nearest
+    neighbour), so that small images (the 32x32 shapes model) stay readable under their labels.
+    """
     if not images:
         raise ValueError("grid needs at least one image")
     tiles = [_as_numpy(im) for im in images]
     h, w = tiles[0].shape[:2]
     if any(t.shape[:2] != (h, w) for t in tiles):
         raise ValueError("grid images must all have the same size")
+    factor = -(-min_side // min(h, w)) if min_side > min(h, w) else 1
+    if factor > 1:
+        tiles = [t.repeat(factor, 0).repeat(factor, 1) for t in tiles]
+        h, w = h * factor, w * factor
     if labels is not None:
         if len(labels) != len(tiles):
             raise ValueError(f"{len(labels)} labels for {len(tiles)} images")

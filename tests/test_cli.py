@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -53,6 +54,25 @@ def test_demo_uses_a_shapes_folder(tmp_path, capsys):
     rc, stdout, _ = run(["demo", "--model", folder, "--out", tmp_path / "o", "--steps", 2], capsys)
     assert rc == 0 and json.loads(stdout)["words"] == ["circle", "square", "red", "blue"]
     assert read_gray(tmp_path / "o" / "mask-0-circle.png").shape == (32, 32)
+
+
+@pytest.mark.skipif(not shapes_model.available(), reason="no shapes model shipped")
+def test_demo_default_is_the_shipped_shapes_model(tmp_path, capsys):
+    """Named no model, the demo draws with the shipped one and the mask of "circle" is the red circle."""
+    from daam_core import metrics, scenes
+
+    rc, stdout, err = run(["demo", "--out", tmp_path], capsys)
+    assert rc == 0, err
+    assert Path(json.loads(stdout)["model"]) == shapes_model.ASSET_DIR
+    from PIL import Image
+
+    image = np.asarray(Image.open(tmp_path / "image-0.png").convert("RGB"))
+    found = {c: (s, m) for c, s, m in scenes.detect_objects(image)}
+    assert found["red"][0] == "circle" and found["blue"][0] == "square"
+    circle = torch.from_numpy(read_gray(tmp_path / "mask-0-circle.png") > 127)
+    assert metrics.iou(circle, torch.from_numpy(found["red"][1])) >= 0.5
+    assert metrics.iou(circle, torch.from_numpy(found["blue"][1])) <= 0.1
+    assert min(read_gray(tmp_path / "grid-0.png").shape) >= 128  # small images enlarged in the grid
 
 
 def test_generate_from_a_pipeline_folder_and_analyze(sd_folder, tmp_path, capsys):

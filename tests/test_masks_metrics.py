@@ -83,5 +83,8 @@ def test_rendering_colours_and_grid():
     np.testing.assert_allclose(over[:, :4], img[:, :4])  # zero heat leaves the image untouched
     g = render.grid([img, over, img], labels=["a", "b", "c"], columns=2, gap=2)
     assert g.shape == (18, 18, 3)
+    big = render.grid([img, over], min_side=20, gap=0)  # 8 px tiles enlarged 3x (nearest), side by side
+    assert big.shape == (24, 48, 3)
+    np.testing.assert_array_equal(big[-6:, 24:], over.repeat(3, 0).repeat(3, 1)[-6:])  # below any label band
     with pytest.raises(ValueError, match="colour map"):
         render.colorize(heat, "rainbow-unicorn")
