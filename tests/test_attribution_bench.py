@@ -26,3 +26,31 @@ def test_attribution_on_the_shipped_model(capsys):
     assert gen["correct_fraction"] >= 0.5  # 48 prompts: 95%
     hd = result["head_dependent"]
     assert 0 <= hd["miou"] <= min(hd["miod"], hd["mioh"]) <= 1
+
+
+@pytest.mark.skipif(not shapes_model.available(), reason="no shapes model shipped")
+def test_shipped_schedule_draws_where_the_full_cosine_schedule_fails():
+    """The first 956 cosine steps (sigma_max 14.6) draw the prompts; all 1000 (sigma_max 2e4) draw noise."""
+    import numpy as np
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    from daam_core import scenes
+
+    pipe = shapes_model.load_shapes_pipeline()
+    prompts = {"a red circle": {"red": "circle"}, "a blue square on the left": {"blue": "square"},
+               "a yellow square and a red triangle": {"yellow": "square", "red": "triangle"}}
+
+    def drawn_right(scheduler) -> int:
+        pipe.scheduler = scheduler
+        right = 0
+        for i, (prompt, want) in enumerate(prompts.items()):
+            img = pipe(prompt, num_inference_steps=20, guidance_scale=4.0, output_type="np",
+                       generator=torch.Generator().manual_seed(i)).images[0]
+            found = {c: s for c, s, _ in scenes.detect_objects((np.clip(img, 0, 1) * 255).round().astype(np.uint8))}
+            right += found == want
+        return right
+
+    for cls in (EulerDiscreteScheduler, DPMSolverMultistepScheduler):
+        assert drawn_right(cls(**shapes_model.SCHEDULER_CONFIG)) == len(prompts), cls.__name__
+        assert drawn_right(cls(**shapes_model.TRAINING_SCHEDULER_CONFIG)) == 0, cls.__name__
