@@ -44,6 +44,7 @@ def comfy_unet_config(cfg: dict) -> dict:
     }
 
 
+# diffusers beta_schedule -> the name ComfyUI's make_beta_schedule gives the same betas
 SCHEDULES = {"squaredcos_cap_v2": "squaredcos_cap_v2", "linear": "sqrt_linear", "scaled_linear": "linear"}
 
 
