@@ -94,22 +94,38 @@ def real_scene_traces(pipe, items, strength: float, seed: int):
     return traces
 
 
-def evaluate_real(traces, items, tau=0.4, combine="mean", **select) -> dict:
-    """mIoU of noun and colour maps against their objects, and of noun maps against the other object."""
-    res = {"noun_1": [], "color_1": [], "noun_2": [], "color_2": [], "noun_2_wrong": [], "noun_2_positions": [],
-           "noun_2_plain": []}
-    for tr, s in zip(traces, items):
-        n = len(s.objects)
-        for o in s.objects:
-            words = [o.shape, o.color]
-            maps = tr.word_maps(words, image=0, combine=combine, **select)
-            res[f"noun_{n}"].append(score(maps[0], o.mask, tau))
-            res[f"color_{n}"].append(score(maps[1], o.mask, tau))
-            if n == 2:
-                other = next(x for x in s.objects if x is not o)
-                res["noun_2_wrong"].append(score(maps[0], other.mask, tau))
-                res[f"noun_2_{caption_kind(s)}"].append(res["noun_2"][-1])
+LAYER_GROUPS = {"16x16": {"factors": [2]}, "8x8": {"factors": [4]}, "down": {"locations": ["down"]},
+                "up": {"locations": ["up"]}, "mid": {"locations": ["mid"]}}
+
+
+def empty_scores() -> dict:
+    return {k: [] for k in ("noun_1", "color_1", "noun_2", "color_2", "noun_2_wrong", "noun_2_positions",
+                            "noun_2_plain")}
+
+
+def score_objects(res: dict, tr, scene, mask_of, tau: float, **select) -> None:
+    """Append the noun and colour IoUs of ``scene``'s objects (ground truth ``mask_of(object)``) to ``res``."""
+    n = len(scene.objects)
+    for o in scene.objects:
+        maps = tr.word_maps([o.shape, o.color], image=0, **select)
+        res[f"noun_{n}"].append(score(maps[0], mask_of(o), tau))
+        res[f"color_{n}"].append(score(maps[1], mask_of(o), tau))
+        if n == 2:
+            other = next(x for x in scene.objects if x is not o)
+            res["noun_2_wrong"].append(score(maps[0], mask_of(other), tau))
+            res[f"noun_2_{caption_kind(scene)}"].append(res["noun_2"][-1])
+
+
+def mean_scores(res: dict) -> dict:
     return {k: float(np.mean(v)) for k, v in res.items() if v}
+
+
+def evaluate_real(traces, items, tau=0.4, **select) -> dict:
+    """mIoU of noun and colour maps against their objects, and of noun maps against the other object."""
+    res = empty_scores()
+    for tr, s in zip(traces, items):
+        score_objects(res, tr, s, lambda o: o.mask, tau, **select)
+    return mean_scores(res)
 
 
 def caption_kind(scene) -> str:
@@ -127,7 +143,7 @@ def head_dependent(traces, items, tau=0.4) -> dict:
 
 
 def generate(pipe, items, seed: int, steps: int, guidance: float, time_window=(0.0, 1.0)):
-    """Draw each caption (traced); returns ``(images uint8, traces, found objects, drawn right)`` per item."""
+    """Draw each caption (traced); per item ``(trace, {colour: (shape, mask)} found, drawn right)``."""
     out = []
     for i, s in enumerate(items):
         with trace(pipe, time_window=time_window) as tc:
@@ -142,22 +158,11 @@ def generate(pipe, items, seed: int, steps: int, guidance: float, time_window=(0
 
 def evaluate_generated(drawn, items, tau=0.4, **select) -> dict:
     """mIoU of the maps of the images drawn right, against the objects found in them by colour."""
-    res = {"noun_1": [], "noun_2": [], "noun_2_wrong": [], "color_1": [], "color_2": [], "noun_2_positions": [],
-           "noun_2_plain": []}
+    res = empty_scores()
     for (tr, found, ok), s in zip(drawn, items):
-        if not ok:
-            continue
-        n = len(s.objects)
-        for o in s.objects:
-            gt = found[o.color][1]
-            maps = tr.word_maps([o.shape, o.color], image=0, **select)
-            res[f"noun_{n}"].append(score(maps[0], gt, tau))
-            res[f"color_{n}"].append(score(maps[1], gt, tau))
-            if n == 2:
-                other = next(x for x in s.objects if x is not o)
-                res["noun_2_wrong"].append(score(maps[0], found[other.color][1], tau))
-                res[f"noun_2_{caption_kind(s)}"].append(res["noun_2"][-1])
-    out = {k: float(np.mean(v)) for k, v in res.items() if v}
+        if ok:
+            score_objects(res, tr, s, lambda o: found[o.color][1], tau, **select)
+    out = mean_scores(res)
     out["correct_fraction"] = sum(ok for _, _, ok in drawn) / len(items)
     return out
 
@@ -169,7 +174,7 @@ def evaluate_phrases(traces, items, tau=0.4, combine="mean") -> dict:
         for o in s.objects:
             res[f"phrase_{len(s.objects)}"].append(score(tr.word_maps(o.phrase, image=0, combine=combine)[0],
                                                          o.mask, tau))
-    return {k: float(np.mean(v)) for k, v in res.items() if v}
+    return mean_scores(res)
 
 
 def main(argv=None) -> int:
@@ -206,8 +211,7 @@ def run(args) -> dict:
     result["generated"] = evaluate_generated(drawn, gen)
     if not args.quick:
         abl = {}
-        for name, sel in {"16x16": {"factors": [2]}, "8x8": {"factors": [4]}, "down": {"locations": ["down"]},
-                          "up": {"locations": ["up"]}, "mid": {"locations": ["mid"]}}.items():
+        for name, sel in LAYER_GROUPS.items():
             abl[f"layers:{name}"] = evaluate_real(traces, items, **sel)
         for combine in ("mean", "max", "sum"):
             abl[f"phrase_combine:{combine}"] = evaluate_phrases(traces, items, combine=combine)
@@ -218,9 +222,9 @@ def run(args) -> dict:
                 real_scene_traces(pipe, items, strength, args.seed), items)
         result["ablations"] = abl
         gab = {}
-        for name, sel in {"16x16": {"factors": [2]}, "8x8": {"factors": [4]}, "down": {"locations": ["down"]},
-                          "up": {"locations": ["up"]}}.items():
-            gab[f"layers:{name}"] = evaluate_generated(drawn, gen, **sel)
+        for name, sel in LAYER_GROUPS.items():
+            if name != "mid":  # the lowest on rendered scenes; not repeated on generated images
+                gab[f"layers:{name}"] = evaluate_generated(drawn, gen, **sel)
         for tau in (0.2, 0.3, 0.5, 0.6):
             gab[f"tau:{tau}"] = evaluate_generated(drawn, gen, tau=tau)
         for window in ((0.0, 0.5), (0.25, 1.0), (0.5, 1.0), (0.75, 1.0)):
