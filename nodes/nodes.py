@@ -410,7 +410,8 @@ class DAAMShapesLoader:
                                   "and triangles, e.g. 'a red circle on the left and a blue square on the right'."})}}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    OUTPUT_TOOLTIPS = ("The shapes UNet (pixel space: use 32x32 latents).", "Its text encoder.",
+    OUTPUT_TOOLTIPS = ("The shapes UNet (pixel space: use 32x32 latents, e.g. Empty Latent Image at 256x256).",
+                       "Its text encoder.",
                        "Its VAE (the identity at scale 1).")
     FUNCTION = "load"
     CATEGORY = CATEGORY
