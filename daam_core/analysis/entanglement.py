@@ -52,7 +52,7 @@ def adjective_spread(adjective_mask, noun_mask) -> float:
     return (a & ~n).sum().item() / total
 
 
-def shape_similarity(a: str, b: str, size: int = 64) -> float:
+def shape_similarity(a: str, b: str, size: int = 256) -> float:
     """IoU of two shapes drawn with the same centre and bounding box: how alike they look (1 for the same)."""
     from ..scenes import shape_mask
 
