@@ -23,6 +23,7 @@ from ..daam_core.engine.trace import AttentionTrace, load_trace, save_trace
 from ..daam_core.hosts.comfy.tokens import layout_from_comfy_tokens
 from ..daam_core.text.layout import TokenLayout
 from ..daam_core.text.query import WordNotFoundError, split_words
+from .relations import DAAMWordRelations
 from .tracing import patch_model, session_of
 
 CATEGORY = "DAAM"
@@ -497,6 +498,7 @@ NODE_CLASS_MAPPINGS = {
     "DAAMSaveTrace": DAAMSaveTrace,
     "DAAMLoadTrace": DAAMLoadTrace,
     "DAAMShapesLoader": DAAMShapesLoader,
+    "DAAMWordRelations": DAAMWordRelations,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -507,4 +509,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DAAMSaveTrace": "DAAM Save Trace",
     "DAAMLoadTrace": "DAAM Load Trace",
     "DAAMShapesLoader": "DAAM Shapes Model Loader",
+    "DAAMWordRelations": "DAAM Word Relations",
 }

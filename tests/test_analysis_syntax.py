@@ -6,7 +6,7 @@ import pytest
 
 from daam_core.analysis import syntax
 from daam_core.analysis.syntax import SyntaxUnavailableError, align, layout_text, parse_layout, piece_texts
-from daam_core.tokens import TokenLayout, Word, tokenize
+from daam_core import TokenLayout, Word, tokenize
 
 spacy = pytest.importorskip("spacy", reason="the [syntax] extra (spaCy) is not installed")
 

@@ -17,9 +17,7 @@ from daam_core.analysis.entanglement import (adjective_spread, article, cohypony
 from daam_core.analysis.relations import pair_stats, relation_pairs, relation_table
 from daam_core.analysis.shapes_truth import objects_in_prompt, score_item
 from daam_core.analysis.syntax import ParsedPrompt, SyntaxToken
-from daam_core.recorder import LayerInfo, Stream
-from daam_core.tokens import TokenLayout, Word
-from daam_core.trace import AttentionTrace
+from daam_core import AttentionTrace, LayerInfo, Stream, TokenLayout, Word
 
 H = W = 10
 
@@ -40,7 +38,7 @@ def planted_trace(words: list[str], planted: dict[int, torch.Tensor], hw: tuple[
     sums = torch.full((1, hw[0] * hw[1], n), 0.01)  # BOS/EOS: flat
     for p, m in planted.items():
         sums[0, :, p] = m.flatten() * 3.0  # as if summed over 3 calls
-    layer = LayerInfo(name="planted", location="up", order=0, factor=1, hw=hw, heads=1)
+    layer = LayerInfo(name="planted", part="up", order=0, factor=1, hw=hw, heads=1)
     return AttentionTrace(sums={"planted": sums}, layers={"planted": layer}, calls={"planted": 3},
                           streams=[Stream(0, "cond", 0)], layouts=[layout], latent_hw=hw, image_hw=hw)
 
@@ -121,7 +119,7 @@ def test_match_objects_uses_each_detection_once():
 
 def test_score_item_on_a_rendered_scene():
     """The image is a rendered scene; noun maps are planted on the objects (one shifted), colour maps wide."""
-    from daam_core import scenes
+    from daam_core.shapes import scenes
 
     hw = (H * 4, W * 4)
     red = scenes.SceneObject("red", "square", (10.0, 10.0), 12.0, scenes.shape_mask("square", (10, 10), 12, hw))

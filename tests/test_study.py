@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from daam_core import shapes_model
+from daam_core.shapes import model as shapes_model
 from daam_core.analysis.relations import relation_table
 
 REPO = Path(__file__).resolve().parents[1]

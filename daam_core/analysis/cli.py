@@ -99,7 +99,7 @@ def cmd_study(args) -> dict:
         dist.barrier()
         if dist.rank != 0:
             check_settings(args.out, settings)
-        from ..shapes_model import load_shapes_pipeline
+        from ..shapes.model import load_shapes_pipeline
 
         pipe = load_shapes_pipeline(args.model, device=dist.device)
         gen = diffusers_generator(pipe, args.steps, args.guidance, args.height, args.width, args.negative,
@@ -129,14 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+COMMANDS = ("study", "report")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
+
+
+def run_command(args) -> int:
+    """Run a parsed ``study`` / ``report`` command; errors the user can fix print one line and return 2."""
     from .syntax import SyntaxUnavailableError
 
-    args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
     except (StudyError, SyntaxUnavailableError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"daam {args.command}: error: {e}", file=sys.stderr)
         return 2
     if result.get("rank", 0) == 0:
         print(json.dumps(result))

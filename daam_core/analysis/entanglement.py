@@ -54,7 +54,7 @@ def adjective_spread(adjective_mask, noun_mask) -> float:
 
 def shape_similarity(a: str, b: str, size: int = 256) -> float:
     """IoU of two shapes drawn with the same centre and bounding box: how alike they look (1 for the same)."""
-    from ..scenes import shape_mask
+    from ..shapes.scenes import shape_mask
 
     c = (size / 2, size / 2)
     return map_overlap(shape_mask(a, c, 0.8 * size, (size, size)), shape_mask(b, c, 0.8 * size, (size, size)))

@@ -103,3 +103,31 @@ def bars(groups: Sequence[str], series: dict[str, Sequence[float]], title: str, 
     for i, g in enumerate(groups):
         _text(img, g, (x0 + (i + 0.5) * slot, y1 + 18), scale=0.36, center=True)
     return img.astype(np.float32) / 255.0
+
+
+def table_image(rows: Sequence[Sequence[str]], header: Sequence[str], title: str = "",
+                scale: float = 0.45) -> np.ndarray:
+    """A text table drawn as a picture: ``header`` then ``rows`` (strings), columns sized to their text."""
+    import cv2
+
+    cells = [list(map(str, header))] + [list(map(str, r)) for r in rows]
+    widths = [max(cv2.getTextSize(r[j], cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] for r in cells) + 16
+              for j in range(len(header))]
+    line = int(30 * scale / 0.45)
+    top = line if title else 0
+    w = max(sum(widths) + 8, 200)
+    h = top + line * len(cells) + 8
+    img = _canvas(h, w)
+    if title:
+        _text(img, title, (8, line - 9), scale=scale)
+    for i, r in enumerate(cells):
+        y = top + line * (i + 1)
+        if i == 0:
+            img[y - line + 4: y + 4, :] = (225, 232, 242)
+        elif i % 2 == 0:
+            img[y - line + 4: y + 4, :] = (246, 246, 246)
+        x = 8
+        for j, text in enumerate(r):
+            _text(img, text, (x, y - 6), scale=scale)
+            x += widths[j]
+    return img.astype(np.float32) / 255.0

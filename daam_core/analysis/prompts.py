@@ -22,7 +22,7 @@ def shapes_study_prompts() -> list[dict]:
     objects), ``two-plain`` (two shapes without colours: the cohyponym prompt "a X and a Y"), ``two-mixed`` (only
     the first object coloured). Positions: none, or "on the left/right" after each object.
     """
-    from ..scenes import COLORS, SHAPES
+    from ..shapes.scenes import COLORS, SHAPES
 
     colors = list(COLORS)
     sides = [None, ("left", "right"), ("right", "left")]

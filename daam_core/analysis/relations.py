@@ -33,7 +33,7 @@ def group_maps(trace, groups: Sequence[Sequence[int]], image: int = 0, branch: s
                combine: str = "mean", normalize: str = "minmax", size: tuple[int, int] | None = None,
                **select) -> torch.Tensor:
     """Maps ``[G, H, W]`` of groups of token positions, made as :meth:`AttentionTrace.word_maps` makes words'."""
-    from ..aggregate import combine_tokens, normalize_maps, resize_maps
+    from ..engine.aggregate import combine_tokens, normalize_maps, resize_maps
 
     if not groups or any(not g for g in groups):
         raise ValueError("every group needs at least one token position")
@@ -49,7 +49,7 @@ def group_maps(trace, groups: Sequence[Sequence[int]], image: int = 0, branch: s
 def relation_pairs(parsed: ParsedPrompt, trace, image: int = 0, branch: str = "cond", tau: float = 0.4,
                    unrelated: bool = True, **select) -> list[dict]:
     """One JSON-safe row per pair of ``parsed``: kind, relation, the two tokens and their IoU/IoD/IoH."""
-    from ..masks import threshold
+    from ..engine.masks import threshold
 
     pairs: list[Relation] = parsed.relations() + (parsed.unrelated() if unrelated else [])
     if not pairs:

@@ -136,9 +136,9 @@ def example_grid(dataset: Path, records: Sequence[Mapping], count: int):
     """Image and noun/colour overlays of up to ``count`` items (one per prompt group first), or None."""
     import numpy as np
 
-    from ..io import load_trace
-    from ..render import grid
-    from ..trace import as_float_image
+    from ..engine.trace import load_trace
+    from ..engine.render import grid
+    from ..engine.render import as_float_image
 
     picked, seen = [], set()
     ok = [r for r in _ok(records) if r.get("files", {}).get("trace") and "shapes" in r.get("analysis", {})]
@@ -174,7 +174,7 @@ def example_grid(dataset: Path, records: Sequence[Mapping], count: int):
 
 def write_report(dataset: str | Path, out: str | Path, examples: int = 6, min_pairs: int = 5) -> dict:
     """Write the report of the study in ``dataset`` into ``out``; returns its numbers (also ``report.json``)."""
-    from ..render import save_png
+    from ..engine.render import save_png
     from .plots import bars, scatter
 
     dataset, out = Path(dataset), Path(out)

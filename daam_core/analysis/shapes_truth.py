@@ -18,7 +18,7 @@ from .entanglement import adjective_spread, map_overlap, match_objects, shape_si
 
 def objects_in_prompt(prompt: str) -> list[dict]:
     """``[{"color", "shape"}]`` of the shapes vocabulary named in ``prompt``, in order (colour None if not said)."""
-    from ..scenes import COLORS, SHAPES
+    from ..shapes.scenes import COLORS, SHAPES
 
     colors = "|".join(COLORS)
     shapes = "|".join(SHAPES)
@@ -59,8 +59,8 @@ def score_item(trace, image: np.ndarray, objects: Sequence[Mapping], tau: float 
     (colour mask outside the object) and ``spread_map`` (outside the noun's mask), ``noun_wrong_iou`` against the
     other object), ``drawn_right``, and for two objects ``both_present``, ``noun_overlap``, ``similarity``.
     """
-    from ..masks import threshold
-    from ..scenes import detect_objects
+    from ..engine.masks import threshold
+    from ..shapes.scenes import detect_objects
 
     if not objects:
         raise ValueError("the prompt names no object of the shapes vocabulary")

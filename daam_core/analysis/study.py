@@ -222,7 +222,7 @@ def run_items(items: Sequence[StudyItem], out: str | Path, generate: Generate, a
     Returns this rank's counts (``todo``, ``skipped``, ``ok``, ``failed``) and, on rank 0, ``merged``
     (the :func:`merge` summary).
     """
-    from ..render import save_png
+    from ..engine.render import save_png
 
     dist = dist or Dist()
     out = Path(out)
@@ -313,7 +313,7 @@ def diffusers_generator(pipe, steps: int, guidance: float, height: int | None = 
     """Draw an item with a traced diffusers pipeline: ``(image uint8 [H, W, 3], AttentionTrace)``."""
     import torch
 
-    from ..diffusers_adapter import trace
+    from ..hosts.diffusers.adapter import trace
 
     def generate(it: StudyItem):
         gen = torch.Generator(device="cpu").manual_seed(it.seed)

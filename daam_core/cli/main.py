@@ -29,6 +29,7 @@ from ..engine.masks import THRESHOLD_MODES
 from ..engine.outputs import WordsError, check_words, write_outputs
 from ..engine.trace import load_trace
 from ..text.query import WordNotFoundError, split_words
+from . import study
 
 
 class CliError(Exception):
@@ -232,11 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--combine", choices=COMBINE_MODES, default="mean", help="how a word's tokens are combined")
     a.add_argument("--normalize", choices=NORMALIZE_MODES, default="minmax", help="map normalisation")
     _common(a)
+    study.add_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in study.COMMANDS:
+        return study.run_command(args)
     handlers = {"generate": cmd_generate, "demo": cmd_demo, "analyze": cmd_analyze}
     try:
         summary = handlers[args.command](args)
