@@ -46,12 +46,13 @@ def write_prompts(tmp_path: Path, prompts=PROMPTS) -> Path:
     return p
 
 
-def run_cli(args: list[str], torchrun: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], torchrun: int = 0, timeout: int = 300, module: str = "daam_core.analysis"):
+    """``python -m MODULE ARGS`` (``daam_core.cli.main`` is the ``daam`` command), optionally under torchrun."""
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-               "-m", "daam_core.analysis", *args]
+               "-m", module, *args]
     else:
-        cmd = [sys.executable, "-m", "daam_core.analysis", *args]
+        cmd = [sys.executable, "-m", module, *args]
     p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -89,7 +90,7 @@ def test_two_ranks_under_torchrun_give_the_records_of_one_process(tmp_path):
 
     # the report of that study: its syntax table equals the table recomputed from the records by hand
     rep = tmp_path / "report"
-    run_cli(["report", str(one), "--out", str(rep), "--min-pairs", "1"])
+    run_cli(["report", str(one), "--out", str(rep), "--min-pairs", "1"], module="daam_core.cli.main")  # `daam report`
     md = (rep / "report.md").read_text()
     for part in ("relation table", "Segmentation", "Cohyponym", "Adjective spread", "examples.png"):
         assert part in md
@@ -139,3 +140,33 @@ def test_resume_after_a_killed_run_redoes_nothing(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "daam_core.analysis", *study_args(prompts, out, "--steps", "3")],
                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "other settings" in bad.stderr and "steps" in bad.stderr
+
+
+def test_prompt_files_items_and_progress(tmp_path):
+    import io as _io
+
+    from daam_core.analysis.study import Progress, StudyError, make_items, read_prompts
+
+    txt = tmp_path / "p.txt"
+    txt.write_text("# a comment\na red circle\n\n  a blue square  \n")
+    assert read_prompts(txt) == [{"prompt": "a red circle"}, {"prompt": "a blue square"}]
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "a red circle"}\n{"text": "no prompt"}\n')
+    with pytest.raises(StudyError, match=r"p.jsonl:2: .*\"prompt\""):
+        read_prompts(bad)
+    bad.write_text('{"prompt": "a red circle"\n')
+    with pytest.raises(StudyError, match=r"p.jsonl:1: not JSON"):
+        read_prompts(bad)
+    with pytest.raises(StudyError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+    items = make_items([{"prompt": "x", "kind": "k"}, {"prompt": "y"}], [3, 5])
+    assert [(i.id, i.prompt, i.seed, dict(i.meta)) for i in items] == [
+        ("p00000-s3", "x", 3, {"kind": "k"}), ("p00000-s5", "x", 5, {"kind": "k"}), ("p00001-s3", "y", 3, {}),
+        ("p00001-s5", "y", 5, {})]
+    out = _io.StringIO()
+    bar = Progress(4, "rank 1/2: ", stream=out, every=0.0)
+    bar.step(True)
+    bar.step(False)
+    first, second = out.getvalue().splitlines()
+    assert first.startswith("rank 1/2: [######..................] 1/4 items, 0 failed") and "ETA" in first
+    assert "2/4 items, 1 failed" in second
