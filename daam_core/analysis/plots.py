@@ -69,10 +69,12 @@ def scatter(points: Sequence[tuple[float, float, str]], xlabel: str, ylabel: str
     for i, (x, y, name) in enumerate(points):
         if not (np.isfinite(x) and np.isfinite(y)):
             continue
-        c = PALETTE[i % len(PALETTE)][::-1]
+        c = PALETTE[i % len(PALETTE)]
         p = px(x, y)
         cv2.circle(img, p, 5, c, -1, cv2.LINE_AA)
-        _text(img, name, (p[0] + 7, p[1] - 5), color=c)
+        tw = cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, FONT_SCALE, 1)[0][0]
+        x = p[0] + 7 if p[0] + 7 + tw < size - 2 else p[0] - 7 - tw  # keep labels inside the picture
+        _text(img, name, (x, p[1] - 5), color=c)
     return img.astype(np.float32) / 255.0
 
 
@@ -90,7 +92,7 @@ def bars(groups: Sequence[str], series: dict[str, Sequence[float]], title: str, 
     slot = (x1 - x0) / max(n, 1)
     bar = slot * 0.8 / max(k, 1)
     for j, (name, values) in enumerate(series.items()):
-        c = PALETTE[j % len(PALETTE)][::-1]
+        c = PALETTE[j % len(PALETTE)]
         for i, v in enumerate(values):
             if not np.isfinite(v):
                 continue
