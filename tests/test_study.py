@@ -170,3 +170,14 @@ def test_prompt_files_items_and_progress(tmp_path):
     first, second = out.getvalue().splitlines()
     assert first.startswith("rank 1/2: [######..................] 1/4 items, 0 failed") and "ETA" in first
     assert "2/4 items, 1 failed" in second
+
+
+def test_study_without_the_parser_stops_at_once_with_what_to_install(tmp_path, capsys):
+    pytest.importorskip("spacy")
+    from daam_core.cli.main import main
+
+    prompts = write_prompts(tmp_path, ["a red circle"])
+    assert main(study_args(prompts, tmp_path / "s", "--parser", "no_such_spacy_model")) == 2
+    err = capsys.readouterr().err
+    assert "daam study: error:" in err and "no_such_spacy_model" in err and "pip install" in err
+    assert not (tmp_path / "s").exists()  # nothing was generated
