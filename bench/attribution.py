@@ -34,7 +34,7 @@ from daam_core.shapes import model as shapes_model, scenes  # noqa: E402
 
 def load_pipeline(args):
     if args.checkpoint:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
         from train_shapes import load_state
 
         unet, text, vae = shapes_model.build_components()
