@@ -150,7 +150,7 @@ def example_grid(dataset: Path, records: Sequence[Mapping], count: int):
     picked = (picked + [r for r in ok if r not in picked])[:count]
     if not picked:
         return None
-    rows, labels, width = [], [], 0
+    rows, width = [], 0
     for r in picked:
         from PIL import Image
 
