@@ -1,6 +1,6 @@
 """Small charts drawn with OpenCV (no plotting library needed): a labelled scatter and grouped bars.
 
-Each returns an RGB float image ``[H, W, 3]`` in [0, 1] for :func:`daam_core.render.save_png`.
+Each returns an RGB float image ``[H, W, 3]`` in [0, 1] for :func:`daam_core.engine.render.save_png`.
 """
 
 from __future__ import annotations
