@@ -80,7 +80,8 @@ def match_objects(expected: Sequence[Mapping], found: Sequence[tuple[str, str, n
 def cohyponym_summary(rows: Iterable[Mapping]) -> list[dict]:
     """Mean map overlap and how often both objects appear, per group of two-object rows.
 
-    ``rows`` hold ``group``, ``overlap`` (IoU of the two nouns' masks) and ``both_present`` (bool).
+    ``rows`` hold ``group``, ``overlap`` (IoU of the two nouns' masks) and ``both_present`` (bool, or None where
+    it is unknown: left out of that mean, which is NaN when no row of the group knows).
     """
     groups: dict[str, list[Mapping]] = {}
     for r in rows:
@@ -88,6 +89,7 @@ def cohyponym_summary(rows: Iterable[Mapping]) -> list[dict]:
     out = []
     for g, items in sorted(groups.items()):
         n = len(items)
+        known = [bool(r["both_present"]) for r in items if r["both_present"] is not None]
         out.append({"group": g, "prompts": n, "overlap": sum(float(r["overlap"]) for r in items) / n,
-                    "both_present": sum(bool(r["both_present"]) for r in items) / n})
+                    "both_present": sum(known) / len(known) if known else float("nan")})
     return out

@@ -37,11 +37,23 @@ def _group_of(r: Mapping) -> str:
     return f"{kind}{', positions' if meta.get('positions') else ''}"
 
 
+def exact_detection(r: Mapping) -> bool:
+    """Whether the item's objects can be found exactly: every object has a named colour, all colours differ.
+
+    ``detect_objects`` finds one object per colour, so two objects of one colour (or of colours the prompt does
+    not name) cannot both be told apart; such items count for map-only figures, not for object ones.
+    """
+    objs = r["analysis"]["shapes"]["objects"]
+    colors = [o.get("color") for o in objs]
+    return all(colors) and len(set(colors)) == len(colors)
+
+
 def segmentation_table(records: Sequence[Mapping]) -> list[dict]:
-    """Per prompt group: how often the image has every named object, and the maps' IoU with the objects."""
+    """Per prompt group: how often the image has every named object, and the maps' IoU with the objects
+    (items whose objects :func:`exact_detection` can find)."""
     by: dict[str, list[Mapping]] = defaultdict(list)
     for r in _ok(records):
-        if "shapes" in r.get("analysis", {}):
+        if "shapes" in r.get("analysis", {}) and exact_detection(r):
             by[_group_of(r)].append(r)
             by["all"].append(r)
     rows = []
@@ -64,15 +76,22 @@ def cohyponym_rows(records: Sequence[Mapping]) -> list[dict]:
         if not s or "noun_overlap" not in s:
             continue
         shapes = sorted(o["shape"] for o in s["objects"])
-        out.append({"kind": r.get("meta", {}).get("kind", "two"), "pair": " + ".join(shapes),
-                    "similarity": s["similarity"], "overlap": s["noun_overlap"], "both_present": s["both_present"]})
+        exact = exact_detection(r)
+        out.append({"kind": r.get("meta", {}).get("kind", "two"), "pair": " + ".join(shapes), "exact": exact,
+                    "similarity": s["similarity"], "overlap": s["noun_overlap"],
+                    "both_present": s["both_present"] if exact else None})
     return out
 
 
 def entanglement_tables(records: Sequence[Mapping]) -> tuple[list[dict], list[dict], dict]:
-    """(per kind, per shape pair with its similarity, overlap when both objects appear vs when one is missing)."""
-    rows = cohyponym_rows(records)
-    by_kind = cohyponym_summary({"group": r["kind"], **r} for r in rows)
+    """(per kind, per shape pair with its similarity, overlap when both objects appear vs when one is missing).
+
+    Per kind, ``both_present`` is n/a where objects cannot be found exactly; the per-pair table and the split
+    use only items whose two objects have different named colours.
+    """
+    all_rows = cohyponym_rows(records)
+    by_kind = cohyponym_summary({"group": r["kind"], **r} for r in all_rows)
+    rows = [r for r in all_rows if r["exact"]]
     by_pair = cohyponym_summary({"group": r["pair"], **r} for r in rows)
     for row in by_pair:
         row["similarity"] = shape_similarity(*row["group"].split(" + "))
@@ -91,9 +110,11 @@ def spread_table(records: Sequence[Mapping]) -> list[dict]:
         s = r.get("analysis", {}).get("shapes")
         if not s:
             continue
+        exact = exact_detection(r)
         for o in s["objects"]:
             if o.get("color"):
                 key = "one object" if len(s["objects"]) == 1 else "two objects"
+                o = {**o, "spread": o.get("spread") if exact else None}  # its object is known only then
                 by[key].append(o)
                 by["all"].append(o)
     return [{"group": g, "adjectives": len(v), "spread_outside_object": _mean(o.get("spread") for o in v),
@@ -212,16 +233,18 @@ def write_report(dataset: str | Path, out: str | Path, examples: int = 6, min_pa
         md += ["## Segmentation against the drawn objects (shapes model)\n",
                "drawn_right: every named object was found with its colour and shape; mIoU of each noun's and colour "
                "word's mask with its object's exact mask (objects found in the image), and of a noun's mask with "
-               "the other object (noun_wrong).\n", markdown_table(seg)]
+               "the other object (noun_wrong). Only prompts whose objects all have different named colours: objects "
+               "are found by colour, one per colour.\n", markdown_table(seg)]
         by_kind, by_pair, split = entanglement_tables(records)
         if by_kind:
             result["entanglement"] = {"by_kind": by_kind, "by_pair": by_pair, **split}
             write_csv(out / "entanglement.csv", by_kind)
             write_csv(out / "entanglement_pairs.csv", by_pair)
             md += ["## Cohyponym entanglement (two-object prompts)\n",
-                   "overlap: IoU of the two nouns' masks; both_present: both objects found in the image.\n",
-                   markdown_table(by_kind), "\nPer shape pair (similarity: IoU of the two shapes drawn in the same "
-                   "box):\n\n", markdown_table(by_pair, ["group", "similarity", "prompts", "overlap", "both_present"]),
+                   "overlap: IoU of the two nouns' masks (all prompts); both_present: both objects found in the image "
+                   "(n/a where the two objects share a colour or have none named: they cannot be told apart).\n",
+                   markdown_table(by_kind), "\nPer shape pair, prompts with two different named colours (similarity: "
+                   "IoU of the two shapes drawn in the same box):\n\n", markdown_table(by_pair, ["group", "similarity", "prompts", "overlap", "both_present"]),
                    f"\nNoun-map overlap when both objects appear: {_fmt(split['overlap_both_present'])} "
                    f"({split['items_both_present']} items); when one is missing: "
                    f"{_fmt(split['overlap_one_missing'])} ({split['items_one_missing']} items).\n"]
@@ -235,8 +258,8 @@ def write_report(dataset: str | Path, out: str | Path, examples: int = 6, min_pa
         result["adjective_spread"] = spread
         write_csv(out / "adjective_spread.csv", spread)
         md += ["## Adjective spread (colour words)\n",
-               "Fraction of a colour word's mask outside its object's mask (objects found in the image), and "
-               "outside its noun's own mask.\n", markdown_table(spread)]
+               "Fraction of a colour word's mask outside its object's mask (objects found in the image; prompts "
+               "with different named colours only), and outside its noun's own mask (all prompts).\n", markdown_table(spread)]
     picture = example_grid(dataset, records, examples)
     if picture is not None:
         save_png(out / "examples.png", picture)
