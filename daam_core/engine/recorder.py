@@ -396,6 +396,7 @@ class CrossAttentionRecorder:
 
     # -- joint attention (SD3, Flux): see daam_core.engine.joint ---------------------------------
     joint_chunk_elements: int = joint.DEFAULT_CHUNK_ELEMENTS
+    joint_lse_kernel: bool = True  # without a given lse, ask the CPU flash kernel for it (joint.image_lse)
 
     def record_joint(self, name: str, part: str, q: torch.Tensor, k: torch.Tensor, heads: int, *,
                      text: tuple[int, int], image: tuple[int, int], scale: float | None = None,
@@ -482,6 +483,8 @@ class CrossAttentionRecorder:
                 acc[:, n0:n1, :t].index_add_(0, index, part_)
 
         s = scale if scale is not None else 1.0 / math.sqrt(qh.shape[-1])
+        if lse is None and self.joint_lse_kernel:
+            lse = joint.image_lse(q_img, kh, s, m4)
         joint.joint_text_probs(q_img, kh, (t0, t1), s, emit, mask=m4, lse=lse,
                                chunk_elements=self.joint_chunk_elements)
         self.calls[name] = self.calls.get(name, 0) + 1
