@@ -143,8 +143,8 @@ def joint_text_probs(q_img: torch.Tensor, k: torch.Tensor, text: tuple[int, int]
     chunk = min(n, max(1, chunk_elements // max(1, b * h * width)))
     for n0 in range(0, n, chunk):
         n1 = min(n, n0 + chunk)
-        scores = _grouped_scores(q_img[:, :, n0:n1].float(), kt)  # [b, H, c, K] fp32, fresh
-        scores.mul_(scale)
+        # the scale goes on the query chunk (D wide) rather than on the scores (K wide)
+        scores = _grouped_scores(q_img[:, :, n0:n1].float() * scale, kt)  # [b, H, c, K] fp32, fresh
         if mask is not None:
             m = mask[..., n0:n1, t0:t1] if lse is not None else mask[..., n0:n1, :]
             if m.dtype == torch.bool:
