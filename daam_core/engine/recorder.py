@@ -510,6 +510,13 @@ class CrossAttentionRecorder:
             Computes the host's attention output for this call (its own function, its own format).
         finish : callable, optional
             Turns the kernel's ``[B, H, L, D]`` output into the host's format.
+
+        Notes
+        -----
+        Safe with any ``reference``: one whose output differs from the kernel's is simply always called (and the
+        normaliser computed by :meth:`record_joint`). But a matched ``reference`` is *not called* afterwards, so
+        use this only where the host's function is plain SDPA (ComfyUI's ``attention_pytorch``), never around
+        another extension's attention override that must run.
         """
         if not self.wants(name, part) or not self._wants_block(name, part):
             return reference()
