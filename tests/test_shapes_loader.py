@@ -10,7 +10,7 @@ pytestmark = pytest.mark.host
 
 @pytest.fixture(scope="module")
 def shapes_folder(tmp_path_factory, comfy_host):
-    from daam_core import shapes_model
+    from daam_core.shapes import model as shapes_model
 
     unet, text, vae = shapes_model.build_components(seed=3)
     with torch.no_grad():  # a random VAE is far from the identity: give its decoder some signal

@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import train_shapes  # noqa: E402
 
-from daam_core import shapes_model, trace  # noqa: E402
+from daam_core import trace  # noqa: E402
+from daam_core.shapes import model as shapes_model  # noqa: E402
 
 
 def test_train_resume_export_and_trace(tmp_path):

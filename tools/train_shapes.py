@@ -1,16 +1,16 @@
-"""Train the "shapes" model (see daam_core/shapes_model.py) on synthetic scenes.
+"""Train the "shapes" model (see daam_core/shapes/model.py) on synthetic scenes.
 
-    python scripts/train_shapes.py --work runs/shapes --steps 20000          # train (resumes from --work)
-    python scripts/train_shapes.py --work runs/shapes --export daam_core/assets/shapes   # write the pipeline
-    python scripts/train_shapes.py --work /tmp/run --batch 512 --lr 1e-3 --workers 12 --time-budget 535 \
+    python tools/train_shapes.py --work runs/shapes --steps 20000          # train (resumes from --work)
+    python tools/train_shapes.py --work runs/shapes --export daam_core/shapes/assets/shapes   # write the pipeline
+    python tools/train_shapes.py --work /tmp/run --batch 512 --lr 1e-3 --workers 12 --time-budget 535 \
         --weights-out weights.safetensors     # on a GPU: train for 9 minutes, keep the fp16 EMA weights
-    python scripts/train_shapes.py --work X --export daam_core/assets/shapes --from-weights weights.safetensors
+    python tools/train_shapes.py --work X --export daam_core/shapes/assets/shapes --from-weights weights.safetensors
 
 Phase 1 trains the one-level VAE to be the identity (a few hundred steps); phase 2 trains the UNet and
 the text encoder together with the epsilon objective and min-SNR weighting, 10% empty captions (for
 classifier-free guidance) and an EMA of the weights. Checkpoints are safetensors in --work; a loss log
 (JSON lines) sits beside them. Two-object colour/shape combinations listed in
-``daam_core.scenes.held_out_prompts`` are never shown in training.
+``daam_core.shapes.scenes.held_out_prompts`` are never shown in training.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daam_core import scenes, shapes_model  # noqa: E402
-from daam_core.tiny import clip_tokenizer  # noqa: E402
+from daam_core.shapes import model as shapes_model, scenes  # noqa: E402
+from daam_core.hosts.diffusers.tiny import clip_tokenizer  # noqa: E402
 
 
 def batch_of_scenes(rng, n):

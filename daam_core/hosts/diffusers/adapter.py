@@ -18,9 +18,12 @@ from typing import Sequence
 
 import torch
 
-from .recorder import CrossAttentionRecorder, RecordFilter, cfg_rows, cfg_streams
-from .tokens import TokenLayout, tokenize
-from .trace import AttentionTrace
+from ...engine.geometry import UNetGrid
+from ...engine.recorder import CrossAttentionRecorder, RecordFilter, cfg_rows, cfg_streams
+from ...engine.schedule import progress_from_timestep
+from ...engine.trace import AttentionTrace
+from ...text.layout import TokenLayout
+from ...text.tokenize import tokenize
 
 
 def _location(name: str) -> str:
@@ -183,7 +186,8 @@ class DiffusersTrace:
         if prompt is None:
             if self._staged is None:
                 raise ValueError("DAAM needs the prompt text to name words: pass `prompt=` to the pipeline, or build "
-                                 "the embeddings with daam_core.encode_prompt(tc, ...) which registers their tokens")
+                                 "the embeddings with `tc.encode_prompt(prompt, negative_prompt)` (tc: the object "
+                                 "`trace(pipe)` returned), which registers their tokens")
             layouts, n_prompts = self._staged, self._staged_count
             texts = self._staged_texts
             self._staged = None
@@ -208,7 +212,7 @@ class DiffusersTrace:
             pending, self._pending = self._pending, None
             streams = pending["streams"]
             h, w = sample.shape[-2:]
-            self.recorder.begin((h, w), streams, [lay.length for lay in pending["layouts"]])
+            self.recorder.begin(UNetGrid((h, w)), streams, [lay.length for lay in pending["layouts"]])
             self._current = pending
             self._current["latent_hw"] = (int(h), int(w))
             self._current["unet_calls"] = 0
@@ -229,8 +233,7 @@ class DiffusersTrace:
         if (f.start, f.end) != (0.0, 1.0):  # only then is the timestep read (a device sync on GPU)
             t = args[1] if len(args) > 1 else kwargs.get("timestep")
             t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
-            total = float(getattr(self.pipe.scheduler.config, "num_train_timesteps", 1000))
-            progress = min(max(1.0 - t / total, 0.0), 1.0)
+            progress = progress_from_timestep(t, getattr(self.pipe.scheduler.config, "num_train_timesteps", 1000))
         self.recorder.set_call(rows, progress)
         return None
 
@@ -239,7 +242,7 @@ class DiffusersTrace:
             return
         cur, self._current = self._current, None
         recorded = self.recorder.finish()
-        if not recorded["sums"]:
+        if not recorded.sums:
             return
         scale = getattr(self.pipe, "vae_scale_factor", 8)
         h, w = cur["latent_hw"]
@@ -262,9 +265,9 @@ class DiffusersTrace:
     def encode_prompt(self, prompt, negative_prompt="", syntax: str = "comfy") -> dict:
         """Long / weighted prompt embeddings for the next call, with their tokens registered.
 
-        ``pipe(**tc.encode_prompt("a (red:1.3) car ..."), ...)``; see :func:`daam_core.diffusers_prompt.encode_prompt`.
+        ``pipe(**tc.encode_prompt("a (red:1.3) car ..."), ...)``; see :func:`daam_core.hosts.diffusers.prompt.encode_prompt`.
         """
-        from .diffusers_prompt import encode_prompt
+        from .prompt import encode_prompt
 
         return encode_prompt(self.pipe, prompt, negative_prompt, syntax=syntax, trace=self)
 
@@ -312,7 +315,7 @@ def trace(pipe, *, factors: Sequence[int] | None = None, locations: Sequence[str
     DiffusersTrace
         A context manager; ``with trace(pipe) as tc: pipe(...); maps = tc.word_maps("dog")``.
     """
-    f = RecordFilter(factors=tuple(factors) if factors else None, locations=tuple(locations) if locations else None,
+    f = RecordFilter(factors=tuple(factors) if factors else None, parts=tuple(locations) if locations else None,
                      layers=tuple(layers) if layers else None, heads=tuple(heads) if heads is not None else None,
                      start=float(time_window[0]), end=float(time_window[1]),
                      branches=("cond", "uncond") if negative else ("cond",))

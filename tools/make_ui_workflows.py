@@ -3,8 +3,8 @@
 The node definitions come from a running ComfyUI's /object_info, so widget order, control widgets
 and input types are the host's own:
 
-    python scripts/make_ui_workflows.py            # starts the host (scripts/setup_host.sh first)
-    python scripts/make_ui_workflows.py --object-info info.json
+    python tools/make_ui_workflows.py            # starts the host (tools/setup_host.sh first)
+    python tools/make_ui_workflows.py --object-info info.json
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def fetch_object_info() -> dict:
 
     comfy = os.environ.get("COMFYUI_DIR")
     if not comfy:
-        raise SystemExit("set COMFYUI_DIR (scripts/setup_host.sh prints it) or pass --object-info")
+        raise SystemExit("set COMFYUI_DIR (tools/setup_host.sh prints it) or pass --object-info")
     with running_comfyui(comfy, sys.executable) as client:
         return client.object_info()
 

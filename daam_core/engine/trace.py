@@ -7,15 +7,19 @@ it after sampling; nothing is recomputed from the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from ..text.layout import TokenLayout
+from ..text.query import WordNotFoundError, parse_query
 from . import aggregate, masks as mask_ops, render
-from .recorder import LOCATIONS, LayerInfo, Stream
-from .tokens import TokenLayout, WordNotFoundError, parse_query
+from .geometry import PARTS, LayerInfo
+from .io import read_trace_file, write_trace_file
+from .recorder import BRANCHES, Recording, Stream
+from .render import as_float_image
 
 
 @dataclass
@@ -48,22 +52,6 @@ class WordHeatMap:
         return render.overlay(as_float_image(image), self.value.clamp(0, 1), alpha, cmap, weighted)
 
 
-def as_float_image(image) -> np.ndarray:
-    """PIL image, uint8 array or float array/tensor -> float32 ``[H, W, 3]`` in [0, 1]."""
-    if isinstance(image, torch.Tensor):
-        arr = image.detach().float().cpu().numpy()
-    else:
-        arr = np.asarray(image)
-    if arr.dtype == np.uint8:
-        arr = arr.astype(np.float32) / 255.0
-    arr = arr.astype(np.float32)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim == 3 and arr.shape[2] == 4:
-        arr = arr[..., :3]
-    return arr
-
-
 @dataclass
 class AttentionTrace:
     """Running sums of one traced sampling with everything needed to read them.
@@ -83,6 +71,8 @@ class AttentionTrace:
         Free JSON-safe facts: prompts, model family, seed, steps, sampler...
     warnings : list of str
         What the recorder had to skip, for the user to see.
+    recorded_branches : tuple of str
+        Branches the recorder recorded; asking for another one is an error, never an empty map.
     """
 
     sums: dict[str, torch.Tensor]
@@ -94,17 +84,19 @@ class AttentionTrace:
     image_hw: tuple[int, int]
     meta: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    recorded_branches: tuple[str, ...] = BRANCHES
 
     @classmethod
-    def from_recorder(cls, recorded: dict, layouts: Sequence[TokenLayout], image_hw: tuple[int, int],
+    def from_recorder(cls, recorded: Recording, layouts: Sequence[TokenLayout], image_hw: tuple[int, int],
                       meta: dict | None = None, device: str | torch.device | None = "cpu") -> "AttentionTrace":
-        """Build from :meth:`CrossAttentionRecorder.finish` output (moved to ``device`` once)."""
-        sums = recorded["sums"]
+        """Build from :meth:`CrossAttentionRecorder.finish` output (sums moved to ``device`` once)."""
+        sums = recorded.sums
         if device is not None:
             sums = {k: v.to(device) for k, v in sums.items()}
-        return cls(sums=sums, layers=recorded["layers"], calls=recorded["calls"], streams=recorded["streams"],
-                   layouts=list(layouts), latent_hw=tuple(recorded["latent_hw"]), image_hw=tuple(image_hw),
-                   meta=dict(meta or {}), warnings=list(recorded.get("warnings", [])))
+        return cls(sums=sums, layers=dict(recorded.layers), calls=dict(recorded.calls), streams=list(recorded.streams),
+                   layouts=list(layouts), latent_hw=tuple(recorded.latent_hw), image_hw=tuple(image_hw),
+                   meta=dict(meta or {}), warnings=list(recorded.warnings),
+                   recorded_branches=tuple(recorded.branches))
 
     # -- lookup --------------------------------------------------------------------------------
     @property
@@ -116,6 +108,11 @@ class AttentionTrace:
         return sorted({s.branch for s in self.streams})
 
     def stream_index(self, image: int = 0, branch: str = "cond") -> int:
+        if branch not in BRANCHES:
+            raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+        if branch not in self.recorded_branches:
+            raise ValueError("no negative-prompt maps: the negative branch was not recorded (turn on "
+                             "record_negative / negative=True when tracing)")
         for i, s in enumerate(self.streams):
             if s.image == image and s.branch == branch:
                 return i
@@ -129,9 +126,9 @@ class AttentionTrace:
 
     def select_layers(self, layers: Sequence[str] | None = None, factors: Sequence[int] | None = None,
                       locations: Sequence[str] | None = None) -> list[str]:
-        """Recorded layers that pass the filters, in call order."""
-        if locations is not None and set(locations) - set(LOCATIONS):
-            raise ValueError(f"unknown UNet locations {sorted(set(locations) - set(LOCATIONS))}; use {LOCATIONS}")
+        """Recorded layers that pass the filters, in call order (``locations``: network parts)."""
+        if locations is not None and set(locations) - set(PARTS):
+            raise ValueError(f"unknown network parts {sorted(set(locations) - set(PARTS))}; use {PARTS}")
         names = sorted(self.sums, key=lambda n: self.layers[n].order)
         if layers is not None:
             unknown = set(layers) - set(names)
@@ -140,11 +137,11 @@ class AttentionTrace:
         picked = [n for n in names
                   if (layers is None or n in layers)
                   and (factors is None or self.layers[n].factor in factors)
-                  and (locations is None or self.layers[n].location in locations)]
+                  and (locations is None or self.layers[n].part in locations)]
         if not picked:
-            available = sorted({(self.layers[n].location, self.layers[n].factor) for n in names})
+            available = sorted({(self.layers[n].part, self.layers[n].factor) for n in names})
             raise ValueError(f"no recorded layer matches layers={layers}, factors={factors}, locations={locations}; "
-                             f"recorded (location, factor): {available}")
+                             f"recorded (part, factor): {available}")
         return picked
 
     # -- maps ----------------------------------------------------------------------------------
@@ -249,11 +246,47 @@ class AttentionTrace:
         """Memory held by the running sums."""
         return sum(v.numel() * v.element_size() for v in self.sums.values())
 
-    def save(self, path) -> None:
-        from .io import save_trace
-        save_trace(self, path)
+    def save(self, path):
+        """Write ``path`` (``.safetensors`` + ``.json``); see :func:`save_trace`."""
+        return save_trace(self, path)
 
     @classmethod
     def load(cls, path) -> "AttentionTrace":
-        from .io import load_trace
+        """Read a trace written by :meth:`save`; see :func:`load_trace`."""
         return load_trace(path)
+
+
+def save_trace(trace: AttentionTrace, path):
+    """Write a trace; returns the ``.safetensors`` path. Parent folders must exist."""
+    names = sorted(trace.sums, key=lambda n: trace.layers[n].order)
+    meta = {
+        "layers": [asdict(trace.layers[n]) for n in names],
+        "calls": {n: trace.calls.get(n, 0) for n in names},
+        "streams": [asdict(s) for s in trace.streams],
+        "layouts": [layout.to_dict() for layout in trace.layouts],
+        "latent_hw": list(trace.latent_hw),
+        "image_hw": list(trace.image_hw),
+        "recorded_branches": list(trace.recorded_branches),
+        "meta": trace.meta,
+        "warnings": trace.warnings,
+    }
+    return write_trace_file(path, {f"sums/{i}": trace.sums[n] for i, n in enumerate(names)}, meta)
+
+
+def load_trace(path) -> AttentionTrace:
+    """Read a trace written by :func:`save_trace` (safetensors only; see :func:`~daam_core.engine.io.read_trace_file`)."""
+    tensors, meta = read_trace_file(path)
+    layers = {}
+    for d in meta["layers"]:
+        d = dict(d)
+        if "location" in d:  # version 1
+            d["part"] = d.pop("location")
+        layers[d["name"]] = LayerInfo(**{**d, "hw": tuple(d["hw"])})
+    sums = {d["name"]: tensors[f"sums/{i}"] for i, d in enumerate(meta["layers"])}
+    return AttentionTrace(
+        sums=sums, layers=layers, calls={k: int(v) for k, v in meta["calls"].items()},
+        streams=[Stream(**s) for s in meta["streams"]],
+        layouts=[TokenLayout.from_dict(d) for d in meta["layouts"]],
+        latent_hw=tuple(meta["latent_hw"]), image_hw=tuple(meta["image_hw"]),
+        meta=meta.get("meta", {}), warnings=list(meta.get("warnings", [])),
+        recorded_branches=tuple(meta.get("recorded_branches", BRANCHES)))

@@ -18,8 +18,9 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .geometry import PARTS, LayerInfo, UNetGrid, is_power_of_two
+
 BRANCHES = ("cond", "uncond")
-LOCATIONS = ("down", "mid", "up")
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,16 @@ class RecordFilter:
     Attributes
     ----------
     factors : tuple of int or None
-        Allowed spatial downsampling factors of a layer relative to the latent (1 = latent size;
+        Allowed spatial downsampling factors of a layer relative to the latent, powers of two (1 = latent size;
         for SD1.5 at 512x512 the latent is 64x64, so factor 4 is the 16x16 layers). None = all.
-    locations : tuple of str or None
-        Allowed UNet parts among ``"down"``, ``"mid"``, ``"up"``. None = all.
+    parts : tuple of str or None
+        Allowed parts of the network (UNet ``"down"``, ``"mid"``, ``"up"``; Flux ``"double"``, ``"single"``;
+        SD3 ``"joint"``). None = all.
     layers : tuple of str or None
         Allowed layer names (host ids). None = all.
     heads : tuple of int or None
-        Attention heads to sum. None = all heads.
+        Attention heads to sum (non-empty). None = all heads. A head past a layer's head count is an error
+        at that layer's first call.
     start, end : float
         Time window as a fraction of the sampling, 0 = first (noisiest) step, 1 = the end.
         A model call at progress ``p`` is recorded when ``start <= p <= end``.
@@ -68,7 +71,7 @@ class RecordFilter:
     """
 
     factors: tuple[int, ...] | None = None
-    locations: tuple[str, ...] | None = None
+    parts: tuple[str, ...] | None = None
     layers: tuple[str, ...] | None = None
     heads: tuple[int, ...] | None = None
     start: float = 0.0
@@ -78,76 +81,64 @@ class RecordFilter:
     def __post_init__(self):
         if not 0.0 <= self.start <= self.end <= 1.0:
             raise ValueError(f"time window must satisfy 0 <= start <= end <= 1, got ({self.start}, {self.end})")
-        if self.locations is not None:
-            bad = set(self.locations) - set(LOCATIONS)
-            if bad:
-                raise ValueError(f"unknown UNet locations {sorted(bad)}; use {LOCATIONS}")
+        if self.factors is not None:
+            bad = [f for f in self.factors if not is_power_of_two(f)]
+            if bad or not self.factors:
+                raise ValueError(f"layer factors must be powers of two (1, 2, 4, ...), got {list(self.factors)}")
+        if self.parts is not None:
+            bad = set(self.parts) - set(PARTS)
+            if bad or not self.parts:
+                raise ValueError(f"unknown network parts {sorted(bad) or '(none given)'}; use {PARTS}")
+        if self.heads is not None:
+            if not self.heads:
+                raise ValueError("the head list is empty: name at least one head, or None for all heads")
+            if any(not isinstance(h, int) or h < 0 for h in self.heads):
+                raise ValueError(f"head indices must be integers >= 0, got {list(self.heads)}")
+        if not self.branches:
+            raise ValueError("no branch to record: use ('cond',) or ('cond', 'uncond')")
         bad = set(self.branches) - set(BRANCHES)
         if bad:
             raise ValueError(f"unknown branches {sorted(bad)}; use {BRANCHES}")
-        if self.heads is not None and any(h < 0 for h in self.heads):
-            raise ValueError("head indices must be >= 0")
+
+    @property
+    def locations(self) -> tuple[str, ...] | None:
+        """The former name of :attr:`parts`."""
+        return self.parts
 
     def in_window(self, progress: float) -> bool:
         return self.start <= progress <= self.end
 
 
 @dataclass
-class LayerInfo:
-    """A cross-attention layer as seen during one sampling.
+class Recording:
+    """What one sampling recorded: the recorder's hand-over to :class:`~daam_core.engine.trace.AttentionTrace`.
 
     Attributes
     ----------
-    name : str
-        Host id of the layer (diffusers module path, or ComfyUI ``block.index.transformer``).
-    location : str
-        ``"down"``, ``"mid"`` or ``"up"``.
-    order : int
-        Order of first call within a model forward pass.
-    factor : int
-        Spatial downsampling relative to the latent, found from the query length.
-    hw : tuple of int
-        Spatial shape ``(h, w)`` of the layer's queries.
-    heads : int
-        Number of attention heads of the layer.
+    sums : dict layer -> Tensor ``[streams, N_layer, T_max]`` float32
+        Head-summed probabilities, summed over the layer's recorded calls.
+    layers : dict layer -> LayerInfo
+    calls : dict layer -> int
+        Recorded calls per layer.
+    streams : list of Stream
+        Stream ``i`` is row ``i`` of every sum.
+    token_counts : list of int
+        Token count per prompt.
+    latent_hw : (int, int)
+    branches : tuple of str
+        The branches that were recorded (a stream of another branch has no maps).
+    warnings : list of str
+        What had to be skipped.
     """
 
-    name: str
-    location: str
-    order: int = 0
-    factor: int = 1
-    hw: tuple[int, int] = (0, 0)
-    heads: int = 0
-
-
-def downsampled(size: int, factor: int) -> int:
-    """Size after ``log2(factor)`` stride-2 convolutions with padding 1 (a UNet downsample)."""
-    while factor > 1:
-        size = (size + 1) // 2
-        factor //= 2
-    return size
-
-
-def spatial_shape(latent_hw: tuple[int, int], n_queries: int, max_factor: int = 64) -> tuple[int, tuple[int, int]]:
-    """Find a layer's downsampling factor and spatial shape from its query count.
-
-    The shape comes from the latent's real height and width, never from ``sqrt(N)``, so
-    non-square and odd sizes work.
-
-    Returns
-    -------
-    factor : int
-    hw : (int, int)
-    """
-    h, w = latent_hw
-    factor = 1
-    while factor <= max_factor:
-        hh, ww = downsampled(h, factor), downsampled(w, factor)
-        if hh * ww == n_queries:
-            return factor, (hh, ww)
-        factor *= 2
-    raise ValueError(f"a cross-attention call with {n_queries} queries does not fit a {h}x{w} latent "
-                     f"at any power-of-two downsampling")
+    sums: dict[str, torch.Tensor]
+    layers: dict[str, LayerInfo]
+    calls: dict[str, int]
+    streams: list[Stream]
+    token_counts: list[int]
+    latent_hw: tuple[int, int]
+    branches: tuple[str, ...] = BRANCHES
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -168,9 +159,9 @@ class CrossAttentionRecorder:
 
     Notes
     -----
-    Lifecycle: ``begin(latent_hw, streams, token_counts)`` once per sampling, ``set_call(rows, progress)``
-    once per model call, ``record(layer, q, k, heads)`` per cross-attention call, ``finish()`` after
-    sampling. ``finish`` returns the sums; the recorder can then be reused.
+    Lifecycle: ``begin(grid, streams, token_counts)`` once per sampling, ``set_call(rows, progress)``
+    once per model call, ``record(layer, part, q, k, heads)`` per cross-attention call, ``finish()`` after
+    sampling. ``finish`` returns a :class:`Recording`; the recorder can then be reused.
     """
 
     def __init__(self, filter: RecordFilter | None = None):
@@ -180,28 +171,32 @@ class CrossAttentionRecorder:
         self.calls: dict[str, int] = {}
         self.streams: list[Stream] = []
         self.token_counts: list[int] = []
-        self.latent_hw: tuple[int, int] = (0, 0)
+        self.grid = UNetGrid((0, 0))
         self.warnings: list[str] = []
         self._call = _Call()
         self._enabled: dict[str, bool] = {}
-        self._row_index: dict[tuple, tuple] = {}
+        self._index_cache: dict[tuple, object] = {}
         self._started = False
 
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.grid.latent_hw
+
     # -- lifecycle ---------------------------------------------------------------------------
-    def begin(self, latent_hw: tuple[int, int], streams: Sequence[Stream], token_counts: Sequence[int]) -> None:
+    def begin(self, grid, streams: Sequence[Stream], token_counts: Sequence[int]) -> None:
         """Start a sampling: forget previous sums and fix the stream list.
 
         Parameters
         ----------
-        latent_hw : (int, int)
-            Height and width of the latent the model denoises.
+        grid : UNetGrid, PatchGrid or (int, int)
+            The adapter's grid rule for this sampling's layers (a latent ``(h, w)`` means a UNet).
         streams : sequence of Stream
             Every (image, branch) the adapter may route batch rows to; stream ``i`` is index ``i``.
         token_counts : sequence of int
             Token count of each prompt layout (``Stream.prompt`` indexes it); a call whose key length is a
             multiple of it (ComfyUI repeats shorter conditionings to a common length) is folded back.
         """
-        self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
+        self.grid = UNetGrid(grid) if isinstance(grid, (tuple, list)) else grid
         self.streams = list(streams)
         self.token_counts = [int(t) for t in token_counts]
         for s in self.streams:
@@ -212,7 +207,7 @@ class CrossAttentionRecorder:
         self.calls.clear()
         self.warnings.clear()
         self._enabled.clear()
-        self._row_index.clear()
+        self._index_cache.clear()
         self._call = _Call()
         self._started = True
 
@@ -240,11 +235,12 @@ class CrossAttentionRecorder:
         """Whether the current model call is being recorded (cheap check for adapters)."""
         return self._call.active
 
-    def finish(self) -> dict:
+    def finish(self) -> Recording:
         """End the sampling and hand over the sums (the recorder forgets them)."""
-        out = dict(layers=dict(self.layers), sums=dict(self.sums), calls=dict(self.calls),
-                   streams=list(self.streams), token_counts=list(self.token_counts),
-                   latent_hw=self.latent_hw, warnings=list(self.warnings))
+        out = Recording(sums=dict(self.sums), layers=dict(self.layers), calls=dict(self.calls),
+                        streams=list(self.streams), token_counts=list(self.token_counts),
+                        latent_hw=self.grid.latent_hw, branches=tuple(self.filter.branches),
+                        warnings=list(self.warnings))
         self.sums = {}
         self.layers = {}
         self.calls = {}
@@ -253,26 +249,52 @@ class CrossAttentionRecorder:
         return out
 
     # -- hot path ----------------------------------------------------------------------------
-    def wants(self, name: str, location: str) -> bool:
-        """Whether a layer passes the name/location filters (the factor is checked on first call)."""
+    def wants(self, name: str, part: str) -> bool:
+        """Whether a layer passes the name/part filters (the factor is checked on first call)."""
         if not self._call.active:
             return False
         enabled = self._enabled.get(name)
         if enabled is None:
             f = self.filter
             enabled = ((f.layers is None or name in f.layers) and
-                       (f.locations is None or location in f.locations))
+                       (f.parts is None or part in f.parts))
             self._enabled[name] = enabled
         return enabled
 
-    def record(self, name: str, location: str, q: torch.Tensor, k: torch.Tensor, heads: int,
+    def _layer(self, name: str, part: str, kind: str, n: int, heads: int) -> LayerInfo | None:
+        """The layer's info, registered on its first call (None: the layer is skipped)."""
+        layer = self.layers.get(name)
+        if layer is not None:
+            if n != layer.hw[0] * layer.hw[1]:
+                self.warnings.append(f"{name}: a call with {n} queries does not match the layer's {layer.hw}; "
+                                     f"call skipped")
+                return None
+            return layer
+        try:
+            factor, hw = self.grid.locate(n)
+        except ValueError as e:  # e.g. an area-restricted conditioning: not the full latent
+            self._enabled[name] = False
+            self.warnings.append(f"{name}: {e}; layer skipped")
+            return None
+        f = self.filter
+        if f.factors is not None and factor not in f.factors:
+            self._enabled[name] = False
+            return None
+        if f.heads is not None and max(f.heads) >= heads:
+            raise ValueError(f"DAAM: attention heads {[h for h in f.heads if h >= heads]} do not exist: layer {name} "
+                             f"has {heads} heads (0..{heads - 1})")
+        layer = LayerInfo(name=name, part=part, kind=kind, order=len(self.layers), factor=factor, hw=hw, heads=heads)
+        self.layers[name] = layer
+        return layer
+
+    def record(self, name: str, part: str, q: torch.Tensor, k: torch.Tensor, heads: int,
                scale: float | None = None, skip_reshape: bool = False) -> None:
         """Accumulate one cross-attention call.
 
         Parameters
         ----------
-        name, location : str
-            Layer id and UNet part (``"down"``, ``"mid"``, ``"up"``).
+        name, part : str
+            Layer id and network part (``"down"``, ``"mid"``, ``"up"`` for a UNet).
         q : Tensor
             Queries ``[B, N, heads * d]`` (or ``[B, heads, N, d]`` with ``skip_reshape``).
         k : Tensor
@@ -282,27 +304,11 @@ class CrossAttentionRecorder:
         scale : float, optional
             Softmax scale, default ``d ** -0.5``.
         """
-        if not self.wants(name, location):
+        if not self.wants(name, part):
             return
-        layer = self.layers.get(name)
         n = q.shape[2] if skip_reshape else q.shape[1]
-        if layer is None:
-            try:
-                factor, hw = spatial_shape(self.latent_hw, n)
-            except ValueError as e:  # e.g. an area-restricted conditioning: not the full latent
-                self._enabled[name] = False
-                self.warnings.append(f"{name}: {e}; layer skipped")
-                return
-            f = self.filter.factors
-            if f is not None and factor not in f:
-                self._enabled[name] = False
-                return
-            layer = LayerInfo(name=name, location=location, order=len(self.layers), factor=factor, hw=hw, heads=heads)
-            self.layers[name] = layer
-        elif n != layer.hw[0] * layer.hw[1]:
-            self.warnings.append(f"{name}: a call with {n} queries does not match the layer's {layer.hw}; call skipped")
+        if self._layer(name, part, "cross", n, heads) is None:
             return
-
         rows, streams = self._rows(q.device)
         if skip_reshape:
             qs, ks = q[rows], k[rows]
@@ -311,8 +317,8 @@ class CrossAttentionRecorder:
             qs = q[rows].view(b, n, heads, -1).transpose(1, 2)
             ks = k[rows].view(b, k.shape[1], heads, -1).transpose(1, 2)
         if self.filter.heads is not None:
-            sel = [h for h in self.filter.heads if h < heads]
-            qs, ks = qs[:, sel], ks[:, sel]
+            sel = self._heads(q.device)
+            qs, ks = qs.index_select(1, sel), ks.index_select(1, sel)
         d = qs.shape[-1]
         scores = torch.matmul(qs.float(), ks.float().transpose(-1, -2))
         scores.mul_(scale if scale is not None else 1.0 / math.sqrt(d))
@@ -320,14 +326,22 @@ class CrossAttentionRecorder:
         self._accumulate(name, probs, streams)
         self.calls[name] = self.calls.get(name, 0) + 1
 
+    def _heads(self, device: torch.device) -> torch.Tensor:
+        key = ("heads", device)
+        hit = self._index_cache.get(key)
+        if hit is None:
+            hit = torch.tensor(self.filter.heads, dtype=torch.long, device=device)
+            self._index_cache[key] = hit
+        return hit
+
     def _rows(self, device: torch.device) -> tuple[torch.Tensor, tuple[int, ...]]:
         key = (self._call.rows, device)
-        hit = self._row_index.get(key)
+        hit = self._index_cache.get(key)
         if hit is None:
             pairs = [(i, s) for i, s in enumerate(self._call.rows) if s is not None]
             idx = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=device)
             hit = (idx, tuple(s for _, s in pairs))
-            self._row_index[key] = hit
+            self._index_cache[key] = hit
         return hit
 
     def _accumulate(self, name: str, probs: torch.Tensor, streams: tuple[int, ...]) -> None:
@@ -361,10 +375,10 @@ class CrossAttentionRecorder:
 
     def _stream_index(self, streams, members, device) -> torch.Tensor:
         key = (streams, tuple(members), device)
-        hit = self._row_index.get(key)
+        hit = self._index_cache.get(key)
         if hit is None:
             hit = torch.tensor([streams[j] for j in members], dtype=torch.long, device=device)
-            self._row_index[key] = hit
+            self._index_cache[key] = hit
         return hit
 
 

@@ -1,6 +1,6 @@
 # Source this file (do not run it): sets the paths the setup, test and CI scripts share.
 #   DAAM_CACHE   cache root (venv, downloads, the ComfyUI copy, test checkpoints)
-#   DAAM_VENV    the virtual environment made by scripts/setup_env.sh
+#   DAAM_VENV    the virtual environment made by tools/setup_env.sh
 #   PY           that venv's python
 #   COMFYUI_DIR  the ComfyUI host used by tests (kept if already set, else the copy made by setup_host.sh)
 #   DAAM_REPO    this checkout

@@ -123,3 +123,19 @@ def save_png(path, image) -> None:
         arr = arr[..., ::-1]
     if not cv2.imwrite(str(path), arr):
         raise OSError(f"could not write {path}")
+
+
+def as_float_image(image) -> np.ndarray:
+    """PIL image, uint8 array or float array/tensor -> float32 ``[H, W, 3]`` in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        arr = image.detach().float().cpu().numpy()
+    else:
+        arr = np.asarray(image)
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    arr = arr.astype(np.float32)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[..., :3]
+    return arr

@@ -1,6 +1,6 @@
-"""The "shapes" model: a small pixel-space text-to-image model trained on :mod:`daam_core.scenes`.
+"""The "shapes" model: a small pixel-space text-to-image model trained on :mod:`daam_core.shapes.scenes`.
 
-It is a standard diffusers ``StableDiffusionPipeline`` folder (``daam_core/assets/shapes``): a
+It is a standard diffusers ``StableDiffusionPipeline`` folder (``daam_core/shapes/assets/shapes``): a
 UNet2DConditionModel at 32x32 with cross-attention at 16x16 and 8x8, a 2-layer CLIPTextModel over
 the real CLIP BPE vocabulary, and a one-level AutoencoderKL trained to be the identity (the latents
 are the pixels, scaling factor 1), so ``trace(pipe)`` and ``daam generate`` use it unchanged.
@@ -68,7 +68,7 @@ def assemble_pipeline(unet, text_encoder, vae, tokenizer=None):
     """A ``StableDiffusionPipeline`` around the components (DPM-Solver++ scheduler)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from .tiny import clip_tokenizer
+    from ..hosts.diffusers.tiny import clip_tokenizer
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer or clip_tokenizer(),
                                    unet=unet, scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG),
@@ -85,7 +85,7 @@ def save_pipeline(pipe, out: str | Path, dtype: torch.dtype = torch.float16) -> 
     """
     import shutil
 
-    from .tiny import TOKENIZER_FILES, find_clip_tokenizer_dir
+    from ..hosts.diffusers.tiny import TOKENIZER_FILES, find_clip_tokenizer_dir
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

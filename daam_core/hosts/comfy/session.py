@@ -10,6 +10,9 @@ touched, so the model given to the node and every other clone of it run exactly 
 - ``attn2_patch``: marks that the next attention call is the cross-attention of a block.
 - ``optimized_attention_override``: computes the output with the host's function (or the override
   another node installed before, which it wraps), then records q and k.
+
+Pure Python over the host's conventions: ComfyUI itself is imported only by ``nodes/tracing.py``, which
+installs these hooks on a clone.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..daam_core.recorder import CrossAttentionRecorder, RecordFilter, Stream
+from ...engine.geometry import UNetGrid
+from ...engine.recorder import CrossAttentionRecorder, RecordFilter, Recording, Stream
+from ...engine.schedule import progress_from_timestep
 
 WRAPPER_KEY = "daam"
 OPTIONS_KEY = "daam_session"
@@ -31,10 +36,13 @@ MAX_RECORDS = 8  # finished samplings kept per session (one per sampler node usi
 class SamplingRecord:
     """The recorder's output for one finished sampling, and how to recognise it."""
 
-    recorded: dict
+    recorded: Recording
     latent: torch.Tensor  # output samples, on the CPU, to match the LATENT a heat-map node receives
     token_counts: tuple[int, int | None]  # positive, negative (None without a negative branch)
+    conditionings: tuple[torch.Tensor, torch.Tensor | None]  # first cross_attn entry per prompt, [1, T, C] on the CPU
     notes: list[str] = field(default_factory=list)
+    attention_marks: int = 0  # cross-attention calls DAAM was told about (attn2 patch)
+    attention_seen: int = 0   # of those, how many reached DAAM's attention override
 
 
 class TraceSession:
@@ -54,6 +62,9 @@ class TraceSession:
         self._n_images = 0
         self._notes: list[str] = []
         self._model_sampling = None
+        self._conds: tuple = (None, None)
+        self._marks = 0
+        self._seen = 0
 
     def __deepcopy__(self, memo):
         return self
@@ -70,7 +81,9 @@ class TraceSession:
                 output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
                 recorded = self.recorder.finish()
                 record = SamplingRecord(recorded=recorded, latent=output.detach().to("cpu", torch.float32).clone(),
-                                        token_counts=self._token_counts, notes=list(self._notes))
+                                        token_counts=self._token_counts, conditionings=self._conds,
+                                        notes=list(self._notes), attention_marks=self._marks,
+                                        attention_seen=self._seen)
                 self.records = [r for r in self.records if not torch.equal(r.latent, record.latent)][-(MAX_RECORDS - 1):]
                 self.records.append(record)
                 return output
@@ -93,19 +106,22 @@ class TraceSession:
         b, _, h, w = noise.shape
         self._latent_hw = (int(h), int(w))
         self._n_images = int(b)
-        streams, counts, self._uuid_stream = [], [], {}
+        streams, counts, conds, self._uuid_stream = [], [], [], {}
         for prompt, (branch, entries) in enumerate((("cond", positive), ("uncond", negative))):
             if not entries or entries[0].get("cross_attn") is None:
                 continue
             self._uuid_stream[entries[0]["uuid"]] = (branch, len(streams))
             streams += [Stream(i, branch, len(counts)) for i in range(b)]
             counts.append(int(entries[0]["cross_attn"].shape[1]))
+            conds.append(entries[0]["cross_attn"][:1].detach().to("cpu", torch.float32).clone())
         if not streams:
             raise ValueError("DAAM found no text conditioning (cross_attn) in this sampling; connect a CLIP Text Encode "
                              "conditioning to the sampler")
         self._token_counts = (counts[0], counts[1] if len(counts) > 1 else None)
+        self._conds = (conds[0], conds[1] if len(conds) > 1 else None)
+        self._marks = self._seen = 0
         self._model_sampling = guider.model_patcher.get_model_object("model_sampling")
-        self.recorder.begin(self._latent_hw, streams, counts)
+        self.recorder.begin(UNetGrid(self._latent_hw), streams, counts)
 
     # -- one model call ----------------------------------------------------------------------
     def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
@@ -135,8 +151,8 @@ class TraceSession:
         if (f.start, f.end) != (0.0, 1.0) and self._model_sampling is not None:
             ms = self._model_sampling
             timestep = float(ms.timestep(t[:1].float()).flatten()[0])
-            total = float(getattr(ms, "num_timesteps", None) or len(getattr(ms, "sigmas", [])) or 1000)
-            progress = min(max(1.0 - timestep / total, 0.0), 1.0)
+            progress = progress_from_timestep(timestep, getattr(ms, "num_timesteps", None)
+                                              or len(getattr(ms, "sigmas", [])) or 1000)
         self.recorder.set_call(rows, progress)
 
     # -- attention ---------------------------------------------------------------------------
@@ -145,6 +161,7 @@ class TraceSession:
             block = extra_options.get("block") or ("?", 0)
             name = f"{block[0]}.{block[1]}.{extra_options.get('block_index', 0)}"
             self._pending = (name, LOCATION.get(block[0], "down"), int(context.shape[1]))
+            self._marks += 1
         return n, context, value
 
     def attention_override(self, previous):
@@ -159,7 +176,9 @@ class TraceSession:
                 t = k.shape[2] if skip_reshape else k.shape[1]
                 if t == pending[2]:  # the key is the text context: this is the marked cross-attention
                     self._pending = None
-                    self.recorder.record(pending[0], pending[1], q, k, heads, skip_reshape=skip_reshape)
+                    self._seen += 1
+                    self.recorder.record(pending[0], pending[1], q, k, heads, scale=kwargs.get("scale"),
+                                         skip_reshape=skip_reshape)
             return out
 
         return override
@@ -178,34 +197,3 @@ class TraceSession:
                 return r
         raise ValueError("the LATENT given to DAAM was not produced by a sampler using this DAAM model (or it was "
                          "changed after sampling); connect the sampler's LATENT output directly")
-
-
-def patch_model(model, filter: RecordFilter):
-    """A clone of ``model`` that records cross-attention into a new :class:`TraceSession`.
-
-    Returns
-    -------
-    (ModelPatcher, TraceSession)
-    """
-    import comfy.patcher_extension as ext
-
-    m = model.clone()
-    session = TraceSession(filter)
-    to = m.model_options.setdefault("transformer_options", {})
-    to["optimized_attention_override"] = session.attention_override(to.get("optimized_attention_override"))
-    to[OPTIONS_KEY] = session
-    m.set_model_attn2_patch(session.attn2_patch)
-    m.remove_wrappers_with_key(ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
-    m.remove_wrappers_with_key(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
-    m.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, session.outer_sample)
-    m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY, session.apply_model)
-    return m, session
-
-
-def session_of(model) -> TraceSession:
-    """The session of a DAAM-patched MODEL, with a clear error for any other model."""
-    session = getattr(model, "model_options", {}).get("transformer_options", {}).get(OPTIONS_KEY)
-    if session is None:
-        raise ValueError("this MODEL is not traced: pass it through 'DAAM Trace Model' and give the traced MODEL to "
-                         "both the sampler and this node")
-    return session

@@ -1,6 +1,6 @@
 """Run an example workflow on a real ComfyUI server with the pack and copy its outputs to a folder.
 
-Used by scripts/demo.sh (which sets up the host first). The server runs on a free 127.0.0.1 port and is
+Used by tools/demo.sh (which sets up the host first). The server runs on a free 127.0.0.1 port and is
 always stopped at the end.
 """
 

@@ -14,7 +14,8 @@ from typing import Sequence
 
 import torch
 
-from .tokens import TokenLayout, tokenize
+from ...text.layout import TokenLayout
+from ...text.tokenize import tokenize
 
 
 def _layout(text: str, tokenizer, syntax: str) -> TokenLayout:

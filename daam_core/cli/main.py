@@ -21,92 +21,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import masks as mask_ops
-from . import metrics, render
-from .aggregate import COMBINE_MODES, NORMALIZE_MODES
-from .io import TraceFormatError, load_trace
-from .masks import THRESHOLD_MODES
-from .tokens import WordNotFoundError, parse_query
-from .trace import AttentionTrace, as_float_image
+from ..engine import masks as mask_ops
+from ..engine import metrics, render
+from ..engine.aggregate import COMBINE_MODES, NORMALIZE_MODES
+from ..engine.io import TraceFormatError
+from ..engine.masks import THRESHOLD_MODES
+from ..engine.outputs import WordsError, check_words, write_outputs
+from ..engine.trace import load_trace
+from ..text.query import WordNotFoundError, split_words
 
 
 class CliError(Exception):
     """An error the user can fix; printed without a traceback."""
-
-
-def split_words(text: str | None) -> list[str]:
-    return [w.strip() for w in (text or "").split(",") if w.strip()]
-
-
-def file_stem(word: str, taken: set[str]) -> str:
-    """A safe, unique file name part for a word (no path separators, no dots)."""
-    base = re.sub(r"[^a-z0-9]+", "-", word.lower()).strip("-")[:40] or "word"
-    stem, i = base, 2
-    while stem in taken:
-        stem, i = f"{base}-{i}", i + 1
-    taken.add(stem)
-    return stem
-
-
-def check_words(trace: AttentionTrace, words: Sequence[str], branch: str) -> None:
-    if not words:
-        raise CliError("no words given: pass --words with words or phrases of the prompt, comma separated")
-    for i in range(trace.num_images):
-        layout = trace.layout(i, branch)
-        for w in words:
-            text, occurrence = parse_query(w)
-            try:
-                layout.positions(text, occurrence)
-            except WordNotFoundError as e:
-                raise CliError(str(e)) from None
-
-
-def write_outputs(trace: AttentionTrace, words: Sequence[str], out: Path, images: Sequence[np.ndarray] | None = None,
-                  *, branch: str = "cond", threshold: float = 0.4, mode: str = "relative", combine: str = "mean",
-                  normalize: str = "minmax", cmap: str = "jet", alpha: float = 0.5, save_trace: bool = True) -> dict:
-    """Write heat maps, overlays, masks, a labelled grid and (optionally) the trace into ``out``.
-
-    Returns a JSON-safe summary: files written and, per image and word, the mask's area fraction.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    check_words(trace, words, branch)
-    maps = trace.word_maps(list(words), branch=branch, combine=combine, normalize=normalize)  # [B, W, H, W]
-    binary = mask_ops.threshold(maps, threshold, mode)
-    taken: set[str] = set()
-    stems = [file_stem(w, taken) for w in words]
-    prefix = "" if branch == "cond" else "neg-"
-    summary = {"words": list(words), "branch": branch, "threshold": threshold, "mode": mode, "images": []}
-    for b in range(maps.shape[0]):
-        entry = {"files": [], "mask_area": {}}
-        image = as_float_image(images[b]) if images is not None else None
-        if image is not None:
-            path = out / f"image-{b}.png"
-            render.save_png(path, image)
-            entry["files"].append(path.name)
-        tiles, labels = [], []
-        for j, (w, stem) in enumerate(zip(words, stems)):
-            heat = render.colorize(maps[b, j], cmap)
-            files = {f"{prefix}heat-{b}-{stem}.png": heat, f"{prefix}mask-{b}-{stem}.png": binary[b, j].numpy()}
-            if image is not None:
-                files[f"{prefix}overlay-{b}-{stem}.png"] = render.overlay(image, maps[b, j], alpha, cmap)
-            for name, pic in files.items():
-                render.save_png(out / name, pic)
-                entry["files"].append(name)
-            tiles.append(files.get(f"{prefix}overlay-{b}-{stem}.png", heat))
-            labels.append(w)
-            entry["mask_area"][w] = float(binary[b, j].mean())
-        if image is not None:
-            tiles.insert(0, image)
-            labels.insert(0, "image")
-        path = out / f"{prefix}grid-{b}.png"
-        render.save_png(path, render.grid(tiles, labels, min_side=128))
-        entry["files"].append(path.name)
-        summary["images"].append(entry)
-    if save_trace:
-        trace.save(out / "trace.safetensors")
-        summary["trace"] = "trace.safetensors"
-    (out / f"{prefix}summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
 
 
 def load_pipeline(model: str, config: str | None, family: str | None, device: str, dtype: torch.dtype):
@@ -146,7 +72,7 @@ def family_class(family: str | None, config: Path) -> str:
 
 
 def generate(pipe, args, out: Path) -> dict:
-    from .diffusers_adapter import trace
+    from ..hosts.diffusers.adapter import trace
 
     words = split_words(args.words)
     if not args.prompt.strip():
@@ -196,8 +122,8 @@ DEMO_DEFAULTS = {  # prompt, words, steps, size, guidance
 
 def cmd_demo(args) -> dict:
     """The shapes model when one is given or shipped, else a random-weight tiny pipeline."""
-    from . import shapes_model
-    from .tiny import tiny_sd_pipeline
+    from ..hosts.diffusers.tiny import tiny_sd_pipeline
+    from ..shapes import model as shapes_model
 
     folder = Path(args.model) if args.model else (shapes_model.ASSET_DIR if shapes_model.available() else None)
     if folder is not None:
@@ -314,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"generate": cmd_generate, "demo": cmd_demo, "analyze": cmd_analyze}
     try:
         summary = handlers[args.command](args)
-    except (CliError, WordNotFoundError) as e:
+    except (CliError, WordsError, WordNotFoundError) as e:
         print(f"daam: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"out": str(Path(args.out).resolve()), **{k: v for k, v in summary.items() if k != "images"}}))

@@ -1,6 +1,6 @@
 """Write the shapes model's card: README.md, a loss curve and a sample grid, into its pipeline folder.
 
-    python scripts/shapes_model_card.py --work RUN_DIR --model daam_core/assets/shapes [--attribution results.json]
+    python tools/shapes_model_card.py --work RUN_DIR --model daam_core/shapes/assets/shapes [--attribution results.json]
 
 Reads the training log (RUN_DIR/log.jsonl) and the exported folder (training.json); draws held-out prompts
 with the folder's pipeline. Images are drawn with OpenCV (no matplotlib).
@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daam_core import render, scenes, shapes_model  # noqa: E402
+from daam_core.engine import render  # noqa: E402
+from daam_core.shapes import model as shapes_model, scenes  # noqa: E402
 
 
 def loss_curve(records: list[dict], size=(360, 640)) -> np.ndarray:
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
             {k: res[k] for k in ("real", "generated", "baselines", "head_dependent") if k in res}, indent=1) + "\n```\n"
     card = f"""# shapes: a small text-to-image model for DAAM
 
-Trained by `scripts/train_shapes.py` on synthetic scenes from `daam_core/scenes.py` (32x32, one or two coloured
+Trained by `tools/train_shapes.py` on synthetic scenes from `daam_core/shapes/scenes.py` (32x32, one or two coloured
 circles, squares and triangles on plain backgrounds; captions such as "a red circle on the left and a blue square
 on the right"; the two-object colour/shape pairs {held} are held out). A diffusers `StableDiffusionPipeline`
 folder: UNet {unet_params / 1e6:.2f}M parameters (channels {list(pipe.unet.config.block_out_channels)},
