@@ -37,7 +37,7 @@ from backend.sampling.sampling_function import sampling_function_inner  # noqa: 
 
 from daam_core.hosts.forge.session import ForgeSession, distinct, transformer_blocks  # noqa: E402
 from daam_core.hosts.forge.tokens import forge_layout, forge_tokens, pad_layout, text_engine  # noqa: E402
-from daam_core.recorder import RecordFilter  # noqa: E402
+from daam_core.engine.recorder import RecordFilter  # noqa: E402
 
 FILLER = ", ".join(f"word{i}" for i in range(40))  # > 75 tokens: pushes "giraffe" into chunk 2
 PROMPTS = ["a photo of a dog, BREAK a red (cat:1.3) on [grass]", f"a painting of {FILLER}, a tall giraffe"]

@@ -65,3 +65,15 @@ def import_backend(argv: list[str] | None = None):
 
     shared.opts = _Options()
     return root
+
+
+def require_forge() -> None:
+    """Skip (locally) or fail (with ``DAAM_REQUIRE_FORGE=1``, as CI sets it) when Forge is not set up."""
+    import pytest
+
+    reason = missing()
+    if reason is None:
+        return
+    if os.environ.get("DAAM_REQUIRE_FORGE") == "1":
+        pytest.fail(f"{reason}; DAAM_REQUIRE_FORGE=1 says it must be there")
+    pytest.skip(f"{reason}; set DAAM_REQUIRE_FORGE=1 to make this a failure")

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from daam_core import masks as mask_ops
-from daam_core import render
-from daam_core.recorder import RecordFilter
-from daam_core.tokens import WordNotFoundError
-from daam_core.hosts.forge.session import ForgeSession, UnsupportedModelError, distinct
-from daam_core.hosts.forge.tokens import TokenMismatchError, forge_layout, pad_layout, text_engine
+from ...engine import masks as mask_ops
+from ...engine import render
+from ...engine.outputs import file_stem
+from ...engine.recorder import RecordFilter
+from ...text.query import WordNotFoundError, split_words
+from .session import ForgeSession, UnsupportedModelError, distinct
+from .tokens import TokenMismatchError, forge_layout, pad_layout, text_engine
 
 TITLE = "DAAM"
 RESOLUTIONS = {"1/8": 1, "1/16": 2, "1/32": 4, "1/64": 8}  # layer grid relative to the image -> latent factor
@@ -45,13 +46,11 @@ class OptionError(ValueError):
     """An option given in the UI or in ``alwayson_scripts`` is not valid."""
 
 
-def split_words(text) -> list[str]:
-    """``"dog, red car; cat#2"`` -> ``["dog", "red car", "cat#2"]`` (commas, semicolons or new lines)."""
-    if text is None:
-        return []
-    if isinstance(text, (list, tuple)):
-        return [str(t).strip() for t in text if str(t).strip()]
-    return [w.strip() for w in re.split(r"[,;\n]", str(text)) if w.strip()]
+def _words(value) -> list[str]:
+    """Words from the UI's comma-separated text, or from a list given through the API."""
+    if isinstance(value, (list, tuple)):
+        return [str(w).strip() for w in value if str(w).strip()]
+    return split_words(None if value is None else str(value))
 
 
 def _as_list(value, name: str) -> list[str]:
@@ -101,8 +100,8 @@ class Options:
         bad = [o for o in outputs if o not in OUTPUTS]
         if bad:
             raise OptionError(f"DAAM outputs must be a subset of {list(OUTPUTS)}, got {outputs}")
-        opts = cls(enabled=bool(values["enabled"]), words=split_words(values["words"]),
-                   negative_words=split_words(values["negative_words"]), threshold=threshold,
+        opts = cls(enabled=bool(values["enabled"]), words=_words(values["words"]),
+                   negative_words=_words(values["negative_words"]), threshold=threshold,
                    factors=tuple(sorted(RESOLUTIONS[r] for r in res)), start=start, end=end,
                    hires_pass=values["hires_pass"], outputs=tuple(outputs), save_trace=bool(values["save_trace"]))
         if opts.enabled and not (opts.words or opts.negative_words):
@@ -311,7 +310,7 @@ class DaamForge:
                         tag = f"{'neg: ' if branch == 'uncond' else ''}{word}"
                         caption = f"DAAM {tag} (image {i + 1}, {_pass_label(pt.name, p)})"
                         self._add(processed, opts, picture, heat, caption, out_dir,
-                                  f"{base}-{seed}-{i}-{'neg-' if branch == 'uncond' else ''}{_safe(word)}")
+                                  f"{base}-{seed}-{i}-{'neg-' if branch == 'uncond' else ''}{file_stem(word, set())}")
 
     def _add(self, processed, opts: Options, picture, heat: torch.Tensor, caption: str, out_dir, name: str):
         from PIL import Image
@@ -363,10 +362,6 @@ def _pass_label(name: str, p) -> str:
     if not getattr(p, "enable_hr", False):
         return "sampling"
     return "hires pass" if name == "hires" else "first pass, before hires fix"
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^\w-]+", "_", text).strip("_")[:40] or "word"
 
 
 def _output_dir(p) -> str | None:

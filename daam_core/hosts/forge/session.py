@@ -22,9 +22,11 @@ from typing import Sequence
 
 import torch
 
-from daam_core.recorder import CrossAttentionRecorder, RecordFilter, Stream
-from daam_core.tokens import TokenLayout
-from daam_core.trace import AttentionTrace
+from ...engine.geometry import UNetGrid
+from ...engine.recorder import CrossAttentionRecorder, RecordFilter, Stream
+from ...engine.schedule import progress_from_timestep
+from ...engine.trace import AttentionTrace
+from ...text.layout import TokenLayout
 
 LOCATION = {"input": "down", "middle": "mid", "output": "up"}
 COND, UNCOND = 0, 1  # Forge's cond_or_uncond codes (backend/sampling/sampling_function.py)
@@ -100,7 +102,7 @@ class ForgeSession:
         self.errors: list[str] = []
         self.live = True
         self._call_key = None
-        self.recorder.begin(self.latent_hw, streams, [l.length for l in self.layouts])
+        self.recorder.begin(UNetGrid(self.latent_hw), streams, [l.length for l in self.layouts])
 
     def __deepcopy__(self, memo):  # UnetPatcher.clone deep-copies model_options: keep one session
         return self
@@ -176,7 +178,7 @@ class ForgeSession:
         progress = 0.0
         if (f.start, f.end) != (0.0, 1.0) and self.predictor is not None and sigmas is not None:
             t = float(self.predictor.timestep(sigmas[:1].float()).flatten()[0])
-            progress = min(max(1.0 - t / self.num_timesteps, 0.0), 1.0)
+            progress = progress_from_timestep(t, self.num_timesteps)
         self.recorder.set_call(rows, progress)
 
     # -- results -------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Forge (A1111's text processing) encodes a prompt line with ``ClassicTextProcessingEngine.tokenize_line``: A1111
 weighting ``(word:1.2)`` / ``[word]``, ``BREAK``, 75-token chunks with comma backtracking, and textual-inversion
 embeddings found by their bare name (placeholder id 0 plus a ``fix`` naming the embedding). The engine's
-:func:`daam_core.tokens.tokenize` with ``syntax="a1111"`` re-does that; this module feeds it the embeddings Forge
+:func:`daam_core.text.tokenize.tokenize` with ``syntax="a1111"`` re-does that; this module feeds it the embeddings Forge
 found and refuses a layout whose ids differ from Forge's, so word positions are the host's, never a guess.
 """
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from daam_core.tokens import EMBEDDING_PREFIX, TokenLayout, tokenize
+from ...text.embeddings import EMBEDDING_PREFIX
+from ...text.layout import TokenLayout
+from ...text.tokenize import tokenize
 
 
 class TokenMismatchError(ValueError):
