@@ -62,5 +62,5 @@ def test_wraps_another_extensions_attention_replace(result):
 
 def test_time_window_and_word_maps(result):
     assert set(result["window_calls"].values()) == {1}  # start=0.4: only the second of two steps
-    assert result["word_maps_shape"] == [2, 256, 256]
+    assert result["word_maps_shape"] == [2, 128, 192]
     assert result["giraffe_map_max"] == pytest.approx(1.0)  # a word in the third chunk has a real map
