@@ -97,7 +97,8 @@ def test_labelled_maps_for_each_image_word_and_kind(traced):
 def test_missing_word_is_a_clear_error_and_the_rest_is_served(forge, traced):
     r, info = traced
     err = info["extra_generation_params"]["DAAM error"]
-    assert "'zebra' is not in the prompt" in err and "'dog'" in err
+    assert "'zebra' is not in the prompt" in err and "'ball'" in err  # names the word and lists the prompt's
+    assert err.count("'zebra' is not in the prompt") == 1  # one message for the batch's one prompt
     assert forge.alive()
 
 
@@ -171,7 +172,7 @@ def test_img2img_inpaints_with_a_daam_mask(forge, traced, plain):
     dog_mask = dict(daam_images(r, info, 2))[
         next(c for c in info["infotexts"][2:] if c.startswith("DAAM dog (image 1, sampling) mask"))]
     out = forge.img2img(init_images=[encode_image(Image.fromarray(plain[0]))],
-                        mask=encode_image(Image.fromarray(dog_mask)), inpainting_fill=1, inpaint_full_res=False,
+                        mask=encode_image(Image.fromarray(dog_mask)), mask_blur=0, inpainting_fill=1, inpaint_full_res=False,
                         denoising_strength=0.6, **{k: v for k, v in BASE.items() if k != "batch_size"}, batch_size=1,
                         alwayson_scripts=daam_args(words="dog, ball"))
     oi = json.loads(out["info"])
@@ -191,6 +192,7 @@ def test_hires_fix_both_passes_with_batch_count(forge):
 
     r = forge.txt2img(**{**BASE, "batch_size": 1, "n_iter": 2, "width": 128, "height": 128}, enable_hr=True,
                       hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.5,
+                      hr_cfg=5.0, hr_additional_modules=["Use same choices"],  # the API leaves them unset
                       alwayson_scripts=daam_args(words="dog", hires_pass="both", outputs=["overlays"]))
     info = json.loads(r["info"])
     assert "DAAM error" not in info["extra_generation_params"], info["extra_generation_params"]

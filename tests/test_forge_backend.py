@@ -37,6 +37,14 @@ def test_layouts_are_the_tokens_forge_encoded(result):
     assert result["cat_weight"] == [pytest.approx(1.3)]
 
 
+def test_embedding_positions_are_where_forge_put_its_vectors(result):
+    # BOS, "a", then the 3 vectors of "daamstyle", then "portrait of a dog"
+    assert result["embedding_fixes"] == {"2": ["daamstyle", 3]}
+    assert result["embedding_positions"] == [2, 3, 4]
+    assert result["embedding_dog"] == [8]
+    assert result["embedding_cond_shape"] == [1, 77, 768]
+
+
 def test_recorded_probabilities_equal_fp64_reference(result):
     layers = result["layers"]
     # the slim SD1.5 UNet: input 1, 3, middle, output 2-5 (tests/helpers/checkpoints.py)
@@ -64,3 +72,8 @@ def test_time_window_and_word_maps(result):
     assert set(result["window_calls"].values()) == {1}  # start=0.4: only the second of two steps
     assert result["word_maps_shape"] == [2, 128, 192]
     assert result["giraffe_map_max"] == pytest.approx(1.0)  # a word in the third chunk has a real map
+
+
+def test_flux_is_refused_with_a_clear_message(result):
+    msg = result["flux_refusal"]
+    assert msg and "IntegratedFluxTransformer2DModel" in msg and "Flux" in msg and "DAAM is off" in msg

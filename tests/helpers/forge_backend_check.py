@@ -68,6 +68,21 @@ def main(ckpt: str) -> dict:
     result["giraffe_positions"] = list(layouts[1].positions("giraffe"))
     result["cat_weight"] = [layouts[0].weights[p] for p in layouts[0].positions("cat")]
     result["chunks"] = [l.num_chunks for l in layouts]
+    # a textual-inversion embedding (3 vectors), found by Forge by its bare name
+    from backend.text_processing.textual_inversion import Embedding
+
+    emb = Embedding(torch.randn(3, 768) * 0.01, "daamstyle")
+    emb.vectors, emb.shape = 3, 768
+    engine.embeddings.register_embedding(emb)
+    emb_prompt = "a daamstyle portrait of a dog"
+    emb_layout = forge_layout(engine, emb_prompt)
+    _, fixes = forge_tokens(engine, emb_prompt)
+    result["embedding_fixes"] = {str(k): list(v) for k, v in fixes.items()}
+    result["embedding_positions"] = list(emb_layout.positions("daamstyle"))
+    result["embedding_dog"] = list(emb_layout.positions("dog"))
+    with torch.inference_mode():
+        result["embedding_cond_shape"] = list(sd.get_learned_conditioning([emb_prompt]).shape)
+
     with torch.inference_mode():
         c = sd.get_learned_conditioning(PROMPTS)
         uc = sd.get_learned_conditioning(NEGATIVES)
@@ -132,6 +147,19 @@ def main(ckpt: str) -> dict:
                                 predictor=model.predictor)
         euler(model, session3.patch(unet), x0, sigmas, cond, uncond)
         result["window_calls"] = session3.finish((h * 8, w * 8)).calls
+
+    # Forge's own Flux transformer (tiny): no cross-attention hook, DAAM refuses it with a message
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+    from daam_core.hosts.forge.session import UnsupportedModelError
+
+    flux = IntegratedFluxTransformer2DModel(in_channels=4, vec_in_dim=8, context_in_dim=16, hidden_size=32,
+                                            mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
+                                            axes_dim=[4, 6, 6], theta=10000, qkv_bias=True, guidance_embed=False)
+    try:
+        transformer_blocks(flux)
+        result["flux_refusal"] = None
+    except UnsupportedModelError as e:
+        result["flux_refusal"] = str(e)
     return result
 
 

@@ -305,7 +305,7 @@ class DaamForge:
                             heat = trace.word_maps([word], image=i, branch=branch)[0]
                         except (WordNotFoundError, ValueError) as e:
                             where = "negative prompt" if branch == "uncond" else "prompt"
-                            run.note(f"DAAM: {word!r} of the {where} of image {i + 1}: {e}")
+                            run.note(f"DAAM: {word!r} ({where}): {e}")  # once per distinct message
                             continue
                         tag = f"{'neg: ' if branch == 'uncond' else ''}{word}"
                         caption = f"DAAM {tag} (image {i + 1}, {_pass_label(pt.name, p)})"
