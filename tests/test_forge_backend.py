@@ -77,3 +77,9 @@ def test_time_window_and_word_maps(result):
 def test_flux_is_refused_with_a_clear_message(result):
     msg = result["flux_refusal"]
     assert msg and "IntegratedFluxTransformer2DModel" in msg and "Flux" in msg and "DAAM is off" in msg
+
+
+def test_a_failing_hook_is_reported_and_the_image_kept(result):
+    assert result["failed_hook_equal"]
+    errors = result["failed_hook_errors"]
+    assert len(errors) == 1 and errors[0].startswith("DAAM stopped recording at layer input.1.0") and "99" in errors[0]

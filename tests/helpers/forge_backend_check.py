@@ -148,6 +148,14 @@ def main(ckpt: str) -> dict:
         euler(model, session3.patch(unet), x0, sigmas, cond, uncond)
         result["window_calls"] = session3.finish((h * 8, w * 8)).calls
 
+    # a hook that fails while recording (heads that do not exist): reported, the image is unchanged
+    with torch.inference_mode():
+        session4 = ForgeSession(RecordFilter(heads=(99,)), uniq, index[:2], index[2:], (h, w),
+                                predictor=model.predictor)
+        failed_x, _ = euler(model, session4.patch(unet), x0, sigmas, cond, uncond)
+        result["failed_hook_equal"] = bool(torch.equal(failed_x, plain_x))
+        result["failed_hook_errors"] = session4.finish((h * 8, w * 8)).warnings
+
     # Forge's own Flux transformer (tiny): no cross-attention hook, DAAM refuses it with a message
     from backend.nn.flux import IntegratedFluxTransformer2DModel
     from daam_core.hosts.forge.session import UnsupportedModelError

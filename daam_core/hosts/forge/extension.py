@@ -133,6 +133,7 @@ class Run:
         self.session: ForgeSession | None = None
         self.session_pass: str | None = None
         self.replaced = None  # the patcher DAAM's clone replaced, put back after sampling
+        self.patched = None  # that clone
         self.passes: list[PassTrace] = []
         self.images: dict[int, torch.Tensor] = {}  # iteration -> decoded images [B, 3, H, W] in [0, 1]
         self.disabled = False
@@ -183,7 +184,8 @@ class DaamForge:
             run.session = self._start(p, hires, kwargs)
             run.session_pass = name
             run.replaced = p.sd_model.forge_objects.unet
-            p.sd_model.forge_objects.unet = run.session.patch(run.replaced)
+            run.patched = run.session.patch(run.replaced)
+            p.sd_model.forge_objects.unet = run.patched
         except (UnsupportedModelError, TokenMismatchError, ValueError) as e:
             run.session = None
             run.disabled = True
@@ -252,9 +254,7 @@ class DaamForge:
         run = self.run
         session, name = run.session, run.session_pass
         run.session = None
-        if run.replaced is not None:
-            p.sd_model.forge_objects.unet = run.replaced
-            run.replaced = None
+        self._restore(p)
         h, w = session.latent_hw
         trace = session.finish((h * 8, w * 8), meta=dict(host="forge", pass_name=name))
         for m in trace.warnings:
@@ -274,11 +274,15 @@ class DaamForge:
         if run.session is not None:
             run.session.abort()
             run.session = None
-        if run.replaced is not None:
-            forge_objects = getattr(getattr(p, "sd_model", None), "forge_objects", None)
-            if forge_objects is not None:
-                forge_objects.unet = run.replaced
-            run.replaced = None
+        self._restore(p)
+
+    def _restore(self, p) -> None:
+        """Put the replaced patcher back, only where DAAM's clone still is (never onto another model)."""
+        run = self.run
+        forge_objects = getattr(getattr(p, "sd_model", None), "forge_objects", None)
+        if forge_objects is not None and run.patched is not None and forge_objects.unet is run.patched:
+            forge_objects.unet = run.replaced
+        run.replaced = run.patched = None
 
     # -- outputs -------------------------------------------------------------------------------------------------
     def _outputs(self, p, processed, run: Run) -> None:
