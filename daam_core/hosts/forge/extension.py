@@ -29,7 +29,7 @@ from ...engine import render
 from ...engine.outputs import file_stem
 from ...engine.recorder import RecordFilter
 from ...text.query import WordNotFoundError, split_words
-from .session import ForgeSession, UnsupportedModelError, distinct
+from .session import ForgeSession, UnsupportedModelError, distinct, transformer_blocks
 from .tokens import TokenMismatchError, forge_layout, pad_layout, text_engine
 
 TITLE = "DAAM"
@@ -229,6 +229,7 @@ class DaamForge:
         x = kwargs.get("x")
         if x is None or x.ndim != 4:
             raise ValueError("DAAM got no image latent from Forge for this sampling")
+        transformer_blocks(p.sd_model.forge_objects.unet.model.diffusion_model)  # refuse Flux/SD3 before anything
         prompts = list(p.hr_prompts if hires else p.prompts)
         negatives = list(p.hr_negative_prompts if hires else p.negative_prompts)
         if len(prompts) != x.shape[0]:
