@@ -67,6 +67,7 @@ def test_extension_is_listed_with_its_args(forge):
     assert len(labels) == 10 and labels[0].startswith("Enable DAAM"), labels
     log = forge.log_text()
     assert "Error loading script" not in log and "Error running" not in log, log[-3000:]
+    assert "daam_forge.py" not in log and "daam_core" not in log, log[-3000:]  # no traceback through DAAM
 
 
 def test_traced_images_equal_plain_ones(traced, plain):

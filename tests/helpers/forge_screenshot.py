@@ -25,11 +25,8 @@ def chromium() -> str:
     raise RuntimeError("no chromium found (apt-get install -y chromium)")
 
 
-def capture(base_url: str, out: Path, gallery: Path | None = None, timeout_ms: int = 240_000) -> dict:
-    """Screenshot of the txt2img DAAM section (and, with ``gallery``, of a DAAM generation's gallery).
-
-    Returns what was seen: the visible labels, the section's size, the gallery's image count and captions.
-    """
+def capture(base_url: str, out: Path, timeout_ms: int = 240_000) -> dict:
+    """Screenshot of the txt2img DAAM section; returns what was seen (visible labels, section size)."""
     from playwright.sync_api import sync_playwright
 
     seen: dict = {}
@@ -54,35 +51,9 @@ def capture(base_url: str, out: Path, gallery: Path | None = None, timeout_ms: i
             seen["box"] = box
             out.parent.mkdir(parents=True, exist_ok=True)
             section.screenshot(path=str(out))
-            if gallery is not None:
-                seen["gallery"] = generate(page, gallery, timeout_ms)
         finally:
             browser.close()
     return seen
-
-
-def set_number(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-
-
-def generate(page, out: Path, timeout_ms: int) -> dict:
-    """Click Generate with a small, fast setting and wait for DAAM's pictures in the gallery."""
-    page.locator("#txt2img_prompt textarea").fill("a photo of a dog and a red car")
-    page.locator("#txt2img_neg_prompt textarea").fill("blurry")
-    set_number(page, "txt2img_steps", 2)
-    set_number(page, "txt2img_width", 256)
-    set_number(page, "txt2img_height", 192)
-    page.locator("#txt2img_generate").click()
-    thumbs = page.locator("#txt2img_gallery .thumbnail-item")
-    # the image + (overlay, mask) x (dog, red car, neg: blurry)
-    page.wait_for_function("document.querySelectorAll('#txt2img_gallery .thumbnail-item').length >= 7",
-                           timeout=timeout_ms * 3)
-    info = page.locator("#html_info_txt2img").inner_text(timeout=timeout_ms)
-    comments = page.locator("#txt2img_results").inner_text(timeout=timeout_ms)
-    page.locator("#txt2img_results").screenshot(path=str(out))
-    return {"thumbnails": thumbs.count(), "info": info, "results_text": comments}
 
 
 if __name__ == "__main__":
@@ -95,4 +66,4 @@ if __name__ == "__main__":
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/forge-daam-section.png")
     with tempfile.TemporaryDirectory() as tmp:
         with running_forge(Path(tmp), cached_sd15_checkpoint(), extension=forge_env.REPO, webui=True) as forge:
-            print(capture(forge.base_url, target, gallery=target.with_name("forge-daam-gallery.png")))
+            print(capture(forge.base_url, target))
