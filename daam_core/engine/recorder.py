@@ -163,6 +163,18 @@ class _Call:
     rows: tuple[int | None, ...] = ()
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Cached per (row layout, key length, device): the rows to gather (None: all of them, no gather) and, per
+    group of rows with one token count, ``(rows of the group or None, their stream indices, tokens, fold)``;
+    ``fold`` is the number of repeated context copies to sum (1: none), 0 to cut extra keys; ``warnings`` says
+    what had to be cut or skipped."""
+
+    rows: torch.Tensor | None
+    steps: tuple
+    warnings: tuple[str, ...] = ()
+
+
 class CrossAttentionRecorder:
     """Running fp32 sums of head-summed cross-attention probabilities.
 
@@ -432,17 +444,13 @@ class CrossAttentionRecorder:
                 part = part[..., :t]
             (acc if t == acc.shape[-1] else acc[:, :, :t]).index_add_(0, target, part)
 
-
-@dataclass(frozen=True)
-class _Plan:
-    """Cached per (row layout, key length, device): the rows to gather (None: all of them, no gather) and, per
-    group of rows with one token count, ``(rows of the group or None, their stream indices, tokens, fold)``;
-    ``fold`` is the number of repeated context copies to sum (1: none), 0 to cut extra keys; ``warnings`` says
-    what had to be cut or skipped."""
-
-    rows: torch.Tensor | None
-    steps: tuple
-    warnings: tuple[str, ...] = ()
+    def _stream_index(self, streams, members, device) -> torch.Tensor:
+        key = (streams, tuple(members), device)
+        hit = self._index_cache.get(key)
+        if hit is None:
+            hit = torch.tensor([streams[j] for j in members], dtype=torch.long, device=device)
+            self._index_cache[key] = hit
+        return hit
 
     # -- joint attention (SD3, Flux): see daam_core.engine.joint ---------------------------------
     joint_chunk_elements: int = joint.DEFAULT_CHUNK_ELEMENTS
