@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from ...engine.geometry import UNetGrid
-from ...engine.recorder import CrossAttentionRecorder, RecordFilter, cfg_rows, cfg_streams
+from ...engine.recorder import CrossAttentionRecorder, RecordFilter, cfg_rows, cfg_streams, parse_blocks
 from ...engine.schedule import progress_from_timestep
 from ...engine.trace import AttentionTrace
 from ...text.layout import TokenLayout
@@ -131,11 +131,14 @@ class DiffusersTrace:
         Keep the finished sums on the model's device instead of moving them to the CPU.
     """
 
+    required = ("unet", "tokenizer", "encode_prompt")
+
     def __init__(self, pipe, filter: RecordFilter | None = None, keep_on_device: bool = False):
-        for attr in ("unet", "tokenizer", "encode_prompt"):
+        for attr in self.required:
             if not hasattr(pipe, attr):
                 raise TypeError(f"{type(pipe).__name__} is not a supported pipeline: it has no '{attr}' "
-                                "(supported: Stable Diffusion 1.x/2.x and SDXL pipelines, txt2img/img2img/inpaint)")
+                                "(supported: Stable Diffusion 1.x/2.x, SDXL, Stable Diffusion 3 and Flux pipelines, "
+                                "txt2img/img2img/inpaint)")
         self.pipe = pipe
         self.recorder = CrossAttentionRecorder(filter)
         self.keep_on_device = keep_on_device
@@ -314,15 +317,16 @@ class DiffusersTrace:
 def trace(pipe, *, factors: Sequence[int] | None = None, locations: Sequence[str] | None = None,
           layers: Sequence[str] | None = None, heads: Sequence[int] | None = None,
           time_window: tuple[float, float] = (0.0, 1.0), negative: bool = True,
-          keep_on_device: bool = False) -> DiffusersTrace:
-    """Trace the cross-attention of a diffusers pipeline.
+          keep_on_device: bool = False, blocks: str | None = None) -> DiffusersTrace:
+    """Trace the cross-attention (UNets) or joint attention (SD3, Flux) of a diffusers pipeline.
 
     Parameters
     ----------
-    pipe : StableDiffusionPipeline, StableDiffusionXLPipeline or their img2img / inpaint variants
+    pipe : StableDiffusion(XL)Pipeline, StableDiffusion3Pipeline, FluxPipeline or their img2img / inpaint variants
     factors : sequence of int, optional
         Layer resolutions to record, as downsampling relative to the latent (SD1.5 at 512: 4 = 16x16).
-    locations : sequence of {"down", "mid", "up"}, optional
+    locations : sequence of str, optional
+        Parts of the network: UNet ``"down"``, ``"mid"``, ``"up"``; Flux ``"double"``, ``"single"``; SD3 ``"joint"``.
     layers : sequence of str, optional
         Exact module paths (``down_blocks.1.attentions.0.transformer_blocks.0.attn2``).
     heads : sequence of int, optional
@@ -333,6 +337,8 @@ def trace(pipe, *, factors: Sequence[int] | None = None, locations: Sequence[str
         Also record the negative prompt's (unconditional) maps.
     keep_on_device : bool
         Leave finished sums on the model's device.
+    blocks : str, optional
+        Transformer block ranges, e.g. ``"double:0-9, single:10-37"`` (a part without a range is kept whole).
 
     Returns
     -------
@@ -342,5 +348,10 @@ def trace(pipe, *, factors: Sequence[int] | None = None, locations: Sequence[str
     f = RecordFilter(factors=tuple(factors) if factors else None, parts=tuple(locations) if locations else None,
                      layers=tuple(layers) if layers else None, heads=tuple(heads) if heads is not None else None,
                      start=float(time_window[0]), end=float(time_window[1]),
-                     branches=("cond", "uncond") if negative else ("cond",))
+                     branches=("cond", "uncond") if negative else ("cond",),
+                     blocks=parse_blocks(blocks) if blocks else None)
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+        from .joint import JointTrace
+
+        return JointTrace(pipe, f, keep_on_device=keep_on_device)
     return DiffusersTrace(pipe, f, keep_on_device=keep_on_device)
