@@ -165,3 +165,42 @@ def test_sd3_occurrences_and_serialisation(host, t5):
         legacy.positions("dog", segments="t6")
     with pytest.raises(ValueError, match="cover"):
         concat_layouts([("clip", legacy)]).with_segments((Segment("clip", 0, 10),))
+
+
+def test_word_maps_choose_segments(host, t5):
+    """An SD3 trace: the word map of "dog" from the CLIP positions, the T5 positions or both."""
+    import torch
+
+    from daam_core.engine.geometry import PatchGrid
+    from daam_core.engine.recorder import CrossAttentionRecorder, Stream
+    from daam_core.engine.trace import AttentionTrace
+
+    layout = tokenize_sd3("a dog on a hill", host["sd3"].clip_l.tokenizer, t5)
+    clip_dog, t5_dog = layout.positions("dog", segments="clip"), layout.positions("dog", segments="t5")
+    hw, length = (8, 8), layout.length
+    n = hw[0] * hw[1]
+    left, right = torch.zeros(hw, dtype=torch.bool), torch.zeros(hw, dtype=torch.bool)
+    left[:, :3], right[:, 5:] = True, True
+    # keys of the CLIP "dog" attract the left image columns, the T5 "dog" the right ones
+    g = torch.Generator().manual_seed(0)
+    d = 32
+    q = torch.randn(1, 2, length + n, d, generator=g) * 0.1
+    k = torch.randn(1, 2, length + n, d, generator=g) * 0.1
+    a, b = torch.zeros(d), torch.zeros(d)
+    a[0], b[1] = 6.0, 6.0
+    for p in clip_dog:
+        k[0, :, p] += a
+    for p in t5_dog:
+        k[0, :, p] += b
+    q[0, :, length:][:, left.flatten()] += a
+    q[0, :, length:][:, right.flatten()] += b
+    rec = CrossAttentionRecorder()
+    rec.begin(PatchGrid((16, 16), 2), [Stream(0, "cond", 0)], [length])
+    rec.set_call([0], 0.5)
+    rec.record_joint("joint.0", "joint", q, k, 2, text=(0, length), image=(length, length + n), skip_reshape=True)
+    trace = AttentionTrace.from_recorder(rec.finish(), [layout], image_hw=hw)
+    for segments, region in (("clip", left), ("t5", right), ("both", left | right)):
+        heat = trace.word_maps("dog", image=0, segments=segments, upsample="nearest")[0]
+        found = heat >= 0.4
+        assert (found == region).all(), segments
+    assert trace.word_map("dog", segments="t5").positions == t5_dog
