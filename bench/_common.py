@@ -91,17 +91,48 @@ def _jsonable(x):
 
 
 class Timed(float):
-    """Returned by a timed callable to report its own duration (e.g. to leave post-processing out)."""
+    """Returned by a timed callable to report its own duration (e.g. to leave post-processing out).
+
+    The float is wall seconds; ``cpu`` the process CPU seconds of the same span (None: the harness measures the
+    whole call)."""
+
+    def __new__(cls, wall: float, cpu: float | None = None):
+        obj = super().__new__(cls, wall)
+        obj.cpu = cpu
+        return obj
+
+
+class Clock:
+    """Wall and process CPU time since construction: ``c = Clock(); ...; wall, cpu = c.read()``."""
+
+    def __init__(self):
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall0, time.process_time() - self.cpu0
+
+
+def spread(values: list[float]) -> dict:
+    """Median, quartiles and range of a list (``statistics.quantiles``, inclusive method)."""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
+    return {"median": round(statistics.median(values), 4), "q1": round(q1, 4), "q3": round(q3, 4),
+            "min": round(min(values), 4), "max": round(max(values), 4)}
 
 
 def interleaved(runs: dict[str, Callable[[], object]], pairs: int, baseline: str = "plain",
                 warmup: int = 1) -> dict:
     """Time every configuration ``pairs`` times, interleaved, and summarise ratios against ``baseline``.
 
-    A callable may return a :class:`Timed` to report its own duration instead of the wall time of the call.
-    Returns a dict: per configuration ``times_s`` (every repetition), ``median_s`` and, for every configuration but
-    the baseline, ``ratios`` (its time / the baseline's time of the same repetition), ``ratio_median``,
-    ``ratio_min`` and ``ratio_max``.
+    Repetition ``i`` runs the configurations in an order rotated by ``i`` (with two: plain-traced, traced-plain,
+    ...), so slow drifts of the machine fall on both sides. Each run is measured in wall time and in *process CPU
+    time* (``time.process_time``): with one torch thread the CPU time of this process hardly depends on what else
+    the machine runs, so it is the figure to trust on a shared machine; wall time is reported beside it.
+
+    A callable may return a :class:`Timed` to report its own duration instead of the whole call's.
+    Returns a dict: per configuration ``times_s`` / ``cpu_times_s`` (every repetition), ``median_s`` /
+    ``cpu_median_s`` and, for every configuration but the baseline, ``ratios`` / ``cpu_ratios`` (its time / the
+    baseline's time of the same repetition) with their ``ratio_spread`` / ``cpu_ratio_spread`` (median, quartiles,
+    range) and the ``ratio_median``, ``ratio_min``, ``ratio_max`` of the wall ratios.
     """
     names = list(runs)
     for w in range(warmup):
@@ -109,24 +140,35 @@ def interleaved(runs: dict[str, Callable[[], object]], pairs: int, baseline: str
             log(f"warm-up {w + 1}/{warmup}: {name}")
             runs[name]()
     times = {n: [] for n in names}
+    cpus = {n: [] for n in names}
     loads = []
     for rep in range(pairs):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
             gc.collect()
-            t0 = time.perf_counter()
+            clock = Clock()
             ret = runs[name]()
-            elapsed = time.perf_counter() - t0
-            times[name].append(float(ret) if isinstance(ret, Timed) else elapsed)
+            wall, cpu = clock.read()
+            if isinstance(ret, Timed):
+                wall = float(ret)
+                cpu = ret.cpu if ret.cpu is not None else cpu
+            times[name].append(wall)
+            cpus[name].append(cpu)
         loads.append(loadavg())
-        log(f"rep {rep + 1}/{pairs}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names) + f" (load {loads[-1]})")
+        log(f"rep {rep + 1}/{pairs}: " + ", ".join(f"{n} {times[n][-1]:.3f}s (cpu {cpus[n][-1]:.3f}s)" for n in names)
+            + f" (load {loads[-1]})")
     out = {}
     for name in names:
-        entry = {"median_s": round(statistics.median(times[name]), 4), "times_s": [round(t, 4) for t in times[name]]}
+        entry = {"median_s": round(statistics.median(times[name]), 4), "times_s": [round(t, 4) for t in times[name]],
+                 "cpu_median_s": round(statistics.median(cpus[name]), 4),
+                 "cpu_times_s": [round(t, 4) for t in cpus[name]]}
         if name != baseline:
             ratios = [t / b for t, b in zip(times[name], times[baseline])]
+            cpu_ratios = [t / b for t, b in zip(cpus[name], cpus[baseline])]
             entry.update(ratio_median=round(statistics.median(ratios), 4), ratio_min=round(min(ratios), 4),
-                         ratio_max=round(max(ratios), 4), ratios=[round(r, 4) for r in ratios])
+                         ratio_max=round(max(ratios), 4), ratios=[round(r, 4) for r in ratios],
+                         ratio_spread=spread(ratios), cpu_ratios=[round(r, 4) for r in cpu_ratios],
+                         cpu_ratio_spread=spread(cpu_ratios))
         out[name] = entry
     out["_loadavg_after_each_rep"] = loads
     return out

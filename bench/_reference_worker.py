@@ -1,7 +1,8 @@
 """Runs inside the reference library's venv (castorini ``daam`` 0.2.0, diffusers 0.21.2): never imports daam_core.
 
 Loads the shared tiny pipeline from disk, then for each step count times plain sampling against sampling inside
-``daam.trace(pipe)`` (interleaved repetitions), the word maps timed separately
+``daam.trace(pipe)`` with ``_common.interleaved`` (the same protocol as our side: order rotated per repetition,
+wall and process CPU time, one torch thread by default), the word maps timed separately
 (``compute_global_heat_map()`` + ``compute_word_heat_map(word)`` per word: the reference library's map computation),
 and saves the raw word maps (its heat maps before any normalisation: mean over layers x heads of the bicubically
 upsampled, clamped, time-summed maps, averaged over a word's tokens) to an .npz file. Prints one JSON line.
@@ -10,16 +11,14 @@ upsampled, clamped, time-summed maps, averaged over a word's tokens) to an .npz 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import platform
 import statistics
-import sys
-import time
 
 import numpy as np
 import torch
+
+import _common as C  # torch-only helpers (this file's folder is on sys.path); never imports daam_core
 
 
 def main():
@@ -33,7 +32,9 @@ def main():
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--maps-out", required=True)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     import daam
     import diffusers
@@ -53,50 +54,44 @@ def main():
     maps_out = {}
     results = {}
     for steps in [int(s) for s in args.steps.split(",")]:
-        times = {"plain": [], "daam": []}
-        maps_times = []
+        maps_wall, maps_cpu = [], []
 
         def plain():
-            t0 = time.perf_counter()
             call(steps)
-            return time.perf_counter() - t0
 
         def traced():
-            t0 = time.perf_counter()
+            clock = C.Clock()
             with daam.trace(pipe) as tc:
                 call(steps)
-                t1 = time.perf_counter()
+                maps_clock = C.Clock()
                 heat = tc.compute_global_heat_map()
                 word_maps = {w: heat.compute_word_heat_map(w).heatmap for w in words}
-                t2 = time.perf_counter()
-            t3 = time.perf_counter()
-            maps_times.append(t2 - t1)
+                maps = maps_clock.read()
+            total = clock.read()
+            maps_wall.append(maps[0])
+            maps_cpu.append(maps[1])
             maps_out[f"steps{steps}"] = np.stack([word_maps[w].float().cpu().numpy() for w in words])
-            return (t1 - t0) + (t3 - t2)  # sampling, entering and leaving the trace; maps excluded
+            # sampling, entering and leaving the trace; the map computation excluded (timed on its own)
+            return C.Timed(total[0] - maps[0], total[1] - maps[1])
 
-        runs = {"plain": plain, "daam": traced}
-        for name in runs:  # warm-up
-            runs[name]()
-        maps_times.clear()
-        names = list(runs)
-        for rep in range(args.pairs):
-            order = names[rep % 2:] + names[:rep % 2]
-            for name in order:
-                gc.collect()
-                times[name].append(runs[name]())
-            print(f"[ref] steps {steps} rep {rep + 1}/{args.pairs}: plain {times['plain'][-1]:.3f}s "
-                  f"daam {times['daam'][-1]:.3f}s", file=sys.stderr, flush=True)
-        ratios = [t / p for t, p in zip(times["daam"], times["plain"])]
-        with_maps = [(t + m) / p for t, m, p in zip(times["daam"], maps_times, times["plain"])]
+        timing = C.interleaved({"plain": plain, "daam": traced}, args.pairs)
+        maps_wall, maps_cpu = maps_wall[-args.pairs:], maps_cpu[-args.pairs:]  # warm-up left out
+        d, p = timing["daam"], timing["plain"]
+        with_maps = [(t + m) / b for t, m, b in zip(d["times_s"], maps_wall, p["times_s"])]
+        cpu_with_maps = [(t + m) / b for t, m, b in zip(d["cpu_times_s"], maps_cpu, p["cpu_times_s"])]
         results[str(steps)] = {
-            "plain_median_s": round(statistics.median(times["plain"]), 4),
-            "daam_median_s": round(statistics.median(times["daam"]), 4),
-            "maps_s_median": round(statistics.median(maps_times), 4),
-            "ratio_median": round(statistics.median(ratios), 4),
+            "plain_median_s": p["median_s"], "plain_cpu_median_s": p["cpu_median_s"],
+            "daam_median_s": d["median_s"], "daam_cpu_median_s": d["cpu_median_s"],
+            "maps_s_median": round(statistics.median(maps_wall), 4),
+            "maps_cpu_s_median": round(statistics.median(maps_cpu), 4),
+            "ratio_median": d["ratio_median"], "ratio_spread": d["ratio_spread"],
+            "cpu_ratio_spread": d["cpu_ratio_spread"],
             "ratio_with_maps_median": round(statistics.median(with_maps), 4),
-            "ratios": [round(r, 4) for r in ratios], "ratios_with_maps": [round(r, 4) for r in with_maps],
-            "times_plain_s": [round(t, 4) for t in times["plain"]],
-            "times_daam_s": [round(t, 4) for t in times["daam"]],
+            "cpu_ratio_with_maps_spread": C.spread(cpu_with_maps),
+            "ratios": d["ratios"], "cpu_ratios": d["cpu_ratios"], "ratios_with_maps": [round(r, 4) for r in with_maps],
+            "times_plain_s": p["times_s"], "times_daam_s": d["times_s"],
+            "cpu_plain_s": p["cpu_times_s"], "cpu_daam_s": d["cpu_times_s"],
+            "loadavg": timing["_loadavg_after_each_rep"],
         }
     np.savez(args.maps_out, words=np.array(words), **maps_out)
     print(json.dumps({

@@ -75,19 +75,24 @@ def memory_table(results: dict) -> None:
 
 
 def reference_table(results: dict) -> None:
-    runs = {name: r for name, r in results.items() if r.get("bench") == "compare_reference"}
+    """Runs of the CPU-time protocol (``threads`` in the JSON); older wall-time runs are not shown."""
+    runs = {name: r for name, r in results.items() if r.get("bench") == "compare_reference" and "threads" in r}
     if not runs:
         return
-    print("| run | pairs | steps | reference ratio | reference + maps | ours default | ours default + maps | ours matched + maps | "
-          "our overhead / reference's | Pearson min |")
+
+    def fmt(sp):
+        return f"{sp['median']:.3f} ({sp['min']:.3f}-{sp['max']:.3f}, IQR {sp['q1']:.3f}-{sp['q3']:.3f})"
+
+    print("| run | pairs | steps | reference CPU ratio | ours CPU ratio | reference wall | ours wall | "
+          "CPU ms / step ref / ours | maps CPU s ref / ours | Pearson min |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for (name, r), (st, c) in ((nr, sc) for nr in runs.items() for sc in nr[1]["comparison"].items()):
-        frac = c["overhead_fraction_of_reference"]
-        frac = "n/a" if frac is None else f"{frac:.3f}"
-        print(f"| {name} | {r['pairs']} | {st} | {c['reference_ratio']:.3f} | {c['reference_ratio_with_maps']:.3f} | "
-              f"{c['ours_default_ratio']:.3f} | {c['ours_default_ratio_with_maps']:.3f} | "
-              f"{c['ours_matched_ratio_with_maps']:.3f} | {frac} | "
-              f"{c['pearson_min']:.5f} |")
+    for name, r in runs.items():
+        for st, c in r["comparison"].items():
+            print(f"| {name} | {r['pairs']} | {st} | {fmt(c['reference_cpu_ratio'])} | {fmt(c['ours_cpu_ratio'])} | "
+                  f"{c['reference_wall_ratio']['median']:.3f} | {c['ours_wall_ratio']['median']:.3f} | "
+                  f"{c['reference_cpu_ms_per_step']} / {c['ours_cpu_ms_per_step']} | "
+                  f"{c['reference_maps_cpu_s']} / {c['ours_maps_cpu_s']} | {c.get('pearson_min', 'n/a')} |")
+    print()
 
 
 def attribution_table(results: dict) -> None:

@@ -6,8 +6,9 @@ query and key of every cross-attention call. The recorder keeps one fp32 running
 shape ``[streams, N_layer, T]``; its memory does not depend on the number of steps.
 
 Everything that can be decided once (layer filters, spatial shape, row -> stream index tensors) is
-cached, so the per-call work is: one batched ``q @ k^T``, a softmax, a sum over heads and one
-``index_add_`` into the running sum. No host synchronisation happens on the hot path.
+cached, so the per-call work is: one batched ``q @ k^T`` scaled in the same kernel, the softmax in place, a sum
+over heads and one ``index_add_`` into the running sum, in work buffers reused from call to call. No host
+synchronisation happens on the hot path.
 """
 
 from __future__ import annotations
@@ -162,6 +163,18 @@ class _Call:
     rows: tuple[int | None, ...] = ()
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Cached per (row layout, key length, device): the rows to gather (None: all of them, no gather) and, per
+    group of rows with one token count, ``(rows of the group or None, their stream indices, tokens, fold)``;
+    ``fold`` is the number of repeated context copies to sum (1: none), 0 to cut extra keys; ``warnings`` says
+    what had to be cut or skipped."""
+
+    rows: torch.Tensor | None
+    steps: tuple
+    warnings: tuple[str, ...] = ()
+
+
 class CrossAttentionRecorder:
     """Running fp32 sums of head-summed cross-attention probabilities.
 
@@ -189,6 +202,7 @@ class CrossAttentionRecorder:
         self._call = _Call()
         self._enabled: dict[str, bool] = {}
         self._index_cache: dict[tuple, object] = {}
+        self._buffers: dict[tuple, torch.Tensor] = {}
         self._started = False
 
     @property
@@ -221,6 +235,7 @@ class CrossAttentionRecorder:
         self.warnings.clear()
         self._enabled.clear()
         self._index_cache.clear()
+        self._buffers.clear()
         self._call = _Call()
         self._started = True
 
@@ -257,6 +272,7 @@ class CrossAttentionRecorder:
         self.sums = {}
         self.layers = {}
         self.calls = {}
+        self._buffers = {}
         self._started = False
         self._call = _Call()
         return out
@@ -316,28 +332,57 @@ class CrossAttentionRecorder:
             Number of heads.
         scale : float, optional
             Softmax scale, default ``d ** -0.5``.
+
+        Notes
+        -----
+        Per call: one ``baddbmm`` with the scale as its ``alpha`` into a reused scratch buffer, the softmax in
+        place, the sum over heads into a second reused buffer, one ``index_add_`` into the running sum. Rows are
+        gathered only when some batch rows are not recorded; fp32 inputs are never copied to fp32.
         """
         if not self.wants(name, part):
             return
         n = q.shape[2] if skip_reshape else q.shape[1]
         if self._layer(name, part, "cross", n, heads) is None:
             return
-        rows, streams = self._rows(q.device)
-        if skip_reshape:
-            qs, ks = q[rows], k[rows]
+        t_call = k.shape[2] if skip_reshape else k.shape[1]
+        plan = self._plan(t_call, q.device)
+        for msg in plan.warnings:
+            msg = f"{name}: {msg}"
+            if msg not in self.warnings:
+                self.warnings.append(msg)
+        if plan.rows is not None:
+            q, k = q.index_select(0, plan.rows), k.index_select(0, plan.rows)
+        b = q.shape[0]
+        if skip_reshape:  # [B, H, N, D], [B, H, T, D]
+            qh, kh = q, k.transpose(-1, -2)
         else:
-            b = len(streams)
-            qs = q[rows].view(b, n, heads, -1).transpose(1, 2)
-            ks = k[rows].view(b, k.shape[1], heads, -1).transpose(1, 2)
+            qh = q.view(b, n, heads, -1).transpose(1, 2)
+            kh = k.view(b, t_call, heads, -1).permute(0, 2, 3, 1)  # [B, H, D, T]
         if self.filter.heads is not None:
             sel = self._heads(q.device)
-            qs, ks = qs.index_select(1, sel), ks.index_select(1, sel)
-        d = qs.shape[-1]
-        scores = torch.matmul(qs.float(), ks.float().transpose(-1, -2))
-        scores.mul_(scale if scale is not None else 1.0 / math.sqrt(d))
-        probs = scores.softmax(dim=-1).sum(dim=1)  # [rows, N, T_call]
-        self._accumulate(name, probs, streams)
+            qh, kh = qh.index_select(1, sel), kh.index_select(1, sel)
+        h, d = qh.shape[1], qh.shape[-1]
+        qh = qh.reshape(b * h, n, d).float()  # copies only what is not already [B*H, N, D] fp32
+        kh = kh.reshape(b * h, d, t_call).float()
+        scores = self._scratch("scores", (b * h, n, t_call), q.device)
+        torch.baddbmm(scores, qh, kh, beta=0.0, alpha=scale if scale is not None else d ** -0.5, out=scores)
+        torch.softmax(scores, dim=-1, out=scores)
+        if h == 1:
+            probs = scores.view(b, n, t_call)
+        else:
+            probs = torch.sum(scores.view(b, h, n, t_call), dim=1, out=self._scratch("probs", (b, n, t_call), q.device))
+        self._accumulate(name, probs, plan)
         self.calls[name] = self.calls.get(name, 0) + 1
+
+    def _scratch(self, role: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """A reused fp32 work buffer (calls of one shape share it; on the CPU this saves the page faults of a
+        fresh allocation per call). Dropped by ``begin`` and ``finish``."""
+        key = (role, shape, device)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = torch.empty(shape, dtype=torch.float32, device=device)
+            self._buffers[key] = buf
+        return buf
 
     def _heads(self, device: torch.device) -> torch.Tensor:
         key = ("heads", device)
@@ -357,34 +402,47 @@ class CrossAttentionRecorder:
             self._index_cache[key] = hit
         return hit
 
-    def _accumulate(self, name: str, probs: torch.Tensor, streams: tuple[int, ...]) -> None:
-        t_call = probs.shape[-1]
+    def _plan(self, t_call: int, device: torch.device) -> "_Plan":
+        """What to do with a call's rows and keys, worked out once per (row layout, key length, device)."""
+        key = ("plan", self._call.rows, t_call, device)
+        plan = self._index_cache.get(key)
+        if plan is not None:
+            return plan
+        idx, streams = self._rows(device)
+        all_rows = len(streams) == len(self._call.rows)
+        groups: dict[int, list[int]] = {}  # rows grouped by their prompt's token count; usually one group
+        for j, s in enumerate(streams):
+            groups.setdefault(self.token_counts[self.streams[s].prompt], []).append(j)
+        steps, warnings = [], []
+        for t, members in groups.items():
+            if t_call % t == 0:
+                fold = t_call // t  # > 1: the host repeated the context to a common length; fold the copies
+            elif t_call > t:
+                fold = 0  # extra keys appended by another extension: keep the prompt's
+                warnings.append(f"key length {t_call} is not a multiple of the prompt's {t}; extra keys ignored")
+            else:
+                warnings.append(f"key length {t_call} is shorter than the prompt's {t} tokens; call skipped")
+                continue
+            select = None if len(members) == len(streams) else torch.tensor(members, dtype=torch.long, device=device)
+            target = torch.tensor([streams[j] for j in members], dtype=torch.long, device=device)
+            steps.append((select, target, t, fold))
+        plan = _Plan(rows=None if all_rows else idx, steps=tuple(steps), warnings=tuple(warnings))
+        self._index_cache[key] = plan
+        return plan
+
+    def _accumulate(self, name: str, probs: torch.Tensor, plan: "_Plan") -> None:
         acc = self.sums.get(name)
         if acc is None:
             acc = torch.zeros(len(self.streams), probs.shape[1], max(self.token_counts),
                               dtype=torch.float32, device=probs.device)
             self.sums[name] = acc
-        # Group rows by their prompt's token count; usually there is one group.
-        groups: dict[int, list[int]] = {}
-        for j, s in enumerate(streams):
-            groups.setdefault(self.token_counts[self.streams[s].prompt], []).append(j)
-        for t, members in groups.items():
-            part = probs if len(members) == len(streams) else probs[members]
-            if t_call % t == 0:
-                if t_call != t:  # host repeated the context to a common length: fold the copies
-                    part = part.view(part.shape[0], part.shape[1], t_call // t, t).sum(dim=2)
-            elif t_call > t:
-                part = part[..., :t]  # extra keys appended by another extension: keep the prompt's
-                msg = f"{name}: key length {t_call} is not a multiple of the prompt's {t}; extra keys ignored"
-                if msg not in self.warnings:
-                    self.warnings.append(msg)
-            else:
-                msg = f"{name}: key length {t_call} is shorter than the prompt's {t} tokens; call skipped"
-                if msg not in self.warnings:
-                    self.warnings.append(msg)
-                continue
-            index = self._stream_index(streams, members, probs.device)
-            acc[:, :, :t].index_add_(0, index, part)
+        for select, target, t, fold in plan.steps:
+            part = probs if select is None else probs.index_select(0, select)
+            if fold > 1:
+                part = part.view(part.shape[0], part.shape[1], fold, t).sum(dim=2)
+            elif fold == 0:
+                part = part[..., :t]
+            (acc if t == acc.shape[-1] else acc[:, :, :t]).index_add_(0, target, part)
 
     def _stream_index(self, streams, members, device) -> torch.Tensor:
         key = (streams, tuple(members), device)

@@ -1,10 +1,10 @@
 """Tracing diffusers pipelines: ``with trace(pipe) as tc: pipe(...)``.
 
 What is installed while the context is open, and removed on exit (also on error or interrupt):
-- on every cross-attention module of the UNet, a processor that calls the original processor and
-  then records the probabilities from the query and key that the module itself computed (forward
-  hooks on ``to_q``/``to_k`` hand them over, so nothing is computed twice and the output is the
-  original processor's, bit for bit); self-attention keeps its processor and its fast path;
+- on every cross-attention module of the UNet, forward hooks that keep the query and key the module's own
+  processor computed (outputs of ``to_q``/``to_k``, or ``to_kv`` when projections are fused) and record the
+  probabilities after the processor returns. No processor is replaced, so the output and the arguments every
+  processor receives are the host's, bit for bit; self-attention is not touched;
 - a forward pre-hook on the UNet that tells the recorder the latent size, which batch rows are
   conditional/unconditional for which image, and where the call sits in the sampling;
 - a wrapper around ``pipe.encode_prompt`` that captures the prompts of each call.
@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from ...engine.geometry import UNetGrid
-from ...engine.recorder import CrossAttentionRecorder, RecordFilter, cfg_rows, cfg_streams
+from ...engine.recorder import CrossAttentionRecorder, RecordFilter, cfg_rows, cfg_streams, parse_blocks
 from ...engine.schedule import progress_from_timestep
 from ...engine.trace import AttentionTrace
 from ...text.layout import TokenLayout
@@ -35,44 +35,74 @@ def _location(name: str) -> str:
     raise ValueError(f"cannot tell the UNet part of attention module {name!r}")
 
 
-class CrossAttentionRecorderProcessor:
-    """Attention processor that records cross-attention probabilities around the original processor.
+class CrossAttentionObserver:
+    """Forward hooks that watch one cross-attention module and hand its query and key to the recorder.
+
+    The module keeps its own processor (any processor: diffusers' own, IP-Adapter's ``nn.Module`` processors,
+    a user's processor with extra arguments), so its output and the arguments it receives are untouched. Hooks:
+
+    - a pre-hook on the module forgets the previous call's tensors;
+    - forward hooks on ``to_q`` and ``to_k`` keep references to their outputs (no copy); after
+      ``fuse_qkv_projections()`` the keys come from ``to_kv``, split in half as the fused processor does;
+    - a forward hook on the module records, after the processor has returned.
 
     Parameters
     ----------
-    inner : callable
-        The processor that was installed before (it still computes the output).
+    module : diffusers Attention
+        A cross-attention module (``is_cross_attention``).
     recorder : CrossAttentionRecorder
     name : str
         Module path of the attention layer.
     """
 
-    def __init__(self, inner, recorder: CrossAttentionRecorder, name: str):
-        self.inner = inner
+    def __init__(self, module, recorder: CrossAttentionRecorder, name: str):
+        self.module = module
         self.recorder = recorder
         self.name = name
         self.location = _location(name)
         self.q: torch.Tensor | None = None
         self.k: torch.Tensor | None = None
 
-    def capture_q(self, module, args, output):
+    def install(self) -> list:
+        """Register the hooks; returns their handles."""
+        m = self.module
+        handles = [m.register_forward_pre_hook(self._reset), m.to_q.register_forward_hook(self._capture_q),
+                   m.to_k.register_forward_hook(self._capture_k)]
+        if isinstance(getattr(m, "to_kv", None), torch.nn.Module):
+            handles.append(m.to_kv.register_forward_hook(self._capture_kv))
+        handles.append(m.register_forward_hook(self._record))
+        return handles
+
+    def _reset(self, module, args):
+        self.q = self.k = None
+
+    def _capture_q(self, module, args, output):
         self.q = output
 
-    def capture_k(self, module, args, output):
+    def _capture_k(self, module, args, output):
         self.k = output
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
-        out = self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+    def _capture_kv(self, module, args, output):
+        self.k = output[..., :output.shape[-1] // 2]  # FusedAttnProcessor2_0: key, value = split(kv, half)
+
+    def _record(self, module, args, output):
         q, k = self.q, self.k
         self.q = self.k = None
-        if q is not None and k is not None and encoder_hidden_states is not None \
-                and self.recorder.wants(self.name, self.location):
-            if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
-                heads = attn.heads
-                q = attn.norm_q(q.unflatten(-1, (heads, -1))).flatten(-2) if attn.norm_q is not None else q
-                k = attn.norm_k(k.unflatten(-1, (heads, -1))).flatten(-2) if attn.norm_k is not None else k
-            self.recorder.record(self.name, self.location, q, k, attn.heads, scale=attn.scale)
-        return out
+        if not self.recorder.wants(self.name, self.location):
+            return None
+        attn = self.module
+        if q is None or k is None:
+            missing = " and ".join(n for n, t in (("query (to_q)", q), ("key (to_k / to_kv)", k)) if t is None)
+            raise RuntimeError(
+                f"DAAM cannot observe {self.name}: its processor {type(attn.processor).__name__} computed the "
+                f"{missing} without calling the module's projection layers, so there is nothing to record. Use a "
+                "processor that calls attn.to_q and attn.to_k (or attn.to_kv after fuse_qkv_projections())")
+        if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+            heads = attn.heads
+            q = attn.norm_q(q.unflatten(-1, (heads, -1))).flatten(-2) if attn.norm_q is not None else q
+            k = attn.norm_k(k.unflatten(-1, (heads, -1))).flatten(-2) if attn.norm_k is not None else k
+        self.recorder.record(self.name, self.location, q, k, attn.heads, scale=attn.scale)
+        return None
 
 
 def _as_list(x, n: int | None = None) -> list[str]:
@@ -100,17 +130,20 @@ class DiffusersTrace:
         Keep the finished sums on the model's device instead of moving them to the CPU.
     """
 
+    required = ("unet", "tokenizer", "encode_prompt")
+
     def __init__(self, pipe, filter: RecordFilter | None = None, keep_on_device: bool = False):
-        for attr in ("unet", "tokenizer", "encode_prompt"):
+        for attr in self.required:
             if not hasattr(pipe, attr):
                 raise TypeError(f"{type(pipe).__name__} is not a supported pipeline: it has no '{attr}' "
-                                "(supported: Stable Diffusion 1.x/2.x and SDXL pipelines, txt2img/img2img/inpaint)")
+                                "(supported: Stable Diffusion 1.x/2.x, SDXL, Stable Diffusion 3 and Flux pipelines, "
+                                "txt2img/img2img/inpaint)")
         self.pipe = pipe
         self.recorder = CrossAttentionRecorder(filter)
         self.keep_on_device = keep_on_device
         self.traces: list[AttentionTrace] = []
         self._handles: list = []
-        self._processors: dict = {}
+        self._observers: dict[str, CrossAttentionObserver] = {}
         self._pending: dict | None = None  # prompts of the call whose sampling has not begun yet
         self._current: dict | None = None  # facts of the sampling being recorded
         self._staged: list[TokenLayout] | None = None
@@ -124,16 +157,12 @@ class DiffusersTrace:
 
         unet = self.pipe.unet
         try:
-            originals = {}
             for name, module in unet.named_modules():
                 if isinstance(module, Attention) and module.is_cross_attention:
-                    proc = CrossAttentionRecorderProcessor(module.processor, self.recorder, name)
-                    originals[name] = (module, module.processor)
-                    self._handles.append(module.to_q.register_forward_hook(proc.capture_q))
-                    self._handles.append(module.to_k.register_forward_hook(proc.capture_k))
-                    module.processor = proc
-                    self._processors[name] = originals[name]
-            if not self._processors:
+                    observer = CrossAttentionObserver(module, self.recorder, name)
+                    self._handles.extend(observer.install())
+                    self._observers[name] = observer
+            if not self._observers:
                 raise ValueError(f"{type(unet).__name__} has no cross-attention layers to trace")
             self._handles.append(unet.register_forward_pre_hook(self._before_unet, with_kwargs=True))
             original_encode = self.pipe.encode_prompt
@@ -150,13 +179,11 @@ class DiffusersTrace:
             raise
 
     def uninstall(self) -> None:
-        """Restore every processor, remove every hook and the prompt wrapper (idempotent)."""
+        """Remove every hook and the prompt wrapper (idempotent); processors were never replaced."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for module, original in self._processors.values():
-            module.processor = original
-        self._processors.clear()
+        self._observers.clear()
         if "encode_prompt" in vars(self.pipe):
             del self.pipe.encode_prompt
         self._finalize()
@@ -289,15 +316,16 @@ class DiffusersTrace:
 def trace(pipe, *, factors: Sequence[int] | None = None, locations: Sequence[str] | None = None,
           layers: Sequence[str] | None = None, heads: Sequence[int] | None = None,
           time_window: tuple[float, float] = (0.0, 1.0), negative: bool = True,
-          keep_on_device: bool = False) -> DiffusersTrace:
-    """Trace the cross-attention of a diffusers pipeline.
+          keep_on_device: bool = False, blocks: str | None = None) -> DiffusersTrace:
+    """Trace the cross-attention (UNets) or joint attention (SD3, Flux) of a diffusers pipeline.
 
     Parameters
     ----------
-    pipe : StableDiffusionPipeline, StableDiffusionXLPipeline or their img2img / inpaint variants
+    pipe : StableDiffusion(XL)Pipeline, StableDiffusion3Pipeline, FluxPipeline or their img2img / inpaint variants
     factors : sequence of int, optional
         Layer resolutions to record, as downsampling relative to the latent (SD1.5 at 512: 4 = 16x16).
-    locations : sequence of {"down", "mid", "up"}, optional
+    locations : sequence of str, optional
+        Parts of the network: UNet ``"down"``, ``"mid"``, ``"up"``; Flux ``"double"``, ``"single"``; SD3 ``"joint"``.
     layers : sequence of str, optional
         Exact module paths (``down_blocks.1.attentions.0.transformer_blocks.0.attn2``).
     heads : sequence of int, optional
@@ -308,6 +336,8 @@ def trace(pipe, *, factors: Sequence[int] | None = None, locations: Sequence[str
         Also record the negative prompt's (unconditional) maps.
     keep_on_device : bool
         Leave finished sums on the model's device.
+    blocks : str, optional
+        Transformer block ranges, e.g. ``"double:0-9, single:10-37"`` (a part without a range is kept whole).
 
     Returns
     -------
@@ -317,5 +347,10 @@ def trace(pipe, *, factors: Sequence[int] | None = None, locations: Sequence[str
     f = RecordFilter(factors=tuple(factors) if factors else None, parts=tuple(locations) if locations else None,
                      layers=tuple(layers) if layers else None, heads=tuple(heads) if heads is not None else None,
                      start=float(time_window[0]), end=float(time_window[1]),
-                     branches=("cond", "uncond") if negative else ("cond",))
+                     branches=("cond", "uncond") if negative else ("cond",),
+                     blocks=parse_blocks(blocks) if blocks else None)
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+        from .joint import JointTrace
+
+        return JointTrace(pipe, f, keep_on_device=keep_on_device)
     return DiffusersTrace(pipe, f, keep_on_device=keep_on_device)

@@ -1,0 +1,258 @@
+"""Tracing diffusers SD3 and Flux pipelines: tiny random-weight models built from configs.
+
+How the models are built (``daam_core.hosts.diffusers.tiny``): SD3 is a 2-block MMDiT (4 heads x 8, patch 2, 16
+latent channels; SD3.5's q/k RMS norms and its image-only ``attn2`` in block 0 for the main fixture), Flux a
+transformer with 1 double-stream and 2 single-stream blocks (2 heads x 16, RoPE, guidance embedding). Text
+encoders: CLIP-L/G of width 32 with the CLIP BPE vocabulary ComfyUI ships (``comfy/sd1_tokenizer``) and a 2-layer
+T5 of width 32/64 with ComfyUI's T5 SentencePiece tokenizer (``comfy/text_encoders/t5_tokenizer``). VAEs are tiny
+(scale 2). The fp64 reference takes q and k where the host's attention function receives them
+(``dispatch_attention_fn`` for Flux, after RoPE; SDPA for SD3) and applies the softmax over the whole joint sequence.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from daam_core import trace  # noqa: E402
+from daam_core.hosts.diffusers.tiny import find_t5_tokenizer_dir, tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
+
+PROMPT = "a red car and a dog"
+T5_LEN = 32  # max_sequence_length: T5 tokens in the joint sequence
+
+
+@pytest.fixture(scope="module")
+def t5_dir(comfyui_dir):
+    d = comfyui_dir / "comfy" / "text_encoders" / "t5_tokenizer"
+    if not (d / "tokenizer.json").is_file():
+        d = find_t5_tokenizer_dir()
+    return d
+
+
+@pytest.fixture(scope="module")
+def flux(clip_tokenizer_dir, t5_dir):
+    return tiny_flux_pipeline(seed=0, tokenizer_dir=clip_tokenizer_dir, t5_dir=t5_dir)
+
+
+@pytest.fixture(scope="module")
+def sd35(clip_tokenizer_dir, t5_dir):
+    return tiny_sd3_pipeline(seed=0, tokenizer_dir=clip_tokenizer_dir, t5_dir=t5_dir, qk_norm="rms_norm",
+                             dual_attention_layers=(0,))
+
+
+@pytest.fixture(scope="module")
+def sd3(clip_tokenizer_dir, t5_dir):
+    return tiny_sd3_pipeline(seed=1, tokenizer_dir=clip_tokenizer_dir, t5_dir=t5_dir)
+
+
+def run(pipe, prompt=PROMPT, steps=2, height=32, width=48, seed=0, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, height=height, width=width, output_type="np", generator=gen,
+                max_sequence_length=T5_LEN, **kw).images
+
+
+def joint_modules(pipe):
+    return {n: m for n, m in pipe.transformer.named_modules()
+            if n.endswith(".attn") and (hasattr(m, "add_k_proj") or type(m).__name__ == "FluxAttention")}
+
+
+def fp64_text_probs(q, k, text, image, mask=None):
+    """``q``, ``k`` ``[B, H, L, D]``: softmax over all L keys in float64, image rows x text columns, summed over
+    heads -> ``[B, N_img, T]``."""
+    s = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    p = torch.softmax(s, dim=-1)
+    return p[:, :, image[0]:image[1], text[0]:text[1]].sum(1)
+
+
+class AttentionSpy:
+    """Captures q and k where the host's attention function receives them, per joint-attention module (a
+    pre-hook names the module being run), and sums the fp64 reference probabilities per module."""
+
+    def __init__(self, pipe, monkeypatch, family):
+        self.current = None
+        self.calls = {}
+        self.layout = None  # (text range, image range) per call, set by the test
+        for name, m in joint_modules(pipe).items():
+            m.register_forward_pre_hook(lambda mod, args, name=name: setattr(self, "current", name))
+            m.register_forward_hook(lambda mod, args, out: setattr(self, "current", None))
+        self.handles_owner = pipe
+        if family == "flux":
+            import diffusers.models.transformers.transformer_flux as tf
+
+            original = tf.dispatch_attention_fn
+
+            def spy(query, key, value, attn_mask=None, **kw):
+                if self.current is not None:  # [B, L, H, D]
+                    self.add(query.transpose(1, 2), key.transpose(1, 2), attn_mask)
+                return original(query, key, value, attn_mask=attn_mask, **kw)
+
+            monkeypatch.setattr(tf, "dispatch_attention_fn", spy)
+        else:
+            import torch.nn.functional as F
+
+            original = F.scaled_dot_product_attention
+
+            def spy(query, key, value, *args, **kw):
+                if self.current is not None and key.shape[2] == self.length:  # not SD3.5's image-only attn2
+                    self.add(query, key, None)
+                return original(query, key, value, *args, **kw)
+
+            monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+
+    def add(self, q, k, mask):
+        text, image = self.ranges
+        self.calls.setdefault(self.current, []).append(fp64_text_probs(q, k, text, image, mask))
+
+    @property
+    def ref(self):
+        """Per module: the reference summed over its calls."""
+        return {name: sum(calls) for name, calls in self.calls.items()}
+
+    def remove(self):
+        for m in joint_modules(self.handles_owner).values():
+            m._forward_pre_hooks.clear()
+            m._forward_hooks.clear()
+
+
+def test_flux_exact_image_identical_and_words(flux, monkeypatch):
+    plain = run(flux)
+    n_img = (32 // 4) * (48 // 4)
+    with trace(flux) as tc:
+        spy = AttentionSpy(flux, monkeypatch, "flux")
+        spy.ranges = ((0, T5_LEN), (T5_LEN, T5_LEN + n_img))
+        try:
+            traced = run(flux)
+        finally:
+            spy.remove()
+    assert np.array_equal(plain, traced)
+    res = tc.result()
+    assert set(res.sums) == set(joint_modules(flux)) == set(spy.ref)
+    assert {res.layers[n].part for n in res.sums} == {"double", "single"}
+    assert {res.layers[n].hw for n in res.sums} == {(8, 12)} and res.layers[next(iter(res.sums))].kind == "joint"
+    for name, ref in spy.ref.items():
+        torch.testing.assert_close(res.sums[name][0].double(), ref[0], atol=1e-5, rtol=0)
+    # words on T5: no BOS, "▁dog" where the tokenizer puts it
+    ids = flux.tokenizer_2(PROMPT).input_ids
+    assert res.layout(0).positions("dog") == (ids.index(flux.tokenizer_2.convert_tokens_to_ids("\u2581dog")),)
+    assert res.layout(0).length == T5_LEN
+    maps = res.word_maps(["dog", "car"], image=0)
+    assert maps.shape == (2, 32, 48) and maps.amax(dim=(1, 2)).tolist() == [1.0, 1.0]
+    assert not torch.allclose(maps[0], maps[1])
+    with pytest.raises(ValueError, match="without classifier-free guidance"):
+        res.word_maps("dog", image=0, branch="uncond")  # distilled guidance: no negative branch
+
+
+def test_flux_mask_true_cfg_batch_two_and_blocks(flux, monkeypatch):
+    n_img = (32 // 4) * (32 // 4)
+    length = T5_LEN + n_img
+    mask = torch.ones(1, 1, length, length, dtype=torch.bool)
+    mask[..., 10:T5_LEN] = False  # the padding keys are masked out for every query
+    kw = dict(height=32, width=32, num_images_per_prompt=2, negative_prompt="blurry photo", true_cfg_scale=2.0,
+              joint_attention_kwargs={"attention_mask": mask})
+    plain = run(flux, **kw)
+    with trace(flux) as tc:
+        spy = AttentionSpy(flux, monkeypatch, "flux")
+        spy.ranges = ((0, T5_LEN), (T5_LEN, length))
+        try:
+            traced = run(flux, **kw)
+        finally:
+            spy.remove()
+    assert np.array_equal(plain, traced)
+    res = tc.result()
+    assert res.meta["unet_calls"] == 4 and res.branches() == ["cond", "uncond"]
+    for name, calls in spy.calls.items():  # each step: a call with the prompt (2 rows), then one with the negative
+        torch.testing.assert_close(res.sums[name][0:2].double(), sum(calls[0::2]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(res.sums[name][2:4].double(), sum(calls[1::2]), atol=1e-5, rtol=0)
+        assert res.sums[name][:, :, 10:].abs().max() == 0  # masked keys get no probability
+    assert res.word_maps("blurry", image=1, branch="uncond").max() == 1
+    with trace(flux, blocks="single:1") as tc:
+        run(flux, steps=1, height=32, width=32)
+    assert set(tc.result().sums) == {"transformer_blocks.0.attn", "single_transformer_blocks.1.attn"}
+
+
+def test_sd35_exact_image_identical_clip_and_t5_words_negative(sd35, monkeypatch):
+    n_img = (32 // 4) * (48 // 4)
+    length = n_img + 77 + T5_LEN
+    kw = dict(negative_prompt="blurry photo", guidance_scale=5.0)
+    plain = run(sd35, **kw)
+    with trace(sd35) as tc:
+        spy = AttentionSpy(sd35, monkeypatch, "sd3")
+        spy.length = length
+        spy.ranges = ((n_img, length), (0, n_img))  # image first, then CLIP + T5
+        try:
+            traced = run(sd35, **kw)
+        finally:
+            spy.remove()
+    assert np.array_equal(plain, traced)
+    res = tc.result()
+    assert set(res.sums) == {"transformer_blocks.0.attn", "transformer_blocks.1.attn"} == set(spy.ref)
+    for name, ref in spy.ref.items():  # rows [uncond, cond] -> streams [cond, uncond]
+        torch.testing.assert_close(res.sums[name][0].double(), ref[1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(res.sums[name][1].double(), ref[0], atol=1e-5, rtol=0)
+    layout = res.layout(0)
+    assert layout.length == 77 + T5_LEN
+    clip_ids = sd35.tokenizer(PROMPT).input_ids
+    t5_ids = sd35.tokenizer_3(PROMPT).input_ids
+    dog = (clip_ids.index(sd35.tokenizer.convert_tokens_to_ids("dog</w>")),
+           77 + t5_ids.index(sd35.tokenizer_3.convert_tokens_to_ids("\u2581dog")))
+    assert layout.positions("dog") == dog
+    m = res.word_maps(["dog", "car"], image=0)
+    assert m.shape == (2, 32, 48) and not torch.allclose(m[0], m[1])
+    assert res.word_maps("blurry", image=0, branch="uncond").max() == 1
+
+
+def test_sd3_img2img_and_inpaint(sd3):
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
+
+    init = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    i2i = StableDiffusion3Img2ImgPipeline(**sd3.components)
+    i2i.set_progress_bar_config(disable=True)
+    kw = dict(image=init, strength=0.6, steps=3, height=None, width=None)
+    plain = run(i2i, **kw)
+    with trace(i2i) as tc:
+        traced = run(i2i, **kw)
+    assert np.array_equal(plain, traced)
+    assert tc.result().image_hw == plain.shape[1:3]  # the pipeline's own output size (it resizes the input)
+    assert tc.word_maps("dog", image=0).max() == 1
+    inpaint = StableDiffusion3InpaintPipeline(**sd3.components)
+    inpaint.set_progress_bar_config(disable=True)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    kw = dict(image=init, mask_image=mask, height=32, width=32)
+    plain = run(inpaint, **kw)
+    with trace(inpaint) as tc:
+        traced = run(inpaint, **kw)
+    assert np.array_equal(plain, traced)
+    assert tc.word_maps("car", image=0).shape == (1, *plain.shape[1:3])
+
+
+def test_flux_img2img_and_inpaint(flux):
+    from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
+
+    init = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    for cls, extra in ((FluxImg2ImgPipeline, {}), (FluxInpaintPipeline, {"mask_image": torch.ones(1, 1, 32, 48)})):
+        pipe = cls(**flux.components)
+        pipe.set_progress_bar_config(disable=True)
+        kw = dict(image=init, strength=0.7, steps=3, **extra)
+        plain = run(pipe, **kw)
+        with trace(pipe) as tc:
+            traced = run(pipe, **kw)
+        assert np.array_equal(plain, traced), cls.__name__
+        res = tc.result()
+        assert res.image_hw == (32, 48) and res.word_maps("dog", image=0).max() == 1
+
+
+def test_unsupported_transformer_is_named(flux):
+    class Other(torch.nn.Module):
+        pass
+
+    class Pipe:
+        transformer = Other()
+        tokenizer = flux.tokenizer
+        encode_prompt = flux.encode_prompt
+
+    with pytest.raises(TypeError, match="Other is not supported"):
+        trace(Pipe())
