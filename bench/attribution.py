@@ -1,11 +1,11 @@
 """Attribution against ground truth: DAAM maps of the shapes model scored as segmentation (mIoU).
 
-    python bench/attribution.py                                  # the shipped model (daam_core/assets/shapes)
+    python bench/attribution.py                                  # the shipped model (daam_core/shapes/assets/shapes)
     python bench/attribution.py --checkpoint RUN/state.safetensors   # a training checkpoint (EMA weights)
 
 Real scenes: a rendered scene is noised to timestep ~250 and denoised by one UNet pass (img2img with one step);
 the maps of its caption's words are thresholded and compared with the exact object masks. Generated images:
-the pipeline draws the caption; objects are found by colour (daam_core.scenes.detect_objects), a prompt counts as
+the pipeline draws the caption; objects are found by colour (daam_core.shapes.scenes.detect_objects), a prompt counts as
 drawn right when every named colour is found with the named shape, and maps are scored against the found objects.
 Baselines: the whole image and a centred disc. Ablations (real scenes): layer resolution, down/up blocks, token
 aggregation (two-token phrases), threshold 0.2-0.6, and the timestep of the pass; on generated images: layers,
@@ -26,13 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daam_core import masks as mask_ops  # noqa: E402
-from daam_core import metrics, scenes, shapes_model, trace  # noqa: E402
+from daam_core import trace  # noqa: E402
+from daam_core.engine import masks as mask_ops  # noqa: E402
+from daam_core.engine import metrics  # noqa: E402
+from daam_core.shapes import model as shapes_model, scenes  # noqa: E402
 
 
 def load_pipeline(args):
     if args.checkpoint:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
         from train_shapes import load_state
 
         unet, text, vae = shapes_model.build_components()
@@ -180,7 +182,7 @@ def evaluate_phrases(traces, items, tau=0.4, combine="mean") -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a shapes pipeline folder (default: the shipped one)")
-    ap.add_argument("--checkpoint", type=Path, help="a training state (scripts/train_shapes.py) instead")
+    ap.add_argument("--checkpoint", type=Path, help="a training state (tools/train_shapes.py) instead")
     ap.add_argument("--scenes", type=int, default=48, help="scenes per object count")
     ap.add_argument("--generated", type=int, default=48, help="prompts per object count for generated images")
     ap.add_argument("--steps", type=int, default=20)

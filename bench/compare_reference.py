@@ -46,7 +46,7 @@ def saved_pipeline(seed: int = 0) -> Path:
     out = C.daam_cache() / "bench" / f"tiny-sd-pipeline-v{PIPELINE_VERSION}-seed{seed}"
     if (out / "model_index.json").is_file():
         return out
-    from daam_core.tiny import find_clip_tokenizer_dir
+    from daam_core.hosts.diffusers.tiny import find_clip_tokenizer_dir
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent))
@@ -142,7 +142,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from daam_core.metrics import pearson
+    from daam_core.engine.metrics import pearson
 
     pipeline = saved_pipeline(args.seed)
     with tempfile.TemporaryDirectory() as tmp:

@@ -53,7 +53,7 @@ SD15_UNET_CONFIG = {
 def import_host() -> Path:
     host = Path(os.environ.get("COMFYUI_DIR") or C.daam_cache() / "ComfyUI-0.3.75")
     if not (host / "comfy").is_dir():
-        raise SystemExit(f"no ComfyUI host at {host}: run scripts/setup_host.sh or set COMFYUI_DIR")
+        raise SystemExit(f"no ComfyUI host at {host}: run tools/setup_host.sh or set COMFYUI_DIR")
     # The host goes first: its nodes.py must win over this repository's nodes/ package.
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != C.REPO]
     sys.path.insert(0, str(host))
@@ -75,7 +75,7 @@ def import_pack():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return (importlib.import_module(f"{name}.nodes.nodes"), importlib.import_module(f"{name}.nodes.session"),
-            importlib.import_module(f"{name}.daam_core.recorder"))
+            importlib.import_module(f"{name}.daam_core.engine.recorder"))
 
 
 def build_sd15(seed: int):

@@ -48,7 +48,7 @@ def parse_config(name: str) -> dict:
 
 def instrumented_run(pipe, call, trace):
     """One traced sampling with timers around the recorder and the wrapped processors, per layer."""
-    from daam_core.diffusers_adapter import CrossAttentionRecorderProcessor
+    from daam_core.hosts.diffusers.adapter import CrossAttentionRecorderProcessor
 
     rec_time, rec_calls = defaultdict(float), defaultdict(int)
     attn_time = defaultdict(float)

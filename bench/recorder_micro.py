@@ -27,12 +27,12 @@ import _common as C
 
 
 def load_recorder():
-    """``daam_core.recorder`` (imported as a file when the package as a whole cannot be imported yet)."""
+    """``daam_core.engine.recorder`` (imported as a file when the package as a whole cannot be imported yet)."""
     try:
-        from daam_core import recorder
+        from daam_core.engine import recorder
         return recorder
     except ImportError:
-        spec = importlib.util.spec_from_file_location("daam_recorder", C.REPO / "daam_core" / "recorder.py")
+        spec = importlib.util.spec_from_file_location("daam_recorder", C.REPO / "daam_core" / "engine" / "recorder.py")
         mod = importlib.util.module_from_spec(spec)
         sys.modules["daam_recorder"] = mod
         spec.loader.exec_module(mod)

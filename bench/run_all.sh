@@ -2,11 +2,11 @@
 # Run every benchmark of docs/benchmarks.md one after the other (never two at once: they time each other otherwise)
 # and keep each script's JSON line in bench/results/<name>.json (stderr in $TMPDIR/daam-bench-logs/<name>.log).
 # Arguments: names of runs to do (default: all). About 75 minutes on 2 CPU cores (SDXL alone ~20); set BENCH_SKIP_SDXL=1 to leave the SDXL run out.
-# Uses the project venv ($DAAM_CACHE/venv, made by scripts/setup_env.sh); the reference venv is made on first use.
+# Uses the project venv ($DAAM_CACHE/venv, made by tools/setup_env.sh); the reference venv is made on first use.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source scripts/env.sh
+source tools/env.sh
 logs="${TMPDIR:-/tmp}/daam-bench-logs"
 mkdir -p bench/results "$logs"
 

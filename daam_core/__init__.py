@@ -1,19 +1,44 @@
-"""daam_core: host-independent DAAM engine.
+"""daam_core: the DAAM engine, its text side, and one adapter per host.
 
 Data flows one way: host hook -> :class:`CrossAttentionRecorder` (running sums) -> :class:`AttentionTrace`
-(token and word maps) -> masks, pictures and metrics. ComfyUI is never imported here.
+(token and word maps) -> masks, pictures and metrics.
+
+- :mod:`daam_core.engine`: recording, aggregation, traces, files, masks, pictures, metrics (torch/numpy/OpenCV);
+- :mod:`daam_core.text`: prompt syntax, token layouts, word queries;
+- :mod:`daam_core.hosts`: one adapter per host (``diffusers``, ``comfy``, ``forge``);
+- :mod:`daam_core.shapes`: the project's small shapes model (scenes with exact masks, architecture, weights);
+- :mod:`daam_core.cli`: the ``daam`` command.
+
+Importing this package loads the engine and the text side only; ``daam_core.trace`` (the diffusers
+``trace(pipe)``) and ``DiffusersTrace`` load the diffusers adapter on first use.
 """
 
-from .recorder import CrossAttentionRecorder, LayerInfo, RecordFilter, Stream
-from .tokens import TokenLayout, Word, WordNotFoundError, parse_query, tokenize
-from .trace import AttentionTrace, WordHeatMap
-from .io import TraceFormatError, load_trace, save_trace
-from .diffusers_adapter import DiffusersTrace, trace
+from .engine.geometry import LayerInfo, PatchGrid, UNetGrid
+from .engine.recorder import CrossAttentionRecorder, RecordFilter, Recording, Stream
+from .engine.io import TraceFormatError
+from .engine.trace import AttentionTrace, WordHeatMap, load_trace, save_trace
+from .text.layout import TokenLayout, Word
+from .text.query import WordNotFoundError, parse_query
+from .text.tokenize import tokenize
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_LAZY = {"trace": "trace", "DiffusersTrace": "DiffusersTrace"}  # name -> attribute of hosts.diffusers.adapter
+_ALIASES = {"metrics": ".engine.metrics", "masks": ".engine.masks", "render": ".engine.render"}
 
 __all__ = [
-    "AttentionTrace", "CrossAttentionRecorder", "DiffusersTrace", "LayerInfo", "RecordFilter", "Stream",
-    "TokenLayout", "TraceFormatError", "Word", "WordHeatMap", "WordNotFoundError", "load_trace", "parse_query",
-    "save_trace", "tokenize", "trace",
+    "AttentionTrace", "CrossAttentionRecorder", "DiffusersTrace", "LayerInfo", "PatchGrid", "RecordFilter",
+    "Recording", "Stream", "TokenLayout", "TraceFormatError", "UNetGrid", "Word", "WordHeatMap",
+    "WordNotFoundError", "load_trace", "parse_query", "save_trace", "tokenize", "trace",
 ]
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in _LAZY:
+        adapter = importlib.import_module(".hosts.diffusers.adapter", __name__)
+        return getattr(adapter, _LAZY[name])
+    if name in _ALIASES:  # documented module paths of 0.1 (daam_core.metrics, daam_core.masks, daam_core.render)
+        return importlib.import_module(_ALIASES[name], __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,14 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..daam_core import masks as mask_ops
-from ..daam_core import render
-from ..daam_core.aggregate import COMBINE_MODES, NORMALIZE_MODES
-from ..daam_core.io import TraceFormatError, load_trace, save_trace
-from ..daam_core.recorder import RecordFilter
-from ..daam_core.tokens import TokenLayout, WordNotFoundError, layout_from_comfy_tokens, parse_query
-from ..daam_core.trace import AttentionTrace
-from .session import patch_model, session_of
+from ..daam_core.engine import masks as mask_ops
+from ..daam_core.engine import render
+from ..daam_core.engine.aggregate import COMBINE_MODES, NORMALIZE_MODES
+from ..daam_core.engine.io import TraceFormatError
+from ..daam_core.engine.recorder import RecordFilter
+from ..daam_core.engine.trace import AttentionTrace, load_trace, save_trace
+from ..daam_core.hosts.comfy.tokens import layout_from_comfy_tokens
+from ..daam_core.text.layout import TokenLayout
+from ..daam_core.text.query import WordNotFoundError, split_words
+from .tracing import patch_model, session_of
 
 CATEGORY = "DAAM"
 MAPS_TYPE = "DAAM_MAPS"
@@ -31,15 +33,13 @@ TRACE_FOLDER = "daam"
 
 @dataclass
 class DaamMaps:
-    """What flows between DAAM nodes: the trace of one sampling and the decoded images (if given)."""
+    """What flows between DAAM nodes: the trace of one sampling, the decoded images (if given) and the map
+    settings they were made with, so that every node downstream reads the maps the same way."""
 
     trace: AttentionTrace
     images: torch.Tensor | None = None  # [B, H, W, 3]
-
-
-def split_words(text: str) -> list[str]:
-    return [w.strip() for w in (text or "").split(",") if w.strip()]
-
+    normalize: str = "minmax"
+    combine: str = "mean"
 
 def comfy_layout(tokenizer, text: str) -> TokenLayout:
     """Token layout of ``text`` exactly as the host's tokenizer (``clip.tokenizer``) encodes it."""
@@ -76,9 +76,9 @@ class DAAMTraceModel:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model to trace. It is cloned; the original is never modified."}),
-                "resolutions": (["all", "low (1/32, 1/64)", "middle (1/16, 1/32)", "high (1/8, 1/16)"],
+                "resolutions": (list(cls.RESOLUTIONS),
                                 {"default": "all", "tooltip": "Which cross-attention layers to record, by their size "
-                                 "relative to the image (SD1.5 at 512: 1/32 = 16x16 maps)."}),
+                                 "relative to the latent (SD1.5 at 512: latent 64x64, latent/4 = 16x16 maps)."}),
                 "unet_parts": (["all", "down", "mid", "up", "down+up"],
                                {"default": "all", "tooltip": "Which UNet parts to record."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -98,8 +98,11 @@ class DAAMTraceModel:
     CATEGORY = CATEGORY
     DESCRIPTION = "Trace a model so that any sampler records where each prompt word acts (DAAM)."
 
-    RESOLUTIONS = {"all": None, "low (1/32, 1/64)": (4, 8), "middle (1/16, 1/32)": (2, 4),
-                   "high (1/8, 1/16)": (1, 2)}
+    # Layer sizes relative to the latent (the VAE's own factor is the model's: 8 for SD, 1 for the shapes model).
+    RESOLUTIONS = {"all": None, "low (latent/4, latent/8)": (4, 8), "middle (latent/2, latent/4)": (2, 4),
+                   "high (latent, latent/2)": (1, 2)}
+    LEGACY_RESOLUTIONS = {"low (1/32, 1/64)": "low (latent/4, latent/8)",  # labels of 0.1 workflows
+                          "middle (1/16, 1/32)": "middle (latent/2, latent/4)", "high (1/8, 1/16)": "high (latent, latent/2)"}
     PARTS = {"all": None, "down": ("down",), "mid": ("mid",), "up": ("up",), "down+up": ("down", "up")}
 
     def trace(self, model, resolutions="all", unet_parts="all", start_percent=0.0, end_percent=1.0, heads="",
@@ -110,11 +113,34 @@ class DAAMTraceModel:
             head_list = tuple(int(h) for h in split_words(heads)) or None
         except ValueError:
             raise ValueError(f"heads must be comma-separated integers, got {heads!r}") from None
-        f = RecordFilter(factors=self.RESOLUTIONS[resolutions], locations=self.PARTS[unet_parts], heads=head_list,
+        resolutions = self.LEGACY_RESOLUTIONS.get(resolutions, resolutions)
+        if resolutions not in self.RESOLUTIONS:
+            raise ValueError(f"unknown resolutions {resolutions!r}; use one of {list(self.RESOLUTIONS)}")
+        if head_list is not None:
+            check_heads(model, head_list)
+        f = RecordFilter(factors=self.RESOLUTIONS[resolutions], parts=self.PARTS[unet_parts], heads=head_list,
                          start=start_percent, end=end_percent,
                          branches=("cond", "uncond") if record_negative else ("cond",))
         patched, _ = patch_model(model, f)
         return (patched,)
+
+
+def model_heads(model) -> int | None:
+    """The smallest head count among the model's cross-attention layers, read from its UNet config."""
+    config = getattr(getattr(getattr(model, "model", None), "model_config", None), "unet_config", None) or {}
+    heads, head_channels = config.get("num_heads", -1), config.get("num_head_channels", -1)
+    if heads and heads > 0:
+        return int(heads)
+    if head_channels and head_channels > 0 and config.get("model_channels"):
+        return int(config["model_channels"]) // int(head_channels)  # the first level has the fewest heads
+    return None
+
+
+def check_heads(model, heads: tuple[int, ...]) -> None:
+    n = model_heads(model)
+    if n is not None and max(heads) >= n:
+        raise ValueError(f"DAAM: heads {[h for h in heads if h >= n]} do not exist: this model's cross-attention "
+                         f"layers have {n} heads (0..{n - 1}) at their fewest")
 
 
 def host_nodes():
@@ -214,7 +240,7 @@ class DAAMHeatmaps:
                  normalize="minmax", combine="mean", colormap="jet", alpha=0.5, images=None):
         if clip is None:
             raise ValueError("a CLIP is needed to read the prompt's tokens")
-        trace = build_trace(model, clip.tokenizer, samples, positive, negative, images)
+        trace = build_trace(model, clip, samples, positive, negative, images)
         pos_words, neg_words = split_words(words), split_words(negative_words)
         if not pos_words and not neg_words:
             raise ValueError("no words given: type words or phrases of the prompt, separated by commas")
@@ -235,7 +261,7 @@ class DAAMHeatmaps:
         labels = [f"{b}:{w}" for b in range(maps.shape[0]) for w in pos_words + [f"neg:{x}" for x in neg_words]]
         ui = {"images": preview(over, "daam_overlay"), "daam_labels": labels,
               "daam_words": [w.text for w in trace.layout(0).words]}
-        return {"ui": ui, "result": (heat, over, flat(masks), DaamMaps(trace, images))}
+        return {"ui": ui, "result": (heat, over, flat(masks), DaamMaps(trace, images, normalize, combine))}
 
 
 def preview(images: torch.Tensor, prefix: str) -> list[dict]:
@@ -253,32 +279,66 @@ def preview(images: torch.Tensor, prefix: str) -> list[dict]:
     return out
 
 
-def build_trace(model, tokenizer, samples, positive: str, negative: str, images=None) -> AttentionTrace:
-    """The trace of the sampling that produced ``samples``, with the prompts' token layouts."""
+def check_text(clip, text: str, conditioning: torch.Tensor, which: str) -> None:
+    """Raise when ``text`` does not encode to the conditioning the sampler used (same length, other words too)."""
+    encoded = clip.encode_from_tokens(clip.tokenize(text))
+    encoded = (encoded[0] if isinstance(encoded, (tuple, list)) else encoded)[:1].detach().to("cpu", torch.float32)
+    if encoded.shape != conditioning.shape:
+        raise ValueError(f"the {which} text encodes to {encoded.shape[1]} tokens but the sampler's {which} conditioning "
+                         f"has {conditioning.shape[1]}: give DAAM the same text and CLIP that encoded the conditioning")
+    tol = 1e-3 * float(conditioning.abs().max().clamp_min(1e-6))
+    if not torch.allclose(encoded, conditioning, rtol=1e-3, atol=tol):
+        raise ValueError(f"the {which} text given to DAAM is not the text the sampler's {which} conditioning was "
+                         f"encoded from (same token count, different words or weights): connect the same text to "
+                         f"CLIP Text Encode and to DAAM Heatmaps (conditionings changed after encoding, e.g. averaged, "
+                         f"cannot be mapped to words)")
+
+
+def vae_factor(model) -> int:
+    """Pixels per latent cell: the latent format's ``spacial_downscale_ratio`` (8 for SD; 1 for pixel space)."""
+    fmt = model.get_model_object("latent_format") if hasattr(model, "get_model_object") else None
+    return max(1, int(getattr(fmt, "spacial_downscale_ratio", 8) or 8))
+
+
+def build_trace(model, clip, samples, positive: str, negative: str, images=None) -> AttentionTrace:
+    """The trace of the sampling that produced ``samples``, with the prompts' token layouts.
+
+    ``clip`` is the CLIP that encoded the prompts: its tokenizer gives the layouts, and re-encoding the texts
+    proves they are the ones the sampler was conditioned on. A bare tokenizer (``clip.tokenizer``) gives the
+    layouts without that proof, for callers that built the conditioning by hand.
+    """
+    tokenizer = getattr(clip, "tokenizer", clip)
     session = session_of(model)
     latent = samples["samples"] if isinstance(samples, dict) else samples
     record = session.find(latent)
     pos_count, neg_count = record.token_counts
     layouts = [comfy_layout(tokenizer, positive)]
-    if layouts[0].length != pos_count:
-        raise ValueError(f"the positive text has {layouts[0].length} tokens but the sampler's positive conditioning "
-                         f"has {pos_count}: give DAAM the same text and CLIP that encoded the conditioning")
+    texts = [("positive", positive, pos_count, record.conditionings[0])]
     if neg_count is not None:
         layouts.append(comfy_layout(tokenizer, negative))
-        if layouts[1].length != neg_count:
-            raise ValueError(f"the negative text has {layouts[1].length} tokens but the sampler's negative "
-                             f"conditioning has {neg_count}: give DAAM the same negative text that was encoded")
-    h, w = record.recorded["latent_hw"]
+        texts.append(("negative", negative, neg_count, record.conditionings[1]))
+    for layout, (which, text, count, cond) in zip(layouts, texts):
+        if layout.length != count:
+            raise ValueError(f"the {which} text has {layout.length} tokens but the sampler's {which} conditioning "
+                             f"has {count}: give DAAM the same text and CLIP that encoded the conditioning")
+        if hasattr(clip, "encode_from_tokens"):
+            check_text(clip, text, cond, which)
+    h, w = record.recorded.latent_hw
     if images is not None:
         if images.shape[0] != record.latent.shape[0]:
             raise ValueError(f"{images.shape[0]} images given for a sampling of {record.latent.shape[0]} latents")
         image_hw = (int(images.shape[1]), int(images.shape[2]))
     else:
-        image_hw = (h * 8, w * 8)
+        factor = vae_factor(model)
+        image_hw = (h * factor, w * factor)
     meta = {"positive": positive, "negative": negative, "host": "comfyui"}
     trace = AttentionTrace.from_recorder(record.recorded, layouts, image_hw, meta)
     trace.warnings += record.notes
     if not trace.sums:
+        if record.attention_marks and not record.attention_seen:
+            raise ValueError("DAAM recorded nothing: another node replaced DAAM's attention override "
+                             "(transformer_options['optimized_attention_override']) after 'DAAM Trace Model' without "
+                             "calling it. Apply that node before DAAM, or use one that calls the previous override")
         raise ValueError("no cross-attention was recorded in this sampling (check the resolutions, UNet parts and "
                          "time window of 'DAAM Trace Model')")
     return trace
@@ -319,7 +379,7 @@ class DAAMMask:
     def mask(self, maps, words, prompt="positive", operation="union", threshold_mode="relative", threshold=0.4,
              open_px=0, close_px=0, grow_px=0, feather_px=0):
         word_list = split_words(words)
-        m = maps_for(maps.trace, word_list, BRANCH[prompt])  # [B, W, H, W]
+        m = maps_for(maps.trace, word_list, BRANCH[prompt], normalize=maps.normalize, combine=maps.combine)
         binary = mask_ops.threshold(m, threshold, threshold_mode)
         combined = mask_ops.combine([binary[:, j] for j in range(binary.shape[1])], operation)
         return (mask_ops.refine(combined, open_px=open_px, close_px=close_px, grow_px=grow_px,
@@ -420,7 +480,7 @@ class DAAMShapesLoader:
     def load(self, folder=""):
         from pathlib import Path
 
-        from ..daam_core import shapes_model
+        from ..daam_core.shapes import model as shapes_model
         from . import shapes_loader
 
         path = Path(folder) if folder.strip() else shapes_model.ASSET_DIR

@@ -73,6 +73,7 @@ def load_model(folder: Path):
         scale_factor = 1.0
         latent_rgb_factors = [[1.0 if i == j else 0.0 for j in range(3)] for i in range(cfg["in_channels"])]
         latent_rgb_factors_bias = [0.5, 0.5, 0.5]
+        spacial_downscale_ratio = 1  # pixel space: one latent cell per pixel
 
     class ShapesConfig(comfy.supported_models_base.BASE):
         unet_extra_config = {}

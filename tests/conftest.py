@@ -1,6 +1,6 @@
 """Shared fixtures: the real ComfyUI host, the CLIP tokenizer it ships, tiny checkpoints.
 
-The host is the copy made by ``scripts/setup_host.sh`` (``$DAAM_CACHE/ComfyUI-0.3.75``) or the one named by
+The host is the copy made by ``tools/setup_host.sh`` (``$DAAM_CACHE/ComfyUI-0.3.75``) or the one named by
 ``COMFYUI_DIR``. Tests that need it are skipped with the reason when it is missing.
 """
 
@@ -50,7 +50,7 @@ def comfyui_dir() -> Path:
     """The ComfyUI host directory (has main.py)."""
     d = _host_dir()
     if not (d / "main.py").is_file():
-        pytest.skip(f"no ComfyUI host at {d}: run scripts/setup_host.sh or set COMFYUI_DIR")
+        pytest.skip(f"no ComfyUI host at {d}: run tools/setup_host.sh or set COMFYUI_DIR")
     return d
 
 
@@ -65,7 +65,7 @@ def clip_tokenizer_dir() -> Path:
     for d in candidates:
         if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
             return d
-    pytest.skip("no CLIP tokenizer files (comfy/sd1_tokenizer): run scripts/setup_host.sh or set COMFYUI_DIR")
+    pytest.skip("no CLIP tokenizer files (comfy/sd1_tokenizer): run tools/setup_host.sh or set COMFYUI_DIR")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from daam_core import shapes_model  # noqa: E402
+from daam_core.shapes import model as shapes_model  # noqa: E402
 
 
 @pytest.mark.skipif(not shapes_model.available(), reason="no shapes model shipped")
@@ -35,7 +35,7 @@ def test_shipped_schedule_draws_where_the_full_cosine_schedule_fails():
     import torch
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-    from daam_core import scenes
+    from daam_core.shapes import scenes
 
     pipe = shapes_model.load_shapes_pipeline()
     prompts = {"a red circle": {"red": "circle"}, "a blue square on the left": {"blue": "square"},

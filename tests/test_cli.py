@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from daam_core import AttentionTrace, cli, shapes_model
-from daam_core.tiny import tiny_sd_pipeline
+from daam_core import AttentionTrace, cli
+from daam_core.shapes import model as shapes_model
+from daam_core.hosts.diffusers.tiny import tiny_sd_pipeline
 
 
 def run(argv, capsys):
@@ -59,7 +60,8 @@ def test_demo_uses_a_shapes_folder(tmp_path, capsys):
 @pytest.mark.skipif(not shapes_model.available(), reason="no shapes model shipped")
 def test_demo_default_is_the_shipped_shapes_model(tmp_path, capsys):
     """Named no model, the demo draws with the shipped one and the mask of "circle" is the red circle."""
-    from daam_core import metrics, scenes
+    from daam_core.engine import metrics
+    from daam_core.shapes import scenes
 
     rc, stdout, err = run(["demo", "--out", tmp_path], capsys)
     assert rc == 0, err

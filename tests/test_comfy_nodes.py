@@ -108,7 +108,7 @@ def test_recorded_probabilities_match_reference_with_batch_and_negative(pack, sd
             h.remove()
     session = pack.session_of(traced_model)
     rec = session.find(samples).recorded
-    assert set(rec["sums"]) == {daam_name(n) for n in store}
+    assert set(rec.sums) == {daam_name(n) for n in store}
     for layer, calls in store.items():
         (kinds, p), = calls  # one step: cond and uncond batched together
         # chunk i (2 images) has kind kinds[i] (0 = positive, 1 = negative); streams are cond 0, 1, uncond 0, 1
@@ -116,7 +116,7 @@ def test_recorded_probabilities_match_reference_with_batch_and_negative(pack, sd
         for chunk, kind in enumerate(kinds):
             for img in range(2):
                 expected[kind * 2 + img] = p[chunk * 2 + img, :, :77]
-        torch.testing.assert_close(rec["sums"][daam_name(layer)].double(), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(rec.sums[daam_name(layer)].double(), expected, atol=1e-5, rtol=0)
 
 
 def daam_name(module_path: str) -> str:
@@ -176,7 +176,7 @@ def test_error_or_cancel_mid_sampling_leaves_nothing_behind(pack, sd15):
     assert torch.equal(ksample(model, pos, neg, steps=3), plain)  # the plain model is unaffected
     again = ksample(traced_model, pos, neg, steps=3)
     assert torch.equal(again, plain) and len(session.records) == 1
-    assert set(session.find(again).recorded["calls"].values()) == {3}
+    assert set(session.find(again).recorded.calls.values()) == {3}
 
 
 def test_new_seed_new_maps_and_two_traced_models_do_not_mix(pack, sd15):
@@ -187,16 +187,16 @@ def test_new_seed_new_maps_and_two_traced_models_do_not_mix(pack, sd15):
     s1 = ksample(a, pos_a, neg, seed=1)
     s2 = ksample(a, pos_a, neg, seed=2)
     s3 = ksample(b, pos_b, neg, seed=1)
-    maps1 = pack.build_trace(a, clip.tokenizer, {"samples": s1}, POS, NEG).word_maps("dog")
-    maps2 = pack.build_trace(a, clip.tokenizer, {"samples": s2}, POS, NEG).word_maps("dog")
+    maps1 = pack.build_trace(a, clip, {"samples": s1}, POS, NEG).word_maps("dog")
+    maps2 = pack.build_trace(a, clip, {"samples": s2}, POS, NEG).word_maps("dog")
     assert not torch.allclose(maps1, maps2)
     # a re-run of the unchanged graph reads the first run's latent again: its maps, not the latest run's
-    again = pack.build_trace(a, clip.tokenizer, {"samples": s1.clone()}, POS, NEG).word_maps("dog")
+    again = pack.build_trace(a, clip, {"samples": s1.clone()}, POS, NEG).word_maps("dog")
     assert torch.equal(again, maps1)
-    trace_b = pack.build_trace(b, clip.tokenizer, {"samples": s3}, "a green car in the city", NEG)
+    trace_b = pack.build_trace(b, clip, {"samples": s3}, "a green car in the city", NEG)
     assert trace_b.word_maps("car").shape == (1, 1, 48, 64)
     with pytest.raises(ValueError, match="not produced by a sampler using this DAAM model"):
-        pack.build_trace(b, clip.tokenizer, {"samples": s1}, POS, NEG)
+        pack.build_trace(b, clip, {"samples": s1}, POS, NEG)
 
 
 def test_existing_attention_patches_are_wrapped_not_overwritten(pack, sd15):
@@ -221,7 +221,7 @@ def test_existing_attention_patches_are_wrapped_not_overwritten(pack, sd15):
     got = ksample(traced_model, pos, neg)
     assert torch.equal(expected, got)
     assert calls["override"] == 2 * seen["override"] and calls["attn2"] == 2 * seen["attn2"]
-    assert pack.build_trace(traced_model, clip.tokenizer, {"samples": got}, POS, NEG).word_maps("dog").max() == 1
+    assert pack.build_trace(traced_model, clip, {"samples": got}, POS, NEG).word_maps("dog").max() == 1
 
 
 def test_long_weighted_prompt_positions(pack, sd15):
@@ -229,7 +229,7 @@ def test_long_weighted_prompt_positions(pack, sd15):
     text = "a (cat:1.3) and a dog, " + ", ".join(["a small wooden house"] * 20) + ", a golden dragon"
     traced_model = pack.DAAMTraceModel().trace(model)[0]
     samples = ksample(traced_model, encode(clip, text), encode(clip, NEG))
-    trace = pack.build_trace(traced_model, clip.tokenizer, {"samples": samples}, text, NEG)
+    trace = pack.build_trace(traced_model, clip, {"samples": samples}, text, NEG)
     layout = trace.layout(0)
     assert layout.length == 154 and trace.sums[next(iter(trace.sums))].shape[-1] == 154
     host = clip.tokenizer.tokenize_with_weights(text)["l"]
@@ -276,7 +276,7 @@ def test_combined_and_area_conditionings_map_the_first_entry(pack, sd15):
         traced_model = pack.DAAMTraceModel().trace(model)[0]
         samples = ksample(traced_model, combined, neg)
         assert torch.equal(plain, samples)  # the image is never changed
-        trace = pack.build_trace(traced_model, clip.tokenizer, {"samples": samples}, POS, NEG)
+        trace = pack.build_trace(traced_model, clip, {"samples": samples}, POS, NEG)
         assert any("2 entries" in w and "first one only" in w for w in trace.warnings)
         dog = trace.word_maps("dog")
         assert dog.shape == (1, 1, 48, 64) and torch.isfinite(dog).all() and dog.max() == 1
@@ -296,7 +296,7 @@ def test_ksampler_advanced_and_custom_guider_sampling(pack, sd15):
     traced = pack.DAAMTraceModel().trace(model)[0]
     samples = host_nodes.KSamplerAdvanced().sample(traced, *adv[1:])[0]["samples"]
     assert torch.equal(plain, samples)
-    assert pack.build_trace(traced, clip.tokenizer, {"samples": samples}, POS, NEG).word_maps("dog").max() == 1
+    assert pack.build_trace(traced, clip, {"samples": samples}, POS, NEG).word_maps("dog").max() == 1
 
     def custom(m):
         guider = comfy.samplers.CFGGuider(m)
@@ -311,5 +311,66 @@ def test_ksampler_advanced_and_custom_guider_sampling(pack, sd15):
     traced = pack.DAAMTraceModel().trace(model)[0]
     samples = custom(traced)
     assert torch.equal(plain, samples)
-    maps = pack.build_trace(traced, clip.tokenizer, {"samples": samples}, POS, NEG).word_maps(["cat", "dog"])
+    maps = pack.build_trace(traced, clip, {"samples": samples}, POS, NEG).word_maps(["cat", "dog"])
     assert maps.shape == (1, 2, 48, 64) and not torch.equal(maps[0, 0], maps[0, 1])
+
+
+# -- review defects (issue 15, item 2 d, g, h) on the real host -------------------------------------------------------
+
+def test_heads_out_of_range_fail_at_trace_model_creation(pack, sd15):
+    model = sd15[0]
+    with pytest.raises(ValueError, match=r"heads \[99\] do not exist: this model's cross-attention layers have 8"):
+        pack.DAAMTraceModel().trace(model, heads="99")
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        pack.DAAMTraceModel().trace(model, heads="0, x")
+    traced = pack.DAAMTraceModel().trace(model, heads="0,7")[0]
+    assert pack.session_of(traced).recorder.filter.heads == (0, 7)
+
+
+def test_an_override_that_replaces_daams_without_calling_it_is_named(pack, sd15):
+    model, clip, _ = sd15
+    traced = pack.DAAMTraceModel().trace(model)[0]
+    other = traced.clone()  # another node, applied after DAAM, that ignores the override it finds
+    other.model_options["transformer_options"]["optimized_attention_override"] = \
+        lambda func, *args, **kwargs: func(*args, **kwargs)
+    samples = ksample(other, encode(clip, POS), encode(clip, NEG), steps=1)
+    with pytest.raises(ValueError, match="another node replaced DAAM's attention override"):
+        pack.build_trace(other, clip, {"samples": samples}, POS, NEG)
+
+
+def test_mask_node_reads_maps_with_the_heatmaps_settings(pack, sd15):
+    model, clip, _ = sd15
+    traced = pack.DAAMTraceModel().trace(model)[0]
+    samples = ksample(traced, encode(clip, POS), encode(clip, NEG), steps=1)
+    words = "red sofa"  # two tokens: "max" and "mean" combine them differently
+    out = pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, POS, NEG, words, normalize="max",
+                                       combine="max", threshold=0.4)
+    heat_masks, maps = out["result"][2], out["result"][3]
+    mask = pack.DAAMMask().mask(maps, words, threshold=0.4)[0]
+    trace = maps.trace
+    reference = (trace.word_maps([words], combine="max", normalize="max")[:, 0] >= 0.4).float()
+    default = (trace.word_maps([words])[:, 0] >= 0.4).float()
+    assert not torch.equal(reference, default), "the settings should matter for this prompt"
+    assert torch.equal(mask, reference) and torch.equal(heat_masks, reference)
+
+
+def test_heatmaps_refuse_a_different_text_of_the_same_length(pack, sd15):
+    model, clip, _ = sd15
+    traced = pack.DAAMTraceModel().trace(model)[0]
+    samples = ksample(traced, encode(clip, POS), encode(clip, NEG), steps=1)
+    other = "a cow and a pig on a blue bed"  # as many tokens as POS
+    assert clip.tokenize(other)["l"] != clip.tokenize(POS)["l"]
+    assert len(clip.tokenize(other)["l"][0]) == len(clip.tokenize(POS)["l"][0])
+    with pytest.raises(ValueError, match="not the text the sampler's positive conditioning was encoded from"):
+        pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, other, NEG, "cow")
+    with pytest.raises(ValueError, match="negative conditioning"):
+        pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, POS, "sharp, high quality", "dog")
+    assert pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, POS, NEG, "dog")["result"][2].max() == 1
+
+
+def test_negative_words_without_a_recorded_negative_branch_are_an_error(pack, sd15):
+    model, clip, _ = sd15
+    traced = pack.DAAMTraceModel().trace(model, record_negative=False)[0]
+    samples = ksample(traced, encode(clip, POS), encode(clip, NEG), steps=1)
+    with pytest.raises(ValueError, match="negative branch was not recorded"):
+        pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, POS, NEG, "dog", negative_words="blurry")

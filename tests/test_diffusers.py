@@ -10,8 +10,9 @@ pytest.importorskip("diffusers")
 
 from diffusers.models.attention_processor import Attention  # noqa: E402
 
-from daam_core import WordNotFoundError, metrics, trace  # noqa: E402
-from daam_core.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
+from daam_core import WordNotFoundError, trace  # noqa: E402
+from daam_core.engine import metrics  # noqa: E402
+from daam_core.hosts.diffusers.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
 from helpers.reference import head_summed_probabilities  # noqa: E402
 
 
@@ -158,7 +159,7 @@ def test_long_and_weighted_prompt_through_encode_prompt(sd):
 
 
 def test_weighted_prompt_changes_embeddings_like_comfyui(sd):
-    from daam_core.diffusers_prompt import encode_prompt
+    from daam_core.hosts.diffusers.prompt import encode_prompt
 
     a = encode_prompt(sd, "a red car")["prompt_embeds"]
     b = encode_prompt(sd, "a (red:1.5) car")["prompt_embeds"]

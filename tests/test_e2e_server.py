@@ -46,7 +46,7 @@ def server(comfyui_dir, sd15_checkpoint, tmp_path_factory):
     (ckpts / CHECKPOINT).symlink_to(sd15_checkpoint)
     pack_link = Path(comfyui_dir) / "custom_nodes" / "comfyui-daam"
     if not pack_link.exists():
-        pytest.fail(f"the pack is not installed in {pack_link}: run scripts/setup_host.sh")
+        pytest.fail(f"the pack is not installed in {pack_link}: run tools/setup_host.sh")
     with running_comfyui(comfyui_dir, sys.executable, work_dir=work, checkpoints_dir=ckpts) as client:
         yield client
 
@@ -153,7 +153,8 @@ def test_save_and_load_trace_round_trip(server):
 
 def test_shapes_workflow_masks_the_named_object(server):
     """No checkpoint at all: the shipped shapes model draws the prompt, and the word's mask is its object."""
-    from daam_core import metrics, scenes
+    from daam_core.engine import metrics
+    from daam_core.shapes import scenes
 
     wf = json.loads((WORKFLOWS / "shapes_heatmaps.json").read_text())
     assert wf["1"]["class_type"] == "DAAMShapesLoader" and "a red circle" in wf["20"]["inputs"]["value"]
@@ -175,7 +176,7 @@ def test_shapes_workflow_masks_the_named_object(server):
 
 def test_shapes_inpaint_workflow_repaints_the_named_object(server):
     """The mask of "circle" drives inpainting: the red circle becomes a yellow square, nothing else changes."""
-    from daam_core import scenes
+    from daam_core.shapes import scenes
 
     entry = run_ok(server, json.loads((WORKFLOWS / "shapes_inpaint_word_mask.json").read_text()))
     (source,) = images_of(server, entry, "daam/shapes_inpaint_source")
@@ -193,7 +194,7 @@ def test_shapes_inpaint_workflow_repaints_the_named_object(server):
 
 def test_ui_workflows_match_the_api_ones(server):
     """The template-browser (UI) workflows queue exactly the API workflows that the tests above run."""
-    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO / "tools"))
     from make_ui_workflows import to_api
 
     info = server.object_info()

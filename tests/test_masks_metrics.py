@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from daam_core import masks, metrics, render
+from daam_core.engine import masks, metrics, render
 
 
 def box(h, w, top, left, bottom, right):

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from daam_core.aggregate import combine_tokens, normalize_maps, resize_maps, token_maps
-from daam_core.recorder import (CrossAttentionRecorder, RecordFilter, Stream, cfg_rows, cfg_streams, downsampled,
-                                spatial_shape)
+from daam_core.engine.aggregate import combine_tokens, normalize_maps, resize_maps, token_maps
+from daam_core.engine.geometry import UNetGrid, downsampled
+from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter, Stream, cfg_rows, cfg_streams
 
 
 def reference_probs(q, k, heads, head_subset=None):
@@ -39,12 +39,12 @@ def test_probabilities_match_reference_for_every_stream():
     rec.record("down.0", "down", q, k, heads)
     out = rec.finish()
     ref = reference_probs(q, k, heads)
-    acc = out["sums"]["down.0"]
+    acc = out.sums["down.0"]
     # rows are [uncond img0, uncond img1, cond img0, cond img1]; streams are [cond 0, cond 1, uncond 0, uncond 1]
     for row, stream in enumerate([2, 3, 0, 1]):
         torch.testing.assert_close(acc[stream].double(), ref[row], atol=1e-5, rtol=0)
-    assert out["layers"]["down.0"].hw == (8, 12) and out["layers"]["down.0"].factor == 1
-    assert out["calls"]["down.0"] == 1
+    assert out.layers["down.0"].hw == (8, 12) and out.layers["down.0"].factor == 1
+    assert out.calls["down.0"] == 1
 
 
 def test_running_sum_over_calls_and_head_subset():
@@ -58,9 +58,9 @@ def test_running_sum_over_calls_and_head_subset():
         rec.record("mid", "mid", q, k, heads)
     out = rec.finish()
     ref = sum(reference_probs(q, k, heads, (0, 2)) for q, k in zip(qs, ks))
-    torch.testing.assert_close(out["sums"]["mid"][0].double(), ref[1], atol=1e-5, rtol=0)  # cond is row 1
-    torch.testing.assert_close(out["sums"]["mid"][1].double(), ref[0], atol=1e-5, rtol=0)
-    assert out["calls"]["mid"] == 3
+    torch.testing.assert_close(out.sums["mid"][0].double(), ref[1], atol=1e-5, rtol=0)  # cond is row 1
+    torch.testing.assert_close(out.sums["mid"][1].double(), ref[0], atol=1e-5, rtol=0)
+    assert out.calls["mid"] == 3
 
 
 def test_filters_skip_work_before_recording():
@@ -73,22 +73,22 @@ def test_filters_skip_work_before_recording():
     rec.set_call(cfg_rows(1, True), progress=0.9)
     assert not rec.active
     rec.record("a", "down", q, k, 2)
-    assert rec.finish()["sums"] == {}
+    assert rec.finish().sums == {}
     # factor filter: a factor-1 layer is dropped, a factor-2 layer kept
-    rec = CrossAttentionRecorder(RecordFilter(factors=(2,), locations=("up",)))
+    rec = CrossAttentionRecorder(RecordFilter(factors=(2,), parts=("up",)))
     rec.begin((8, 8), cfg_streams(1, [0], 1), [5, 5])
     rec.set_call(cfg_rows(1, True), progress=0.0)
     rec.record("full", "up", torch.randn(2, 64, 8), k, 2)
     rec.record("half", "up", q, k, 2)
     rec.record("half-down", "down", q, k, 2)
     out = rec.finish()
-    assert list(out["sums"]) == ["half"] and out["layers"]["half"].factor == 2
+    assert list(out.sums) == ["half"] and out.layers["half"].factor == 2
     # branch filter: only cond recorded, uncond rows never computed
     rec = CrossAttentionRecorder(RecordFilter(branches=("cond",)))
     rec.begin((4, 4), cfg_streams(1, [0], 1), [5, 5])
     rec.set_call(cfg_rows(1, True), progress=0.0)
     rec.record("a", "down", q, k, 2)
-    acc = rec.finish()["sums"]["a"]
+    acc = rec.finish().sums["a"]
     assert acc[1].abs().sum() == 0 and acc[0].abs().sum() > 0
 
 
@@ -103,7 +103,7 @@ def test_repeated_context_is_folded_back_to_prompt_tokens():
     k_neg = torch.randn(1, 77, heads * d)
     k = torch.cat([k_neg.repeat(1, 2, 1), torch.randn(1, 154, heads * d)])
     rec.record("a", "down", q, k, heads)
-    acc = rec.finish()["sums"]["a"]
+    acc = rec.finish().sums["a"]
     ref = reference_probs(q, k, heads)
     torch.testing.assert_close(acc[1, :, :77].double(), ref[0, :, :77] + ref[0, :, 77:], atol=1e-5, rtol=0)
     torch.testing.assert_close(acc[0].double(), ref[1], atol=1e-5, rtol=0)
@@ -116,10 +116,10 @@ def test_spatial_shape_comes_from_latent_not_sqrt(latent):
     h, w = latent
     for factor in (1, 2, 4, 8):
         hh, ww = downsampled(h, factor), downsampled(w, factor)
-        assert spatial_shape(latent, hh * ww) == (factor, (hh, ww))
+        assert UNetGrid(latent).locate(hh * ww) == (factor, (hh, ww))
     assert downsampled(45, 2) == 23 and downsampled(45, 4) == 12
     with pytest.raises(ValueError, match="does not fit"):
-        spatial_shape(latent, h * w + 1)
+        UNetGrid(latent).locate(h * w + 1)
 
 
 def test_memory_does_not_depend_on_number_of_calls():
@@ -131,8 +131,8 @@ def test_memory_does_not_depend_on_number_of_calls():
             rec.set_call(cfg_rows(1, True), progress=0.0)
             rec.record("a", "down", torch.randn(2, 16, 8), torch.randn(2, 7, 8), 2)
         out = rec.finish()
-        sizes.append(sum(v.numel() * v.element_size() for v in out["sums"].values()))
-        assert out["calls"]["a"] == steps
+        sizes.append(sum(v.numel() * v.element_size() for v in out.sums.values()))
+        assert out.calls["a"] == steps
     assert sizes[0] == sizes[1] == 2 * 16 * 7 * 4
 
 

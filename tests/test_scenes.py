@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daam_core import scenes
+from daam_core.shapes import scenes
 
 
 def test_shape_masks_have_the_expected_areas():

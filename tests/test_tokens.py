@@ -5,8 +5,11 @@ import json
 import pytest
 import torch
 
-from daam_core.prompt import PromptSegment, parse_prompt
-from daam_core.tokens import TokenLayout, Word, WordNotFoundError, layout_from_comfy_tokens, parse_query, tokenize
+from daam_core.text.syntax import PromptSegment, parse_prompt
+from daam_core.hosts.comfy.tokens import layout_from_comfy_tokens
+from daam_core.text.layout import TokenLayout, Word
+from daam_core.text.query import WordNotFoundError, parse_query
+from daam_core.text.tokenize import tokenize
 
 BOS, EOS = 49406, 49407
 

@@ -6,7 +6,8 @@ Only the host's tokenizer folders are used (no model weights). Skipped when the 
 import pytest
 import torch
 
-from daam_core.tokens import layout_from_comfy_tokens, tokenize
+from daam_core.hosts.comfy.tokens import layout_from_comfy_tokens
+from daam_core.text.tokenize import tokenize
 
 pytestmark = pytest.mark.host
 

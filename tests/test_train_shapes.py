@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import train_shapes  # noqa: E402
 
-from daam_core import shapes_model, trace  # noqa: E402
+from daam_core import trace  # noqa: E402
+from daam_core.shapes import model as shapes_model  # noqa: E402
 
 
 def test_train_resume_export_and_trace(tmp_path):

@@ -1,0 +1,1 @@
+"""The DAAM engine: torch, numpy and OpenCV only; no host, no model library."""

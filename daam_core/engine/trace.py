@@ -1,0 +1,292 @@
+"""The result of one traced sampling and the heat maps computed from it.
+
+An :class:`AttentionTrace` holds the recorder's running sums (per layer, per stream, per token), the
+token layout of every prompt and the sizes involved. Word maps, masks and overlays are computed from
+it after sampling; nothing is recomputed from the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..text.layout import TokenLayout
+from ..text.query import WordNotFoundError, parse_query
+from . import aggregate, masks as mask_ops, render
+from .geometry import PARTS, LayerInfo
+from .io import read_trace_file, write_trace_file
+from .recorder import BRANCHES, Recording, Stream
+from .render import as_float_image
+
+
+@dataclass
+class WordHeatMap:
+    """One word's heat map on one image.
+
+    Attributes
+    ----------
+    word : str
+        The query as given (word or phrase).
+    value : Tensor ``[H, W]`` float32, normalised as requested.
+    positions : tuple of int
+        Token positions the map aggregates.
+    """
+
+    word: str
+    value: torch.Tensor
+    positions: tuple[int, ...]
+
+    def mask(self, threshold: float = 0.4, mode: str = "relative") -> torch.Tensor:
+        """Binary mask ``[H, W]`` (the paper: relative threshold tau = 0.4)."""
+        return mask_ops.threshold(self.value, threshold, mode)
+
+    def heat_image(self, cmap: str = "jet") -> np.ndarray:
+        """Colour-mapped map ``[H, W, 3]`` in [0, 1]."""
+        return render.colorize(self.value.clamp(0, 1), cmap)
+
+    def overlay(self, image, alpha: float = 0.5, cmap: str = "jet", weighted: bool = False) -> np.ndarray:
+        """The map blended over ``image`` (``[H, W, 3]`` in [0, 1], PIL image or uint8 array)."""
+        return render.overlay(as_float_image(image), self.value.clamp(0, 1), alpha, cmap, weighted)
+
+
+@dataclass
+class AttentionTrace:
+    """Running sums of one traced sampling with everything needed to read them.
+
+    Attributes
+    ----------
+    sums : dict layer -> Tensor ``[streams, N_layer, T_max]`` float32
+    layers : dict layer -> LayerInfo
+    calls : dict layer -> int
+        Recorded calls per layer (steps x model calls).
+    streams : list of Stream
+        Stream ``i`` is row ``i`` of every sum.
+    layouts : list of TokenLayout
+        Token layout per prompt (``Stream.prompt`` indexes it).
+    latent_hw, image_hw : (int, int)
+    meta : dict
+        Free JSON-safe facts: prompts, model family, seed, steps, sampler...
+    warnings : list of str
+        What the recorder had to skip, for the user to see.
+    recorded_branches : tuple of str
+        Branches the recorder recorded; asking for another one is an error, never an empty map.
+    """
+
+    sums: dict[str, torch.Tensor]
+    layers: dict[str, LayerInfo]
+    calls: dict[str, int]
+    streams: list[Stream]
+    layouts: list[TokenLayout]
+    latent_hw: tuple[int, int]
+    image_hw: tuple[int, int]
+    meta: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    recorded_branches: tuple[str, ...] = BRANCHES
+
+    @classmethod
+    def from_recorder(cls, recorded: Recording, layouts: Sequence[TokenLayout], image_hw: tuple[int, int],
+                      meta: dict | None = None, device: str | torch.device | None = "cpu") -> "AttentionTrace":
+        """Build from :meth:`CrossAttentionRecorder.finish` output (sums moved to ``device`` once)."""
+        sums = recorded.sums
+        if device is not None:
+            sums = {k: v.to(device) for k, v in sums.items()}
+        return cls(sums=sums, layers=dict(recorded.layers), calls=dict(recorded.calls), streams=list(recorded.streams),
+                   layouts=list(layouts), latent_hw=tuple(recorded.latent_hw), image_hw=tuple(image_hw),
+                   meta=dict(meta or {}), warnings=list(recorded.warnings),
+                   recorded_branches=tuple(recorded.branches))
+
+    # -- lookup --------------------------------------------------------------------------------
+    @property
+    def num_images(self) -> int:
+        return 1 + max((s.image for s in self.streams), default=-1)
+
+    def branches(self) -> list[str]:
+        """Branches that have a stream (``cond`` and, with CFG, ``uncond``)."""
+        return sorted({s.branch for s in self.streams})
+
+    def stream_index(self, image: int = 0, branch: str = "cond") -> int:
+        if branch not in BRANCHES:
+            raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+        if branch not in self.recorded_branches:
+            raise ValueError("no negative-prompt maps: the negative branch was not recorded (turn on "
+                             "record_negative / negative=True when tracing)")
+        for i, s in enumerate(self.streams):
+            if s.image == image and s.branch == branch:
+                return i
+        if branch == "uncond" and any(s.image == image for s in self.streams):
+            raise ValueError("no negative-prompt maps: the sampling ran without classifier-free guidance "
+                             "(or the negative branch was not recorded)")
+        raise ValueError(f"image {image} is not in this trace (it has {self.num_images} images)")
+
+    def layout(self, image: int = 0, branch: str = "cond") -> TokenLayout:
+        return self.layouts[self.streams[self.stream_index(image, branch)].prompt]
+
+    def select_layers(self, layers: Sequence[str] | None = None, factors: Sequence[int] | None = None,
+                      locations: Sequence[str] | None = None) -> list[str]:
+        """Recorded layers that pass the filters, in call order (``locations``: network parts)."""
+        if locations is not None and set(locations) - set(PARTS):
+            raise ValueError(f"unknown network parts {sorted(set(locations) - set(PARTS))}; use {PARTS}")
+        names = sorted(self.sums, key=lambda n: self.layers[n].order)
+        if layers is not None:
+            unknown = set(layers) - set(names)
+            if unknown:
+                raise ValueError(f"layers {sorted(unknown)} were not recorded; recorded: {names}")
+        picked = [n for n in names
+                  if (layers is None or n in layers)
+                  and (factors is None or self.layers[n].factor in factors)
+                  and (locations is None or self.layers[n].part in locations)]
+        if not picked:
+            available = sorted({(self.layers[n].part, self.layers[n].factor) for n in names})
+            raise ValueError(f"no recorded layer matches layers={layers}, factors={factors}, locations={locations}; "
+                             f"recorded (part, factor): {available}")
+        return picked
+
+    # -- maps ----------------------------------------------------------------------------------
+    def token_maps(self, positions: Sequence[int], image: int = 0, branch: str = "cond", *,
+                   layers=None, factors=None, locations=None, size: tuple[int, int] | None = None,
+                   upsample: str = "bicubic") -> torch.Tensor:
+        """Maps ``[P, h, w]`` of token positions (mean head-summed probability per layer call)."""
+        stream = self.stream_index(image, branch)
+        t = self.layouts[self.streams[stream].prompt].length
+        bad = [p for p in positions if not 0 <= p < t]
+        if bad:
+            raise ValueError(f"token positions {bad} are outside the prompt's {t} positions")
+        names = self.select_layers(layers, factors, locations)
+        maps = aggregate.token_maps({n: self.sums[n] for n in names}, {n: self.layers[n].hw for n in names},
+                                    self.calls, stream, positions, self.latent_hw, upsample)
+        if size is not None:
+            maps = aggregate.resize_maps(maps, size, upsample)
+        return maps
+
+    def word_maps(self, words: Sequence[str] | str, image: int | None = None, branch: str = "cond", *,
+                  combine: str = "mean", normalize: str = "minmax", size: tuple[int, int] | None = None,
+                  layers=None, factors=None, locations=None, upsample: str = "bicubic",
+                  missing: str = "error") -> torch.Tensor:
+        """Heat maps of words or phrases.
+
+        Parameters
+        ----------
+        words : str or sequence of str
+            Words or phrases of the prompt; ``"dog#2"`` picks the second occurrence.
+        image : int, optional
+            One image; by default every image of the trace.
+        branch : {"cond", "uncond"}
+            Positive or negative prompt.
+        combine : {"mean", "max", "sum"}
+            How the tokens of a word are combined.
+        normalize : {"minmax", "max", "shared", "none"}
+        size : (int, int), optional
+            Output size; default the image size.
+        missing : {"error", "zeros"}
+            What to do with a word absent from an image's prompt.
+
+        Returns
+        -------
+        Tensor ``[images, words, H, W]`` float32 (``[words, H, W]`` when ``image`` is given).
+        """
+        if isinstance(words, str):
+            words = [words]
+        if not words:
+            raise ValueError("no words given: name at least one word or phrase of the prompt")
+        if missing not in ("error", "zeros"):
+            raise ValueError("missing must be 'error' or 'zeros'")
+        size = tuple(size or self.image_hw)
+        images = range(self.num_images) if image is None else [image]
+        out = []
+        for i in images:
+            layout = self.layout(i, branch)
+            groups, found = [], []
+            for w in words:
+                text, occurrence = parse_query(w)
+                try:
+                    groups.append(layout.positions(text, occurrence))
+                    found.append(True)
+                except WordNotFoundError:
+                    if missing == "error":
+                        raise
+                    groups.append(())
+                    found.append(False)
+            flat = sorted({p for g in groups for p in g})
+            if flat:
+                maps = self.token_maps(flat, i, branch, layers=layers, factors=factors, locations=locations,
+                                       upsample=upsample)
+                index = {p: j for j, p in enumerate(flat)}
+                per_word = aggregate.combine_tokens(maps, [[index[p] for p in g] or [0] for g in groups], combine)
+                # normalise at output size, as the paper does: the resized maximum is then exactly 1
+                per_word = aggregate.resize_maps(per_word, size, upsample)
+                if normalize != "none":
+                    per_word = aggregate.normalize_maps(per_word.clamp_(min=0), normalize)
+                per_word[[j for j, ok in enumerate(found) if not ok]] = 0
+            else:
+                per_word = torch.zeros(len(words), *size)
+            out.append(per_word)
+        result = torch.stack(out)
+        return result[0] if image is not None else result
+
+    def word_map(self, word: str, image: int = 0, branch: str = "cond", **kwargs) -> WordHeatMap:
+        """One word's :class:`WordHeatMap` (keyword arguments as in :meth:`word_maps`)."""
+        text, occurrence = parse_query(word)
+        positions = self.layout(image, branch).positions(text, occurrence)
+        value = self.word_maps([word], image=image, branch=branch, **kwargs)[0]
+        return WordHeatMap(word=word, value=value, positions=tuple(positions))
+
+    def words(self, image: int = 0, branch: str = "cond") -> list[str]:
+        """The words of an image's prompt, in order."""
+        return [w.text for w in self.layout(image, branch).words]
+
+    # -- persistence ---------------------------------------------------------------------------
+    def to(self, device) -> "AttentionTrace":
+        self.sums = {k: v.to(device) for k, v in self.sums.items()}
+        return self
+
+    def nbytes(self) -> int:
+        """Memory held by the running sums."""
+        return sum(v.numel() * v.element_size() for v in self.sums.values())
+
+    def save(self, path):
+        """Write ``path`` (``.safetensors`` + ``.json``); see :func:`save_trace`."""
+        return save_trace(self, path)
+
+    @classmethod
+    def load(cls, path) -> "AttentionTrace":
+        """Read a trace written by :meth:`save`; see :func:`load_trace`."""
+        return load_trace(path)
+
+
+def save_trace(trace: AttentionTrace, path):
+    """Write a trace; returns the ``.safetensors`` path. Parent folders must exist."""
+    names = sorted(trace.sums, key=lambda n: trace.layers[n].order)
+    meta = {
+        "layers": [asdict(trace.layers[n]) for n in names],
+        "calls": {n: trace.calls.get(n, 0) for n in names},
+        "streams": [asdict(s) for s in trace.streams],
+        "layouts": [layout.to_dict() for layout in trace.layouts],
+        "latent_hw": list(trace.latent_hw),
+        "image_hw": list(trace.image_hw),
+        "recorded_branches": list(trace.recorded_branches),
+        "meta": trace.meta,
+        "warnings": trace.warnings,
+    }
+    return write_trace_file(path, {f"sums/{i}": trace.sums[n] for i, n in enumerate(names)}, meta)
+
+
+def load_trace(path) -> AttentionTrace:
+    """Read a trace written by :func:`save_trace` (safetensors only; see :func:`~daam_core.engine.io.read_trace_file`)."""
+    tensors, meta = read_trace_file(path)
+    layers = {}
+    for d in meta["layers"]:
+        d = dict(d)
+        if "location" in d:  # version 1
+            d["part"] = d.pop("location")
+        layers[d["name"]] = LayerInfo(**{**d, "hw": tuple(d["hw"])})
+    sums = {d["name"]: tensors[f"sums/{i}"] for i, d in enumerate(meta["layers"])}
+    return AttentionTrace(
+        sums=sums, layers=layers, calls={k: int(v) for k, v in meta["calls"].items()},
+        streams=[Stream(**s) for s in meta["streams"]],
+        layouts=[TokenLayout.from_dict(d) for d in meta["layouts"]],
+        latent_hw=tuple(meta["latent_hw"]), image_hw=tuple(meta["image_hw"]),
+        meta=meta.get("meta", {}), warnings=list(meta.get("warnings", [])),
+        recorded_branches=tuple(meta.get("recorded_branches", BRANCHES)))

@@ -1,0 +1,199 @@
+"""DAAM tracing on a ComfyUI MODEL through the host's public hook points.
+
+Everything lives on a clone of the MODEL (``ModelPatcher.clone()``); the torch modules are never
+touched, so the model given to the node and every other clone of it run exactly as before.
+- ``OUTER_SAMPLE`` wrapper: one sampling. Reads the guider's conditionings (uuid -> positive/negative,
+  token count) and the latent size, starts the recorder, and after sampling stores the sums keyed
+  by the output latent. The recorder is reset in ``finally``: an error or a cancel leaves nothing.
+- ``APPLY_MODEL`` wrapper: one model call. ``transformer_options["cond_or_uncond"]`` and ``["uuids"]``
+  say which batch chunk is which conditioning; that becomes the row -> stream map.
+- ``attn2_patch``: marks that the next attention call is the cross-attention of a block.
+- ``optimized_attention_override``: computes the output with the host's function (or the override
+  another node installed before, which it wraps), then records q and k.
+
+Pure Python over the host's conventions: ComfyUI itself is imported only by ``nodes/tracing.py``, which
+installs these hooks on a clone.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from ...engine.geometry import UNetGrid
+from ...engine.recorder import CrossAttentionRecorder, RecordFilter, Recording, Stream
+from ...engine.schedule import progress_from_timestep
+
+WRAPPER_KEY = "daam"
+OPTIONS_KEY = "daam_session"
+LOCATION = {"input": "down", "middle": "mid", "output": "up"}
+MAX_RECORDS = 8  # finished samplings kept per session (one per sampler node using this model)
+
+
+@dataclass
+class SamplingRecord:
+    """The recorder's output for one finished sampling, and how to recognise it."""
+
+    recorded: Recording
+    latent: torch.Tensor  # output samples, on the CPU, to match the LATENT a heat-map node receives
+    token_counts: tuple[int, int | None]  # positive, negative (None without a negative branch)
+    conditionings: tuple[torch.Tensor, torch.Tensor | None]  # first cross_attn entry per prompt, [1, T, C] on the CPU
+    notes: list[str] = field(default_factory=list)
+    attention_marks: int = 0  # cross-attention calls DAAM was told about (attn2 patch)
+    attention_seen: int = 0   # of those, how many reached DAAM's attention override
+
+
+class TraceSession:
+    """The recorder of one DAAM-patched MODEL and the records of its samplings.
+
+    Shared by every clone of the patched model: ``copy.deepcopy`` (used by ``ModelPatcher.clone``)
+    returns the same session, so a LoRA or other patch applied after DAAM keeps recording into it.
+    """
+
+    def __init__(self, filter: RecordFilter):
+        self.recorder = CrossAttentionRecorder(filter)
+        self.records: list[SamplingRecord] = []
+        self.lock = threading.Lock()
+        self._pending: tuple[str, str, int] | None = None  # (layer, location, context length)
+        self._uuid_stream: dict = {}
+        self._latent_hw: tuple[int, int] = (0, 0)
+        self._n_images = 0
+        self._notes: list[str] = []
+        self._model_sampling = None
+        self._conds: tuple = (None, None)
+        self._marks = 0
+        self._seen = 0
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __copy__(self):
+        return self
+
+    # -- sampling ----------------------------------------------------------------------------
+    def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        guider = executor.class_obj
+        with self.lock:
+            self._start(guider, noise)
+            try:
+                output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+                recorded = self.recorder.finish()
+                record = SamplingRecord(recorded=recorded, latent=output.detach().to("cpu", torch.float32).clone(),
+                                        token_counts=self._token_counts, conditionings=self._conds,
+                                        notes=list(self._notes), attention_marks=self._marks,
+                                        attention_seen=self._seen)
+                self.records = [r for r in self.records if not torch.equal(r.latent, record.latent)][-(MAX_RECORDS - 1):]
+                self.records.append(record)
+                return output
+            finally:
+                self.recorder.finish()  # forget partial sums after an error or a cancel
+                self._uuid_stream = {}
+                self._pending = None
+
+    def _start(self, guider, noise: torch.Tensor) -> None:
+        conds = getattr(guider, "conds", {}) or {}
+        positive, negative = conds.get("positive") or [], conds.get("negative") or []
+        self._notes = []
+        for name, entries in (("positive", positive), ("negative", negative)):
+            if len(entries) > 1:
+                self._notes.append(f"the {name} conditioning has {len(entries)} entries (combined, area or timestep-"
+                                   f"range conditionings); maps are taken from the first one only")
+        if noise.ndim != 4:
+            raise ValueError(f"DAAM supports image latents [batch, channels, height, width]; got shape "
+                             f"{tuple(noise.shape)}")
+        b, _, h, w = noise.shape
+        self._latent_hw = (int(h), int(w))
+        self._n_images = int(b)
+        streams, counts, conds, self._uuid_stream = [], [], [], {}
+        for prompt, (branch, entries) in enumerate((("cond", positive), ("uncond", negative))):
+            if not entries or entries[0].get("cross_attn") is None:
+                continue
+            self._uuid_stream[entries[0]["uuid"]] = (branch, len(streams))
+            streams += [Stream(i, branch, len(counts)) for i in range(b)]
+            counts.append(int(entries[0]["cross_attn"].shape[1]))
+            conds.append(entries[0]["cross_attn"][:1].detach().to("cpu", torch.float32).clone())
+        if not streams:
+            raise ValueError("DAAM found no text conditioning (cross_attn) in this sampling; connect a CLIP Text Encode "
+                             "conditioning to the sampler")
+        self._token_counts = (counts[0], counts[1] if len(counts) > 1 else None)
+        self._conds = (conds[0], conds[1] if len(conds) > 1 else None)
+        self._marks = self._seen = 0
+        self._model_sampling = guider.model_patcher.get_model_object("model_sampling")
+        self.recorder.begin(UNetGrid(self._latent_hw), streams, counts)
+
+    # -- one model call ----------------------------------------------------------------------
+    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                    **kwargs):
+        try:
+            self._set_call(x, t, transformer_options)
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        finally:
+            self.recorder.skip_call()
+
+    def _set_call(self, x, t, options) -> None:
+        kinds = options.get("cond_or_uncond") or []
+        uuids = options.get("uuids") or []
+        if not self._uuid_stream or not kinds or len(uuids) != len(kinds) or tuple(x.shape[-2:]) != self._latent_hw:
+            self.recorder.skip_call()  # e.g. an area-cropped conditioning batch, or a call outside sampling
+            return
+        chunk = x.shape[0] // len(kinds)
+        if chunk != self._n_images:
+            self.recorder.skip_call()
+            return
+        rows: list[int | None] = []
+        for u in uuids:
+            hit = self._uuid_stream.get(u)
+            rows += [None] * chunk if hit is None else [hit[1] + i for i in range(chunk)]
+        f = self.recorder.filter
+        progress = 0.0
+        if (f.start, f.end) != (0.0, 1.0) and self._model_sampling is not None:
+            ms = self._model_sampling
+            timestep = float(ms.timestep(t[:1].float()).flatten()[0])
+            progress = progress_from_timestep(timestep, getattr(ms, "num_timesteps", None)
+                                              or len(getattr(ms, "sigmas", [])) or 1000)
+        self.recorder.set_call(rows, progress)
+
+    # -- attention ---------------------------------------------------------------------------
+    def attn2_patch(self, n, context, value, extra_options):
+        if self.recorder.active:
+            block = extra_options.get("block") or ("?", 0)
+            name = f"{block[0]}.{block[1]}.{extra_options.get('block_index', 0)}"
+            self._pending = (name, LOCATION.get(block[0], "down"), int(context.shape[1]))
+            self._marks += 1
+        return n, context, value
+
+    def attention_override(self, previous):
+        """An ``optimized_attention_override`` that records cross-attention and defers to ``previous``."""
+
+        def override(func, *args, **kwargs):
+            out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+            pending = self._pending
+            if pending is not None:
+                q, k, _, heads = args[:4]
+                skip_reshape = kwargs.get("skip_reshape", False)
+                t = k.shape[2] if skip_reshape else k.shape[1]
+                if t == pending[2]:  # the key is the text context: this is the marked cross-attention
+                    self._pending = None
+                    self._seen += 1
+                    self.recorder.record(pending[0], pending[1], q, k, heads, scale=kwargs.get("scale"),
+                                         skip_reshape=skip_reshape)
+            return out
+
+        return override
+
+    # -- results -----------------------------------------------------------------------------
+    def find(self, samples: torch.Tensor | None) -> SamplingRecord:
+        """The record whose output latent equals ``samples`` (the sampler's LATENT)."""
+        if not self.records:
+            raise ValueError("this DAAM model has not sampled anything yet: connect the sampler's LATENT output "
+                             "(or the image decoded from it) so that the heat maps run after sampling")
+        if samples is None:
+            return self.records[-1]
+        s = samples.detach().to("cpu", torch.float32)
+        for r in reversed(self.records):
+            if r.latent.shape == s.shape and torch.equal(r.latent, s):
+                return r
+        raise ValueError("the LATENT given to DAAM was not produced by a sampler using this DAAM model (or it was "
+                         "changed after sampling); connect the sampler's LATENT output directly")

@@ -1,0 +1,145 @@
+"""ComfyUI's token replay: the layout of exactly what ComfyUI's tokenizer returned (pure Python, no ComfyUI import)."""
+
+from __future__ import annotations
+
+import numbers
+
+from ...text.embeddings import EMBEDDING_PREFIX
+from ...text.layout import TokenLayout, Word
+from ...text.pieces import END_OF_WORD, decode_pieces, pieces_of
+from ...text.syntax import parse_prompt
+from ...text.tokenize import LITERAL, renumber_embedding_pieces, segment_groups
+
+
+def _as_id(token) -> int:
+    """A host token: a Python/NumPy/0-d tensor integer -> its id; an embedding vector -> -1."""
+    if isinstance(token, numbers.Integral):
+        return int(token)
+    shape = getattr(token, "shape", None)
+    if shape is not None and len(shape) == 0:
+        return int(token.item())
+    return -1
+
+
+def layout_from_comfy_tokens(chunks, tokenizer, *, prompt: str) -> TokenLayout:
+    """Layout of exactly what ComfyUI's tokenizer produced for one text encoder.
+
+    Parameters
+    ----------
+    chunks : list of list of (token, weight, word_id)
+        ``SDTokenizer.tokenize_with_weights(prompt, return_word_ids=True)`` for one encoder (e.g. ``["l"]``):
+        ``n_chunks`` lists of ``chunk_length`` entries; ``token`` is an int id or an embedding vector tensor,
+        ``word_id`` is 0 for BOS/EOS/padding and otherwise numbers ComfyUI's word groups.
+    tokenizer : CLIPTokenizer-like
+        The encoder's Hugging Face tokenizer (``sd_tokenizer.tokenizer``).
+    prompt : str
+        The text that was tokenized, to recover the words as written and the embeddings' names.
+
+    Returns
+    -------
+    TokenLayout
+        Ids and weights exactly as the host encodes them, ``length = n_chunks * chunk_length``.
+    """
+    flat = [entry for chunk in chunks for entry in chunk]
+    if not chunks or not flat:
+        raise ValueError("no tokens: expected the output of tokenize_with_weights(..., return_word_ids=True)")
+    chunk_length = len(chunks[0])
+    if any(len(c) != chunk_length for c in chunks):
+        raise ValueError("chunks differ in length")
+    ids = [_as_id(e[0]) for e in flat]
+    weights = [float(e[1]) for e in flat]
+    if any(len(e) < 3 for e in flat):
+        raise ValueError("word ids missing: call tokenize_with_weights(text, return_word_ids=True)")
+    word_ids = [int(e[2]) for e in flat]
+
+    # the host's groups in order of appearance
+    host_groups: dict[int, list[int]] = {}
+    for p, wid in enumerate(word_ids):
+        if wid != 0:
+            host_groups.setdefault(wid, []).append(p)
+    groups = list(host_groups.values())
+
+    assigned = None
+    for literal in (False, True):
+        assigned = _align_comfy(prompt, tokenizer, groups, ids, literal)
+        if assigned is not None:
+            break
+    if assigned is None:
+        assigned = _words_from_pieces(groups, ids, tokenizer)
+
+    word_of = [-1] * len(ids)
+    names: list[str | None] = [None] * len(ids)
+    words = []
+    for index, (text, positions, name) in enumerate(assigned):
+        for p in positions:
+            word_of[p] = index
+            names[p] = name
+        words.append(Word(text, index, tuple(positions), weights[positions[0]]))
+    real = [i for i in ids if i >= 0]
+    it = iter(pieces_of(tokenizer, real))
+    pieces = [next(it) if i >= 0 else f"<{EMBEDDING_PREFIX}{names[p] or '?'}:0>" for p, i in enumerate(ids)]
+    pieces = renumber_embedding_pieces(pieces, word_of)
+    return TokenLayout(tuple(ids), tuple(weights), tuple(pieces), tuple(word_of), tuple(words), chunk_length,
+                       (), (), tokenizer)
+
+
+def _align_comfy(prompt: str, tokenizer, host: list[list[int]], ids: list[int], literal: bool):
+    """Replay ComfyUI's grouping of ``prompt`` against the host's groups.
+
+    Returns ``[(word text, positions, embedding name)]``, or None when the replay disagrees with the host.
+    """
+    state = {"j": 0}
+
+    def resolve(name: str):
+        if literal:
+            return LITERAL
+        j = state["j"]
+        if j < len(host) and all(ids[p] < 0 for p in host[j]):
+            # the host found a file: by the name as written unless it has commas to strip
+            return None if name != name.strip(",") else len(host[j])
+        return None
+
+    out = []
+    for seg in parse_prompt(prompt, "comfy"):
+        for g in segment_groups(seg, tokenizer, resolve, True):
+            if not g.ids:
+                continue
+            j = state["j"]
+            if j >= len(host):
+                return None
+            positions = host[j]
+            host_ids = [ids[p] for p in positions]
+            if g.embedding is not None:
+                if any(i >= 0 for i in host_ids):
+                    return None
+            elif host_ids != g.ids:
+                return None
+            k = 0
+            for text, n in g.words:
+                out.append((text, positions[k:k + n], g.embedding))
+                k += n
+            state["j"] = j + 1
+    return out if state["j"] == len(host) else None
+
+
+def _words_from_pieces(host: list[list[int]], ids: list[int], tokenizer):
+    """Fallback words: one per word piece (up to an end-of-word marker), embeddings one each."""
+    out = []
+    n_emb = 0
+    for positions in host:
+        if all(ids[p] < 0 for p in positions):
+            name = f"embedding{n_emb}"
+            n_emb += 1
+            out.append((EMBEDDING_PREFIX + name, list(positions), name))
+            continue
+        run_pos: list[int] = []
+        run_pieces: list[str] = []
+        for p, piece in zip(positions, pieces_of(tokenizer, [ids[p] for p in positions])):
+            run_pos.append(p)
+            run_pieces.append(piece)
+            if piece.endswith(END_OF_WORD):
+                out.append((decode_pieces(run_pieces), run_pos, None))
+                run_pos, run_pieces = [], []
+        if run_pos:
+            out.append((decode_pieces(run_pieces), run_pos, None))
+    return out

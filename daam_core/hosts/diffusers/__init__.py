@@ -1,0 +1,1 @@
+"""The diffusers host: ``trace(pipe)``, long/weighted prompt encoding, tiny test pipelines."""

@@ -1,0 +1,322 @@
+"""Tracing diffusers pipelines: ``with trace(pipe) as tc: pipe(...)``.
+
+What is installed while the context is open, and removed on exit (also on error or interrupt):
+- on every cross-attention module of the UNet, a processor that calls the original processor and
+  then records the probabilities from the query and key that the module itself computed (forward
+  hooks on ``to_q``/``to_k`` hand them over, so nothing is computed twice and the output is the
+  original processor's, bit for bit); self-attention keeps its processor and its fast path;
+- a forward pre-hook on the UNet that tells the recorder the latent size, which batch rows are
+  conditional/unconditional for which image, and where the call sits in the sampling;
+- a wrapper around ``pipe.encode_prompt`` that captures the prompts of each call.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+
+from ...engine.geometry import UNetGrid
+from ...engine.recorder import CrossAttentionRecorder, RecordFilter, cfg_rows, cfg_streams
+from ...engine.schedule import progress_from_timestep
+from ...engine.trace import AttentionTrace
+from ...text.layout import TokenLayout
+from ...text.tokenize import tokenize
+
+
+def _location(name: str) -> str:
+    if name.startswith("down_blocks"):
+        return "down"
+    if name.startswith("mid_block"):
+        return "mid"
+    if name.startswith("up_blocks"):
+        return "up"
+    raise ValueError(f"cannot tell the UNet part of attention module {name!r}")
+
+
+class CrossAttentionRecorderProcessor:
+    """Attention processor that records cross-attention probabilities around the original processor.
+
+    Parameters
+    ----------
+    inner : callable
+        The processor that was installed before (it still computes the output).
+    recorder : CrossAttentionRecorder
+    name : str
+        Module path of the attention layer.
+    """
+
+    def __init__(self, inner, recorder: CrossAttentionRecorder, name: str):
+        self.inner = inner
+        self.recorder = recorder
+        self.name = name
+        self.location = _location(name)
+        self.q: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None
+
+    def capture_q(self, module, args, output):
+        self.q = output
+
+    def capture_k(self, module, args, output):
+        self.k = output
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        out = self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        q, k = self.q, self.k
+        self.q = self.k = None
+        if q is not None and k is not None and encoder_hidden_states is not None \
+                and self.recorder.wants(self.name, self.location):
+            if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+                heads = attn.heads
+                q = attn.norm_q(q.unflatten(-1, (heads, -1))).flatten(-2) if attn.norm_q is not None else q
+                k = attn.norm_k(k.unflatten(-1, (heads, -1))).flatten(-2) if attn.norm_k is not None else k
+            self.recorder.record(self.name, self.location, q, k, attn.heads, scale=attn.scale)
+        return out
+
+
+def _as_list(x, n: int | None = None) -> list[str]:
+    if x is None:
+        return [""] * (n or 1)
+    if isinstance(x, str):
+        return [x] * (n or 1)
+    return list(x)
+
+
+class DiffusersTrace:
+    """Cross-attention tracing of a diffusers Stable Diffusion / SDXL pipeline.
+
+    Use :func:`trace` to create it. After each pipeline call inside the context, :meth:`result`
+    returns the :class:`AttentionTrace` of that call; :meth:`word_maps` and :meth:`word_map` read
+    the last one directly.
+
+    Parameters
+    ----------
+    pipe : diffusers pipeline with ``unet``, ``tokenizer`` and ``encode_prompt``
+        StableDiffusion(XL)Pipeline and their Img2Img/Inpaint variants.
+    filter : RecordFilter
+        Layers, heads, time window and branches to record.
+    keep_on_device : bool
+        Keep the finished sums on the model's device instead of moving them to the CPU.
+    """
+
+    def __init__(self, pipe, filter: RecordFilter | None = None, keep_on_device: bool = False):
+        for attr in ("unet", "tokenizer", "encode_prompt"):
+            if not hasattr(pipe, attr):
+                raise TypeError(f"{type(pipe).__name__} is not a supported pipeline: it has no '{attr}' "
+                                "(supported: Stable Diffusion 1.x/2.x and SDXL pipelines, txt2img/img2img/inpaint)")
+        self.pipe = pipe
+        self.recorder = CrossAttentionRecorder(filter)
+        self.keep_on_device = keep_on_device
+        self.traces: list[AttentionTrace] = []
+        self._handles: list = []
+        self._processors: dict = {}
+        self._pending: dict | None = None  # prompts of the call whose sampling has not begun yet
+        self._current: dict | None = None  # facts of the sampling being recorded
+        self._staged: list[TokenLayout] | None = None
+        self._installed = False
+
+    # -- install / uninstall ---------------------------------------------------------------------
+    def install(self) -> None:
+        if self._installed:
+            raise RuntimeError("this trace is already installed")
+        from diffusers.models.attention_processor import Attention
+
+        unet = self.pipe.unet
+        try:
+            originals = {}
+            for name, module in unet.named_modules():
+                if isinstance(module, Attention) and module.is_cross_attention:
+                    proc = CrossAttentionRecorderProcessor(module.processor, self.recorder, name)
+                    originals[name] = (module, module.processor)
+                    self._handles.append(module.to_q.register_forward_hook(proc.capture_q))
+                    self._handles.append(module.to_k.register_forward_hook(proc.capture_k))
+                    module.processor = proc
+                    self._processors[name] = originals[name]
+            if not self._processors:
+                raise ValueError(f"{type(unet).__name__} has no cross-attention layers to trace")
+            self._handles.append(unet.register_forward_pre_hook(self._before_unet, with_kwargs=True))
+            original_encode = self.pipe.encode_prompt
+            signature = inspect.signature(original_encode)
+
+            def encode_prompt(*args, **kwargs):
+                self._capture_prompts(signature.bind(*args, **kwargs).arguments)
+                return original_encode(*args, **kwargs)
+
+            self.pipe.encode_prompt = encode_prompt
+            self._installed = True
+        except BaseException:
+            self.uninstall()
+            raise
+
+    def uninstall(self) -> None:
+        """Restore every processor, remove every hook and the prompt wrapper (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for module, original in self._processors.values():
+            module.processor = original
+        self._processors.clear()
+        if "encode_prompt" in vars(self.pipe):
+            del self.pipe.encode_prompt
+        self._finalize()
+        self._installed = False
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def stage_layouts(self, positive: Sequence[TokenLayout], negative: Sequence[TokenLayout],
+                      texts: Sequence[str] = ()) -> None:
+        """Token layouts for the next call that passes ``prompt_embeds`` instead of text."""
+        if len(positive) != len(negative):
+            raise ValueError(f"{len(positive)} positive but {len(negative)} negative layouts")
+        self._staged = list(positive) + list(negative)
+        self._staged_count = len(positive)
+        self._staged_texts = list(texts)
+
+    def _layout(self, text: str) -> TokenLayout:
+        tok = self.pipe.tokenizer
+        return tokenize(text, tok, syntax="plain", chunked=False, max_length=tok.model_max_length,
+                        pad_with_end=tok.pad_token_id == tok.eos_token_id)
+
+    def _capture_prompts(self, args: dict) -> None:
+        self._finalize()
+        n_img = int(args.get("num_images_per_prompt") or 1)
+        cfg = bool(args.get("do_classifier_free_guidance", True))
+        prompt = args.get("prompt")
+        if prompt is None:
+            if self._staged is None:
+                raise ValueError("DAAM needs the prompt text to name words: pass `prompt=` to the pipeline, or build "
+                                 "the embeddings with `tc.encode_prompt(prompt, negative_prompt)` (tc: the object "
+                                 "`trace(pipe)` returned), which registers their tokens")
+            layouts, n_prompts = self._staged, self._staged_count
+            texts = self._staged_texts
+            self._staged = None
+        else:
+            prompts = _as_list(prompt)
+            negatives = _as_list(args.get("negative_prompt"), len(prompts))
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+            layouts = [self._layout(p) for p in prompts] + [self._layout(p) for p in negatives]
+            n_prompts = len(prompts)
+            texts = prompts + negatives
+        n_images = n_prompts * n_img
+        streams = cfg_streams(n_images, [i // n_img for i in range(n_images)], n_prompts)
+        self._pending = dict(
+            layouts=layouts, cfg=cfg, n_images=n_images,
+            streams=streams if cfg else streams[:n_images],  # no uncond rows, no uncond sums
+            rows=tuple(cfg_rows(n_images, cfg)), texts=texts)
+
+    def _before_unet(self, module, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            streams = pending["streams"]
+            h, w = sample.shape[-2:]
+            self.recorder.begin(UNetGrid((h, w)), streams, [lay.length for lay in pending["layouts"]])
+            self._current = pending
+            self._current["latent_hw"] = (int(h), int(w))
+            self._current["unet_calls"] = 0
+        if self._current is None:  # the UNet was called outside a pipeline call we saw
+            self.recorder.skip_call()
+            return None
+        rows = self._current["rows"]
+        self._current["unet_calls"] += 1
+        if sample.shape[0] != len(rows):
+            msg = (f"a UNet call with batch {sample.shape[0]} does not match the expected "
+                   f"{len(rows)} rows (images x CFG branches); call skipped")
+            if msg not in self.recorder.warnings:
+                self.recorder.warnings.append(msg)
+            self.recorder.skip_call()
+            return None
+        f = self.recorder.filter
+        progress = 0.0
+        if (f.start, f.end) != (0.0, 1.0):  # only then is the timestep read (a device sync on GPU)
+            t = args[1] if len(args) > 1 else kwargs.get("timestep")
+            t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+            progress = progress_from_timestep(t, getattr(self.pipe.scheduler.config, "num_train_timesteps", 1000))
+        self.recorder.set_call(rows, progress)
+        return None
+
+    def _finalize(self) -> None:
+        if self._current is None:
+            return
+        cur, self._current = self._current, None
+        recorded = self.recorder.finish()
+        if not recorded.sums:
+            return
+        scale = getattr(self.pipe, "vae_scale_factor", 8)
+        h, w = cur["latent_hw"]
+        n_prompts = len(cur["layouts"]) // 2
+        meta = {"pipeline": type(self.pipe).__name__, "cfg": cur["cfg"], "unet_calls": cur["unet_calls"],
+                "num_images": cur["n_images"], "prompts": cur["texts"][:n_prompts],
+                "negative_prompts": cur["texts"][n_prompts:]}
+        self.traces.append(AttentionTrace.from_recorder(
+            recorded, cur["layouts"], (h * scale, w * scale), meta,
+            device=None if self.keep_on_device else "cpu"))
+
+    # -- results ---------------------------------------------------------------------------------
+    def result(self, index: int = -1) -> AttentionTrace:
+        """The trace of a finished pipeline call (default: the last one)."""
+        self._finalize()
+        if not self.traces:
+            raise RuntimeError("nothing was traced yet: call the pipeline inside the `with trace(pipe)` block")
+        return self.traces[index]
+
+    def encode_prompt(self, prompt, negative_prompt="", syntax: str = "comfy") -> dict:
+        """Long / weighted prompt embeddings for the next call, with their tokens registered.
+
+        ``pipe(**tc.encode_prompt("a (red:1.3) car ..."), ...)``; see :func:`daam_core.hosts.diffusers.prompt.encode_prompt`.
+        """
+        from .prompt import encode_prompt
+
+        return encode_prompt(self.pipe, prompt, negative_prompt, syntax=syntax, trace=self)
+
+    def word_maps(self, words, **kwargs) -> torch.Tensor:
+        """``result().word_maps(words, ...)``: ``[images, words, H, W]``."""
+        return self.result().word_maps(words, **kwargs)
+
+    def word_map(self, word: str, **kwargs):
+        """``result().word_map(word, ...)``: a :class:`WordHeatMap`."""
+        return self.result().word_map(word, **kwargs)
+
+    def __enter__(self) -> "DiffusersTrace":
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+
+def trace(pipe, *, factors: Sequence[int] | None = None, locations: Sequence[str] | None = None,
+          layers: Sequence[str] | None = None, heads: Sequence[int] | None = None,
+          time_window: tuple[float, float] = (0.0, 1.0), negative: bool = True,
+          keep_on_device: bool = False) -> DiffusersTrace:
+    """Trace the cross-attention of a diffusers pipeline.
+
+    Parameters
+    ----------
+    pipe : StableDiffusionPipeline, StableDiffusionXLPipeline or their img2img / inpaint variants
+    factors : sequence of int, optional
+        Layer resolutions to record, as downsampling relative to the latent (SD1.5 at 512: 4 = 16x16).
+    locations : sequence of {"down", "mid", "up"}, optional
+    layers : sequence of str, optional
+        Exact module paths (``down_blocks.1.attentions.0.transformer_blocks.0.attn2``).
+    heads : sequence of int, optional
+        Heads to sum (default all).
+    time_window : (float, float)
+        Fraction of the denoising to record, 0 = start (noise) .. 1 = end.
+    negative : bool
+        Also record the negative prompt's (unconditional) maps.
+    keep_on_device : bool
+        Leave finished sums on the model's device.
+
+    Returns
+    -------
+    DiffusersTrace
+        A context manager; ``with trace(pipe) as tc: pipe(...); maps = tc.word_maps("dog")``.
+    """
+    f = RecordFilter(factors=tuple(factors) if factors else None, parts=tuple(locations) if locations else None,
+                     layers=tuple(layers) if layers else None, heads=tuple(heads) if heads is not None else None,
+                     start=float(time_window[0]), end=float(time_window[1]),
+                     branches=("cond", "uncond") if negative else ("cond",))
+    return DiffusersTrace(pipe, f, keep_on_device=keep_on_device)

@@ -1,0 +1,1 @@
+"""The project's small "shapes" model: synthetic scenes with exact masks, architecture, loading, shipped weights."""

@@ -1,0 +1,37 @@
+"""Installing DAAM's hooks on a clone of a ComfyUI MODEL (the only module that touches ComfyUI's patcher)."""
+
+from __future__ import annotations
+
+from ..daam_core.engine.recorder import RecordFilter
+from ..daam_core.hosts.comfy.session import OPTIONS_KEY, WRAPPER_KEY, TraceSession
+
+
+def patch_model(model, filter: RecordFilter):
+    """A clone of ``model`` that records cross-attention into a new :class:`TraceSession`.
+
+    Returns
+    -------
+    (ModelPatcher, TraceSession)
+    """
+    import comfy.patcher_extension as ext
+
+    m = model.clone()
+    session = TraceSession(filter)
+    to = m.model_options.setdefault("transformer_options", {})
+    to["optimized_attention_override"] = session.attention_override(to.get("optimized_attention_override"))
+    to[OPTIONS_KEY] = session
+    m.set_model_attn2_patch(session.attn2_patch)
+    m.remove_wrappers_with_key(ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    m.remove_wrappers_with_key(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    m.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, session.outer_sample)
+    m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY, session.apply_model)
+    return m, session
+
+
+def session_of(model) -> TraceSession:
+    """The session of a DAAM-patched MODEL, with a clear error for any other model."""
+    session = getattr(model, "model_options", {}).get("transformer_options", {}).get(OPTIONS_KEY)
+    if session is None:
+        raise ValueError("this MODEL is not traced: pass it through 'DAAM Trace Model' and give the traced MODEL to "
+                         "both the sampler and this node")
+    return session

@@ -1,0 +1,175 @@
+"""Write the UI-format workflows (example_workflows/*.json) from the API-format ones.
+
+The node definitions come from a running ComfyUI's /object_info, so widget order, control widgets
+and input types are the host's own:
+
+    python tools/make_ui_workflows.py            # starts the host (tools/setup_host.sh first)
+    python tools/make_ui_workflows.py --object-info info.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+API_DIR = REPO / "example_workflows" / "api"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+COLUMN_WIDTH, ROW_GAP = 360, 40
+
+
+def is_widget(spec) -> bool:
+    kind = spec[0]
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def has_control(name: str, spec) -> bool:
+    """The frontend adds a 'control after generate' widget to seed-like INT inputs."""
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return spec[0] == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed"))
+
+
+def ordered_inputs(info: dict) -> list[tuple[str, list]]:
+    out = []
+    for section in ("required", "optional"):
+        out.extend(info["input"].get(section, {}).items())
+    order = info.get("input_order")
+    if order:
+        names = order.get("required", []) + order.get("optional", [])
+        lookup = dict(out)
+        out = [(n, lookup[n]) for n in names if n in lookup]
+    return out
+
+
+def depth_of(api: dict) -> dict[str, int]:
+    depth: dict[str, int] = {}
+
+    def visit(nid: str) -> int:
+        if nid not in depth:
+            ups = [v[0] for v in api[nid]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+            depth[nid] = 1 + max((visit(u) for u in ups), default=-1)
+        return depth[nid]
+
+    for nid in api:
+        visit(nid)
+    return depth
+
+
+def to_ui(api: dict, object_info: dict) -> dict:
+    links, nodes = [], []
+    outputs_links: dict[tuple[str, int], list[int]] = {}
+    for nid, node in api.items():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2:
+                link_id = len(links) + 1
+                src, slot = value
+                kind = object_info[api[src]["class_type"]]["output"][slot]
+                links.append([link_id, int(src), slot, int(nid), name, kind])
+                outputs_links.setdefault((src, slot), []).append(link_id)
+    depth = depth_of(api)
+    rows: dict[int, int] = {}
+    order = sorted(api, key=lambda n: (depth[n], int(n)))
+    for index, nid in enumerate(order):
+        node = api[nid]
+        info = object_info.get(node["class_type"])
+        if info is None:
+            raise KeyError(f"node type {node['class_type']!r} is not known to this host")
+        inputs, widgets = [], []
+        for name, spec in ordered_inputs(info):
+            value = node["inputs"].get(name)
+            linked = isinstance(value, list) and len(value) == 2
+            if is_widget(spec):
+                default = spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
+                if isinstance(spec[0], list) and default is None and spec[0]:
+                    default = spec[0][0]
+                if default is None and spec[0] == "STRING":
+                    default = ""
+                widgets.append(default if linked or value is None else value)
+                if has_control(name, spec):
+                    widgets.append("fixed")
+                if linked:
+                    inputs.append({"name": name, "type": "COMBO" if isinstance(spec[0], list) else spec[0],
+                                   "widget": {"name": name}, "link": None})
+            elif linked or name in info["input"].get("required", {}):
+                inputs.append({"name": name, "type": spec[0], "link": None})
+        for link in links:
+            if link[3] == int(nid):
+                for slot in inputs:
+                    if slot["name"] == link[4]:
+                        slot["link"] = link[0]
+        outputs = [{"name": oname, "type": otype, "links": outputs_links.get((nid, i), []), "slot_index": i}
+                   for i, (oname, otype) in enumerate(zip(info["output_name"], info["output"]))]
+        column = depth[nid]
+        y = rows.get(column, 0)
+        height = 60 + 26 * (len(inputs) + len(widgets))
+        rows[column] = y + height + ROW_GAP
+        ui_node = {"id": int(nid), "type": node["class_type"], "pos": [40 + column * COLUMN_WIDTH, 40 + y],
+                   "size": [320, height], "flags": {}, "order": index, "mode": 0, "inputs": inputs,
+                   "outputs": outputs, "properties": {"Node name for S&R": node["class_type"]},
+                   "widgets_values": widgets}
+        title = node.get("_meta", {}).get("title")
+        if title and title != info.get("display_name"):
+            ui_node["title"] = title
+        nodes.append(ui_node)
+    # links refer to input slots by index in the UI format
+    for link in links:
+        target = next(n for n in nodes if n["id"] == link[3])
+        link[4] = next(i for i, s in enumerate(target["inputs"]) if s["name"] == link[4])
+    nodes.sort(key=lambda n: n["id"])
+    return {"last_node_id": max(int(n) for n in api), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def to_api(ui: dict, object_info: dict) -> dict:
+    """The API prompt the frontend would queue for a UI workflow (the inverse of :func:`to_ui`)."""
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        info = object_info[node["type"]]
+        linked = {}
+        for slot in node["inputs"]:
+            if slot.get("link") is not None:
+                _, src, src_slot, *_ = links[slot["link"]]
+                linked[slot["name"]] = [str(src), src_slot]
+        inputs, values = {}, iter(node["widgets_values"])
+        for name, spec in ordered_inputs(info):
+            if is_widget(spec):
+                value = next(values)
+                if has_control(name, spec):
+                    next(values)
+                inputs[name] = linked.get(name, value)
+            elif name in linked:
+                inputs[name] = linked[name]
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return api
+
+
+def fetch_object_info() -> dict:
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers.comfy_server import running_comfyui
+
+    comfy = os.environ.get("COMFYUI_DIR")
+    if not comfy:
+        raise SystemExit("set COMFYUI_DIR (tools/setup_host.sh prints it) or pass --object-info")
+    with running_comfyui(comfy, sys.executable) as client:
+        return client.object_info()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--object-info", type=Path, help="a saved /object_info JSON instead of starting the host")
+    args = p.parse_args(argv)
+    info = json.loads(args.object_info.read_text()) if args.object_info else fetch_object_info()
+    for api_path in sorted(API_DIR.glob("*.json")):
+        ui = to_ui(json.loads(api_path.read_text()), info)
+        out = API_DIR.parent / api_path.name
+        out.write_text(json.dumps(ui, indent=1) + "\n")
+        print(f"wrote {out.relative_to(REPO)} ({len(ui['nodes'])} nodes, {len(ui['links'])} links)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
