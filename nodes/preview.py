@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..daam_core import masks as mask_ops
-from ..daam_core.trace import AttentionTrace
+from ..daam_core.engine import masks as mask_ops
+from ..daam_core.engine.recorder import Recording
+from ..daam_core.engine.trace import AttentionTrace
 
 THRESHOLD_STEPS = 100  # the slider's thresholds are i / 100, i = 0..100 (the node's widget step is 0.01)
 PAYLOAD_VERSION = 1
@@ -113,24 +114,22 @@ def threshold_levels(maps: torch.Tensor, steps: int = THRESHOLD_STEPS) -> torch.
     return count.to(torch.uint8)
 
 
-def _time_maps(recorded: dict, trace: AttentionTrace, entries: list[Entry], normalize: str, combine: str,
-               image: int) -> list[np.ndarray] | None:
-    """Per time bucket ``[E, h, w]`` maps in [0, 1] from the recorder's bucketed sums, or None without them."""
-    buckets = recorded.get("time_sums")
-    if not buckets:
+def _time_maps(recorded: Recording | None, trace: AttentionTrace, entries: list[Entry], normalize: str,
+               combine: str, image: int) -> np.ndarray | None:
+    """``[K, E, h, w]`` maps per time bucket from the recorder's bucketed sums, or None without them."""
+    if recorded is None or not recorded.time_sums:
         return None
-    k = len(recorded["time_calls"])
-    out = []
+    k = len(next(iter(recorded.time_calls.values())))
+    out = np.zeros((k, len(entries), *trace.latent_hw), np.float32)
     for b in range(k):
-        calls = {name: c for name, c in recorded["time_calls"][b].items()}
-        sums = {name: s[b] for name, s in buckets.items() if calls.get(name, 0) > 0}
+        calls = {name: c[b] for name, c in recorded.time_calls.items() if c[b] > 0}
+        sums = {name: recorded.time_sums[name][b] for name in calls if name in trace.sums}
         if not sums:
-            out.append(np.zeros((len(entries), *trace.latent_hw), np.float32))
-            continue
+            continue  # nothing recorded in this part of the sampling (e.g. outside the time window)
         part = AttentionTrace(sums=sums, layers={n: trace.layers[n] for n in sums}, calls=calls,
                               streams=trace.streams, layouts=trace.layouts, latent_hw=trace.latent_hw,
-                              image_hw=trace.latent_hw)
-        out.append(_entry_maps(part, entries, normalize, combine, image, part.latent_hw).numpy())
+                              image_hw=trace.latent_hw, recorded_branches=trace.recorded_branches)
+        out[b] = _entry_maps(part, entries, normalize, combine, image, part.latent_hw).numpy()
     return out
 
 
@@ -147,7 +146,7 @@ def _entry_maps(trace: AttentionTrace, entries: list[Entry], normalize: str, com
 
 
 def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[str], *, threshold: float,
-                  normalize: str, combine: str, images: list[dict] | None = None, recorded: dict | None = None,
+                  normalize: str, combine: str, images: list[dict] | None = None, recorded: Recording | None = None,
                   alpha: float = 0.5) -> dict:
     """The ``daam_preview`` payload of one DAAM Heatmaps run.
 
@@ -161,7 +160,7 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
         The node's settings, so the preview shows what the node computed.
     images : list of dict, optional
         Per batch image, the ``/view`` reference (filename, subfolder, type) of the decoded image.
-    recorded : dict, optional
+    recorded : Recording, optional
         The recorder's output; its ``time_sums``/``time_calls`` (when traced with time buckets) feed the scrub.
     """
     layouts = [("positive", "cond")] + ([("negative", "uncond")] if "uncond" in trace.branches() else [])
@@ -177,13 +176,13 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
         full = _entry_maps(trace, entries, normalize, combine, b, image_hw)
         item = {"maps": _b64(low.numpy().astype("<f4").tobytes()),
                 "levels": _b64(threshold_levels(full).numpy().tobytes(), compress=True)}
-        timed = _time_maps(recorded or {}, trace, entries, normalize, combine, b)
-        if timed is not None:
-            stack = np.stack(timed)  # [K, E, h, w]
+        stack = _time_maps(recorded, trace, entries, normalize, combine, b)  # [K, E, h, w]
+        if stack is not None:
             peak = stack.reshape(*stack.shape[:2], -1).max(-1)[..., None, None]
             q = np.round(np.clip(stack / np.maximum(peak, 1e-12), 0, 1) * 255).astype(np.uint8)
             item["time"] = _b64(q.tobytes(), compress=True)
-            time_meta = {"buckets": len(timed), "edges": [round(i / len(timed), 4) for i in range(len(timed) + 1)]}
+            k = stack.shape[0]
+            time_meta = {"buckets": k, "edges": [round(i / k, 4) for i in range(k + 1)]}
         if images and b < len(images):
             item["image"] = images[b]
         per_image.append(item)

@@ -68,6 +68,9 @@ class RecordFilter:
         A model call at progress ``p`` is recorded when ``start <= p <= end``.
     branches : tuple of str
         Which CFG branches to record; drop ``"uncond"`` to skip negative-prompt maps.
+    time_buckets : int
+        1 = one sum over the sampling; K > 1 = also one sum per K-th of the sampling's progress (for seeing
+        when a word takes hold), K times the memory of one sum, still flat in the number of steps.
     """
 
     factors: tuple[int, ...] | None = None
@@ -77,8 +80,11 @@ class RecordFilter:
     start: float = 0.0
     end: float = 1.0
     branches: tuple[str, ...] = BRANCHES
+    time_buckets: int = 1
 
     def __post_init__(self):
+        if not isinstance(self.time_buckets, int) or self.time_buckets < 1:
+            raise ValueError(f"time_buckets must be an integer >= 1, got {self.time_buckets!r}")
         if not 0.0 <= self.start <= self.end <= 1.0:
             raise ValueError(f"time window must satisfy 0 <= start <= end <= 1, got ({self.start}, {self.end})")
         if self.factors is not None:
@@ -129,6 +135,10 @@ class Recording:
         The branches that were recorded (a stream of another branch has no maps).
     warnings : list of str
         What had to be skipped.
+    time_sums : dict layer -> Tensor ``[K, streams, N_layer, T_max]``
+        With ``RecordFilter.time_buckets`` K > 1: the sums per K-th of the sampling (they add up to ``sums``).
+    time_calls : dict layer -> list of K int
+        Recorded calls per layer and time bucket.
     """
 
     sums: dict[str, torch.Tensor]
@@ -139,6 +149,8 @@ class Recording:
     latent_hw: tuple[int, int]
     branches: tuple[str, ...] = BRANCHES
     warnings: list[str] = field(default_factory=list)
+    time_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    time_calls: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,6 +159,7 @@ class _Call:
 
     active: bool = False
     rows: tuple[int | None, ...] = ()
+    bucket: int = 0  # time bucket of the call (RecordFilter.time_buckets)
 
 
 class CrossAttentionRecorder:
@@ -176,6 +189,7 @@ class CrossAttentionRecorder:
         self._call = _Call()
         self._enabled: dict[str, bool] = {}
         self._index_cache: dict[tuple, object] = {}
+        self._time_calls: dict[str, list[int]] = {}
         self._started = False
 
     @property
@@ -208,6 +222,7 @@ class CrossAttentionRecorder:
         self.warnings.clear()
         self._enabled.clear()
         self._index_cache.clear()
+        self._time_calls = {}
         self._call = _Call()
         self._started = True
 
@@ -224,7 +239,8 @@ class CrossAttentionRecorder:
         wanted = tuple(r if (r is not None and self.streams[r].branch in self.filter.branches) else None
                        for r in rows)
         active = self._started and self.filter.in_window(progress) and any(r is not None for r in wanted)
-        self._call = _Call(active=active, rows=wanted)
+        k = self.filter.time_buckets
+        self._call = _Call(active=active, rows=wanted, bucket=min(max(int(progress * k), 0), k - 1))
 
     def skip_call(self) -> None:
         """Record nothing until the next ``set_call`` (e.g. a model call the adapter cannot map)."""
@@ -237,10 +253,14 @@ class CrossAttentionRecorder:
 
     def finish(self) -> Recording:
         """End the sampling and hand over the sums (the recorder forgets them)."""
-        out = Recording(sums=dict(self.sums), layers=dict(self.layers), calls=dict(self.calls),
+        timed = self.filter.time_buckets > 1  # then each sum is [K, streams, N, T]
+        out = Recording(sums={n: v.sum(0) for n, v in self.sums.items()} if timed else dict(self.sums),
+                        layers=dict(self.layers), calls=dict(self.calls),
                         streams=list(self.streams), token_counts=list(self.token_counts),
                         latent_hw=self.grid.latent_hw, branches=tuple(self.filter.branches),
-                        warnings=list(self.warnings))
+                        warnings=list(self.warnings), time_sums=dict(self.sums) if timed else {},
+                        time_calls={n: list(c) for n, c in self._time_calls.items()} if timed else {})
+        self._time_calls = {}
         self.sums = {}
         self.layers = {}
         self.calls = {}
@@ -325,6 +345,8 @@ class CrossAttentionRecorder:
         probs = scores.softmax(dim=-1).sum(dim=1)  # [rows, N, T_call]
         self._accumulate(name, probs, streams)
         self.calls[name] = self.calls.get(name, 0) + 1
+        if self.filter.time_buckets > 1:
+            self._time_calls.setdefault(name, [0] * self.filter.time_buckets)[self._call.bucket] += 1
 
     def _heads(self, device: torch.device) -> torch.Tensor:
         key = ("heads", device)
@@ -347,10 +369,13 @@ class CrossAttentionRecorder:
     def _accumulate(self, name: str, probs: torch.Tensor, streams: tuple[int, ...]) -> None:
         t_call = probs.shape[-1]
         acc = self.sums.get(name)
+        k = self.filter.time_buckets
         if acc is None:
-            acc = torch.zeros(len(self.streams), probs.shape[1], max(self.token_counts),
+            acc = torch.zeros(*((k,) if k > 1 else ()), len(self.streams), probs.shape[1], max(self.token_counts),
                               dtype=torch.float32, device=probs.device)
             self.sums[name] = acc
+        if k > 1:
+            acc = acc[self._call.bucket]  # a view: the call adds into its time bucket
         # Group rows by their prompt's token count; usually there is one group.
         groups: dict[int, list[int]] = {}
         for j, s in enumerate(streams):
