@@ -282,7 +282,7 @@ def preview(images: torch.Tensor, prefix: str) -> list[dict]:
     out = []
     for i, im in enumerate(images):
         file = f"{name}_{counter + i:05}_.png"
-        render.save_png(os.path.join(full, file), im.cpu().numpy())
+        render.save_png(os.path.join(full, file), im.detach().cpu().numpy())
         out.append({"filename": file, "subfolder": subfolder, "type": "temp"})
     return out
 
