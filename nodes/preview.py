@@ -4,13 +4,14 @@ The ``ui`` dict of DAAM Heatmaps carries one ``daam_preview`` entry (ComfyUI's u
 of the batch it holds, for every chip the preview offers (each word of the positive and negative prompt, each
 occurrence ``dog#2`` of a repeated word, and every phrase the node was asked for):
 
-- ``maps``: the word maps at the latent's resolution, normalised as the node normalises (float32), for the
-  overlays and the hover ranking, which the browser samples and upsamples itself;
+- ``maps``: the word maps at the latent's resolution (float32), not normalised: mean head-summed probabilities,
+  comparable across words, for the hover ranking; the browser normalises them for the overlays as the node does
+  (``normalize``) and upsamples them itself;
 - ``levels``: at image size, for every pixel, how many of the slider's thresholds ``0.00, 0.01, ..., 1.00`` keep
   it in the mask, computed with :func:`masks.threshold` on the very maps the node's MASK output is cut from.
   The browser's mask at slider step ``i`` is ``levels > i``: exactly the MASK of the next run at that threshold;
-- ``time`` (when the model was traced with time buckets): the same maps per sampling interval (uint8), for the
-  time scrub.
+- ``time`` (when the model was traced with time buckets): the same maps per part of the sampling (uint8, each
+  part scaled by its largest value over all words), for the time scrub.
 
 Binary arrays travel as base64 (``levels`` and ``time`` zlib-compressed), row-major, little-endian.
 """
@@ -114,8 +115,8 @@ def threshold_levels(maps: torch.Tensor, steps: int = THRESHOLD_STEPS) -> torch.
     return count.to(torch.uint8)
 
 
-def _time_maps(recorded: Recording | None, trace: AttentionTrace, entries: list[Entry], normalize: str,
-               combine: str, image: int) -> np.ndarray | None:
+def _time_maps(recorded: Recording | None, trace: AttentionTrace, entries: list[Entry], combine: str,
+               image: int) -> np.ndarray | None:
     """``[K, E, h, w]`` maps per time bucket from the recorder's bucketed sums, or None without them."""
     if recorded is None or not recorded.time_sums:
         return None
@@ -129,7 +130,7 @@ def _time_maps(recorded: Recording | None, trace: AttentionTrace, entries: list[
         part = AttentionTrace(sums=sums, layers={n: trace.layers[n] for n in sums}, calls=calls,
                               streams=trace.streams, layouts=trace.layouts, latent_hw=trace.latent_hw,
                               image_hw=trace.latent_hw, recorded_branches=trace.recorded_branches)
-        out[b] = _entry_maps(part, entries, normalize, combine, image, part.latent_hw).numpy()
+        out[b] = _entry_maps(part, entries, "none", combine, image, part.latent_hw).numpy()
     return out
 
 
@@ -172,13 +173,13 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
     per_image = []
     time_meta = None
     for b in range(trace.num_images):
-        low = _entry_maps(trace, entries, normalize, combine, b, latent_hw).float().contiguous()
+        low = _entry_maps(trace, entries, "none", combine, b, latent_hw).float().contiguous()
         full = _entry_maps(trace, entries, normalize, combine, b, image_hw)
         item = {"maps": _b64(low.numpy().astype("<f4").tobytes()),
                 "levels": _b64(threshold_levels(full).numpy().tobytes(), compress=True)}
-        stack = _time_maps(recorded, trace, entries, normalize, combine, b)  # [K, E, h, w]
+        stack = _time_maps(recorded, trace, entries, combine, b)  # [K, E, h, w]
         if stack is not None:
-            peak = stack.reshape(*stack.shape[:2], -1).max(-1)[..., None, None]
+            peak = stack.reshape(stack.shape[0], -1).max(-1)[:, None, None, None]
             q = np.round(np.clip(stack / np.maximum(peak, 1e-12), 0, 1) * 255).astype(np.uint8)
             item["time"] = _b64(q.tobytes(), compress=True)
             k = stack.shape[0]

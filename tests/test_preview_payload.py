@@ -89,18 +89,19 @@ def test_mask_at_every_slider_step_is_the_node_mask(run):
     assert checked > 10  # most of the masks compared are neither empty nor full
 
 
-def test_maps_are_the_node_maps_at_latent_size_and_time_buckets_add_up(run, pack):
+def test_maps_are_the_raw_maps_at_latent_size_and_time_buckets_differ(run, pack):
     out = run("cat, dog")
     payload = out["ui"]["daam_preview"][0]
     trace = out["result"][3].trace
     keys = [x["key"] for x in payload["entries"] if x["prompt"] == "positive"]
     for b, (maps, _) in enumerate(decode(payload)):
-        ref = trace.word_maps(keys, image=b, size=trace.latent_hw, missing="zeros").numpy()
+        ref = trace.word_maps(keys, image=b, size=trace.latent_hw, normalize="none", missing="zeros").numpy()
         assert np.array_equal(maps[:len(keys)], ref)
     assert payload["time"]["buckets"] == 4 and payload["time"]["edges"] == [0, 0.25, 0.5, 0.75, 1]
     e = len(payload["entries"])
     timed = np.frombuffer(zlib.decompress(base64.b64decode(payload["images"][0]["time"])), np.uint8)
     timed = timed.reshape(4, e, 6, 8)
     cat = index_of(payload, "cat")
-    assert timed[:, cat].reshape(4, -1).max(-1).tolist() == [255] * 4  # each bucket normalised to its own peak
+    assert timed.reshape(4, -1).max(-1).tolist() == [255] * 4  # each part of the sampling scaled to its own peak
+    assert timed[:, cat].max() > 0
     assert not np.array_equal(timed[0, cat], timed[3, cat])  # early and late differ

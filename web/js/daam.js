@@ -159,23 +159,46 @@ class DaamPreview {
     return g.getImageData(0, 0, W, H).data;
   }
 
-  // The display map of entry `i` of the current image and time bucket, at image size.
+  // Entry `i`'s map of the current image and time bucket at map size, unnormalised (comparable across words).
+  rawOf(i) {
+    const d = this.data, img = d.decoded[this.image], size = d.h * d.w;
+    if (this.bucket > 0 && img.time) {
+      const off = ((this.bucket - 1) * d.n + i) * size;
+      return Float32Array.from(img.time.subarray(off, off + size), (v) => v / 255);
+    }
+    return img.maps.subarray(i * size, (i + 1) * size);
+  }
+
+  // Entry `i`'s overlay at image size, normalised as the node normalises ('none' is shown like 'shared').
   mapOf(i) {
     const d = this.data, key = `${this.image}:${this.bucket}:${i}`;
     let m = this.cache.get(key);
     if (!m) {
-      const img = d.decoded[this.image], size = d.h * d.w;
-      let low;
-      if (this.bucket > 0 && img.time) {
-        const off = ((this.bucket - 1) * d.n + i) * size;
-        low = Float32Array.from(img.time.subarray(off, off + size), (v) => v / 255);
-      } else {
-        low = img.maps.subarray(i * size, (i + 1) * size);
+      const raw = this.rawOf(i), low = new Float32Array(raw.length);
+      let lo = Infinity, hi = 0;
+      for (const v of raw) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+      if (d.normalize === "shared" || d.normalize === "none") {
+        lo = 0;
+        hi = 0;
+        d.entries.forEach((e, j) => { if (e.prompt === d.entries[i].prompt) for (const v of this.rawOf(j)) hi = Math.max(hi, v); });
+      } else if (d.normalize === "max") {
+        lo = 0;
       }
+      for (let p = 0; p < raw.length; p++) low[p] = hi > lo ? (raw[p] - lo) / (hi - lo) : 0;
       m = resize(low, d.h, d.w, d.H, d.W);
       this.cache.set(key, m);
     }
     return m;
+  }
+
+  // Entry `i`'s unnormalised value at image pixel (x, y), sampled bilinearly from the map.
+  valueAt(i, x, y) {
+    const d = this.data, raw = this.rawOf(i);
+    const fy = Math.min(Math.max((y + 0.5) * d.h / d.H - 0.5, 0), d.h - 1), fx = Math.min(Math.max((x + 0.5) * d.w / d.W - 0.5, 0), d.w - 1);
+    const y0 = Math.floor(fy), x0 = Math.floor(fx), y1 = Math.min(y0 + 1, d.h - 1), x1 = Math.min(x0 + 1, d.w - 1);
+    const ty = fy - y0, tx = fx - x0;
+    return (raw[y0 * d.w + x0] * (1 - tx) + raw[y0 * d.w + x1] * tx) * (1 - ty)
+      + (raw[y1 * d.w + x0] * (1 - tx) + raw[y1 * d.w + x1] * tx) * ty;
   }
 
   // -- controls ------------------------------------------------------------------------------------------
@@ -310,11 +333,19 @@ class DaamPreview {
     const r = this.canvas.getBoundingClientRect();
     const x = Math.floor(((e.clientX - r.left) / r.width) * d.W), y = Math.floor(((e.clientY - r.top) / r.height) * d.H);
     if (x < 0 || y < 0 || x >= d.W || y >= d.H) return;
-    const ranked = d.entries.map((entry, i) => [entry, this.mapOf(i)[y * d.W + x]])
-      .filter(([entry]) => entry.kind !== "occurrence")
-      .sort((a, b) => b[1] - a[1]).slice(0, 5);
-    this.hover.replaceChildren(...ranked.map(([entry, v], k) => el("span", {
-      className: "daam-rank", textContent: `${k ? " · " : ""}${entry.prompt === "negative" ? "neg: " : ""}${entry.key} ${v.toFixed(2)}` })));
+    // Rank the shown words (all words when none is shown) by their attention here, unnormalised so that the
+    // values compare across words; the share is of the ranked words' total at this pixel.
+    const shown = this.visible();
+    const pool = shown.length ? shown : d.entries.map((e, i) => (e.kind === "occurrence" ? -1 : i)).filter((i) => i >= 0);
+    const ranked = pool.map((i) => [d.entries[i], this.valueAt(i, x, y)]).sort((a, b) => b[1] - a[1]);
+    const total = ranked.reduce((s, [, v]) => s + v, 0) || 1;
+    this.hover.replaceChildren(...ranked.slice(0, 6).map(([entry, v], k) => {
+      const item = el("span", { className: "daam-rank",
+        textContent: `${k ? " · " : ""}${entry.prompt === "negative" ? "neg: " : ""}${entry.key} ${Math.round((100 * v) / total)}%` });
+      item.dataset.key = entry.key;
+      item.dataset.value = String(v);
+      return item;
+    }));
     this.hover.dataset.x = String(x);
     this.hover.dataset.y = String(y);
   }
