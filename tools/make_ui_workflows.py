@@ -5,6 +5,11 @@ and input types are the host's own:
 
     python tools/make_ui_workflows.py            # starts the host (tools/setup_host.sh first)
     python tools/make_ui_workflows.py --object-info info.json
+    python tools/make_ui_workflows.py --object-info info.json --thumbnails DIR
+
+``--thumbnails DIR`` also writes the template browser's cards, ``example_workflows/<name>.jpg``, from the
+``thumbnail-<name>.png`` screenshots of the DAAM preview that the browser tests save (tests/browser, in
+``$DAAM_OUT_ARTIFACTS/browser``): the real output of each workflow with its one-line description.
 """
 
 from __future__ import annotations
@@ -193,6 +198,36 @@ def to_api(ui: dict, object_info: dict) -> dict:
     return api
 
 
+def thumbnail(shot: Path, out: Path, name: str, size: int = 512) -> None:
+    """A square JPEG card: the preview screenshot (scaled crisply) above a caption band with the description."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    need, text = DESCRIPTIONS.get(name, ("", name))
+    band = 132
+    card = Image.new("RGB", (size, size), (24, 24, 24))
+    picture = Image.open(shot).convert("RGB")
+    scale = min(size / picture.width, (size - band) / picture.height)
+    resample = Image.NEAREST if scale >= 2 else Image.LANCZOS
+    picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), resample)
+    card.paste(picture, ((size - picture.width) // 2, (size - band - picture.height) // 2))
+    draw = ImageDraw.Draw(card)
+    head = ImageFont.load_default(size=30)
+    body = ImageFont.load_default(size=19)
+    colour = (120, 220, 120) if need.startswith("No") else (240, 190, 90)
+    draw.text((16, size - band + 8), need, font=head, fill=colour)
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if draw.textlength(f"{line} {w}".strip(), font=body) > size - 32:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    lines.append(line)
+    for i, line in enumerate(lines[:4]):
+        draw.text((16, size - band + 46 + 21 * i), line, font=body, fill=(230, 230, 230))
+    card.save(out, "JPEG", quality=88)
+
+
 def fetch_object_info() -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from helpers.comfy_server import running_comfyui
@@ -207,6 +242,7 @@ def fetch_object_info() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--object-info", type=Path, help="a saved /object_info JSON instead of starting the host")
+    p.add_argument("--thumbnails", type=Path, help="folder with the browser tests' thumbnail-<name>.png shots")
     args = p.parse_args(argv)
     info = json.loads(args.object_info.read_text()) if args.object_info else fetch_object_info()
     for api_path in sorted(API_DIR.glob("*.json")):
@@ -214,6 +250,12 @@ def main(argv=None) -> int:
         out = API_DIR.parent / api_path.name
         out.write_text(json.dumps(ui, indent=1) + "\n")
         print(f"wrote {out.relative_to(REPO)} ({len(ui['nodes'])} nodes, {len(ui['links'])} links)")
+        shot = args.thumbnails / f"thumbnail-{api_path.stem}.png" if args.thumbnails else None
+        if shot is not None:
+            if not shot.is_file():
+                raise SystemExit(f"no {shot}: run the browser tests with DAAM_OUT_ARTIFACTS set first")
+            thumbnail(shot, out.with_suffix(".jpg"), api_path.stem)
+            print(f"wrote {out.with_suffix('.jpg').relative_to(REPO)}")
     return 0
 
 

@@ -59,6 +59,7 @@ class ComfyPage:
         page.on("response", lambda r: self.failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
 
     def open(self, vue: bool = False):
+        self.page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")  # covers the canvas
         self.page.goto(self.client.base_url + "/")
         self.page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager",
                                     timeout=90_000)

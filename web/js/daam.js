@@ -144,6 +144,7 @@ class DaamPreview {
     this.threshold.value = String(Math.round(payload.threshold * payload.threshold_steps));
     this.threshold.max = String(payload.threshold_steps);
     this.buildControls();
+    this.hover.textContent = "Hover over the image: the shown words that attend most there.";
     this.fit();
     this.draw();
   }
@@ -291,21 +292,24 @@ class DaamPreview {
         labels.push([i, this.centroid(lv, step)]);
       }
     } else {
-      const f = new Float32Array(W * H * 3);
-      for (let p = 0; p < W * H; p++) for (let c = 0; c < 3; c++) f[p * 3 + c] = base ? base[p * 4 + c] : 0;
-      for (const i of shown) {
-        const m = this.mapOf(i), [r, gr, b] = hexRgb(d.colour[i]);
-        let best = 0, at = 0;
-        for (let p = 0; p < W * H; p++) {
-          const v = Math.min(Math.max(m[p], 0), 1), a = d.alpha * v;
-          if (m[p] > best) { best = m[p]; at = p; }
-          f[p * 3] += (r - f[p * 3]) * a; f[p * 3 + 1] += (gr - f[p * 3 + 1]) * a; f[p * 3 + 2] += (b - f[p * 3 + 2]) * a;
-        }
-        labels.push([i, [at % W + 0.5, Math.floor(at / W) + 0.5]]);
-      }
+      // each pixel takes the colour of the shown word whose map is strongest there, as opaque as that map
+      const maps = shown.map((i) => this.mapOf(i)), rgb = shown.map((i) => hexRgb(d.colour[i]));
+      const peaks = shown.map(() => [0, 0]);
       for (let p = 0; p < W * H; p++) {
-        px[p * 4] = f[p * 3]; px[p * 4 + 1] = f[p * 3 + 1]; px[p * 4 + 2] = f[p * 3 + 2]; px[p * 4 + 3] = 255;
+        let k = -1, v = 0;
+        for (let j = 0; j < maps.length; j++) {
+          const m = maps[j][p];
+          if (m > v) { v = m; k = j; }
+          if (m > peaks[j][0]) peaks[j] = [m, p];
+        }
+        const a = k < 0 ? 0 : d.alpha * Math.min(v, 1);
+        for (let c = 0; c < 3; c++) {
+          const under = base ? base[p * 4 + c] : 0;
+          px[p * 4 + c] = k < 0 ? under : under + (rgb[k][c] - under) * a;
+        }
+        px[p * 4 + 3] = 255;
       }
+      shown.forEach((i, j) => labels.push([i, [peaks[j][1] % W + 0.5, Math.floor(peaks[j][1] / W) + 0.5]]));
     }
     g.putImageData(out, 0, 0);
     this.labels.replaceChildren(...labels.filter(([, at]) => at).map(([i, [x, y]]) => {
