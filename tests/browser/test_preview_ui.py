@@ -135,7 +135,7 @@ def test_shapes_preview_hover_chips_threshold_time_and_write_back(comfy_page, se
     assert cp.page.evaluate("app.extensions.some(e => e.name === 'comfyui-daam.preview')")
     cp.load(workflow(SHAPES))
     trace_id, heat_id = cp.node("DAAMTraceModel"), cp.node("DAAMHeatmaps")
-    cp.set_widget(trace_id, "time_buckets", 8)
+    assert cp.widget(trace_id, "time_buckets") == 8  # the demo traces with time buckets for the scrub
     entry = cp.run()
     preview = Preview(cp, heat_id)
     preview.wait_loaded()
@@ -262,3 +262,40 @@ def test_example_workflow_runs_from_the_ui(comfy_page, artifacts, name):
     cp.screenshot(f"workflow-{name}")
     assert overlaps(node_boxes(cp, vue=False)) == []
     assert cp.pack_errors() == []
+
+
+# -- the frontend of ComfyUI 0.3.64 -------------------------------------------------------------------------------
+
+def test_preview_on_the_frontend_of_comfyui_0_3_64(browser, comfyui_dir, tmp_path_factory, artifacts):
+    """ComfyUI 0.3.64 pins comfyui-frontend-package 1.27.10; serve that frontend (--front-end-root) and use the
+    preview there."""
+    import os
+
+    from helpers.browser import ComfyPage, frontend_1_27, start_server
+
+    root = frontend_1_27()
+    if root is None:
+        if os.environ.get("DAAM_REQUIRE_BROWSER") == "1":
+            pytest.fail("the 1.27.10 frontend is not set up: run tools/setup_browser.sh")
+        pytest.skip("the 1.27.10 frontend is not set up: run tools/setup_browser.sh")
+    with start_server(comfyui_dir, tmp_path_factory.mktemp("comfyui-fe127"), None, front_end_root=root) as client:
+        context = browser.new_context(viewport={"width": 1600, "height": 1000})
+        try:
+            cp = ComfyPage(context.new_page(), client, artifacts).open()
+            assert cp.page.evaluate("window.__COMFYUI_FRONTEND_VERSION__") == "1.27.10"
+            cp.load(workflow(SHAPES))
+            heat_id = cp.node("DAAMHeatmaps")
+            entry = cp.run()
+            preview = Preview(cp, heat_id)
+            preview.wait_loaded()
+            cp.focus(heat_id)
+            (image,) = output_images(client, entry, "daam/shapes_image")
+            assert preview.hover(*colour_centroid(image, 0))[0][0] == "circle"
+            assert preview.hover(*colour_centroid(image, 2))[0][0] == "square"
+            before = preview.pixels()
+            preview.chip("square").click()
+            assert not np.array_equal(preview.pixels(), before)
+            cp.screenshot("preview-shapes-frontend-1.27.10")
+            assert cp.pack_errors() == []
+        finally:
+            context.close()

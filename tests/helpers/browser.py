@@ -66,7 +66,8 @@ class ComfyPage:
         # the pack's extension is imported before the app finishes setting up; give the import its time
         self.page.wait_for_function("() => app.extensions.some(e => e.name === 'comfyui-daam.preview')",
                                     timeout=30_000)
-        self.set_setting("Comfy.VueNodes.Enabled", vue)
+        if vue:
+            self.set_setting("Comfy.VueNodes.Enabled", True)
         self.page.evaluate("""() => { window.__daamEvents = [];
             for (const t of ['execution_start', 'execution_success', 'execution_error', 'execution_interrupted'])
                 window.comfyAPI.api.api.addEventListener(t, (e) => window.__daamEvents.push({type: t, detail: e.detail})); }""")
