@@ -26,7 +26,7 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 COLUMN_GAP, ROW_GAP = 60, 50
 # Room for what a node shows after a run, so that nothing covers another node then: the DAAM preview on
 # DAAM Heatmaps, the image previews of SaveImage/PreviewImage.
-NODE_SIZES = {"DAAMHeatmaps": (460, 900), "SaveImage": (320, 340), "PreviewImage": (320, 340)}
+NODE_SIZES = {"DAAMHeatmaps": (460, 1150), "SaveImage": (320, 340), "PreviewImage": (320, 340)}
 NODE_WIDTH = 320
 VIRTUAL_NODES = {"Note", "MarkdownNote"}  # frontend-only nodes: not part of the queued prompt
 # One line per workflow for its note and its template thumbnail: what it shows, and whether it needs a checkpoint.
@@ -87,7 +87,7 @@ def node_size(class_type: str, inputs: list, widgets: list, info: dict) -> tuple
         return NODE_SIZES[class_type]
     multiline = sum(1 for _, spec in ordered_inputs(info)
                     if spec[0] == "STRING" and len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("multiline"))
-    return NODE_WIDTH, 70 + 26 * (len(inputs) + len(widgets)) + 60 * multiline
+    return NODE_WIDTH, 80 + 30 * (len(inputs) + len(widgets)) + 100 * multiline  # Nodes 2.0 draws taller
 
 
 def to_ui(api: dict, object_info: dict, description: tuple[str, str] | None = None) -> dict:

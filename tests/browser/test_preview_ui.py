@@ -122,7 +122,7 @@ def overlaps(boxes: dict) -> list[tuple]:
 
 def node_boxes(cp, vue: bool) -> dict:
     if vue:
-        return cp.page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('[data-node-id]')]
+        return cp.page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('.lg-node[data-node-id]')]
             .map(e => { const r = e.getBoundingClientRect(); return [e.dataset.nodeId, [r.x, r.y, r.width, r.height]]; }))""")
     return cp.page.evaluate("() => Object.fromEntries(app.graph._nodes.map(n => [n.id + ':' + n.type, "
                             "Array.from(n.getBounding())]))")
@@ -257,7 +257,7 @@ def test_example_workflow_runs_from_the_ui(comfy_page, artifacts, name):
         cp.focus(heat_id)
         preview.root.locator("canvas.daam-canvas").screenshot(path=str(artifacts / f"thumbnail-{name}.png"))
     cp.page.evaluate("() => app.canvas.ds.scale = 0.5")  # the whole graph, after the run
-    cp.page.evaluate("() => { const c = app.canvas; c.ds.offset[0] = 0; c.ds.offset[1] = 0; c.setDirty(true, true); }")
+    cp.page.evaluate("() => { const c = app.canvas; c.ds.offset[0] = 20; c.ds.offset[1] = 90; c.setDirty(true, true); }")
     cp.page.wait_for_timeout(400)
     cp.screenshot(f"workflow-{name}")
     assert overlaps(node_boxes(cp, vue=False)) == []

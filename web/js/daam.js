@@ -12,7 +12,7 @@ const { api } = await import(ROOT + "scripts/api.js");
 const NODE = "DAAMHeatmaps";
 const PALETTE = ["#ff3b30", "#2f7bff", "#34c759", "#ffcc00", "#af52de", "#ff9500", "#00c7be", "#ff2d55",
   "#a2845e", "#5ac8fa"];
-const MIN_HEIGHT = 280;
+const MIN_HEIGHT = 400;
 
 function hexRgb(hex) {
   const n = parseInt(hex.slice(1), 16);
