@@ -26,7 +26,7 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 COLUMN_GAP, ROW_GAP = 60, 50
 # Room for what a node shows after a run, so that nothing covers another node then: the DAAM preview on
 # DAAM Heatmaps, the image previews of SaveImage/PreviewImage.
-NODE_SIZES = {"DAAMHeatmaps": (460, 1150), "SaveImage": (320, 340), "PreviewImage": (320, 340)}
+NODE_SIZES = {"DAAMHeatmaps": (460, 1150), "SaveImage": (320, 470), "PreviewImage": (320, 470)}
 NODE_WIDTH = 320
 VIRTUAL_NODES = {"Note", "MarkdownNote"}  # frontend-only nodes: not part of the queued prompt
 # One line per workflow for its note and its template thumbnail: what it shows, and whether it needs a checkpoint.
