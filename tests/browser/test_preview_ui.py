@@ -156,12 +156,13 @@ def test_shapes_preview_hover_chips_threshold_time_and_write_back(comfy_page, se
 
     # a chip switches its overlay instantly; switching it back restores the pixels
     before = preview.pixels()
-    preview.chip("left").click()
-    assert "left" in preview.selected()
+    assert cp.page.locator('.daam-label[data-key="circle"]').count() == 1  # every overlay has its label
+    preview.chip("circle").click()
+    assert "circle" not in preview.selected()
     toggled = preview.pixels()
     assert (np.abs(toggled.astype(int) - before).max(-1) > 8).sum() > 20
-    assert cp.page.locator('.daam-label[data-key="left"]').count() == 1  # every overlay has its label
-    preview.chip("left").click()
+    assert cp.page.locator('.daam-label[data-key="circle"]').count() == 0
+    preview.chip("circle").click()
     assert np.array_equal(preview.pixels(), before)
 
     # time scrub: the maps of an early and a late part of the sampling differ from each other and from the sum

@@ -83,9 +83,19 @@ class ComfyPage:
                                                           or "daam" in m["text"].lower())]
         return out + [f for f in self.failed if PACK_URL in f]
 
+    def close_dialogs(self):
+        """Close what the frontend pops up on a first visit (templates, release notes): Escape, as a person would."""
+        for _ in range(5):
+            if not self.page.locator(".p-dialog-mask").count():
+                return
+            self.page.keyboard.press("Escape")
+            self.page.wait_for_timeout(400)
+
     def load(self, workflow: dict):
+        self.close_dialogs()
         self.page.evaluate("wf => app.loadGraphData(wf)", workflow)
         self.page.wait_for_timeout(500)
+        self.close_dialogs()
 
     def node(self, node_type: str) -> int:
         return self.page.evaluate("t => app.graph._nodes.find(n => n.type === t)?.id ?? null", node_type)
