@@ -4,11 +4,11 @@
 #   2. Playwright for Python in the project's venv
 #   3. the frontend of ComfyUI 0.3.64 (comfyui-frontend-package==1.27.10 from PyPI), unpacked for --front-end-root
 # Prints CHROMIUM=<path> and DAAM_FRONTEND_1_27=<static folder> for the caller.
-# Run after tools/setup_env.sh (or scripts/setup_env.sh before the layout move); uses the paths of env.sh.
+# Run after tools/setup_env.sh; uses the paths of tools/env.sh.
 set -euo pipefail
 
 here="$(dirname "${BASH_SOURCE[0]}")"
-source "$here/env.sh" 2>/dev/null || source "$here/../scripts/env.sh"
+source "$here/env.sh"
 
 log() { echo "[setup_browser] $*" >&2; }
 
