@@ -22,6 +22,7 @@ from ..daam_core.engine.trace import AttentionTrace, load_trace, save_trace
 from ..daam_core.hosts.comfy.tokens import layout_from_comfy_tokens
 from ..daam_core.text.layout import TokenLayout
 from ..daam_core.text.query import WordNotFoundError, split_words
+from .preview import build_payload
 from .relations import DAAMWordRelations
 from .tracing import patch_model, session_of
 
@@ -88,7 +89,12 @@ class DAAMTraceModel:
                 "heads": ("STRING", {"default": "", "tooltip": "Attention heads to sum, e.g. '0,1,2'; empty = all."}),
                 "record_negative": ("BOOLEAN", {"default": True,
                                                 "tooltip": "Also record the negative prompt's maps."}),
-            }
+            },
+            "optional": {
+                "time_buckets": ("INT", {"default": 1, "min": 1, "max": 32, "tooltip": "1 = one sum over the "
+                                         "sampling. K > 1 also keeps one sum per K-th of the sampling (K times the "
+                                         "memory), so the DAAM Heatmaps preview can scrub through time."}),
+            },
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -106,7 +112,7 @@ class DAAMTraceModel:
     PARTS = {"all": None, "down": ("down",), "mid": ("mid",), "up": ("up",), "down+up": ("down", "up")}
 
     def trace(self, model, resolutions="all", unet_parts="all", start_percent=0.0, end_percent=1.0, heads="",
-              record_negative=True):
+              record_negative=True, time_buckets=1):
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
         try:
@@ -120,7 +126,7 @@ class DAAMTraceModel:
             check_heads(model, head_list)
         f = RecordFilter(factors=self.RESOLUTIONS[resolutions], parts=self.PARTS[unet_parts], heads=head_list,
                          start=start_percent, end=end_percent,
-                         branches=("cond", "uncond") if record_negative else ("cond",))
+                         branches=("cond", "uncond") if record_negative else ("cond",), time_buckets=int(time_buckets))
         patched, _ = patch_model(model, f)
         return (patched,)
 
@@ -233,6 +239,7 @@ class DAAMHeatmaps:
                        "Thresholded masks at image size, one per image and word.",
                        "Raw maps for the other DAAM nodes.")
     FUNCTION = "heatmaps"
+    OUTPUT_NODE = True  # its preview shows on every run, also when its result comes from the cache
     CATEGORY = CATEGORY
     DESCRIPTION = "Per-word heat maps (DAAM) of the last sampling of a traced model."
 
@@ -258,9 +265,10 @@ class DAAMHeatmaps:
                                 for im, m in zip(per, flat(maps))])
         else:
             over = heat
-        labels = [f"{b}:{w}" for b in range(maps.shape[0]) for w in pos_words + [f"neg:{x}" for x in neg_words]]
-        ui = {"images": preview(over, "daam_overlay"), "daam_labels": labels,
-              "daam_words": [w.text for w in trace.layout(0).words]}
+        record = session_of(model).find(samples["samples"] if isinstance(samples, dict) else samples)
+        ui = {"daam_preview": [build_payload(trace, pos_words, neg_words, threshold=threshold, normalize=normalize,
+                                             combine=combine, alpha=alpha, recorded=record.recorded,
+                                             images=preview(images, "daam_preview") if images is not None else None)]}
         return {"ui": ui, "result": (heat, over, flat(masks), DaamMaps(trace, images, normalize, combine))}
 
 
@@ -274,7 +282,7 @@ def preview(images: torch.Tensor, prefix: str) -> list[dict]:
     out = []
     for i, im in enumerate(images):
         file = f"{name}_{counter + i:05}_.png"
-        render.save_png(os.path.join(full, file), im.cpu().numpy())
+        render.save_png(os.path.join(full, file), im.detach().cpu().numpy())
         out.append({"filename": file, "subfolder": subfolder, "type": "temp"})
     return out
 

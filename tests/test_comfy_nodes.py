@@ -138,7 +138,8 @@ def test_heatmaps_node_outputs_and_errors(pack, sd15):
                                        negative_words="blurry", images=images)
     heat, over, masks, maps = out["result"]
     assert heat.shape == over.shape == (2 * 4, 48, 64, 3) and masks.shape == (8, 48, 64)
-    assert len(out["ui"]["images"]) == 8 and out["ui"]["daam_labels"][3] == "0:neg:blurry"
+    (payload,) = out["ui"]["daam_preview"]  # the browser preview (tests/test_preview_payload.py)
+    assert len(payload["images"]) == 2 and {"cat", "red sofa", "dog"} <= {e["key"] for e in payload["entries"]}
     assert 0 < masks[0].mean() < 1 and 0 < masks[2].mean() < 1
     assert not torch.equal(masks[0], masks[2])  # cat and dog differ
     assert over.min() >= 0 and over.max() <= 1

@@ -5,6 +5,11 @@ and input types are the host's own:
 
     python tools/make_ui_workflows.py            # starts the host (tools/setup_host.sh first)
     python tools/make_ui_workflows.py --object-info info.json
+    python tools/make_ui_workflows.py --object-info info.json --thumbnails DIR
+
+``--thumbnails DIR`` also writes the template browser's cards, ``example_workflows/<name>.jpg``, from the
+``thumbnail-<name>.png`` screenshots of the DAAM preview that the browser tests save (tests/browser, in
+``$DAAM_OUT_ARTIFACTS/browser``): the real output of each workflow with its one-line description.
 """
 
 from __future__ import annotations
@@ -18,7 +23,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 API_DIR = REPO / "example_workflows" / "api"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-COLUMN_WIDTH, ROW_GAP = 360, 40
+COLUMN_GAP, ROW_GAP = 60, 50
+# Room for what a node shows after a run, so that nothing covers another node then: the DAAM preview on
+# DAAM Heatmaps, the image previews of SaveImage/PreviewImage.
+NODE_SIZES = {"DAAMHeatmaps": (460, 1150), "SaveImage": (320, 470), "PreviewImage": (320, 470)}
+NODE_WIDTH = 320
+VIRTUAL_NODES = {"Note", "MarkdownNote"}  # frontend-only nodes: not part of the queued prompt
+# One line per workflow for its note and its template thumbnail: what it shows, and whether it needs a checkpoint.
+DESCRIPTIONS = {
+    "shapes_heatmaps": ("No checkpoint needed", "The shipped shapes model draws 'a red circle on the left and a "
+                        "blue square on the right'; heat maps, overlays and masks of circle, square, red and blue. "
+                        "Hover, toggle and threshold them in the preview on DAAM Heatmaps."),
+    "shapes_inpaint_word_mask": ("No checkpoint needed", "The mask of 'circle' repaints the red circle as a yellow "
+                                 "square (VAEEncodeForInpaint); every pixel outside the mask stays."),
+    "txt2img_heatmaps": ("Needs a checkpoint", "Per-word heat maps, overlays and masks of 'a cat and a dog on a "
+                         "red sofa' and of the negative word 'blurry' (set ckpt_name to your SD1.x/SD2.x/SDXL model)."),
+    "inpaint_word_mask": ("Needs a checkpoint", "The mask of 'dog' repaints the dog as a sleeping fox; only the "
+                          "dog's region changes (set ckpt_name)."),
+    "composite_word_mask": ("Needs a checkpoint", "The dog of one generation pasted onto another through its word "
+                            "mask with ImageCompositeMasked (set ckpt_name)."),
+}
 
 
 def is_widget(spec) -> bool:
@@ -58,7 +82,15 @@ def depth_of(api: dict) -> dict[str, int]:
     return depth
 
 
-def to_ui(api: dict, object_info: dict) -> dict:
+def node_size(class_type: str, inputs: list, widgets: list, info: dict) -> tuple[int, int]:
+    if class_type in NODE_SIZES:
+        return NODE_SIZES[class_type]
+    multiline = sum(1 for _, spec in ordered_inputs(info)
+                    if spec[0] == "STRING" and len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("multiline"))
+    return NODE_WIDTH, 80 + 30 * (len(inputs) + len(widgets)) + 100 * multiline  # Nodes 2.0 draws taller
+
+
+def to_ui(api: dict, object_info: dict, description: tuple[str, str] | None = None) -> dict:
     links, nodes = [], []
     outputs_links: dict[tuple[str, int], list[int]] = {}
     for nid, node in api.items():
@@ -70,7 +102,6 @@ def to_ui(api: dict, object_info: dict) -> dict:
                 links.append([link_id, int(src), slot, int(nid), name, kind])
                 outputs_links.setdefault((src, slot), []).append(link_id)
     depth = depth_of(api)
-    rows: dict[int, int] = {}
     order = sorted(api, key=lambda n: (depth[n], int(n)))
     for index, nid in enumerate(order):
         node = api[nid]
@@ -102,12 +133,8 @@ def to_ui(api: dict, object_info: dict) -> dict:
                         slot["link"] = link[0]
         outputs = [{"name": oname, "type": otype, "links": outputs_links.get((nid, i), []), "slot_index": i}
                    for i, (oname, otype) in enumerate(zip(info["output_name"], info["output"]))]
-        column = depth[nid]
-        y = rows.get(column, 0)
-        height = 60 + 26 * (len(inputs) + len(widgets))
-        rows[column] = y + height + ROW_GAP
-        ui_node = {"id": int(nid), "type": node["class_type"], "pos": [40 + column * COLUMN_WIDTH, 40 + y],
-                   "size": [320, height], "flags": {}, "order": index, "mode": 0, "inputs": inputs,
+        ui_node = {"id": int(nid), "type": node["class_type"], "pos": [0, 0],
+                   "size": list(node_size(node["class_type"], inputs, widgets, info)), "flags": {}, "order": index, "mode": 0, "inputs": inputs,
                    "outputs": outputs, "properties": {"Node name for S&R": node["class_type"]},
                    "widgets_values": widgets}
         title = node.get("_meta", {}).get("title")
@@ -118,9 +145,31 @@ def to_ui(api: dict, object_info: dict) -> dict:
     for link in links:
         target = next(n for n in nodes if n["id"] == link[3])
         link[4] = next(i for i, s in enumerate(target["inputs"]) if s["name"] == link[4])
+    last_id = max(int(n) for n in api)
+    if description is not None:
+        last_id += 1
+        nodes.append({"id": last_id, "type": "Note", "pos": [0, 0], "size": [NODE_WIDTH, 150], "flags": {},
+                      "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                      "widgets_values": [f"{description[0]}. {description[1]}"], "color": "#432", "bgcolor": "#653"})
+        depth[str(last_id)] = 0
+    place(nodes, depth)
     nodes.sort(key=lambda n: n["id"])
-    return {"last_node_id": max(int(n) for n in api), "last_link_id": len(links), "nodes": nodes, "links": links,
+    return {"last_node_id": last_id, "last_link_id": len(links), "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def place(nodes: list[dict], depth: dict[str, int]) -> None:
+    """Columns by depth in the graph (the note first), stacked top-down; each column as wide as its widest node."""
+    columns: dict[int, list[dict]] = {}
+    for n in nodes:
+        columns.setdefault(depth[str(n["id"])], []).append(n)
+    x = 40
+    for c in sorted(columns):
+        y = 40
+        for n in sorted(columns[c], key=lambda n: (n["type"] != "Note", n["order"])):
+            n["pos"] = [x, y]
+            y += n["size"][1] + ROW_GAP
+        x += max(n["size"][0] for n in columns[c]) + COLUMN_GAP
 
 
 def to_api(ui: dict, object_info: dict) -> dict:
@@ -128,6 +177,8 @@ def to_api(ui: dict, object_info: dict) -> dict:
     links = {link[0]: link for link in ui["links"]}
     api = {}
     for node in ui["nodes"]:
+        if node["type"] in VIRTUAL_NODES:
+            continue
         info = object_info[node["type"]]
         linked = {}
         for slot in node["inputs"]:
@@ -147,6 +198,36 @@ def to_api(ui: dict, object_info: dict) -> dict:
     return api
 
 
+def thumbnail(shot: Path, out: Path, name: str, size: int = 512) -> None:
+    """A square JPEG card: the preview screenshot (scaled crisply) above a caption band with the description."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    need, text = DESCRIPTIONS.get(name, ("", name))
+    band = 132
+    card = Image.new("RGB", (size, size), (24, 24, 24))
+    picture = Image.open(shot).convert("RGB")
+    scale = min(size / picture.width, (size - band) / picture.height)
+    resample = Image.NEAREST if scale >= 2 else Image.LANCZOS
+    picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), resample)
+    card.paste(picture, ((size - picture.width) // 2, (size - band - picture.height) // 2))
+    draw = ImageDraw.Draw(card)
+    head = ImageFont.load_default(size=30)
+    body = ImageFont.load_default(size=19)
+    colour = (120, 220, 120) if need.startswith("No") else (240, 190, 90)
+    draw.text((16, size - band + 8), need, font=head, fill=colour)
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if draw.textlength(f"{line} {w}".strip(), font=body) > size - 32:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    lines.append(line)
+    for i, line in enumerate(lines[:4]):
+        draw.text((16, size - band + 46 + 21 * i), line, font=body, fill=(230, 230, 230))
+    card.save(out, "JPEG", quality=88)
+
+
 def fetch_object_info() -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from helpers.comfy_server import running_comfyui
@@ -161,13 +242,20 @@ def fetch_object_info() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--object-info", type=Path, help="a saved /object_info JSON instead of starting the host")
+    p.add_argument("--thumbnails", type=Path, help="folder with the browser tests' thumbnail-<name>.png shots")
     args = p.parse_args(argv)
     info = json.loads(args.object_info.read_text()) if args.object_info else fetch_object_info()
     for api_path in sorted(API_DIR.glob("*.json")):
-        ui = to_ui(json.loads(api_path.read_text()), info)
+        ui = to_ui(json.loads(api_path.read_text()), info, DESCRIPTIONS.get(api_path.stem))
         out = API_DIR.parent / api_path.name
         out.write_text(json.dumps(ui, indent=1) + "\n")
         print(f"wrote {out.relative_to(REPO)} ({len(ui['nodes'])} nodes, {len(ui['links'])} links)")
+        shot = args.thumbnails / f"thumbnail-{api_path.stem}.png" if args.thumbnails else None
+        if shot is not None:
+            if not shot.is_file():
+                raise SystemExit(f"no {shot}: run the browser tests with DAAM_OUT_ARTIFACTS set first")
+            thumbnail(shot, out.with_suffix(".jpg"), api_path.stem)
+            print(f"wrote {out.with_suffix('.jpg').relative_to(REPO)}")
     return 0
 
 

@@ -75,6 +75,9 @@ class RecordFilter:
         Block ranges of transformer (joint-attention) layers: ``(part, start, stop)`` keeps the layers of that
         part whose block index (the last integer in the layer name, ``"single.12"`` -> 12) is in
         ``[start, stop)``; a part with no range is kept whole. None = all. See :func:`parse_blocks`.
+    time_buckets : int
+        1 = one sum over the sampling; K > 1 = also one sum per K-th of the sampling's progress (for seeing
+        when a word takes hold), K times the memory of one sum, still flat in the number of steps.
     """
 
     factors: tuple[int, ...] | None = None
@@ -85,8 +88,11 @@ class RecordFilter:
     end: float = 1.0
     branches: tuple[str, ...] = BRANCHES
     blocks: tuple[tuple[str, int, int], ...] | None = None
+    time_buckets: int = 1
 
     def __post_init__(self):
+        if not isinstance(self.time_buckets, int) or self.time_buckets < 1:
+            raise ValueError(f"time_buckets must be an integer >= 1, got {self.time_buckets!r}")
         if not 0.0 <= self.start <= self.end <= 1.0:
             raise ValueError(f"time window must satisfy 0 <= start <= end <= 1, got ({self.start}, {self.end})")
         if self.factors is not None:
@@ -143,6 +149,10 @@ class Recording:
         The branches that were recorded (a stream of another branch has no maps).
     warnings : list of str
         What had to be skipped.
+    time_sums : dict layer -> Tensor ``[K, streams, N_layer, T_max]``
+        With ``RecordFilter.time_buckets`` K > 1: the sums per K-th of the sampling (they add up to ``sums``).
+    time_calls : dict layer -> list of K int
+        Recorded calls per layer and time bucket.
     """
 
     sums: dict[str, torch.Tensor]
@@ -153,6 +163,8 @@ class Recording:
     latent_hw: tuple[int, int]
     branches: tuple[str, ...] = BRANCHES
     warnings: list[str] = field(default_factory=list)
+    time_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    time_calls: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -161,6 +173,7 @@ class _Call:
 
     active: bool = False
     rows: tuple[int | None, ...] = ()
+    bucket: int = 0  # time bucket of the call (RecordFilter.time_buckets)
 
 
 @dataclass(frozen=True)
@@ -203,6 +216,7 @@ class CrossAttentionRecorder:
         self._enabled: dict[str, bool] = {}
         self._index_cache: dict[tuple, object] = {}
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._time_calls: dict[str, list[int]] = {}
         self._started = False
 
     @property
@@ -236,6 +250,7 @@ class CrossAttentionRecorder:
         self._enabled.clear()
         self._index_cache.clear()
         self._buffers.clear()
+        self._time_calls = {}
         self._call = _Call()
         self._started = True
 
@@ -252,7 +267,8 @@ class CrossAttentionRecorder:
         wanted = tuple(r if (r is not None and self.streams[r].branch in self.filter.branches) else None
                        for r in rows)
         active = self._started and self.filter.in_window(progress) and any(r is not None for r in wanted)
-        self._call = _Call(active=active, rows=wanted)
+        k = self.filter.time_buckets
+        self._call = _Call(active=active, rows=wanted, bucket=min(max(int(progress * k), 0), k - 1))
 
     def skip_call(self) -> None:
         """Record nothing until the next ``set_call`` (e.g. a model call the adapter cannot map)."""
@@ -265,10 +281,14 @@ class CrossAttentionRecorder:
 
     def finish(self) -> Recording:
         """End the sampling and hand over the sums (the recorder forgets them)."""
-        out = Recording(sums=dict(self.sums), layers=dict(self.layers), calls=dict(self.calls),
+        timed = self.filter.time_buckets > 1  # then each sum is [K, streams, N, T]
+        out = Recording(sums={n: v.sum(0) for n, v in self.sums.items()} if timed else dict(self.sums),
+                        layers=dict(self.layers), calls=dict(self.calls),
                         streams=list(self.streams), token_counts=list(self.token_counts),
                         latent_hw=self.grid.latent_hw, branches=tuple(self.filter.branches),
-                        warnings=list(self.warnings))
+                        warnings=list(self.warnings), time_sums=dict(self.sums) if timed else {},
+                        time_calls={n: list(c) for n, c in self._time_calls.items()} if timed else {})
+        self._time_calls = {}
         self.sums = {}
         self.layers = {}
         self.calls = {}
@@ -372,7 +392,7 @@ class CrossAttentionRecorder:
         else:
             probs = torch.sum(scores.view(b, h, n, t_call), dim=1, out=self._scratch("probs", (b, n, t_call), q.device))
         self._accumulate(name, probs, plan)
-        self.calls[name] = self.calls.get(name, 0) + 1
+        self._count_call(name)
 
     def _scratch(self, role: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """A reused fp32 work buffer (calls of one shape share it; on the CPU this saves the page faults of a
@@ -430,12 +450,23 @@ class CrossAttentionRecorder:
         self._index_cache[key] = plan
         return plan
 
-    def _accumulate(self, name: str, probs: torch.Tensor, plan: "_Plan") -> None:
+    def _running_sum(self, name: str, n_queries: int, device: torch.device) -> torch.Tensor:
+        """The layer's sum ``[streams, N, T_max]`` this call adds into (its time bucket's with ``time_buckets``)."""
         acc = self.sums.get(name)
+        k = self.filter.time_buckets
         if acc is None:
-            acc = torch.zeros(len(self.streams), probs.shape[1], max(self.token_counts),
-                              dtype=torch.float32, device=probs.device)
+            acc = torch.zeros(*((k,) if k > 1 else ()), len(self.streams), n_queries, max(self.token_counts),
+                              dtype=torch.float32, device=device)
             self.sums[name] = acc
+        return acc[self._call.bucket] if k > 1 else acc
+
+    def _count_call(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.filter.time_buckets > 1:
+            self._time_calls.setdefault(name, [0] * self.filter.time_buckets)[self._call.bucket] += 1
+
+    def _accumulate(self, name: str, probs: torch.Tensor, plan: "_Plan") -> None:
+        acc = self._running_sum(name, probs.shape[1], probs.device)
         for select, target, t, fold in plan.steps:
             part = probs if select is None else probs.index_select(0, select)
             if fold > 1:
@@ -525,11 +556,7 @@ class CrossAttentionRecorder:
         plan = self._joint_plan(name, streams, t1 - t0, q.device)
         if plan is None:
             return
-        acc = self.sums.get(name)
-        if acc is None:
-            acc = torch.zeros(len(self.streams), i1 - i0, max(self.token_counts), dtype=torch.float32,
-                              device=q.device)
-            self.sums[name] = acc
+        acc = self._running_sum(name, i1 - i0, q.device)
 
         def emit(n0: int, n1: int, probs: torch.Tensor) -> None:
             for members, index, span, t, fold in plan:
@@ -548,7 +575,7 @@ class CrossAttentionRecorder:
             lse = joint.image_lse(q_img, kh, s, m4)
         joint.joint_text_probs(q_img, kh, (t0, t1), s, emit, mask=m4, lse=lse,
                                chunk_elements=self.joint_chunk_elements)
-        self.calls[name] = self.calls.get(name, 0) + 1
+        self._count_call(name)
 
     def attend_joint(self, name: str, part: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
                      text: tuple[int, int], image: tuple[int, int], reference, finish=None,

@@ -148,7 +148,7 @@ class TraceSession:
             rows += [None] * chunk if hit is None else [hit[1] + i for i in range(chunk)]
         f = self.recorder.filter
         progress = 0.0
-        if (f.start, f.end) != (0.0, 1.0) and self._model_sampling is not None:
+        if ((f.start, f.end) != (0.0, 1.0) or f.time_buckets > 1) and self._model_sampling is not None:
             ms = self._model_sampling
             timestep = float(ms.timestep(t[:1].float()).flatten()[0])
             progress = progress_from_timestep(timestep, getattr(ms, "num_timesteps", None)

@@ -1,0 +1,203 @@
+"""The browser preview's payload: what DAAM Heatmaps sends to the frontend once per run.
+
+The ``ui`` dict of DAAM Heatmaps carries one ``daam_preview`` entry (ComfyUI's ui values are lists). Per image
+of the batch it holds, for every chip the preview offers (each word of the positive and negative prompt, each
+occurrence ``dog#2`` of a repeated word, and every phrase the node was asked for):
+
+- ``maps``: the word maps at the latent's resolution (float32), not normalised: mean head-summed probabilities,
+  comparable across words, for the hover ranking; the browser normalises them for the overlays as the node does
+  (``normalize``) and upsamples them itself;
+- ``levels``: at image size, for every pixel, how many of the slider's thresholds ``0.00, 0.01, ..., 1.00`` keep
+  it in the mask, computed with :func:`masks.threshold` on the very maps the node's MASK output is cut from.
+  The browser's mask at slider step ``i`` is ``levels > i``: exactly the MASK of the next run at that threshold;
+- ``time`` (when the model was traced with time buckets): the same maps per part of the sampling (uint8, each
+  part scaled by its largest value over all words), for the time scrub.
+
+Binary arrays travel as base64 (``levels`` and ``time`` zlib-compressed), row-major, little-endian.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..daam_core.engine import masks as mask_ops
+from ..daam_core.engine.recorder import Recording
+from ..daam_core.engine.trace import AttentionTrace
+
+THRESHOLD_STEPS = 100  # the slider's thresholds are i / 100, i = 0..100 (the node's widget step is 0.01)
+PAYLOAD_VERSION = 1
+_EDGE_PUNCT = re.compile(r"^[^\w]+|[^\w]+$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One chip of the preview.
+
+    Attributes
+    ----------
+    key : str
+        The query as the node's ``words`` field takes it (``"dog"``, ``"dog#2"``, ``"red car"``).
+    prompt : str
+        ``"positive"`` or ``"negative"``.
+    kind : str
+        ``"word"`` (every occurrence), ``"occurrence"`` (one of several) or ``"phrase"`` (asked for by the node).
+    """
+
+    key: str
+    prompt: str
+    kind: str
+
+
+def _occurrences(layout, text: str) -> int:
+    n = 0
+    while True:
+        try:
+            layout.positions(text, n)
+        except ValueError:  # WordNotFoundError is a ValueError too
+            return n
+        n += 1
+
+
+def prompt_entries(layout, prompt: str, asked: list[str]) -> list[Entry]:
+    """The chips of one prompt: its words in order (punctuation stripped), the occurrences of repeated words,
+    then the node's own queries that are not among them (phrases, occurrences)."""
+    out: list[Entry] = []
+    seen: set[str] = set()
+
+    def add(key, kind):
+        if key not in seen:
+            seen.add(key)
+            out.append(Entry(key, prompt, kind))
+
+    for word in layout.words:
+        text = _EDGE_PUNCT.sub("", word.text)
+        if not text or text.lower() in seen:
+            continue
+        n = _occurrences(layout, text)
+        if n == 0:
+            continue
+        add(text, "word")
+        seen.add(text.lower())
+        if n > 1:
+            for k in range(n):
+                add(f"{text}#{k + 1}", "occurrence")
+    for key in asked:
+        add(key, "occurrence" if re.search(r"#\d+\s*$", key) else "phrase" if " " in key.strip() else "word")
+    return out
+
+
+def _b64(data: bytes, compress: bool = False) -> str:
+    return base64.b64encode(zlib.compress(data, 6) if compress else data).decode("ascii")
+
+
+def threshold_levels(maps: torch.Tensor, steps: int = THRESHOLD_STEPS) -> torch.Tensor:
+    """For every pixel, how many thresholds ``i / steps`` (``i = 0..steps``) keep it in the relative mask.
+
+    Parameters
+    ----------
+    maps : Tensor ``[..., H, W]``
+        The maps the MASK output is thresholded from.
+
+    Returns
+    -------
+    Tensor ``[..., H, W]`` uint8: the mask at threshold ``i / steps`` is ``levels > i`` (relative masks shrink
+    as the threshold rises, so each pixel's membership is a prefix of the thresholds).
+    """
+    count = torch.zeros(maps.shape, dtype=torch.int16)
+    for i in range(steps + 1):
+        count += mask_ops.threshold(maps, i / steps, "relative").to(torch.int16)
+    return count.to(torch.uint8)
+
+
+def _time_maps(recorded: Recording | None, trace: AttentionTrace, entries: list[Entry], combine: str,
+               image: int) -> np.ndarray | None:
+    """``[K, E, h, w]`` maps per time bucket from the recorder's bucketed sums, or None without them."""
+    if recorded is None or not recorded.time_sums:
+        return None
+    k = len(next(iter(recorded.time_calls.values())))
+    out = np.zeros((k, len(entries), *trace.latent_hw), np.float32)
+    for b in range(k):
+        calls = {name: c[b] for name, c in recorded.time_calls.items() if c[b] > 0}
+        sums = {name: recorded.time_sums[name][b] for name in calls if name in trace.sums}
+        if not sums:
+            continue  # nothing recorded in this part of the sampling (e.g. outside the time window)
+        part = AttentionTrace(sums=sums, layers={n: trace.layers[n] for n in sums}, calls=calls,
+                              streams=trace.streams, layouts=trace.layouts, latent_hw=trace.latent_hw,
+                              image_hw=trace.latent_hw, recorded_branches=trace.recorded_branches)
+        out[b] = _entry_maps(part, entries, "none", combine, image, part.latent_hw).numpy()
+    return out
+
+
+def _entry_maps(trace: AttentionTrace, entries: list[Entry], normalize: str, combine: str, image: int,
+                size) -> torch.Tensor:
+    """``[E, H, W]`` maps of the entries (positive, then negative) of one image at ``size``."""
+    parts = []
+    for prompt, branch in (("positive", "cond"), ("negative", "uncond")):
+        keys = [e.key for e in entries if e.prompt == prompt]
+        if keys:
+            parts.append(trace.word_maps(keys, image=image, branch=branch, combine=combine, normalize=normalize,
+                                         size=size, missing="zeros"))
+    return torch.cat(parts) if parts else torch.zeros(0, *size)
+
+
+def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[str], *, threshold: float,
+                  normalize: str, combine: str, images: list[dict] | None = None, recorded: Recording | None = None,
+                  alpha: float = 0.5) -> dict:
+    """The ``daam_preview`` payload of one DAAM Heatmaps run.
+
+    Parameters
+    ----------
+    trace : AttentionTrace
+        The run's trace (``image_hw`` is the size of the MASK output).
+    words, negative_words : list of str
+        The node's queries; they start selected.
+    threshold, normalize, combine, alpha
+        The node's settings, so the preview shows what the node computed.
+    images : list of dict, optional
+        Per batch image, the ``/view`` reference (filename, subfolder, type) of the decoded image.
+    recorded : Recording, optional
+        The recorder's output; its ``time_sums``/``time_calls`` (when traced with time buckets) feed the scrub.
+    """
+    layouts = [("positive", "cond")] + ([("negative", "uncond")] if "uncond" in trace.branches() else [])
+    entries: list[Entry] = []
+    for prompt, branch in layouts:
+        asked = words if prompt == "positive" else negative_words
+        entries += prompt_entries(trace.layout(0, branch), prompt, asked)
+    latent_hw, image_hw = tuple(trace.latent_hw), tuple(trace.image_hw)
+    per_image = []
+    time_meta = None
+    for b in range(trace.num_images):
+        low = _entry_maps(trace, entries, "none", combine, b, latent_hw).float().contiguous()
+        full = _entry_maps(trace, entries, normalize, combine, b, image_hw)
+        item = {"maps": _b64(low.numpy().astype("<f4").tobytes()),
+                "levels": _b64(threshold_levels(full).numpy().tobytes(), compress=True)}
+        stack = _time_maps(recorded, trace, entries, combine, b)  # [K, E, h, w]
+        if stack is not None:
+            peak = stack.reshape(stack.shape[0], -1).max(-1)[:, None, None, None]
+            q = np.round(np.clip(stack / np.maximum(peak, 1e-12), 0, 1) * 255).astype(np.uint8)
+            item["time"] = _b64(q.tobytes(), compress=True)
+            k = stack.shape[0]
+            time_meta = {"buckets": k, "edges": [round(i / k, 4) for i in range(k + 1)]}
+        if images and b < len(images):
+            item["image"] = images[b]
+        per_image.append(item)
+    return {
+        "version": PAYLOAD_VERSION,
+        "entries": [{"key": e.key, "prompt": e.prompt, "kind": e.kind,
+                     "selected": e.key in (words if e.prompt == "positive" else negative_words)} for e in entries],
+        "map_hw": list(latent_hw),
+        "image_hw": list(image_hw),
+        "threshold": float(threshold),
+        "threshold_steps": THRESHOLD_STEPS,
+        "normalize": normalize,
+        "combine": combine,
+        "alpha": float(alpha),
+        "time": time_meta,
+        "images": per_image,
+    }

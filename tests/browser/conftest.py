@@ -1,0 +1,75 @@
+"""A real ComfyUI server and a real headless Chromium driven by Playwright.
+
+Chromium is Debian's (``tools/setup_browser.sh`` installs it and Playwright when missing; Playwright's own browser
+downloads are not reachable here). Without them the browser tests are skipped, unless ``DAAM_REQUIRE_BROWSER=1``
+(CI) makes that a failure. Screenshots go to ``$DAAM_OUT_ARTIFACTS/browser`` or a pytest temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.browser import CHROMIUM_FLAGS, ComfyPage, start_server
+
+def _missing(reason: str):
+    if os.environ.get("DAAM_REQUIRE_BROWSER") == "1":
+        pytest.fail(reason + " (DAAM_REQUIRE_BROWSER=1)")
+    pytest.skip(reason + ": run tools/setup_browser.sh")
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        _missing("no chromium on PATH")
+    return path
+
+
+@pytest.fixture(scope="session")
+def browser(chromium_path):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("playwright is not installed")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_FLAGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> Path:
+    root = os.environ.get("DAAM_OUT_ARTIFACTS")
+    out = Path(root) / "browser" if root else tmp_path_factory.mktemp("browser-artifacts")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"\nbrowser screenshots: {out}", file=sys.stderr)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(comfyui_dir, sd15_checkpoint, tmp_path_factory, browser):
+    with start_server(comfyui_dir, tmp_path_factory.mktemp("comfyui-ui"), sd15_checkpoint) as client:
+        yield client
+
+
+@pytest.fixture
+def comfy_page(browser, server, artifacts, request):
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    page = context.new_page()
+    cp = ComfyPage(page, server, artifacts)
+    yield cp
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        cp.screenshot(f"FAILED-{request.node.name}")
+    context.close()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call":
+        item.rep_call = rep

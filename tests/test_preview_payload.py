@@ -1,0 +1,107 @@
+"""The preview payload of DAAM Heatmaps, in-process on the real host: the browser's mask at every slider step is
+the node's MASK at that threshold, bit for bit, also where the maps are resized (latent 6x8 -> image 48x64)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.host
+
+POS = "a cat and a dog on a red sofa"
+NEG = "blurry, low quality"
+
+
+@pytest.fixture(scope="module")
+def run(pack, sd15_checkpoint):
+    import comfy.sample
+    import comfy.sd
+    import nodes as host_nodes
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint), output_vae=True,
+                                                               output_clip=True)
+    traced = pack.DAAMTraceModel().trace(model, time_buckets=4)[0]
+    pos = host_nodes.CLIPTextEncode().encode(clip, POS)[0]
+    neg = host_nodes.CLIPTextEncode().encode(clip, NEG)[0]
+    latent = torch.zeros(2, 4, 6, 8)
+    noise = comfy.sample.prepare_noise(latent, 3)
+    samples = comfy.sample.sample(traced, noise, 4, 5.0, "euler", "normal", pos, neg, latent, denoise=1.0, seed=3,
+                                  disable_pbar=True)
+    images = host_nodes.VAEDecode().decode(vae, {"samples": samples})[0]
+
+    def heatmaps(words, negative_words="", threshold=0.4, normalize="minmax"):
+        return pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, POS, NEG, words,
+                                            negative_words=negative_words, threshold=threshold,
+                                            normalize=normalize, images=images)
+
+    return heatmaps
+
+
+def decode(payload):
+    h, w = payload["map_hw"]
+    hh, ww = payload["image_hw"]
+    e = len(payload["entries"])
+    out = []
+    for item in payload["images"]:
+        maps = np.frombuffer(base64.b64decode(item["maps"]), "<f4").reshape(e, h, w)
+        levels = np.frombuffer(zlib.decompress(base64.b64decode(item["levels"])), np.uint8).reshape(e, hh, ww)
+        out.append((maps, levels))
+    return out
+
+
+def index_of(payload, key, prompt="positive"):
+    return next(i for i, x in enumerate(payload["entries"]) if x["key"] == key and x["prompt"] == prompt)
+
+
+def test_chips_cover_words_occurrences_phrases_and_the_negative_prompt(run):
+    payload = run("cat, red sofa, dog#1", negative_words="blurry")["ui"]["daam_preview"][0]
+    keys = [(x["key"], x["prompt"], x["kind"]) for x in payload["entries"]]
+    pos = [k for k, p, _ in keys if p == "positive"]
+    assert pos[:6] == ["a", "a#1", "a#2", "a#3", "cat", "and"]  # prompt order; 'a' occurs three times
+    assert ("red sofa", "positive", "phrase") in keys and ("dog#1", "positive", "occurrence") in keys
+    assert [k for k, p, _ in keys if p == "negative"] == ["blurry", "low", "quality"]
+    selected = {(x["key"], x["prompt"]) for x in payload["entries"] if x["selected"]}
+    assert selected == {("cat", "positive"), ("red sofa", "positive"), ("dog#1", "positive"), ("blurry", "negative")}
+    assert payload["map_hw"] == [6, 8] and payload["image_hw"] == [48, 64] and len(payload["images"]) == 2
+    assert all(item["image"]["type"] == "temp" for item in payload["images"])
+    assert len(json.dumps(payload)) < 200_000  # small: low-resolution maps, compressed level maps
+
+
+def test_mask_at_every_slider_step_is_the_node_mask(run):
+    words, negative, normalize = "cat, red sofa, dog", "blurry", "shared"
+    payload = run(words, negative, normalize=normalize)["ui"]["daam_preview"][0]
+    decoded = decode(payload)
+    order = [index_of(payload, k) for k in ("cat", "red sofa", "dog")] + [index_of(payload, "blurry", "negative")]
+    checked = 0
+    for step in (0, 1, 40, 73, 100):
+        masks = run(words, negative, threshold=step / 100, normalize=normalize)["result"][2]  # [B * 4, H, W]
+        for b, (_, levels) in enumerate(decoded):
+            for j, e in enumerate(order):
+                node = masks[b * len(order) + j].numpy()
+                browser = (levels[e] > step).astype(np.float32)
+                assert np.array_equal(node, browser), (step, b, payload["entries"][e]["key"])
+                checked += int(0 < node.mean() < 1)
+    assert checked > 10  # most of the masks compared are neither empty nor full
+
+
+def test_maps_are_the_raw_maps_at_latent_size_and_time_buckets_differ(run, pack):
+    out = run("cat, dog")
+    payload = out["ui"]["daam_preview"][0]
+    trace = out["result"][3].trace
+    keys = [x["key"] for x in payload["entries"] if x["prompt"] == "positive"]
+    for b, (maps, _) in enumerate(decode(payload)):
+        ref = trace.word_maps(keys, image=b, size=trace.latent_hw, normalize="none", missing="zeros").numpy()
+        assert np.array_equal(maps[:len(keys)], ref)
+    assert payload["time"]["buckets"] == 4 and payload["time"]["edges"] == [0, 0.25, 0.5, 0.75, 1]
+    e = len(payload["entries"])
+    timed = np.frombuffer(zlib.decompress(base64.b64decode(payload["images"][0]["time"])), np.uint8)
+    timed = timed.reshape(4, e, 6, 8)
+    cat = index_of(payload, "cat")
+    assert timed.reshape(4, -1).max(-1).tolist() == [255] * 4  # each part of the sampling scaled to its own peak
+    assert timed[:, cat].max() > 0
+    assert not np.array_equal(timed[0, cat], timed[3, cat])  # early and late differ
