@@ -41,9 +41,11 @@ QK_STD = 0.2  # larger q/k weights: per-token attention with some contrast
 
 
 def _fill(module: torch.nn.Module, seed: int) -> None:
-    """Seeded weights for every parameter: norm scales 1, biases 0, the rest normal (q/k projections wider)."""
+    """Seeded values for every parameter and float buffer (the host allocates them uninitialised, e.g. SD3's
+    ``pos_embed``): norm scales 1, biases 0, the rest normal (q/k projections wider)."""
+    tensors = list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if b.is_floating_point()]
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for name, p in tensors:
             if p.ndim == 1 and (name.endswith(".scale") or "norm" in name):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
