@@ -13,11 +13,13 @@ cached, so the per-call work is: one batched ``q @ k^T``, a softmax, a sum over 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
 
+from . import joint
 from .geometry import PARTS, LayerInfo, UNetGrid, is_power_of_two
 
 BRANCHES = ("cond", "uncond")
@@ -68,6 +70,10 @@ class RecordFilter:
         A model call at progress ``p`` is recorded when ``start <= p <= end``.
     branches : tuple of str
         Which CFG branches to record; drop ``"uncond"`` to skip negative-prompt maps.
+    blocks : tuple of (str, int, int) or None
+        Block ranges of transformer (joint-attention) layers: ``(part, start, stop)`` keeps the layers of that
+        part whose block index (the last integer in the layer name, ``"single.12"`` -> 12) is in
+        ``[start, stop)``; a part with no range is kept whole. None = all. See :func:`parse_blocks`.
     """
 
     factors: tuple[int, ...] | None = None
@@ -77,6 +83,7 @@ class RecordFilter:
     start: float = 0.0
     end: float = 1.0
     branches: tuple[str, ...] = BRANCHES
+    blocks: tuple[tuple[str, int, int], ...] | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.start <= self.end <= 1.0:
@@ -99,6 +106,12 @@ class RecordFilter:
         bad = set(self.branches) - set(BRANCHES)
         if bad:
             raise ValueError(f"unknown branches {sorted(bad)}; use {BRANCHES}")
+        if self.blocks is not None:
+            for r in self.blocks:
+                if (len(r) != 3 or r[0] not in PARTS or not all(isinstance(x, int) for x in r[1:])
+                        or not 0 <= r[1] < r[2]):
+                    raise ValueError(f"block range {r!r} must be (part, start, stop) with a part of {PARTS} and "
+                                     f"0 <= start < stop")
 
     @property
     def locations(self) -> tuple[str, ...] | None:
@@ -381,6 +394,183 @@ class CrossAttentionRecorder:
             self._index_cache[key] = hit
         return hit
 
+    # -- joint attention (SD3, Flux): see daam_core.engine.joint ---------------------------------
+    joint_chunk_elements: int = joint.DEFAULT_CHUNK_ELEMENTS
+
+    def record_joint(self, name: str, part: str, q: torch.Tensor, k: torch.Tensor, heads: int, *,
+                     text: tuple[int, int], image: tuple[int, int], scale: float | None = None,
+                     mask: torch.Tensor | None = None, skip_reshape: bool = False,
+                     lse: torch.Tensor | None = None) -> None:
+        """Accumulate one joint-attention call: image queries over text keys, softmax over all ``L`` keys.
+
+        Parameters
+        ----------
+        name, part : str
+            Layer id (its last integer is the block index for :attr:`RecordFilter.blocks`) and network part
+            (``"double"``, ``"single"`` for Flux, ``"joint"`` for SD3).
+        q, k : Tensor
+            The joint sequence's queries and keys as the host's attention receives them (after RoPE):
+            ``[B, L, heads * D]``, or ``[B, heads, L, D]`` with ``skip_reshape``; k may have fewer heads
+            (grouped-query attention, ``repeat_interleave`` semantics).
+        heads : int
+            Query heads.
+        text, image : (int, int)
+            ``[start, stop)`` of the text tokens and of the generated image's tokens on the sequence axis.
+        scale : float, optional
+            Softmax scale, default ``D ** -0.5``.
+        mask : Tensor, optional
+            The host's additive or boolean (True = attend) mask: ``[L, L]``, ``[B, L, L]`` or
+            ``[B or 1, H or 1, L, L]``.
+        lse : Tensor ``[B, heads, L]``, optional
+            Each query's log-sum-exp over all keys from a fused kernel (:meth:`attend_joint`); without it the
+            normaliser is computed here, chunked.
+
+        Records ``[streams, N_img, T]`` running sums; never builds an ``[L, L]`` tensor (peak extra memory:
+        :func:`daam_core.engine.joint.workspace_bytes`).
+        """
+        if not self.wants(name, part) or not self._wants_block(name, part):
+            return
+        qh = joint.split_heads(q, heads, skip_reshape)
+        kh = k if skip_reshape else joint.split_heads(k, k.shape[-1] // qh.shape[-1], False)
+        length = qh.shape[2]
+        t0, t1 = _range(text, length, "text")
+        i0, i1 = _range(image, length, "image")
+        if kh.shape[2] != length or kh.shape[-1] != qh.shape[-1] or qh.shape[1] % kh.shape[1]:
+            raise ValueError(f"{name}: keys {tuple(kh.shape)} do not match queries {tuple(qh.shape)} "
+                             f"(joint attention attends over the same sequence)")
+        if self._layer(name, part, "joint", i1 - i0, qh.shape[1]) is None:
+            return
+        rows, streams = self._rows(q.device)
+        all_rows = len(streams) == qh.shape[0] and self._identity_rows(rows, qh.shape[0])
+        m4 = joint.mask_4d(mask)
+        q_img = qh[:, :, i0:i1]
+        if not all_rows:
+            q_img, kh = q_img[rows], kh[rows]
+            if m4 is not None and m4.shape[0] > 1:
+                m4 = m4[rows]
+            if lse is not None:
+                lse = lse[rows]
+        if self.filter.heads is not None:
+            sel = self._heads(q.device)
+            group = qh.shape[1] // kh.shape[1]
+            q_img = q_img.index_select(1, sel)
+            kh = kh.index_select(1, self._kv_heads(sel, group))
+            if m4 is not None and m4.shape[1] > 1:
+                m4 = m4.index_select(1, sel)
+            if lse is not None:
+                lse = lse.index_select(1, sel)
+        if m4 is not None:
+            m4 = m4[:, :, i0:i1]
+        if lse is not None:
+            lse = lse[:, :, i0:i1]
+        plan = self._joint_plan(name, streams, t1 - t0, q.device)
+        if plan is None:
+            return
+        acc = self.sums.get(name)
+        if acc is None:
+            acc = torch.zeros(len(self.streams), i1 - i0, max(self.token_counts), dtype=torch.float32,
+                              device=q.device)
+            self.sums[name] = acc
+
+        def emit(n0: int, n1: int, probs: torch.Tensor) -> None:
+            for members, index, t, fold in plan:
+                part_ = probs if members is None else probs.index_select(0, members)
+                if fold > 1:
+                    part_ = part_.view(part_.shape[0], part_.shape[1], fold, t).sum(dim=2)
+                elif part_.shape[-1] != t:
+                    part_ = part_[..., :t]
+                acc[:, n0:n1, :t].index_add_(0, index, part_)
+
+        s = scale if scale is not None else 1.0 / math.sqrt(qh.shape[-1])
+        joint.joint_text_probs(q_img, kh, (t0, t1), s, emit, mask=m4, lse=lse,
+                               chunk_elements=self.joint_chunk_elements)
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def attend_joint(self, name: str, part: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
+                     text: tuple[int, int], image: tuple[int, int], reference, finish=None,
+                     scale: float | None = None, mask: torch.Tensor | None = None,
+                     skip_reshape: bool = False) -> torch.Tensor:
+        """Run a joint-attention call whose host attention is PyTorch SDPA, and record it.
+
+        The output is the host's own, bit for bit (:func:`daam_core.engine.joint.attention_with_lse`): a fused
+        kernel that also returns the log-sum-exp replaces ``reference()`` only for input signatures where it was
+        proven equal; then recording costs only the text-key scores.
+
+        Parameters
+        ----------
+        q, k, v, heads, text, image, scale, mask, skip_reshape
+            As in :meth:`record_joint` (v shaped like k).
+        reference : callable
+            Computes the host's attention output for this call (its own function, its own format).
+        finish : callable, optional
+            Turns the kernel's ``[B, H, L, D]`` output into the host's format.
+        """
+        if not self.wants(name, part) or not self._wants_block(name, part):
+            return reference()
+        qh = joint.split_heads(q, heads, skip_reshape)
+        d = qh.shape[-1]
+        kh = k if skip_reshape else joint.split_heads(k, k.shape[-1] // d, False)
+        vh = v if skip_reshape else joint.split_heads(v, v.shape[-1] // d, False)
+        out, lse = joint.attention_with_lse(qh, kh, vh, reference, finish=finish, scale=scale,
+                                            mask=joint.mask_4d(mask))
+        self.record_joint(name, part, qh, kh, qh.shape[1], text=text, image=image, scale=scale, mask=mask,
+                          skip_reshape=True, lse=lse)
+        return out
+
+    def _wants_block(self, name: str, part: str) -> bool:
+        key = ("block", name)
+        hit = self._index_cache.get(key)
+        if hit is None:
+            hit = block_allowed(self.filter.blocks, name, part)
+            self._index_cache[key] = hit
+        return hit
+
+    def _identity_rows(self, rows: torch.Tensor, batch: int) -> bool:
+        key = ("identity", self._call.rows, batch)
+        hit = self._index_cache.get(key)
+        if hit is None:
+            hit = tuple(i for i, s in enumerate(self._call.rows) if s is not None) == tuple(range(batch))
+            self._index_cache[key] = hit
+        return hit
+
+    def _kv_heads(self, sel: torch.Tensor, group: int) -> torch.Tensor:
+        key = ("kv_heads", group, sel.device)
+        hit = self._index_cache.get(key)
+        if hit is None:
+            hit = torch.div(sel, group, rounding_mode="floor")
+            self._index_cache[key] = hit
+        return hit
+
+    def _joint_plan(self, name: str, streams: tuple[int, ...], t_call: int, device):
+        """Per token-count group of rows: (row index or None, stream index, T, copies to fold); None = skip."""
+        key = ("joint_plan", streams, t_call, device)
+        if key in self._index_cache:
+            return self._index_cache[key]
+        groups: dict[int, list[int]] = {}
+        for j, s in enumerate(streams):
+            groups.setdefault(self.token_counts[self.streams[s].prompt], []).append(j)
+        plan = []
+        for t, members in groups.items():
+            if t_call % t == 0:
+                fold = t_call // t
+            elif t_call > t:
+                fold = 1
+                self._warn_once(f"{name}: {t_call} text tokens in the joint sequence, not a multiple of the "
+                                f"prompt's {t}; extra tokens ignored")
+            else:
+                self._warn_once(f"{name}: {t_call} text tokens in the joint sequence, fewer than the prompt's {t}; "
+                                f"call skipped")
+                continue
+            rows = None if len(members) == len(streams) else torch.tensor(members, dtype=torch.long, device=device)
+            plan.append((rows, self._stream_index(streams, members, device), t, fold))
+        plan = plan or None
+        self._index_cache[key] = plan
+        return plan
+
+    def _warn_once(self, msg: str) -> None:
+        if msg not in self.warnings:
+            self.warnings.append(msg)
+
 
 def cfg_rows(n_images: int, cfg: bool, uncond_first: bool = True) -> list[int]:
     """Row -> stream mapping for the usual classifier-free-guidance batch.
@@ -404,3 +594,44 @@ def cfg_streams(n_images: int, prompt_of_image: Iterable[int], negative_offset: 
     prompts = list(prompt_of_image)
     return ([Stream(i, "cond", prompts[i]) for i in range(n_images)] +
             [Stream(i, "uncond", negative_offset + prompts[i]) for i in range(n_images)])
+
+
+def _range(r: tuple[int, int], length: int, what: str) -> tuple[int, int]:
+    start, stop = int(r[0]), int(r[1])
+    if not 0 <= start < stop <= length:
+        raise ValueError(f"the {what} range [{start}, {stop}) is not inside the joint sequence of {length} tokens")
+    return start, stop
+
+
+def block_index(name: str) -> int | None:
+    """The block index of a layer name: its last integer (``"single.12"`` -> 12), None without one."""
+    found = re.findall(r"\d+", name)
+    return int(found[-1]) if found else None
+
+
+def block_allowed(blocks, name: str, part: str) -> bool:
+    """Whether :attr:`RecordFilter.blocks` keeps layer ``name`` of ``part``."""
+    if blocks is None:
+        return True
+    ranges = [(a, b) for p, a, b in blocks if p == part]
+    if not ranges:
+        return True
+    i = block_index(name)
+    return i is not None and any(a <= i < b for a, b in ranges)
+
+
+def parse_blocks(spec: str) -> tuple[tuple[str, int, int], ...] | None:
+    """``"double:0-9, single:10-37"`` -> ``(("double", 0, 10), ("single", 10, 38))`` (inclusive ranges as
+    written; ``"single:5"`` is one block). An empty string gives None (all blocks)."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        part, sep, rng = item.partition(":")
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", rng)
+        if not sep or part.strip() not in PARTS or m is None:
+            raise ValueError(f"block range {item!r}: write part:start-end, e.g. 'single:0-9' (parts {PARTS})")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else a
+        if b < a:
+            raise ValueError(f"block range {item!r}: end {b} is before start {a}")
+        out.append((part.strip(), a, b + 1))
+    return tuple(out) or None

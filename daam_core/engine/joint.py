@@ -1,0 +1,270 @@
+"""Joint attention (SD3 MMDiT, Flux): the image queries' probabilities over the text keys, exactly.
+
+In a joint-attention block the text and image tokens form one sequence of ``L`` positions and every query
+attends over all of them. What DAAM needs is the ``[N_img, T]`` slice of the ``[L, L]`` probabilities, with the
+softmax normaliser taken over **all** ``L`` keys (image keys and mask included), summed over heads. The only
+global quantity is each image query's log-sum-exp over the ``L`` keys:
+
+    P[n, t] = exp(s * q_n . k_t + mask[n, t] - lse_n),   lse_n = log sum_j exp(s * q_n . k_j + mask[n, j])
+
+Two ways to get ``lse`` without an ``[L, L]`` tensor:
+
+- :func:`attention_with_lse`: the host's attention *is* PyTorch SDPA; the same fused kernel SDPA dispatches to
+  (the CPU flash kernel, on CUDA the flash or memory-efficient kernel) also returns ``lse``. Its output is
+  compared bit for bit with the host's call once per input signature; only a signature that matched is served
+  by the kernel afterwards, so the host's output never changes.
+- :func:`joint_text_probs` without ``lse``: the scores of a chunk of image queries against all keys are computed
+  and normalised in place, chunk by chunk (peak memory is one chunk, see :func:`workspace_bytes`).
+
+Shapes: ``B`` batch rows, ``H`` query heads, ``Hk`` key heads (``H`` a multiple of ``Hk``: grouped-query heads,
+query head ``h`` uses key head ``h // (H // Hk)`` as ``repeat_interleave`` / SDPA ``enable_gqa``), ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 23  # fp32 scores per chunk (32 MiB)
+
+
+def split_heads(x: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
+    """``[B, L, heads * D]`` -> ``[B, heads, L, D]`` view; ``skip_reshape`` inputs are already ``[B, H, L, D]``."""
+    if skip_reshape:
+        if x.ndim != 4:
+            raise ValueError(f"skip_reshape expects [B, H, L, D] tensors, got shape {tuple(x.shape)}")
+        return x
+    if x.ndim != 3 or x.shape[-1] % heads:
+        raise ValueError(f"expected [B, L, heads * D] with {heads} heads, got shape {tuple(x.shape)}")
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def mask_4d(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A host mask as ``[B or 1, H or 1, L_q, L_k]`` (ComfyUI's rule: a 2-D mask is ``[L_q, L_k]``, a 3-D one
+    ``[B, L_q, L_k]``)."""
+    if mask is None:
+        return None
+    if mask.ndim == 2:
+        return mask[None, None]
+    if mask.ndim == 3:
+        return mask[:, None]
+    if mask.ndim == 4:
+        return mask
+    raise ValueError(f"attention mask must have 2, 3 or 4 dimensions, got shape {tuple(mask.shape)}")
+
+
+def workspace_bytes(rows: int, heads: int, kv_heads: int, n_img: int, length: int, text: int, dim: int,
+                    dtype: torch.dtype, with_lse: bool, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    """Upper bound of the extra memory :func:`joint_text_probs` allocates during one call (bytes).
+
+    ``chunk`` queries are processed at once, ``chunk = max(1, chunk_elements // (rows * heads * keys))`` with
+    ``keys = text`` when ``lse`` is given, else ``length``. Terms (fp32 = 4 bytes):
+
+    - scores of a chunk, ``rows * heads * chunk * keys``, and the same again for temporaries of the in-place
+      normalisation (mask fill, exponent) - ``2x``;
+    - the head-summed chunk ``rows * chunk * text``;
+    - fp32 copies of the keys used, ``rows * kv_heads * keys * dim`` when the input is not fp32, and of the query
+      chunk ``rows * heads * chunk * dim`` (grouped heads or non-fp32 input);
+    - the chunk's log-sum-exp / normaliser ``rows * heads * chunk`` twice.
+
+    Independent of ``length ** 2``: no ``[L, L]`` tensor exists.
+    """
+    keys = text if with_lse else length
+    chunk = min(n_img, max(1, chunk_elements // max(1, rows * heads * keys)))
+    f32 = 4
+    total = 2 * rows * heads * chunk * keys * f32
+    total += rows * chunk * text * f32
+    total += rows * heads * chunk * dim * f32
+    if dtype != torch.float32:
+        total += rows * kv_heads * keys * dim * f32
+    total += 2 * rows * heads * chunk * f32
+    return total
+
+
+def _grouped_scores(qc: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
+    """Scores ``[b, H, c, K]`` of query chunk ``qc [b, H, c, D]`` against ``kt [b, Hk, D, K]`` (grouped heads)."""
+    b, h, c, d = qc.shape
+    hk = kt.shape[1]
+    if hk == h:
+        return torch.matmul(qc, kt)
+    g = h // hk
+    # heads hk*g .. hk*g+g-1 share key head hk: stack their queries on the row axis
+    scores = torch.matmul(qc.reshape(b, hk, g * c, d), kt)
+    return scores.view(b, h, c, kt.shape[-1])
+
+
+def joint_text_probs(q_img: torch.Tensor, k: torch.Tensor, text: tuple[int, int], scale: float,
+                     emit: Callable[[int, int, torch.Tensor], None], *, mask: torch.Tensor | None = None,
+                     lse: torch.Tensor | None = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
+    """Head-summed probabilities of image queries over the text keys, softmax over all keys, chunked.
+
+    Parameters
+    ----------
+    q_img : Tensor ``[b, H, N, D]``
+        The image queries (any float dtype; computed in fp32).
+    k : Tensor ``[b, Hk, L, D]``
+        All keys of the joint sequence.
+    text : (int, int)
+        ``[start, stop)`` of the text keys on the key axis, ``T = stop - start``.
+    scale : float
+        Softmax scale of the scores.
+    emit : callable ``(n0, n1, probs)``
+        Receives, per chunk of image queries ``[n0, n1)``, ``probs [b, n1 - n0, T]`` float32 (summed over the
+        ``H`` heads). The tensor is reused memory: consume it before returning.
+    mask : Tensor, optional
+        Additive float or boolean (True = attend) mask rows of the image queries, broadcastable to
+        ``[b, H, N, L]``.
+    lse : Tensor ``[b, H, N]``, optional
+        Log-sum-exp of ``scale * q . k + mask`` over all ``L`` keys; when given only the text keys are scored.
+    chunk_elements : int
+        Scores computed at once (sets the chunk size; see :func:`workspace_bytes`).
+    """
+    b, h, n, d = q_img.shape
+    hk = k.shape[1]
+    if h % hk:
+        raise ValueError(f"{h} query heads are not a multiple of {hk} key heads")
+    t0, t1 = text
+    keys = k[:, :, t0:t1] if lse is not None else k
+    kt = keys.float().transpose(-1, -2)  # [b, Hk, D, K]
+    width = kt.shape[-1]
+    chunk = min(n, max(1, chunk_elements // max(1, b * h * width)))
+    for n0 in range(0, n, chunk):
+        n1 = min(n, n0 + chunk)
+        scores = _grouped_scores(q_img[:, :, n0:n1].float(), kt)  # [b, H, c, K] fp32, fresh
+        scores.mul_(scale)
+        if mask is not None:
+            m = mask[..., n0:n1, t0:t1] if lse is not None else mask[..., n0:n1, :]
+            if m.dtype == torch.bool:
+                scores.masked_fill_(m.logical_not(), -math.inf)
+            else:
+                scores.add_(m)
+        if lse is not None:
+            scores.sub_(lse[:, :, n0:n1, None]).exp_()
+            probs = scores
+        else:
+            top = scores.amax(dim=-1, keepdim=True)
+            scores.sub_(top).exp_()
+            total = scores.sum(dim=-1, keepdim=True)
+            probs = scores[..., t0:t1].div_(total)
+        emit(n0, n1, probs.sum(dim=1))
+
+
+# -- fused kernels that return the log-sum-exp -----------------------------------------------------------------
+
+_verdicts: dict[tuple, bool] = {}
+
+
+def _signature(q, k, v, mask, scale) -> tuple:
+    m = None if mask is None else (tuple(mask.shape), mask.dtype, tuple(mask.stride()))
+    return (q.device.type, q.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape), tuple(q.stride()),
+            tuple(k.stride()), tuple(v.stride()), m, scale, torch.__version__)
+
+
+def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask.logical_not(), -math.inf)
+
+
+def fused_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                        mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Output ``[B, H, L, D]`` and log-sum-exp ``[B, H, L]`` (fp32) of the fused kernel SDPA would use.
+
+    q, k, v: ``[B, H, L, D]`` (k, v may have fewer heads). Returns None when no such kernel takes these inputs
+    (then the caller computes the normaliser itself). The output is not yet proven equal to SDPA's: use
+    :func:`attention_with_lse`.
+    """
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or q.requires_grad:
+        return None
+    if (q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1]
+            or k.dtype != q.dtype or v.dtype != q.dtype):
+        return None  # the CPU kernel divides the head counts: an uneven ratio would crash the process
+    m = _float_mask(mask, q.dtype)
+    if m is not None and m.dtype != q.dtype:
+        return None
+    try:
+        if q.device.type == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, False, attn_mask=m, scale=scale)
+            return out, lse
+        if q.device.type == "cuda":  # not run on the CPU-only test machine; guarded by the bit-for-bit check
+            if k.shape[1] != q.shape[1]:
+                return None
+            if m is None and q.dtype != torch.float32:
+                res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+                return res[0], res[1][..., :q.shape[2]]
+            res = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, m.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if m is not None else None,
+                True, 0.0, False, scale=scale)
+            return res[0], res[1][..., :q.shape[2]]
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return None
+
+
+def _lse_check(q, k, mask, scale, lse, rows: int = 64) -> bool:
+    """The kernel's log-sum-exp agrees with one computed here on a few query rows (same meaning: natural log
+    of the sum over all keys of ``exp(scale * q . k + mask)``)."""
+    qs = q[:, :, :rows].float()
+    s = torch.matmul(qs, k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1).transpose(-1, -2)) * scale
+    if mask is not None:
+        m = mask[..., :rows, :]
+        s = s.masked_fill(m.logical_not(), -math.inf) if m.dtype == torch.bool else s + m.float()
+    ref = s.logsumexp(-1)
+    tol = 1e-4 if q.dtype == torch.float32 else 2e-2
+    finite = torch.isfinite(ref)
+    return bool(torch.equal(finite, torch.isfinite(lse[:, :, :rows]))
+                and torch.allclose(lse[:, :, :rows][finite], ref[finite], atol=tol, rtol=0))
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reference: Callable[[], torch.Tensor], *,
+                       finish: Callable[[torch.Tensor], torch.Tensor] | None = None, scale: float | None = None,
+                       mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The host's attention output, bit for bit, and the log-sum-exp when a fused kernel provides it.
+
+    Parameters
+    ----------
+    q, k, v : Tensor ``[B, H, L, D]``
+        As the host's SDPA call receives them (k, v may have fewer heads).
+    reference : callable
+        Runs the host's own attention on these inputs and returns its output (in the host's format).
+    finish : callable, optional
+        Turns the kernel's ``[B, H, L, D]`` output into the host's format (e.g. ``[B, L, H * D]``); default none.
+    scale : float, optional
+        The scale the host passes to SDPA (None: ``D ** -0.5``).
+    mask : Tensor, optional
+        The mask the host passes to SDPA, ``[B or 1, H or 1, L, L]``.
+
+    Returns
+    -------
+    (Tensor, Tensor or None)
+        The output (the host's own values) and ``lse [B, H, L]`` fp32, or None when no verified kernel applies.
+
+    Notes
+    -----
+    The first call of each input signature (device, dtype, shapes, strides, mask, scale, torch version) runs the
+    kernel and ``reference()`` and compares them with ``torch.equal`` (and the log-sum-exp with a direct one on a
+    few rows); only a signature that matched uses the kernel alone afterwards. One host synchronisation per new
+    signature, none after.
+    """
+    finish = finish or (lambda t: t)
+    key = _signature(q, k, v, mask, scale)
+    verdict = _verdicts.get(key)
+    if verdict is False:
+        return reference(), None
+    fused = fused_attention_lse(q, k, v, scale=scale, mask=mask)
+    if fused is None:
+        _verdicts[key] = False
+        return reference(), None
+    out, lse = fused
+    if verdict is None:
+        host = reference()
+        s = scale if scale is not None else q.shape[-1] ** -0.5
+        ok = (host.shape == finish(out).shape and host.dtype == out.dtype and torch.equal(finish(out), host)
+              and _lse_check(q, k, mask, s, lse))
+        _verdicts[key] = ok
+        return host, (lse if ok else None)
+    return finish(out), lse
