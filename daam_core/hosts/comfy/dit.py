@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from ...engine.geometry import FLUX_PARTS, MMDIT_PARTS, PatchGrid
 from ...engine.recorder import Recording
 from .session import TraceSession
-from . import _joint_shim  # noqa: F401  (TEMPORARY: until the engine's record_joint is merged)
 
 SUPPORTED = "SD1.x, SD2.x, SDXL (UNet), SD3 / SD3.5 (MMDiT) and Flux.1 (dev, schnell, Kontext)"
 
