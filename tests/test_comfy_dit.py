@@ -348,3 +348,74 @@ def test_untraceable_family_is_a_node_error_naming_it(pack, comfy_host):
     latent = {"samples": torch.zeros(1, 128, 4, 4)}
     with pytest.raises(ValueError, match="cannot trace this model family"):
         pack.DAAMKSampler().sample(model, 1, 1, 1.0, "euler", "normal", [], [], latent)
+
+
+def test_flux_with_a_real_t5_encoder_and_long_prompt(pack, comfy_host):
+    """The host's own Flux text encoder (CLIP-L + T5, tiny configs): a long prompt gives more than 256 T5 tokens, the
+    words are found at the T5 positions the host tokenized, and the text check re-encodes with that CLIP."""
+    import node_helpers
+
+    from helpers.dit_checkpoints import build_flux, build_tiny_flux_clip
+
+    clip = build_tiny_flux_clip(seed=5)
+    model = build_flux(seed=6, dev=True, context_dim=64, pooled_dim=32)
+    text = "a (cat:1.3) and a dog, " + ", ".join(["a small wooden house"] * 60) + ", a golden dragon"
+    tokens = clip.tokenize(text)
+    t5 = [t for chunk in tokens["t5xxl"] for t in chunk]
+    pos = node_helpers.conditioning_set_values(comfy_encode(clip, text), {"guidance": 3.5})
+    neg = comfy_encode(clip, "")
+    assert pos[0][0].shape[1] == len(t5) > 256  # past T5's 256-token minimum
+    plain = ksample(model, pos, neg, batch=2, cfg=1.0)
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    samples = ksample(traced_model, pos, neg, batch=2, cfg=1.0)
+    assert torch.equal(plain, samples)
+    out = pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, text, "", "dragon, cat")
+    _, _, masks, maps = out["result"]
+    layout = maps.trace.layout(0)
+    (dragon,) = layout.positions("dragon")
+    assert dragon > 256 and t5[dragon][0] == clip.tokenizer.t5xxl.tokenizer.convert_tokens_to_ids("▁dragon")
+    assert t5[layout.positions("cat")[0]][1] == pytest.approx(1.3)
+    assert masks.shape == (4, 48, 64) and all(0 < m.float().mean() < 1 for m in masks)
+    with pytest.raises(ValueError, match="not the text the sampler's positive conditioning was encoded from"):
+        pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, text.replace("cat", "cow"), "", "dog")
+
+
+def comfy_encode(clip, text):
+    import nodes as host_nodes
+
+    return host_nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def on_pytorch_attention(inner=None):
+    """An override that runs the host as ``--use-pytorch-cross-attention`` does: its attention function becomes
+    ComfyUI's ``attention_pytorch`` (``inner``: DAAM's override, given that function)."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    def override(func, *args, **kwargs):
+        return inner(attention_pytorch, *args, **kwargs) if inner else attention_pytorch(*args, **kwargs)
+
+    return override
+
+
+@pytest.mark.parametrize("family", ("sd35", "flux-dev"))
+def test_pytorch_attention_host_gets_the_same_image_and_sums(pack, models, tokenizers, family):
+    import importlib
+
+    joint = importlib.import_module(pack.__name__.split(".")[0] + ".daam_core.engine.joint")  # the pack's own copy
+
+    model = models[family]
+    pos, neg = cond(family, tokenizers, POS, 1, batch=2), cond(family, tokenizers, NEG, 2, batch=2)
+    plain = ksample(with_override(model, on_pytorch_attention()), pos, neg, batch=2)
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    to = traced_model.model_options["transformer_options"]
+    to["optimized_attention_override"] = on_pytorch_attention(to["optimized_attention_override"])
+    fast = ksample(traced_model, pos, neg, batch=2)
+    assert torch.equal(plain, fast)
+    assert any(joint._verdicts.values())  # the fused kernel was proven equal to the host's call and used
+    slow_model = pack.DAAMTraceModel().trace(model)[0]  # the default CPU attention: normaliser computed chunked
+    slow = ksample(slow_model, pos, neg, batch=2)
+    a = pack.session_of(traced_model).find(fast).recorded
+    b = pack.session_of(slow_model).find(slow).recorded
+    assert set(a.sums) == set(b.sums)
+    for name in a.sums:  # the same probabilities up to the two attention functions' rounding
+        torch.testing.assert_close(a.sums[name], b.sums[name], atol=1e-4, rtol=0)

@@ -232,3 +232,31 @@ def cached_flux_vae(seed: int = 0, dtype: torch.dtype = torch.float16):
         _ae_specs(s, "")
         _save_atomic(_materialise(s, seed, dtype), path, _meta("flux-ae", seed))
     return path
+
+
+# -- a tiny real Flux text encoder (CLIP-L + T5 of the host's own classes, small configs) ------------------------
+
+T5_TINY = {"d_model": 64, "d_ff": 128, "d_kv": 32, "num_heads": 2, "num_layers": 2}
+CLIP_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2,
+             "projection_dim": 32}
+TINY_TE_OPTIONS = {"t5xxl_model_config": T5_TINY, "clip_l_model_config": CLIP_TINY}
+
+
+def build_tiny_flux_clip(seed: int = 0):
+    """A ``comfy.sd.CLIP`` of type Flux (CLIP-L + T5-XXL code, 2-layer, 64-wide configs, seeded weights), loaded
+    through ``comfy.sd.load_text_encoder_state_dicts(..., model_options=...)`` as ``DualCLIPLoader`` loads one.
+    Its conditioning is ``[1, T5 tokens (>= 256), 64]``, its pooled output 32 wide (``build_flux(context_dim=64,
+    pooled_dim=32)`` takes both)."""
+    import comfy.sd
+    import comfy.text_encoders.flux as flux_te
+
+    shapes = flux_te.flux_clip()(device="cpu", dtype=torch.float32, model_options=TINY_TE_OPTIONS)
+    dicts = []
+    for name, part in (("clip_l", shapes.clip_l), ("t5xxl", shapes.t5xxl)):
+        _fill(part.transformer, seed + zlib.crc32(name.encode()))
+        dicts.append({k: v.detach().clone() for k, v in part.transformer.state_dict().items()})
+    del shapes
+    # load_text_encoder_state_dicts rewrites "clip_l_model_config" from the file's position embedding, starting
+    # from model_options["model_config"]: the CLIP-L config goes there
+    options = {"model_config": dict(CLIP_TINY), "t5xxl_model_config": T5_TINY}
+    return comfy.sd.load_text_encoder_state_dicts(dicts, clip_type=comfy.sd.CLIPType.FLUX, model_options=options)

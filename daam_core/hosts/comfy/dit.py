@@ -213,30 +213,55 @@ class DiTTraceSession(TraceSession):
 
     # -- attention ---------------------------------------------------------------------------
     def attention_override(self, previous):
-        """An ``optimized_attention_override`` that records joint calls and defers to ``previous``."""
+        """An ``optimized_attention_override`` that records joint calls and defers to ``previous``.
+
+        When the host's own function is PyTorch's (``attention_pytorch``, e.g. ``--use-pytorch-cross-attention``)
+        and no other override sits below DAAM, a joint call runs through the engine's ``attend_joint``: a fused
+        kernel that also returns each query's log-sum-exp replaces the host's call only where it was proven equal
+        to it bit for bit (checked once per input signature), so recording costs only the text-key scores.
+        """
 
         def override(func, *args, **kwargs):
+            call = self._joint_call(args, kwargs) if self._call_layout is not None and self.recorder.active else None
+            if call is None:
+                return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+            if previous is None and getattr(func, "__name__", "") == "attention_pytorch" \
+                    and not kwargs.get("skip_output_reshape", False) and args[2].numel() == args[1].numel():
+                q, k, v = args[:3]
+                if not call["skip_reshape"]:
+                    v = v.reshape(k.shape)  # SD3 hands v as [B, L, H, D]; attention_pytorch views it the same way
+                b, heads = q.shape[0], call["heads"]
+
+                def finish(o):  # the kernel's [B, H, L, D] as attention_pytorch returns it: [B, L, H * D]
+                    return o.transpose(1, 2).reshape(b, -1, heads * o.shape[-1])
+
+                return self.recorder.attend_joint(call["name"], call["part"], q, k, v, heads, text=call["text"],
+                                                  image=call["image"], reference=lambda: func(*args, **kwargs),
+                                                  finish=finish, scale=kwargs.get("scale"), mask=kwargs.get("mask"),
+                                                  skip_reshape=call["skip_reshape"])
             out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
-            layout = self._call_layout
-            if layout is not None and self.recorder.active:
-                self._record(layout, args, kwargs)
+            self.recorder.record_joint(call["name"], call["part"], args[0], args[1], call["heads"], text=call["text"],
+                                       image=call["image"], scale=kwargs.get("scale"), mask=kwargs.get("mask"),
+                                       skip_reshape=call["skip_reshape"])
             return out
 
         return override
 
-    def _record(self, layout, args, kwargs) -> None:
+    def _joint_call(self, args, kwargs) -> dict | None:
+        """Where the text and image are on this call's sequence, or None when it is not a joint call."""
+        if len(args) < 3:
+            return None
         q, k = args[0], args[1]
         heads = args[3] if len(args) > 3 else kwargs.get("heads")
         if not (hasattr(q, "shape") and hasattr(k, "shape")) or heads is None:
-            return  # e.g. tensors still wrapped in a container the host did not unwrap
+            return None  # e.g. tensors still wrapped in a container the host did not unwrap
         skip_reshape = bool(kwargs.get("skip_reshape", False))
         length = k.shape[2] if skip_reshape else k.shape[1]
-        text, n_img, refs = layout
+        text, n_img, refs = self._call_layout
         spec = self.spec
         if length != spec.registers + text + n_img + refs:
-            return  # not a joint call (SD3.5's image-only attention, or another model's attention)
-        options = kwargs.get("transformer_options") or {}
-        name, part = spec.layer(self._joint_index, options)
+            return None  # not a joint call (SD3.5's image-only attention, or another model's attention)
+        name, part = spec.layer(self._joint_index, kwargs.get("transformer_options") or {})
         self._joint_index += 1
         self._seen += 1
         if spec.image_first and part == "double":
@@ -244,8 +269,8 @@ class DiTTraceSession(TraceSession):
         else:
             start = spec.registers
             text_span, image_span = (start, start + text), (start + text, start + text + n_img)
-        self.recorder.record_joint(name, part, q, k, int(heads), text=text_span, image=image_span,
-                                   scale=kwargs.get("scale"), mask=kwargs.get("mask"), skip_reshape=skip_reshape)
+        return {"name": name, "part": part, "heads": int(heads), "text": text_span, "image": image_span,
+                "skip_reshape": skip_reshape}
 
 
 # -- text: where each encoder's tokens lie on the conditioning's token axis ------------------------------------
