@@ -74,15 +74,17 @@ def joint_inputs(order, t, n, extra, b=2, h=4, hk=None, d=16, seed=0, dtype=torc
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("layout", ["flat", "heads"])
-def test_probabilities_equal_fp64_full_softmax(case, layout):
+@pytest.mark.parametrize("lse_kernel", [True, False], ids=["kernel_lse", "chunked_lse"])
+def test_probabilities_equal_fp64_full_softmax(case, layout, lse_kernel):
     first, second, extra = CASES[case]
     t, hw = 7, (4, 6)
     q, k, _, text, image = joint_inputs((first, second), t, hw[0] * hw[1], extra)
     length = q.shape[2]
-    mask = torch.randn(2, 1, length, length) * 2  # additive, per batch row
+    mask = torch.randn(2, 1, length, length, generator=torch.Generator().manual_seed(4)) * 2  # additive, per row
     mask[:, :, :, 3] = -math.inf  # one key masked out for everyone
     scale = 0.2
     rec = recorder(hw)
+    rec.joint_lse_kernel = lse_kernel  # normaliser from the CPU flash kernel's log-sum-exp, or computed here
     rec.joint_chunk_elements = 4 * 4 * length * 3  # several query chunks
     if layout == "flat":
         flat = lambda x: x.transpose(1, 2).reshape(x.shape[0], length, -1)  # noqa: E731
@@ -97,11 +99,12 @@ def test_probabilities_equal_fp64_full_softmax(case, layout):
     torch.testing.assert_close(out.sums["double.0"].double(), ref, atol=1e-5, rtol=0)
     assert out.layers["double.0"].kind == "joint" and out.layers["double.0"].hw == hw
     # the text columns do not sum to the head count: image keys take their share of the normaliser
-    assert (ref.sum(-1) < 4 - 0.1).all()
+    assert ref.sum(-1).mean() < 4 * 0.9
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool_2d", "additive_3d"])
-def test_grouped_query_heads_and_masks(mask_kind):
+@pytest.mark.parametrize("lse_kernel", [True, False], ids=["kernel_lse", "chunked_lse"])
+def test_grouped_query_heads_and_masks(mask_kind, lse_kernel):
     t, hw = 5, (3, 4)
     q, k, _, text, image = joint_inputs(("text", "image"), t, 12, 0, h=6, hk=2, seed=3)
     length = q.shape[2]
@@ -112,6 +115,7 @@ def test_grouped_query_heads_and_masks(mask_kind):
     elif mask_kind == "additive_3d":
         mask = torch.randn(2, length, length, generator=torch.Generator().manual_seed(2))
     rec = recorder(hw, tokens=(t,))
+    rec.joint_lse_kernel = lse_kernel
     rec.record_joint("joint.1", "joint", q, k, 6, text=text, image=image, mask=mask, skip_reshape=True)
     ref_mask = None if mask is None else (mask[None, None] if mask.ndim == 2 else mask[:, None])
     torch.testing.assert_close(rec.finish().sums["joint.1"].double(), reference(q, k, text, image, None, ref_mask),
@@ -125,7 +129,7 @@ def test_fused_kernel_output_is_the_hosts_and_probabilities_exact(dtype, with_ma
     t, hw = 9, (4, 4)
     q, k, v, text, image = joint_inputs(("image", "text"), t, 16, 0, h=4, d=32, seed=5, dtype=dtype)
     length = q.shape[2]
-    mask = (torch.randn(1, 1, length, length) * 0.5).to(dtype) if with_mask else None
+    mask = (torch.randn(1, 1, length, length, generator=torch.Generator().manual_seed(6)) * 0.5).to(dtype) if with_mask else None
     scale = 0.15
     host = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # noqa: E731
     expected = host()
@@ -270,9 +274,10 @@ MEMORY_SCRIPT = textwrap.dedent(r"""
     k = torch.randn(b, h, length, d, generator=g)
     rec = CrossAttentionRecorder()
     rec.joint_chunk_elements = 1 << 20
+    rec.joint_lse_kernel = mode == "kernel"
 
     def call():
-        if mode == "recorder":
+        if mode in ("kernel", "chunked"):
             rec.record_joint("double.0", "double", q, k, h, text=(0, t), image=(t, length), skip_reshape=True)
         else:  # what tools that materialise the probabilities do
             p = (q @ k.transpose(-1, -2) * d ** -0.5).softmax(-1)
@@ -285,7 +290,8 @@ MEMORY_SCRIPT = textwrap.dedent(r"""
     reset_peak()
     call()
     added = (rss_kib("VmHWM") - base) * 1024
-    bound = joint.workspace_bytes(b, h, h, n, length, t, d, torch.float32, False, rec.joint_chunk_elements)
+    bound = joint.workspace_bytes(b, h, h, n, length, t, d, torch.float32, False, rec.joint_chunk_elements,
+                                  lse_kernel=mode == "kernel", threads=1)
     print(json.dumps({"added": added, "bound": bound, "full": b * h * length * length * 4,
                       "sums": b * n * t * 4}))
 """)
@@ -305,14 +311,16 @@ def test_no_full_attention_matrix_peak_memory_within_formula():
     """Peak memory added by one call, measured as the process's peak RSS (reset before the call; glibc told to
     map every block >= 64 KiB on its own so freed memory leaves RSS), in a fresh process.
 
-    Formula (``joint.workspace_bytes``, fp32, ``keys = L`` without a kernel log-sum-exp):
-    ``2 * B*H*chunk*keys*4 + B*chunk*T*4 + B*H*chunk*D*4 + 2 * B*H*chunk*4`` with
-    ``chunk = chunk_elements // (B*H*keys)``; here about 9 MB against the 180 MB of one [H, L, L] fp32 tensor.
+    Formula (``joint.workspace_bytes``, fp32): ``2 * B*H*chunk*keys*4 + B*chunk*T*4 + B*H*chunk*D*4 +
+    2 * B*H*chunk*4`` with ``chunk = chunk_elements // (B*H*keys)``, ``keys = L`` when the normaliser is computed
+    here, ``keys = T`` when the CPU flash kernel gives it, plus then the kernel's output and log-sum-exp
+    ``B*H*N*(D + 1)*4`` and 2 MiB per thread; here 8-20 MB against the 180 MB of one [H, L, L] fp32 tensor.
     The same measurement of the full-probabilities approach sees the [L, L] tensors (the measurement works).
     """
-    ours = _measure("recorder")
     full = _measure("full")
-    slack = 2 << 20  # allocator rounding, page granularity, small Python objects
-    assert ours["added"] <= ours["bound"] + slack, ours
-    assert ours["bound"] < ours["full"] / 10, ours
     assert full["added"] >= full["full"], full
+    slack = 2 << 20  # allocator rounding, page granularity, small Python objects
+    for mode in ("kernel", "chunked"):
+        ours = _measure(mode)
+        assert ours["added"] <= ours["bound"] + slack, (mode, ours)
+        assert ours["bound"] < ours["full"] / 5, (mode, ours)

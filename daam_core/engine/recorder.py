@@ -396,6 +396,7 @@ class CrossAttentionRecorder:
 
     # -- joint attention (SD3, Flux): see daam_core.engine.joint ---------------------------------
     joint_chunk_elements: int = joint.DEFAULT_CHUNK_ELEMENTS
+    joint_lse_kernel: bool = True  # without a given lse, ask the CPU flash kernel for it (joint.image_lse)
 
     def record_joint(self, name: str, part: str, q: torch.Tensor, k: torch.Tensor, heads: int, *,
                      text: tuple[int, int], image: tuple[int, int], scale: float | None = None,
@@ -473,15 +474,20 @@ class CrossAttentionRecorder:
             self.sums[name] = acc
 
         def emit(n0: int, n1: int, probs: torch.Tensor) -> None:
-            for members, index, t, fold in plan:
+            for members, index, span, t, fold in plan:
                 part_ = probs if members is None else probs.index_select(0, members)
                 if fold > 1:
                     part_ = part_.view(part_.shape[0], part_.shape[1], fold, t).sum(dim=2)
                 elif part_.shape[-1] != t:
                     part_ = part_[..., :t]
-                acc[:, n0:n1, :t].index_add_(0, index, part_)
+                if span is not None:  # consecutive streams: a plain add (index_add_ is slow on the CPU)
+                    acc[span[0]:span[1], n0:n1, :t].add_(part_)
+                else:
+                    acc[:, n0:n1, :t].index_add_(0, index, part_)
 
         s = scale if scale is not None else 1.0 / math.sqrt(qh.shape[-1])
+        if lse is None and self.joint_lse_kernel:
+            lse = joint.image_lse(q_img, kh, s, m4)
         joint.joint_text_probs(q_img, kh, (t0, t1), s, emit, mask=m4, lse=lse,
                                chunk_elements=self.joint_chunk_elements)
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -542,7 +548,8 @@ class CrossAttentionRecorder:
         return hit
 
     def _joint_plan(self, name: str, streams: tuple[int, ...], t_call: int, device):
-        """Per token-count group of rows: (row index or None, stream index, T, copies to fold); None = skip."""
+        """Per token-count group of rows: (row index or None, stream index, consecutive stream span or None, T,
+        copies to fold); None = skip."""
         key = ("joint_plan", streams, t_call, device)
         if key in self._index_cache:
             return self._index_cache[key]
@@ -562,7 +569,10 @@ class CrossAttentionRecorder:
                                 f"call skipped")
                 continue
             rows = None if len(members) == len(streams) else torch.tensor(members, dtype=torch.long, device=device)
-            plan.append((rows, self._stream_index(streams, members, device), t, fold))
+            targets = [streams[j] for j in members]
+            span = ((targets[0], targets[-1] + 1) if targets == list(range(targets[0], targets[0] + len(targets)))
+                    else None)
+            plan.append((rows, self._stream_index(streams, members, device), span, t, fold))
         plan = plan or None
         self._index_cache[key] = plan
         return plan

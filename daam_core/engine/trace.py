@@ -164,7 +164,7 @@ class AttentionTrace:
     def word_maps(self, words: Sequence[str] | str, image: int | None = None, branch: str = "cond", *,
                   combine: str = "mean", normalize: str = "minmax", size: tuple[int, int] | None = None,
                   layers=None, factors=None, locations=None, upsample: str = "bicubic",
-                  missing: str = "error") -> torch.Tensor:
+                  missing: str = "error", segments: str | None = None) -> torch.Tensor:
         """Heat maps of words or phrases.
 
         Parameters
@@ -182,6 +182,9 @@ class AttentionTrace:
             Output size; default the image size.
         missing : {"error", "zeros"}
             What to do with a word absent from an image's prompt.
+        segments : {"both", "clip", "t5"}, optional
+            Which text encoders' positions a word uses where the conditioning joins several (SD3: CLIP then
+            T5); default both (all of the word's keys).
 
         Returns
         -------
@@ -202,7 +205,7 @@ class AttentionTrace:
             for w in words:
                 text, occurrence = parse_query(w)
                 try:
-                    groups.append(layout.positions(text, occurrence))
+                    groups.append(layout.positions(text, occurrence, segments))
                     found.append(True)
                 except WordNotFoundError:
                     if missing == "error":
@@ -229,7 +232,7 @@ class AttentionTrace:
     def word_map(self, word: str, image: int = 0, branch: str = "cond", **kwargs) -> WordHeatMap:
         """One word's :class:`WordHeatMap` (keyword arguments as in :meth:`word_maps`)."""
         text, occurrence = parse_query(word)
-        positions = self.layout(image, branch).positions(text, occurrence)
+        positions = self.layout(image, branch).positions(text, occurrence, kwargs.get("segments"))
         value = self.word_maps([word], image=image, branch=branch, **kwargs)[0]
         return WordHeatMap(word=word, value=value, positions=tuple(positions))
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numbers
 
 from ...text.embeddings import EMBEDDING_PREFIX
-from ...text.layout import TokenLayout, Word
+from ...text.layout import Segment, TokenLayout, Word, concat_layouts
 from ...text.pieces import END_OF_WORD, decode_pieces, pieces_of
+from ...text.sentencepiece import WORD_START, is_sentencepiece
 from ...text.syntax import parse_prompt
 from ...text.tokenize import LITERAL, renumber_embedding_pieces, segment_groups
 
@@ -64,8 +65,9 @@ def layout_from_comfy_tokens(chunks, tokenizer, *, prompt: str) -> TokenLayout:
         assigned = _align_comfy(prompt, tokenizer, groups, ids, literal)
         if assigned is not None:
             break
+    sentencepiece = is_sentencepiece(tokenizer)
     if assigned is None:
-        assigned = _words_from_pieces(groups, ids, tokenizer)
+        assigned = _words_from_pieces(groups, ids, tokenizer, sentencepiece)
 
     word_of = [-1] * len(ids)
     names: list[str | None] = [None] * len(ids)
@@ -79,8 +81,9 @@ def layout_from_comfy_tokens(chunks, tokenizer, *, prompt: str) -> TokenLayout:
     it = iter(pieces_of(tokenizer, real))
     pieces = [next(it) if i >= 0 else f"<{EMBEDDING_PREFIX}{names[p] or '?'}:0>" for p, i in enumerate(ids)]
     pieces = renumber_embedding_pieces(pieces, word_of)
+    segments = (Segment("t5", 0, len(ids), "sentencepiece"),) if sentencepiece else ()
     return TokenLayout(tuple(ids), tuple(weights), tuple(pieces), tuple(word_of), tuple(words), chunk_length,
-                       (), (), tokenizer)
+                       (), (), tokenizer, segments)
 
 
 def _align_comfy(prompt: str, tokenizer, host: list[list[int]], ids: list[int], literal: bool):
@@ -122,8 +125,9 @@ def _align_comfy(prompt: str, tokenizer, host: list[list[int]], ids: list[int], 
     return out if state["j"] == len(host) else None
 
 
-def _words_from_pieces(host: list[list[int]], ids: list[int], tokenizer):
-    """Fallback words: one per word piece (up to an end-of-word marker), embeddings one each."""
+def _words_from_pieces(host: list[list[int]], ids: list[int], tokenizer, sentencepiece: bool = False):
+    """Fallback words: one per word piece (up to an end-of-word marker, or from a SentencePiece word start),
+    embeddings one each."""
     out = []
     n_emb = 0
     for positions in host:
@@ -135,11 +139,64 @@ def _words_from_pieces(host: list[list[int]], ids: list[int], tokenizer):
         run_pos: list[int] = []
         run_pieces: list[str] = []
         for p, piece in zip(positions, pieces_of(tokenizer, [ids[p] for p in positions])):
+            if sentencepiece and piece.startswith(WORD_START) and run_pos:
+                out.append(("".join(run_pieces).replace(WORD_START, " ").strip(), run_pos, None))
+                run_pos, run_pieces = [], []
             run_pos.append(p)
             run_pieces.append(piece)
-            if piece.endswith(END_OF_WORD):
+            if not sentencepiece and piece.endswith(END_OF_WORD):
                 out.append((decode_pieces(run_pieces), run_pos, None))
                 run_pos, run_pieces = [], []
         if run_pos:
-            out.append((decode_pieces(run_pieces), run_pos, None))
+            text = ("".join(run_pieces).replace(WORD_START, " ").strip() if sentencepiece
+                    else decode_pieces(run_pieces))
+            out.append((text, run_pos, None))
     return out
+
+
+def layout_from_comfy_t5(chunks, tokenizer, *, prompt: str) -> TokenLayout:
+    """Layout of what ComfyUI's T5-XXL tokenizer returned (``tokenize_with_weights(...)["t5xxl"]``, Flux/SD3).
+
+    One chunk: content tokens, EOS ``</s>``, ``<pad>`` up to the tokenizer's minimum length (Flux 256, SD3 77),
+    no BOS. The layout has one ``"t5"`` SentencePiece segment.
+    """
+    layout = layout_from_comfy_tokens(chunks, tokenizer, prompt=prompt)
+    if not layout.segments:
+        raise ValueError("the tokenizer given for the T5 tokens is not a SentencePiece (T5) tokenizer")
+    return layout
+
+
+SD3_ENCODERS = ("l", "g", "t5xxl")
+
+
+def layout_from_comfy_sd3(tokens, clip_tokenizer, t5_tokenizer, *, prompt: str,
+                          encoders: tuple[str, ...] = SD3_ENCODERS) -> TokenLayout:
+    """Layout of SD3's conditioning: the CLIP-L/G positions (77 per chunk), then the T5 positions.
+
+    Parameters
+    ----------
+    tokens : mapping
+        ``SD3Tokenizer.tokenize_with_weights(prompt, return_word_ids=True)``: keys ``"l"``, ``"g"``, ``"t5xxl"``.
+    clip_tokenizer, t5_tokenizer
+        The CLIP-L tokenizer (``clip_l.tokenizer``; CLIP-G has the same vocabulary) and the T5 tokenizer.
+    prompt : str
+    encoders : tuple of str
+        The text encoders the loaded model has (ComfyUI's SD3 text model may lack CLIP-L, CLIP-G or T5); the
+        CLIP-L and CLIP-G outputs are joined on channels and cut to the shorter, then T5 follows on the token axis.
+
+    Returns
+    -------
+    TokenLayout
+        Segments ``"clip"`` then ``"t5"`` (whichever exist); a word has positions in both.
+    """
+    unknown = set(encoders) - set(SD3_ENCODERS)
+    if unknown or not encoders:
+        raise ValueError(f"SD3 encoders must be a non-empty subset of {SD3_ENCODERS}, got {list(encoders)}")
+    parts = []
+    clip = [e for e in ("l", "g") if e in encoders]
+    if clip:
+        n_chunks = min(len(tokens[e]) for e in clip)
+        parts.append(("clip", layout_from_comfy_tokens(tokens[clip[0]][:n_chunks], clip_tokenizer, prompt=prompt)))
+    if "t5xxl" in encoders:
+        parts.append(("t5", layout_from_comfy_t5(tokens["t5xxl"], t5_tokenizer, prompt=prompt)))
+    return concat_layouts(parts, clip_tokenizer if clip else None)
