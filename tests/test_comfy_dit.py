@@ -227,7 +227,7 @@ def test_planted_attention_is_recovered(pack, models, tokenizers, family):
     model, tok = models[family], tokenizer_of(family, tokenizers)
     count = token_count(tok, POS)
     layout = conditioning_layout(tok, POS, count)
-    (dog,) = layout.positions("dog")
+    dog = layout.positions("dog", segments="clip" if family == "sd3" else None)[0]  # SD3: the CLIP one
     grid = (8, 12)  # a 16 x 24 latent in 2 x 2 patches
     region = torch.zeros(grid, dtype=torch.bool)
     region[2:6, 3:9] = True
@@ -274,7 +274,7 @@ def test_flux_negative_words_are_refused_clearly(pack, models, tokenizers):
 
 
 def test_word_positions_follow_the_host_tokenizers(tokenizers, comfy_host):
-    """SD3: CLIP positions first (the default), T5 after them; Flux: T5. Long prompts and weights included."""
+    """SD3: CLIP positions first, T5 after them (a word has both); Flux: T5. Long prompts and weights included."""
     from daam_core.hosts.comfy.dit import conditioning_layout
 
     text = "a (cat:1.3) and a dog, " + ", ".join(["a small wooden house"] * 20) + ", a golden dragon"
@@ -284,15 +284,15 @@ def test_word_positions_follow_the_host_tokenizers(tokenizers, comfy_host):
     t5 = [t for chunk in tokens["t5xxl"] for t in chunk]
     assert len(clip) == 154 and len(t5) > 77
     count = len(clip) + len(t5)
-    by_clip = conditioning_layout(sd3, text, count)
-    (dragon,) = by_clip.positions("dragon")
+    layout = conditioning_layout(sd3, text, count)
+    assert [(g.name, g.start, g.stop) for g in layout.segments] == [("clip", 0, 154), ("t5", 154, count)]
+    (dragon,) = layout.positions("dragon", segments="clip")
     assert dragon >= 77 and clip[dragon][0] == sd3.clip_l.tokenizer.convert_tokens_to_ids("dragon</w>")
-    (cat,) = by_clip.positions("cat")
+    (cat,) = layout.positions("cat", segments="clip")
     assert clip[cat][1] == pytest.approx(1.3)
-    by_t5 = conditioning_layout(sd3, text, count, segment="t5")
-    (dragon5,) = by_t5.positions("dragon")
+    (dragon5,) = layout.positions("dragon", segments="t5")
     assert dragon5 >= len(clip) and t5[dragon5 - len(clip)][0] == sd3.t5xxl.tokenizer.convert_tokens_to_ids("▁dragon")
-    assert by_t5.length == by_clip.length == count
+    assert layout.positions("dragon") == (dragon, dragon5) and layout.length == count
     flux = tokenizers["flux"]
     f5 = [t for chunk in flux.tokenize_with_weights(text)["t5xxl"] for t in chunk]
     layout = conditioning_layout(flux, text, len(f5))
@@ -301,8 +301,8 @@ def test_word_positions_follow_the_host_tokenizers(tokenizers, comfy_host):
     assert layout.positions("house#20") and f5[layout.positions("cat")[0]][1] == pytest.approx(1.3)
     with pytest.raises(ValueError, match="encodes to .* tokens but the sampler's conditioning has 999"):
         conditioning_layout(flux, text, 999)
-    with pytest.raises(ValueError, match="no CLIP tokens"):
-        conditioning_layout(flux, text, len(f5), segment="clip")
+    with pytest.raises(ValueError, match="no 'clip' positions"):
+        layout.positions("dragon", segments="clip")
 
 
 # -- node options and errors ----------------------------------------------------------------------------------------

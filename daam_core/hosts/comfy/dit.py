@@ -274,9 +274,6 @@ class DiTTraceSession(TraceSession):
 
 
 # -- text: where each encoder's tokens lie on the conditioning's token axis ------------------------------------
-SEGMENTS = ("auto", "clip", "t5")
-
-
 def _flat_len(chunks) -> int:
     return sum(len(c) for c in chunks)
 
@@ -327,8 +324,8 @@ def _hf_tokenizer(tokenizer, key: str):
     return hf
 
 
-def conditioning_layout(tokenizer, text: str, count: int, encoders=None, segment: str = "auto"):
-    """The token layout of a DiT prompt over its whole conditioning, words placed in one text segment.
+def conditioning_layout(tokenizer, text: str, count: int, encoders=None):
+    """The token layout of a DiT prompt over its whole conditioning, one named segment per text encoder.
 
     Parameters
     ----------
@@ -340,21 +337,16 @@ def conditioning_layout(tokenizer, text: str, count: int, encoders=None, segment
         Token count of the sampler's conditioning (its ``cross_attn.shape[1]``).
     encoders : object, optional
         ``clip.cond_stage_model``, see :func:`text_segments`.
-    segment : {"auto", "clip", "t5"}
-        Which encoder's tokens a word's map is made of. SD3 has both (CLIP-L/G first, then T5); ``"auto"`` takes
-        CLIP where it is present: on the tests its maps are the ones that follow the image (the T5 positions of
-        SD3 add little once CLIP is there), and it is what the SD1/SDXL maps are made of. Flux.1 has T5 only.
 
     Returns
     -------
     TokenLayout
-        ``length == count``; positions outside the chosen segment belong to no word.
+        ``length == count``; segments ``"clip"`` (SD3's CLIP-L/G) and/or ``"t5"``, so a word query can take
+        either (``segments=`` of ``positions`` / ``word_maps``; default both).
     """
-    from ...text.layout import TokenLayout
-    from .tokens import layout_from_comfy_tokens
+    from ...text.layout import concat_layouts
+    from .tokens import layout_from_comfy_t5, layout_from_comfy_tokens
 
-    if segment not in SEGMENTS:
-        raise ValueError(f"segment must be one of {SEGMENTS}, got {segment!r}")
     tokens = tokenizer.tokenize_with_weights(text, return_word_ids=True)
     candidates = text_segments(tokenizer, tokens, encoders)
     segments = next((c for c in candidates if sum(n for _, _, n in c) == count), None)
@@ -362,31 +354,19 @@ def conditioning_layout(tokenizer, text: str, count: int, encoders=None, segment
         found = " or ".join("+".join(f"{s} {n}" for s, _, n in c) for c in candidates)
         raise ValueError(f"the text encodes to {found} tokens but the sampler's conditioning has {count}: give DAAM "
                          f"the same text and CLIP that encoded the conditioning")
-    kinds = [s for s, _, _ in segments]
-    chosen = ("clip" if "clip" in kinds else "t5") if segment == "auto" else segment
-    if chosen not in kinds:
-        raise ValueError(f"this conditioning has no {chosen.upper()} tokens (it has {', '.join(kinds)})")
-    ids, weights, pieces, word_of, words, primary = [], [], [], [], (), None
+    parts = []
     for kind, key, n in segments:
         hf = _hf_tokenizer(tokenizer, key)
-        chunks = tokens[key]
-        kept, total = [], 0
-        for c in chunks:  # SD3 cuts CLIP-L/G to the shorter one, a whole number of chunks
-            if total >= n:
-                break
-            kept.append(c)
-            total += len(c)
-        part = layout_from_comfy_tokens(kept, hf, prompt=text)
-        offset = len(ids)
-        ids += part.ids[:n]
-        weights += part.weights[:n]
-        pieces += part.pieces[:n]
-        if kind == chosen and primary is None:
-            primary = part
-            word_of += part.word_of[:n]
-            words = tuple(type(w)(w.text, w.index, tuple(p + offset for p in w.positions), w.weight)
-                          for w in part.words)
-        else:
-            word_of += [-1] * n
-    return TokenLayout(tuple(ids), tuple(weights), tuple(pieces), tuple(word_of), words, primary.chunk_length,
-                       tokenizer=primary.tokenizer)
+        if kind == "t5":
+            parts.append(("t5", layout_from_comfy_t5(tokens[key], hf, prompt=text)))
+        else:  # SD3 cuts CLIP-L/G to the shorter one: a whole number of 77-token chunks
+            chunks, total = [], 0
+            for c in tokens[key]:
+                if total >= n:
+                    break
+                chunks.append(c)
+                total += len(c)
+            parts.append(("clip", layout_from_comfy_tokens(chunks, hf, prompt=text)))
+    if len(parts) == 1:
+        return parts[0][1]
+    return concat_layouts(parts)
