@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from daam_core import trace  # noqa: E402
 from daam_core.engine import masks as mask_ops  # noqa: E402
-from daam_core.engine import metrics  # noqa: E402
+from daam_core.engine import metrics, render  # noqa: E402
 from daam_core.shapes import model as shapes_model, scenes  # noqa: E402
 
 
 def load_pipeline(args):
     if args.checkpoint:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
         from train_shapes import load_state
 
         unet, text, vae = shapes_model.build_components()
@@ -151,7 +151,7 @@ def generate(pipe, items, seed: int, steps: int, guidance: float, time_window=(0
         with trace(pipe, time_window=time_window) as tc:
             img = pipe(s.caption, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
                        generator=torch.Generator().manual_seed(seed + i)).images[0]
-        img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+        img = render.to_uint8(img)
         found = {c: (shape, m) for c, shape, m in scenes.detect_objects(img)}
         ok = all(o.color in found and found[o.color][0] == o.shape for o in s.objects)
         out.append((tc.result(), found, ok))

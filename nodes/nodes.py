@@ -6,7 +6,6 @@ Outputs that cover several words are ordered image-major: (image 0, word 0), (im
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys

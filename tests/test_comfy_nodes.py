@@ -313,3 +313,64 @@ def test_ksampler_advanced_and_custom_guider_sampling(pack, sd15):
     assert torch.equal(plain, samples)
     maps = pack.build_trace(traced, clip, {"samples": samples}, POS, NEG).word_maps(["cat", "dog"])
     assert maps.shape == (1, 2, 48, 64) and not torch.equal(maps[0, 0], maps[0, 1])
+
+
+# -- review defects (issue 15, item 2 d, g, h) on the real host -------------------------------------------------------
+
+def test_heads_out_of_range_fail_at_trace_model_creation(pack, sd15):
+    model = sd15[0]
+    with pytest.raises(ValueError, match=r"heads \[99\] do not exist: this model's cross-attention layers have 8"):
+        pack.DAAMTraceModel().trace(model, heads="99")
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        pack.DAAMTraceModel().trace(model, heads="0, x")
+    traced = pack.DAAMTraceModel().trace(model, heads="0,7")[0]
+    assert pack.session_of(traced).recorder.filter.heads == (0, 7)
+
+
+def test_an_override_that_replaces_daams_without_calling_it_is_named(pack, sd15):
+    model, clip, _ = sd15
+    traced = pack.DAAMTraceModel().trace(model)[0]
+    other = traced.clone()  # another node, applied after DAAM, that ignores the override it finds
+    other.model_options["transformer_options"]["optimized_attention_override"] = \
+        lambda func, *args, **kwargs: func(*args, **kwargs)
+    samples = ksample(other, encode(clip, POS), encode(clip, NEG), steps=1)
+    with pytest.raises(ValueError, match="another node replaced DAAM's attention override"):
+        pack.build_trace(other, clip, {"samples": samples}, POS, NEG)
+
+
+def test_mask_node_reads_maps_with_the_heatmaps_settings(pack, sd15):
+    model, clip, _ = sd15
+    traced = pack.DAAMTraceModel().trace(model)[0]
+    samples = ksample(traced, encode(clip, POS), encode(clip, NEG), steps=1)
+    words = "red sofa"  # two tokens: "max" and "mean" combine them differently
+    out = pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, POS, NEG, words, normalize="max",
+                                       combine="max", threshold=0.4)
+    heat_masks, maps = out["result"][2], out["result"][3]
+    mask = pack.DAAMMask().mask(maps, words, threshold=0.4)[0]
+    trace = maps.trace
+    reference = (trace.word_maps([words], combine="max", normalize="max")[:, 0] >= 0.4).float()
+    default = (trace.word_maps([words])[:, 0] >= 0.4).float()
+    assert not torch.equal(reference, default), "the settings should matter for this prompt"
+    assert torch.equal(mask, reference) and torch.equal(heat_masks, reference)
+
+
+def test_heatmaps_refuse_a_different_text_of_the_same_length(pack, sd15):
+    model, clip, _ = sd15
+    traced = pack.DAAMTraceModel().trace(model)[0]
+    samples = ksample(traced, encode(clip, POS), encode(clip, NEG), steps=1)
+    other = "a cow and a pig on a blue bed"  # as many tokens as POS
+    assert clip.tokenize(other)["l"] != clip.tokenize(POS)["l"]
+    assert len(clip.tokenize(other)["l"][0]) == len(clip.tokenize(POS)["l"][0])
+    with pytest.raises(ValueError, match="not the text the sampler's positive conditioning was encoded from"):
+        pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, other, NEG, "cow")
+    with pytest.raises(ValueError, match="negative conditioning"):
+        pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, POS, "sharp, high quality", "dog")
+    assert pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, POS, NEG, "dog")["result"][2].max() == 1
+
+
+def test_negative_words_without_a_recorded_negative_branch_are_an_error(pack, sd15):
+    model, clip, _ = sd15
+    traced = pack.DAAMTraceModel().trace(model, record_negative=False)[0]
+    samples = ksample(traced, encode(clip, POS), encode(clip, NEG), steps=1)
+    with pytest.raises(ValueError, match="negative branch was not recorded"):
+        pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, POS, NEG, "dog", negative_words="blurry")

@@ -194,7 +194,7 @@ def test_shapes_inpaint_workflow_repaints_the_named_object(server):
 
 def test_ui_workflows_match_the_api_ones(server):
     """The template-browser (UI) workflows queue exactly the API workflows that the tests above run."""
-    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO / "tools"))
     from make_ui_workflows import to_api
 
     info = server.object_info()

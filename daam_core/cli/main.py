@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ..engine import masks as mask_ops
@@ -162,7 +160,7 @@ def cmd_analyze(args) -> dict:
             bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
             if bgr is None:
                 raise CliError(f"cannot read image {p}")
-            pics.append(bgr[..., ::-1].astype(np.float32) / 255.0)
+            pics.append(render.as_float_image(bgr[..., ::-1]))
         if len(pics) != trace.num_images:
             raise CliError(f"{len(pics)} images given for a trace of {trace.num_images}")
         images = pics

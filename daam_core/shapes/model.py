@@ -110,7 +110,7 @@ def load_shapes_pipeline(path: str | Path | None = None, device: str = "cpu", dt
 
     p = Path(path or ASSET_DIR)
     if not available(p):
-        raise FileNotFoundError(f"no shapes model at {p}: train one with scripts/train_shapes.py")
+        raise FileNotFoundError(f"no shapes model at {p}: train one with tools/train_shapes.py")
     pipe = StableDiffusionPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True,
                                                    use_safetensors=True, safety_checker=None,
                                                    requires_safety_checker=False)

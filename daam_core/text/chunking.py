@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # the builder and groups of daam_core.text.tokenize
+    from .tokenize import _Builder, _Group
 
 _COMFY_MAX_WORD_LENGTH = 8  # a group of at least this many tokens may be split across chunks
 _A1111_COMMA_BACKTRACK = 20  # A1111's default "comma_padding_backtrack"

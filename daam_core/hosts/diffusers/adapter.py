@@ -13,7 +13,6 @@ What is installed while the context is open, and removed on exit (also on error 
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
 from typing import Sequence
 
 import torch

@@ -44,7 +44,7 @@ def find_clip_tokenizer_dir() -> Path:
         if all((d / f).is_file() for f in TOKENIZER_FILES):
             return d
     raise FileNotFoundError("no CLIP BPE vocabulary found: set DAAM_CLIP_TOKENIZER_DIR to a folder with vocab.json and "
-                            "merges.txt (ComfyUI ships one in comfy/sd1_tokenizer), or run scripts/setup_host.sh")
+                            "merges.txt (ComfyUI ships one in comfy/sd1_tokenizer), or run tools/setup_host.sh")
 
 
 def clip_tokenizer(path: str | os.PathLike | None = None):
