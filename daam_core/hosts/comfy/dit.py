@@ -192,6 +192,8 @@ class DiTTraceSession(TraceSession):
                 self._call_layout = self._layout_of_call(transformer_options, kwargs.get("ref_latents"))
                 if self._call_layout is None:
                     self.recorder.skip_call()
+                else:
+                    self._marks += 1  # a model call whose joint attention should reach DAAM's override
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
             self.recorder.skip_call()
@@ -199,9 +201,10 @@ class DiTTraceSession(TraceSession):
 
     def _set_call(self, x, t, options) -> None:
         super()._set_call(x, t, options)
-        if self.recorder.active:
-            for kind in options.get("cond_or_uncond") or []:
-                self._ran.add("cond" if kind == 0 else "uncond")
+        for u in options.get("uuids") or []:  # also outside the time window: the branch ran
+            hit = self._uuid_stream.get(u)
+            if hit is not None:
+                self._ran.add(hit[0])
 
     def _layout_of_call(self, options, ref_latents) -> tuple[int, int, int] | None:
         counts = [self._uuid_length.get(u) for u in options.get("uuids") or []]
