@@ -419,3 +419,11 @@ def test_pytorch_attention_host_gets_the_same_image_and_sums(pack, models, token
     assert set(a.sums) == set(b.sums)
     for name in a.sums:  # the same probabilities up to the two attention functions' rounding
         torch.testing.assert_close(a.sums[name], b.sums[name], atol=1e-4, rtol=0)
+
+
+def test_override_replaced_after_daam_is_named(pack, models, tokenizers):
+    traced_model = pack.DAAMTraceModel().trace(models["sd3"])[0]
+    rogue = with_override(traced_model, lambda func, *args, **kwargs: func(*args, **kwargs))  # drops DAAM's
+    samples = ksample(rogue, cond("sd3", tokenizers, POS, 1), cond("sd3", tokenizers, NEG, 2))
+    with pytest.raises(ValueError, match="another node replaced DAAM's attention override"):
+        pack.DAAMHeatmaps().heatmaps(rogue, tokenizers["sd3"], {"samples": samples}, POS, NEG, "dog")
