@@ -19,6 +19,7 @@ from ..daam_core.engine.aggregate import COMBINE_MODES, NORMALIZE_MODES
 from ..daam_core.engine.io import TraceFormatError
 from ..daam_core.engine.recorder import RecordFilter
 from ..daam_core.engine.trace import AttentionTrace, load_trace, save_trace
+from ..daam_core.hosts.comfy.dit import DiTTraceSession, conditioning_layout, dit_spec
 from ..daam_core.hosts.comfy.tokens import layout_from_comfy_tokens
 from ..daam_core.text.layout import TokenLayout
 from ..daam_core.text.query import WordNotFoundError, split_words
@@ -80,8 +81,9 @@ class DAAMTraceModel:
                 "resolutions": (list(cls.RESOLUTIONS),
                                 {"default": "all", "tooltip": "Which cross-attention layers to record, by their size "
                                  "relative to the latent (SD1.5 at 512: latent 64x64, latent/4 = 16x16 maps)."}),
-                "unet_parts": (["all", "down", "mid", "up", "down+up"],
-                               {"default": "all", "tooltip": "Which UNet parts to record."}),
+                "unet_parts": (list(cls.PARTS),
+                               {"default": "all", "tooltip": "Which parts of the network to record: UNet down/mid/"
+                                "up blocks, or Flux's double- or single-stream blocks (SD3 has one kind: all)."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                             "tooltip": "Start of the recorded part of the sampling (0 = first step)."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -109,7 +111,8 @@ class DAAMTraceModel:
                    "high (latent, latent/2)": (1, 2)}
     LEGACY_RESOLUTIONS = {"low (1/32, 1/64)": "low (latent/4, latent/8)",  # labels of 0.1 workflows
                           "middle (1/16, 1/32)": "middle (latent/2, latent/4)", "high (1/8, 1/16)": "high (latent, latent/2)"}
-    PARTS = {"all": None, "down": ("down",), "mid": ("mid",), "up": ("up",), "down+up": ("down", "up")}
+    PARTS = {"all": None, "down": ("down",), "mid": ("mid",), "up": ("up",), "down+up": ("down", "up"),
+             "double (Flux)": ("double",), "single (Flux)": ("single",)}
 
     def trace(self, model, resolutions="all", unet_parts="all", start_percent=0.0, end_percent=1.0, heads="",
               record_negative=True, time_buckets=1):
@@ -122,8 +125,19 @@ class DAAMTraceModel:
         resolutions = self.LEGACY_RESOLUTIONS.get(resolutions, resolutions)
         if resolutions not in self.RESOLUTIONS:
             raise ValueError(f"unknown resolutions {resolutions!r}; use one of {list(self.RESOLUTIONS)}")
+        spec = dit_spec(getattr(model, "model", None))  # a family DAAM cannot trace is an error here
+        if spec is not None:
+            if resolutions != "all":
+                raise ValueError(f"{spec.label} has one resolution (the latent in {spec.patch}x{spec.patch} "
+                                 f"patches): set resolutions to 'all'")
+            parts = self.PARTS.get(unet_parts)
+            if parts is not None and not set(parts) <= set(spec.parts):
+                raise ValueError(f"unet_parts {unet_parts!r} does not exist in {spec.label}: use "
+                                 f"{', '.join(k for k, v in self.PARTS.items() if v is None or set(v) <= set(spec.parts))}")
+        elif unet_parts not in ("all", "down", "mid", "up", "down+up"):
+            raise ValueError(f"unet_parts {unet_parts!r} is for Flux; this UNet has down, mid and up")
         if head_list is not None:
-            check_heads(model, head_list)
+            check_heads(model, head_list, spec)
         f = RecordFilter(factors=self.RESOLUTIONS[resolutions], parts=self.PARTS[unet_parts], heads=head_list,
                          start=start_percent, end=end_percent,
                          branches=("cond", "uncond") if record_negative else ("cond",), time_buckets=int(time_buckets))
@@ -142,8 +156,8 @@ def model_heads(model) -> int | None:
     return None
 
 
-def check_heads(model, heads: tuple[int, ...]) -> None:
-    n = model_heads(model)
+def check_heads(model, heads: tuple[int, ...], spec=None) -> None:
+    n = spec.heads if spec is not None else model_heads(model)
     if n is not None and max(heads) >= n:
         raise ValueError(f"DAAM: heads {[h for h in heads if h >= n]} do not exist: this model's cross-attention "
                          f"layers have {n} heads (0..{n - 1}) at their fewest")
@@ -247,10 +261,13 @@ class DAAMHeatmaps:
                  normalize="minmax", combine="mean", colormap="jet", alpha=0.5, images=None):
         if clip is None:
             raise ValueError("a CLIP is needed to read the prompt's tokens")
-        trace = build_trace(model, clip, samples, positive, negative, images)
         pos_words, neg_words = split_words(words), split_words(negative_words)
         if not pos_words and not neg_words:
             raise ValueError("no words given: type words or phrases of the prompt, separated by commas")
+        trace = build_trace(model, clip, samples, positive, negative, images)
+        session = session_of(model)
+        if neg_words and isinstance(session, DiTTraceSession) and "uncond" not in trace.branches():
+            raise ValueError(f"DAAM: negative words {neg_words} cannot be mapped: {session.no_negative_reason()}")
         parts = []
         if pos_words:
             parts.append(maps_for(trace, pos_words, "cond", normalize=normalize, combine=combine))
@@ -320,10 +337,18 @@ def build_trace(model, clip, samples, positive: str, negative: str, images=None)
     latent = samples["samples"] if isinstance(samples, dict) else samples
     record = session.find(latent)
     pos_count, neg_count = record.token_counts
-    layouts = [comfy_layout(tokenizer, positive)]
+    if isinstance(session, DiTTraceSession):  # the conditioning holds CLIP and/or T5 tokens
+        encoders = getattr(clip, "cond_stage_model", None)
+
+        def layout_of(text, count):
+            return conditioning_layout(tokenizer, text, count, encoders)
+    else:
+        def layout_of(text, count):
+            return comfy_layout(tokenizer, text)
+    layouts = [layout_of(positive, pos_count)]
     texts = [("positive", positive, pos_count, record.conditionings[0])]
     if neg_count is not None:
-        layouts.append(comfy_layout(tokenizer, negative))
+        layouts.append(layout_of(negative, neg_count))
         texts.append(("negative", negative, neg_count, record.conditionings[1]))
     for layout, (which, text, count, cond) in zip(layouts, texts):
         if layout.length != count:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from ..daam_core.engine.recorder import RecordFilter
+from ..daam_core.hosts.comfy.dit import DiTTraceSession, dit_spec
 from ..daam_core.hosts.comfy.session import OPTIONS_KEY, WRAPPER_KEY, TraceSession
 
 
 def patch_model(model, filter: RecordFilter):
-    """A clone of ``model`` that records cross-attention into a new :class:`TraceSession`.
+    """A clone of ``model`` that records cross-attention (UNets) or joint attention (SD3, Flux) into a new
+    :class:`TraceSession`. A model family DAAM cannot trace raises ValueError naming it.
 
     Returns
     -------
@@ -15,12 +17,14 @@ def patch_model(model, filter: RecordFilter):
     """
     import comfy.patcher_extension as ext
 
+    spec = dit_spec(model.model)
     m = model.clone()
-    session = TraceSession(filter)
+    session = TraceSession(filter) if spec is None else DiTTraceSession(filter, spec)
     to = m.model_options.setdefault("transformer_options", {})
     to["optimized_attention_override"] = session.attention_override(to.get("optimized_attention_override"))
     to[OPTIONS_KEY] = session
-    m.set_model_attn2_patch(session.attn2_patch)
+    if spec is None:
+        m.set_model_attn2_patch(session.attn2_patch)
     m.remove_wrappers_with_key(ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     m.remove_wrappers_with_key(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     m.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, session.outer_sample)

@@ -79,9 +79,9 @@ class TraceSession:
             self._start(guider, noise)
             try:
                 output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-                recorded = self.recorder.finish()
+                recorded, token_counts, conds = self._finish(self.recorder.finish())
                 record = SamplingRecord(recorded=recorded, latent=output.detach().to("cpu", torch.float32).clone(),
-                                        token_counts=self._token_counts, conditionings=self._conds,
+                                        token_counts=token_counts, conditionings=conds,
                                         notes=list(self._notes), attention_marks=self._marks,
                                         attention_seen=self._seen)
                 self.records = [r for r in self.records if not torch.equal(r.latent, record.latent)][-(MAX_RECORDS - 1):]
@@ -121,7 +121,15 @@ class TraceSession:
         self._conds = (conds[0], conds[1] if len(conds) > 1 else None)
         self._marks = self._seen = 0
         self._model_sampling = guider.model_patcher.get_model_object("model_sampling")
-        self.recorder.begin(UNetGrid(self._latent_hw), streams, counts)
+        self.recorder.begin(self._grid(), streams, counts)
+
+    def _grid(self):
+        """The grid rule of this model's layers (a UNet's; the DiT session's is a patch grid)."""
+        return UNetGrid(self._latent_hw)
+
+    def _finish(self, recorded: Recording):
+        """``(recording, token_counts, conditionings)`` to keep for a finished sampling."""
+        return recorded, self._token_counts, self._conds
 
     # -- one model call ----------------------------------------------------------------------
     def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},

@@ -1,0 +1,262 @@
+"""Tiny random-weight SD3- and Flux-shaped models for the host's joint-attention code.
+
+How they are built (no weights can be downloaded; every tensor is seeded from the file seed and its key, like
+``helpers/checkpoints.py``):
+
+In process (``build_sd3`` / ``build_flux``)
+    The host's own classes with a small width: ``comfy.supported_models.SD3`` / ``Flux`` / ``FluxSchnell`` given a
+    hand-written ``unet_config``, ``get_model()`` (so ``model_base.SD3`` / ``model_base.Flux``: the host's
+    conditioning, guidance and reference-latent handling), random weights, wrapped in a ``ModelPatcher``.
+    SD3's MMDiT width is ``64 * depth`` with ``depth`` heads of 64; ``sd35=True`` adds SD3.5 Medium's
+    ``x_block_self_attn`` (a second, image-only attention) to block 0 and RMS q/k norms. Flux uses 2 heads of
+    128 (its RoPE needs 128 per head: axes 16 + 56 + 56). Conditionings are hand-made tensors of a token length
+    the tests choose (``conditioning``), because these widths fit no real text encoder.
+
+Files the real loaders detect (``cached_sd3_checkpoint`` / ``cached_flux_unet`` / ``cached_clip_l`` /
+``cached_flux_vae``)
+    ``comfy/model_detection.py`` reads an MMDiT's depth from ``x_embedder.proj.weight.shape[0] // 64`` and
+    ``supported_models.SD3`` wants 16 input channels: a depth-2 MMDiT (width 128) with a 4096-wide context
+    embedder (CLIP-L output padded to 4096) and a 2048-wide pooled input is detected as SD3; the checkpoint also
+    holds CLIP-L (``text_encoders.clip_l.*``, so ``CheckpointLoaderSimple`` gives a CLIP that encodes CLIP-L only)
+    and the 16-channel AE (``first_stage_model.*``). Flux's detection fixes 24 heads of 128 (width 3072) and, on
+    0.3.64, a 4096-wide text input, so depth is what is cut: 1 double + 1 single block, guidance embedding on
+    (``FluxDev``, ``dev=True``) or off (``FluxSchnell``), ~1.1 GB in bf16, written once into the cache. Its text
+    encoder is CLIP-L alone loaded by ``CLIPLoader(type="sd3")`` (SD3's encoder pads it to 4096), and its VAE the
+    full-size 16-channel AE (``VAELoader``, 84 M parameters): reduced-channel VAEs are refused by the host.
+
+Cached under ``$DAAM_CACHE/checkpoints`` (see ``helpers.checkpoints.checkpoint_cache_dir``).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from helpers.checkpoints import CLIP_L_WIDTH, _clip_l_specs, _materialise, _save_atomic, _Specs, checkpoint_cache_dir
+
+DIT_LAYOUT_VERSION = 1
+STD = 0.02
+QK_STD = 0.2  # larger q/k weights: per-token attention with some contrast
+
+
+def _fill(module: torch.nn.Module, seed: int) -> None:
+    """Seeded values for every parameter and float buffer (the host allocates them uninitialised, e.g. SD3's
+    ``pos_embed``): norm scales 1, biases 0, the rest normal (q/k projections wider)."""
+    tensors = list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if b.is_floating_point()]
+    with torch.no_grad():
+        for name, p in tensors:
+            if p.ndim == 1 and (name.endswith(".scale") or "norm" in name):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+                std = QK_STD if ("qkv" in name or "img_in" in name or "txt_in" in name
+                                 or "context_embedder" in name) else STD
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _patcher(config_cls, unet_config: dict, seed: int):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    config = config_cls(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device="cpu")
+    _fill(model.diffusion_model, seed)
+    model.diffusion_model.to(torch.float32)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device="cpu")
+
+
+def build_sd3(seed: int = 0, depth: int = 2, sd35: bool = False, context_dim: int = 64, pooled_dim: int = 32):
+    """An SD3-shaped ``ModelPatcher`` (``model_base.SD3`` around the host's MMDiT), ``depth`` heads of 64."""
+    import comfy.supported_models as sm
+
+    cfg = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": depth, "input_size": None,
+           "adm_in_channels": pooled_dim, "pos_embed_scaling_factor": None, "num_patches": 32 * 32,
+           "pos_embed_max_size": 32,
+           "context_embedder_config": {"target": "torch.nn.Linear",
+                                       "params": {"in_features": context_dim, "out_features": 64 * depth}},
+           "x_block_self_attn_layers": [0] if sd35 else []}
+    if sd35:
+        cfg["qk_norm"] = "rms"
+    return _patcher(sm.SD3, cfg, seed)
+
+
+def build_flux(seed: int = 0, dev: bool = True, double: int = 1, single: int = 2, context_dim: int = 64,
+               pooled_dim: int = 32):
+    """A Flux.1-shaped ``ModelPatcher`` (``model_base.Flux``), 2 heads of 128; ``dev``: guidance embedding."""
+    import comfy.supported_models as sm
+
+    cfg = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": pooled_dim,
+           "context_in_dim": context_dim, "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 2, "depth": double,
+           "depth_single_blocks": single, "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2,
+           "qkv_bias": True, "guidance_embed": dev}
+    return _patcher(sm.Flux if dev else sm.FluxSchnell, cfg, seed)
+
+
+def conditioning(tokens: int, context_dim: int = 64, pooled_dim: int = 32, seed: int = 0, batch: int = 1,
+                 **extra):
+    """A hand-made CONDITIONING ``[[cross_attn [B, tokens, context_dim], {"pooled_output": [B, pooled_dim]}]]``."""
+    g = torch.Generator().manual_seed(seed)
+    cross = torch.randn((batch, tokens, context_dim), generator=g)
+    pooled = torch.randn((batch, pooled_dim), generator=g)
+    return [[cross, {"pooled_output": pooled, **extra}]]
+
+
+# -- files for the stock loaders ------------------------------------------------------------------------------
+
+def _state_dict(module: torch.nn.Module, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {prefix + k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+
+
+def _meta(name: str, seed: int) -> dict[str, str]:
+    return {"daam_test_checkpoint": name, "seed": str(seed), "layout_version": str(DIT_LAYOUT_VERSION)}
+
+
+def _cache_path(name: str, seed: int, dtype: torch.dtype):
+    return checkpoint_cache_dir() / f"daam-{name}-v{DIT_LAYOUT_VERSION}-seed{seed}-{str(dtype).removeprefix('torch.')}.safetensors"
+
+
+def _ae_specs(s: _Specs, p: str) -> None:
+    """The Flux / SD3 autoencoder: ch 128, mults 1, 2, 4, 4, 2 res blocks, 16 latent channels, no quant convs."""
+    ch, mults, n_res, z = 128, (1, 2, 4, 4), 2, 16
+
+    def resnet(q, cin, cout):
+        s.norm(q + "norm1", cin)
+        s.conv(q + "conv1", cout, cin, 3)
+        s.norm(q + "norm2", cout)
+        s.conv(q + "conv2", cout, cout, 3)
+        if cin != cout:
+            s.conv(q + "nin_shortcut", cout, cin, 1)
+
+    def mid(q, c):
+        resnet(q + "block_1.", c, c)
+        s.norm(q + "attn_1.norm", c)
+        for name in ("q", "k", "v", "proj_out"):
+            s.conv(q + "attn_1." + name, c, c, 1)
+        resnet(q + "block_2.", c, c)
+
+    s.conv(p + "encoder.conv_in", ch, 3, 3)
+    cin = ch
+    for i, m in enumerate(mults):
+        for j in range(n_res):
+            resnet(f"{p}encoder.down.{i}.block.{j}.", cin, ch * m)
+            cin = ch * m
+        if i != len(mults) - 1:
+            s.conv(f"{p}encoder.down.{i}.downsample.conv", cin, cin, 3)
+    mid(p + "encoder.mid.", cin)
+    s.norm(p + "encoder.norm_out", cin)
+    s.conv(p + "encoder.conv_out", 2 * z, cin, 3)
+    cin = ch * mults[-1]
+    s.conv(p + "decoder.conv_in", cin, z, 3)
+    mid(p + "decoder.mid.", cin)
+    for i in reversed(range(len(mults))):
+        for j in range(n_res + 1):
+            resnet(f"{p}decoder.up.{i}.block.{j}.", cin, ch * mults[i])
+            cin = ch * mults[i]
+        if i != 0:
+            s.conv(f"{p}decoder.up.{i}.upsample.conv", cin, cin, 3)
+    s.norm(p + "decoder.norm_out", cin)
+    s.conv(p + "decoder.conv_out", 3, cin, 3)
+
+
+def sd3_checkpoint_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """Depth-2 MMDiT (detected as SD3) + CLIP-L + the 16-channel AE, in the single-file checkpoint layout."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+
+    depth = 2
+    net = OpenAISignatureMMDITWrapper(
+        in_channels=16, patch_size=2, out_channels=16, depth=depth, adm_in_channels=2048,
+        context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 64 * depth}},
+        num_patches=64 * 64, pos_embed_max_size=64, dtype=torch.float32, device="cpu",
+        operations=comfy.ops.disable_weight_init)
+    _fill(net, seed)
+    out = _state_dict(net, "model.diffusion_model.", dtype)
+    s = _Specs()
+    _clip_l_specs(s, p="text_encoders.clip_l.transformer.text_model.")
+    s.add("text_encoders.clip_l.transformer.text_projection.weight", (CLIP_L_WIDTH, CLIP_L_WIDTH))
+    _ae_specs(s, "first_stage_model.")
+    out.update(_materialise(s, seed, dtype))
+    return out
+
+
+def cached_sd3_checkpoint(seed: int = 0, dtype: torch.dtype = torch.float16):
+    """Path of the tiny SD3 checkpoint (MMDiT + CLIP-L + AE, ~430 MB in fp16), written on first use."""
+    path = _cache_path("sd3-tiny", seed, dtype)
+    if not path.is_file():
+        _save_atomic(sd3_checkpoint_state_dict(seed, dtype), path, _meta("sd3-tiny", seed))
+    return path
+
+
+def flux_unet_state_dict(seed: int = 0, dev: bool = True, dtype: torch.dtype = torch.bfloat16):
+    """Full-width Flux.1 (24 heads of 128, 4096-wide text input), 1 double + 1 single block, bare UNet keys."""
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+
+    net = Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+               mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
+               patch_size=2, qkv_bias=True, guidance_embed=dev, dtype=torch.float32, device="cpu",
+               operations=comfy.ops.disable_weight_init)
+    _fill(net, seed)
+    return _state_dict(net, "", dtype)
+
+
+def cached_flux_unet(seed: int = 0, dev: bool = True, dtype: torch.dtype = torch.bfloat16):
+    """Path of the tiny Flux.1 dev (``dev``) or schnell diffusion model (~1.1 GB in bf16), written on first use."""
+    name = "flux-dev-tiny" if dev else "flux-schnell-tiny"
+    path = _cache_path(name, seed, dtype)
+    if not path.is_file():
+        _save_atomic(flux_unet_state_dict(seed, dev, dtype), path, _meta(name, seed))
+    return path
+
+
+def cached_clip_l(seed: int = 0, dtype: torch.dtype = torch.float16):
+    """Path of a random CLIP-L text encoder file (``text_model.*`` keys, for ``CLIPLoader``)."""
+    path = _cache_path("clip-l", seed, dtype)
+    if not path.is_file():
+        s = _Specs()
+        _clip_l_specs(s, p="text_model.")
+        s.add("text_projection.weight", (CLIP_L_WIDTH, CLIP_L_WIDTH))
+        _save_atomic(_materialise(s, seed, dtype), path, _meta("clip-l", seed))
+    return path
+
+
+def cached_flux_vae(seed: int = 0, dtype: torch.dtype = torch.float16):
+    """Path of a random 16-channel AE file (``encoder.*`` / ``decoder.*`` keys, for ``VAELoader``)."""
+    path = _cache_path("flux-ae", seed, dtype)
+    if not path.is_file():
+        s = _Specs()
+        _ae_specs(s, "")
+        _save_atomic(_materialise(s, seed, dtype), path, _meta("flux-ae", seed))
+    return path
+
+
+# -- a tiny real Flux text encoder (CLIP-L + T5 of the host's own classes, small configs) ------------------------
+
+T5_TINY = {"d_model": 64, "d_ff": 128, "d_kv": 32, "num_heads": 2, "num_layers": 2}
+CLIP_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2,
+             "projection_dim": 32}
+TINY_TE_OPTIONS = {"t5xxl_model_config": T5_TINY, "clip_l_model_config": CLIP_TINY}
+
+
+def build_tiny_flux_clip(seed: int = 0):
+    """A ``comfy.sd.CLIP`` of type Flux (CLIP-L + T5-XXL code, 2-layer, 64-wide configs, seeded weights), loaded
+    through ``comfy.sd.load_text_encoder_state_dicts(..., model_options=...)`` as ``DualCLIPLoader`` loads one.
+    Its conditioning is ``[1, T5 tokens (>= 256), 64]``, its pooled output 32 wide (``build_flux(context_dim=64,
+    pooled_dim=32)`` takes both)."""
+    import comfy.sd
+    import comfy.text_encoders.flux as flux_te
+
+    shapes = flux_te.flux_clip()(device="cpu", dtype=torch.float32, model_options=TINY_TE_OPTIONS)
+    dicts = []
+    for name, part in (("clip_l", shapes.clip_l), ("t5xxl", shapes.t5xxl)):
+        _fill(part.transformer, seed + zlib.crc32(name.encode()))
+        dicts.append({k: v.detach().clone() for k, v in part.transformer.state_dict().items()})
+    del shapes
+    # load_text_encoder_state_dicts rewrites "clip_l_model_config" from the file's position embedding, starting
+    # from model_options["model_config"]: the CLIP-L config goes there
+    options = {"model_config": dict(CLIP_TINY), "t5xxl_model_config": T5_TINY}
+    return comfy.sd.load_text_encoder_state_dicts(dicts, clip_type=comfy.sd.CLIPType.FLUX, model_options=options)

@@ -1,0 +1,429 @@
+"""SD3 / SD3.5 (MMDiT) and Flux.1 in process against the real ComfyUI host: samplers, ModelPatcher, attention.
+
+The models are the host's own classes at a small width with seeded random weights (``helpers/dit_checkpoints.py``
+says how they are built); their conditionings are hand-made tensors whose token count is what the host's SD3 /
+Flux tokenizers give for the prompt, so word positions come from the real tokenizers. Latents are non-square
+(6 x 8 or 16 x 24) and most samplings have two images.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.host
+
+POS = "a cat and a dog on a red sofa"
+NEG = "blurry, low quality"
+FAMILIES = ("sd3", "sd35", "flux-dev", "flux-schnell")
+
+
+@pytest.fixture(scope="module")
+def models(comfy_host):
+    from helpers.dit_checkpoints import build_flux, build_sd3
+
+    return {"sd3": build_sd3(seed=1, depth=2), "sd35": build_sd3(seed=2, depth=3, sd35=True),
+            "flux-dev": build_flux(seed=3, dev=True), "flux-schnell": build_flux(seed=4, dev=False)}
+
+
+@pytest.fixture(scope="module")
+def tokenizers(comfy_host):
+    from comfy.text_encoders.flux import FluxTokenizer
+    from comfy.text_encoders.sd3_clip import SD3Tokenizer
+
+    return {"sd3": SD3Tokenizer(), "flux": FluxTokenizer()}
+
+
+def tokenizer_of(family, tokenizers):
+    return tokenizers["flux" if family.startswith("flux") else "sd3"]
+
+
+def token_count(tokenizer, text):
+    """Conditioning length the host's encoders give: SD3 CLIP-L/G (77 per chunk) + T5; Flux T5 alone."""
+    tokens = tokenizer.tokenize_with_weights(text)
+    n = lambda key: sum(len(c) for c in tokens[key])  # noqa: E731
+    return n("t5xxl") + (n("l") if "g" in tokens else 0)
+
+
+def cond(family, tokenizers, text, seed, batch=1, **extra):
+    from helpers.dit_checkpoints import conditioning
+
+    c = conditioning(token_count(tokenizer_of(family, tokenizers), text), seed=seed, batch=batch, **extra)
+    if family == "flux-dev":
+        c[0][1]["guidance"] = 3.5
+    return c
+
+
+def ksample(model, positive, negative, batch=1, h=6, w=8, seed=1, steps=1, cfg=3.0):
+    import comfy.sample
+
+    latent = torch.zeros(batch, 16, h, w)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent, denoise=1.0,
+                               seed=seed, disable_pbar=True)
+
+
+def options_snapshot(model):
+    to = model.model_options.get("transformer_options", {})
+    return (sorted(model.model_options), sorted(to), {k: sorted(v) for k, v in model.wrappers.items()})
+
+
+def with_override(model, override):
+    """A clone with another node's attention override installed (as a third-party node would)."""
+    other = model.clone()
+    other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+    return other
+
+
+# -- the image is the host's --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_traced_image_is_identical_also_under_another_override(pack, models, tokenizers, family):
+    model = models[family]
+    pos, neg = cond(family, tokenizers, POS, 1, batch=2), cond(family, tokenizers, NEG, 2, batch=2)
+    before = options_snapshot(model)
+    plain = ksample(model, pos, neg, batch=2)
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced = ksample(traced_model, pos, neg, batch=2)
+    assert torch.equal(plain, traced) and traced_model is not model
+    assert options_snapshot(model) == before
+    assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())  # no block replaced
+    assert pack.session_of(traced_model).records[-1].recorded.sums
+
+    seen = []
+
+    def other(func, *args, **kwargs):
+        seen.append(1)
+        return func(*args, **kwargs) * 0.5
+
+    other_model = with_override(model, other)
+    expected = ksample(other_model, pos, neg, batch=2)
+    n = len(seen)
+    got = ksample(pack.DAAMTraceModel().trace(other_model)[0], pos, neg, batch=2)
+    assert torch.equal(expected, got) and len(seen) == 2 * n and not torch.equal(expected, plain)
+
+
+# -- exactness ------------------------------------------------------------------------------------------------------
+
+def collector(store):
+    """An override that keeps every attention call's q, k, mask and block options (run before DAAM's)."""
+
+    def collect(func, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        heads = args[3] if len(args) > 3 else kwargs["heads"]
+        store.append(dict(q=args[0].detach().clone(), k=args[1].detach().clone(), heads=heads,
+                          skip=kwargs.get("skip_reshape", False), mask=kwargs.get("mask"),
+                          kinds=list(options.get("cond_or_uncond", [])),
+                          block=(options.get("block_type"), options.get("block_index"))))
+        return func(*args, **kwargs)
+
+    return collect
+
+
+def reference_sums(calls, family, lengths, n_img, n_ref, n_streams, stream_of, t_max, depth):
+    """fp64 softmax over the whole joint sequence, image rows x text columns, summed over heads, per layer.
+
+    ``lengths``: cond_or_uncond kind -> token count; ``stream_of(kind, image)``: the stream index. A call is joint
+    when its key length is text + image + references; the text is first, the generated image next."""
+    out, index = {}, 0
+    for c in calls:
+        q, k = c["q"].double(), c["k"].double()
+        if not c["skip"]:
+            b, L, _ = q.shape
+            q = q.view(b, L, c["heads"], -1).transpose(1, 2)
+            k = k.view(b, k.shape[1], c["heads"], -1).transpose(1, 2)
+        L = k.shape[2]
+        text = math.lcm(*[lengths[kind] for kind in c["kinds"]])
+        if L != text + n_img + n_ref:
+            continue
+        if family == "sd3":
+            name = f"joint.{index % depth}"
+        else:
+            name = f"{c['block'][0]}.{c['block'][1]}"
+        index += 1
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if c["mask"] is not None:
+            scores = scores + c["mask"].double()
+        p = scores.softmax(-1)[:, :, text:text + n_img, :text].sum(1)  # [B, N, text]
+        acc = out.setdefault(name, torch.zeros(n_streams, n_img, t_max, dtype=torch.float64))
+        chunk = q.shape[0] // len(c["kinds"])
+        for j, kind in enumerate(c["kinds"]):
+            t = lengths[kind]
+            for i in range(chunk):
+                row = p[j * chunk + i].view(n_img, text // t, t).sum(1)  # the host repeated it text // t times
+                acc[stream_of(kind, i), :, :t] += row
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES + ("flux-kontext",))
+def test_recorded_probabilities_equal_fp64_reference(pack, models, tokenizers, family):
+    """Two images, a negative prompt of another length (the host repeats it to the lcm), one sampling step."""
+    model = models["flux-dev" if family == "flux-kontext" else family]
+    base = "flux-dev" if family == "flux-kontext" else family
+    extra = {"reference_latents": [torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(5))]} \
+        if family == "flux-kontext" else {}
+    long_pos = POS + ", " + ", ".join(["a small wooden house"] * 60)  # several CLIP chunks, > 256 T5 tokens
+    pos = cond(base, tokenizers, long_pos, 1, batch=1, **extra)
+    neg = cond(base, tokenizers, NEG, 2, batch=1, **extra)
+    store = []
+    traced_model = pack.DAAMTraceModel().trace(with_override(model, collector(store)))[0]
+    samples = ksample(traced_model, pos, neg, batch=2)
+    session = pack.session_of(traced_model)
+    rec = session.find(samples).recorded
+    lengths = {0: pos[0][0].shape[1], 1: neg[0][0].shape[1]}  # cond_or_uncond 0 = positive, 1 = negative
+    assert lengths[0] != lengths[1]
+    n_img = 3 * 4
+    n_ref = 2 * 3 if family == "flux-kontext" else 0
+    spec = session.spec
+    expected = reference_sums(store, "sd3" if base.startswith("sd3") else "flux", lengths, n_img, n_ref, 4,
+                              lambda kind, i: kind * 2 + i, max(lengths.values()), spec.single_blocks)
+    names = ({f"joint.{i}" for i in range(spec.single_blocks)} if spec.family == "sd3" else
+             {f"double.{i}" for i in range(spec.double_blocks)} | {f"single.{i}" for i in range(spec.single_blocks)})
+    assert set(rec.sums) == set(expected) == names
+    for name, ref in expected.items():
+        torch.testing.assert_close(rec.sums[name].double(), ref, atol=1e-5, rtol=0)
+        assert rec.layers[name].kind == "joint" and rec.layers[name].hw == (3, 4)
+    if family == "sd35":  # block 0's image-only attention ran too and was not taken for a joint call
+        assert sum(1 for c in store if c["k"].shape[1] == n_img) > 0
+
+
+# -- planted attention ------------------------------------------------------------------------------------------
+
+def planter(daam_override, spans, region, strength=30.0):
+    """An override on top of DAAM's that makes the text key at ``spans['key']`` dominate the image queries in
+    ``region`` (a boolean [N] over the patch grid) and vanish for the others, in every joint call."""
+
+    def plant(func, *args, **kwargs):
+        q, k = args[0], args[1]
+        skip = kwargs.get("skip_reshape", False)
+        heads = args[3] if len(args) > 3 else kwargs["heads"]
+        qh = q if skip else q.view(q.shape[0], q.shape[1], heads, -1).transpose(1, 2)
+        kh = k if skip else k.view(k.shape[0], k.shape[1], heads, -1).transpose(1, 2)
+        if kh.shape[2] == spans["length"]:
+            qh, kh = qh.clone(), kh.clone()
+            u = torch.zeros(qh.shape[-1], dtype=qh.dtype)
+            u[0] = strength
+            i0 = spans["image"]
+            img = qh[:, :, i0:i0 + region.numel()]
+            img[:, :, region] = u
+            img[:, :, ~region] = -u
+            kh[:, :, spans["key"]] = u
+            if not skip:
+                qh = qh.transpose(1, 2).reshape(q.shape)
+                kh = kh.transpose(1, 2).reshape(k.shape)
+            args = (qh, kh) + args[2:]
+        return daam_override(func, *args, **kwargs)
+
+    return plant
+
+
+@pytest.mark.parametrize("family", ("sd3", "flux-dev"))
+def test_planted_attention_is_recovered(pack, models, tokenizers, family):
+    from daam_core.engine import metrics
+    from daam_core.hosts.comfy.dit import conditioning_layout
+
+    model, tok = models[family], tokenizer_of(family, tokenizers)
+    count = token_count(tok, POS)
+    layout = conditioning_layout(tok, POS, count)
+    dog = layout.positions("dog", segments="clip" if family == "sd3" else None)[0]  # SD3: the CLIP one
+    grid = (8, 12)  # a 16 x 24 latent in 2 x 2 patches
+    region = torch.zeros(grid, dtype=torch.bool)
+    region[2:6, 3:9] = True
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    to = traced_model.model_options["transformer_options"]
+    to["optimized_attention_override"] = planter(to["optimized_attention_override"],
+                                                 {"length": count + region.numel(), "image": count, "key": dog},
+                                                 region.flatten())
+    samples = ksample(traced_model, cond(family, tokenizers, POS, 1), cond(family, tokenizers, NEG, 2), h=16, w=24)
+    out = pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, NEG, "dog, cat")
+    masks = out["result"][2]  # [words, 128, 192]
+    truth = region.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    assert masks.shape == (2, 128, 192)
+    assert metrics.iou(masks[0] > 0.5, truth) >= 0.9
+    assert metrics.iou(masks[1] > 0.5, truth) < 0.5  # another word does not get the planted region
+
+
+# -- prompts and branches -----------------------------------------------------------------------------------------
+
+def test_sd3_negative_prompt_has_its_own_maps(pack, models, tokenizers):
+    model, tok = models["sd35"], tokenizers["sd3"]
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    samples = ksample(traced_model, cond("sd35", tokenizers, POS, 1, batch=2), cond("sd35", tokenizers, NEG, 2, batch=2),
+                      batch=2)
+    out = pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, NEG, "dog", negative_words="blurry")
+    heat, _, masks, maps = out["result"]
+    assert heat.shape == (4, 48, 64, 3) and masks.shape == (4, 48, 64)
+    assert out["ui"]["daam_labels"] == ["0:dog", "0:neg:blurry", "1:dog", "1:neg:blurry"]
+    neg_maps = maps.trace.word_maps("blurry", branch="uncond")
+    assert neg_maps.shape == (2, 1, 48, 64) and torch.isfinite(neg_maps).all() and neg_maps.amax() == 1
+    assert not torch.equal(neg_maps[:, 0], maps.trace.word_maps("dog")[:, 0])
+
+
+def test_flux_negative_words_are_refused_clearly(pack, models, tokenizers):
+    model, tok = models["flux-dev"], tokenizers["flux"]
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    pos = cond("flux-dev", tokenizers, POS, 1)
+    zero = [[torch.zeros_like(pos[0][0]), dict(pos[0][1])]]  # ConditioningZeroOut, the usual Flux negative
+    samples = ksample(traced_model, pos, zero, cfg=1.0)  # distilled guidance: the host skips the negative
+    heat = pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, "", "dog")["result"][0]
+    assert heat.shape == (1, 48, 64, 3)
+    with pytest.raises(ValueError, match="Flux.1's guidance is distilled.*no negative branch"):
+        pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, "", "dog", negative_words="blurry")
+
+
+def test_word_positions_follow_the_host_tokenizers(tokenizers, comfy_host):
+    """SD3: CLIP positions first, T5 after them (a word has both); Flux: T5. Long prompts and weights included."""
+    from daam_core.hosts.comfy.dit import conditioning_layout
+
+    text = "a (cat:1.3) and a dog, " + ", ".join(["a small wooden house"] * 20) + ", a golden dragon"
+    sd3 = tokenizers["sd3"]
+    tokens = sd3.tokenize_with_weights(text)
+    clip = [t for chunk in tokens["l"] for t in chunk]
+    t5 = [t for chunk in tokens["t5xxl"] for t in chunk]
+    assert len(clip) == 154 and len(t5) > 77
+    count = len(clip) + len(t5)
+    layout = conditioning_layout(sd3, text, count)
+    assert [(g.name, g.start, g.stop) for g in layout.segments] == [("clip", 0, 154), ("t5", 154, count)]
+    (dragon,) = layout.positions("dragon", segments="clip")
+    assert dragon >= 77 and clip[dragon][0] == sd3.clip_l.tokenizer.convert_tokens_to_ids("dragon</w>")
+    (cat,) = layout.positions("cat", segments="clip")
+    assert clip[cat][1] == pytest.approx(1.3)
+    (dragon5,) = layout.positions("dragon", segments="t5")
+    assert dragon5 >= len(clip) and t5[dragon5 - len(clip)][0] == sd3.t5xxl.tokenizer.convert_tokens_to_ids("▁dragon")
+    assert layout.positions("dragon") == (dragon, dragon5) and layout.length == count
+    flux = tokenizers["flux"]
+    f5 = [t for chunk in flux.tokenize_with_weights(text)["t5xxl"] for t in chunk]
+    layout = conditioning_layout(flux, text, len(f5))
+    (dragon,) = layout.positions("dragon")
+    assert f5[dragon][0] == flux.t5xxl.tokenizer.convert_tokens_to_ids("▁dragon")
+    assert layout.positions("house#20") and f5[layout.positions("cat")[0]][1] == pytest.approx(1.3)
+    with pytest.raises(ValueError, match="encodes to .* tokens but the sampler's conditioning has 999"):
+        conditioning_layout(flux, text, 999)
+    with pytest.raises(ValueError, match="no 'clip' positions"):
+        layout.positions("dragon", segments="clip")
+
+
+# -- node options and errors ----------------------------------------------------------------------------------------
+
+def test_flux_block_filter_and_invalid_options(pack, models, tokenizers):
+    model = models["flux-schnell"]
+    traced_model = pack.DAAMTraceModel().trace(model, unet_parts="single (Flux)")[0]
+    samples = ksample(traced_model, cond("flux-schnell", tokenizers, POS, 1), cond("flux-schnell", tokenizers, NEG, 2),
+                      cfg=1.0)
+    rec = pack.session_of(traced_model).find(samples).recorded
+    assert set(rec.sums) == {"single.0", "single.1"}
+    assert [s.branch for s in rec.streams] == ["cond"]  # cfg 1: the negative was never evaluated
+    with pytest.raises(ValueError, match="'down' does not exist in Flux.1"):
+        pack.DAAMTraceModel().trace(model, unet_parts="down")
+    with pytest.raises(ValueError, match="one resolution"):
+        pack.DAAMTraceModel().trace(models["sd3"], resolutions="low (latent/4, latent/8)")
+    with pytest.raises(ValueError, match="heads \\[5\\] do not exist.*2 heads"):
+        pack.DAAMTraceModel().trace(models["sd3"], heads="0,5")
+
+
+def test_layer_names_without_block_options(comfy_host):
+    """ComfyUI 0.3.64's Flux sets no block_type / block_index: the n-th joint call of a model call is block n."""
+    from daam_core.hosts.comfy.dit import DiTSpec
+
+    flux = DiTSpec("flux", "Flux.1", 2, ("double", "single"), 24, double_blocks=19, single_blocks=38)
+    assert [flux.layer(i, {}) for i in (0, 18, 19, 56)] == [("double.0", "double"), ("double.18", "double"),
+                                                            ("single.0", "single"), ("single.37", "single")]
+    assert flux.layer(3, {"block_type": "single", "block_index": 7}) == ("single.7", "single")
+
+
+def test_untraceable_family_is_a_node_error_naming_it(pack, comfy_host):
+    import comfy.supported_models as sm
+
+    from helpers.dit_checkpoints import _patcher
+
+    cfg = {"image_model": "flux2", "in_channels": 16, "out_channels": 16, "vec_in_dim": None, "context_in_dim": 64,
+           "hidden_size": 256, "mlp_ratio": 3.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+           "axes_dim": [32, 32, 32, 32], "theta": 2000, "patch_size": 1, "qkv_bias": False, "guidance_embed": True,
+           "global_modulation": True, "mlp_silu_act": True, "ops_bias": False}
+    model = _patcher(sm.Flux2, cfg, 0)
+    with pytest.raises(ValueError, match="cannot trace this model family: 'flux2'.*Flux2"):
+        pack.DAAMTraceModel().trace(model)
+    latent = {"samples": torch.zeros(1, 128, 4, 4)}
+    with pytest.raises(ValueError, match="cannot trace this model family"):
+        pack.DAAMKSampler().sample(model, 1, 1, 1.0, "euler", "normal", [], [], latent)
+
+
+def test_flux_with_a_real_t5_encoder_and_long_prompt(pack, comfy_host):
+    """The host's own Flux text encoder (CLIP-L + T5, tiny configs): a long prompt gives more than 256 T5 tokens, the
+    words are found at the T5 positions the host tokenized, and the text check re-encodes with that CLIP."""
+    import node_helpers
+
+    from helpers.dit_checkpoints import build_flux, build_tiny_flux_clip
+
+    clip = build_tiny_flux_clip(seed=5)
+    model = build_flux(seed=6, dev=True, context_dim=64, pooled_dim=32)
+    text = "a (cat:1.3) and a dog, " + ", ".join(["a small wooden house"] * 60) + ", a golden dragon"
+    tokens = clip.tokenize(text)
+    t5 = [t for chunk in tokens["t5xxl"] for t in chunk]
+    pos = node_helpers.conditioning_set_values(comfy_encode(clip, text), {"guidance": 3.5})
+    neg = comfy_encode(clip, "")
+    assert pos[0][0].shape[1] == len(t5) > 256  # past T5's 256-token minimum
+    plain = ksample(model, pos, neg, batch=2, cfg=1.0)
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    samples = ksample(traced_model, pos, neg, batch=2, cfg=1.0)
+    assert torch.equal(plain, samples)
+    out = pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, text, "", "dragon, cat")
+    _, _, masks, maps = out["result"]
+    layout = maps.trace.layout(0)
+    (dragon,) = layout.positions("dragon")
+    assert dragon > 256 and t5[dragon][0] == clip.tokenizer.t5xxl.tokenizer.convert_tokens_to_ids("▁dragon")
+    assert t5[layout.positions("cat")[0]][1] == pytest.approx(1.3)
+    assert masks.shape == (4, 48, 64) and all(0 < m.float().mean() < 1 for m in masks)
+    with pytest.raises(ValueError, match="not the text the sampler's positive conditioning was encoded from"):
+        pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, text.replace("cat", "cow"), "", "dog")
+
+
+def comfy_encode(clip, text):
+    import nodes as host_nodes
+
+    return host_nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def on_pytorch_attention(inner=None):
+    """An override that runs the host as ``--use-pytorch-cross-attention`` does: its attention function becomes
+    ComfyUI's ``attention_pytorch`` (``inner``: DAAM's override, given that function)."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    def override(func, *args, **kwargs):
+        return inner(attention_pytorch, *args, **kwargs) if inner else attention_pytorch(*args, **kwargs)
+
+    return override
+
+
+@pytest.mark.parametrize("family", ("sd35", "flux-dev"))
+def test_pytorch_attention_host_gets_the_same_image_and_sums(pack, models, tokenizers, family):
+    import importlib
+
+    joint = importlib.import_module(pack.__name__.split(".")[0] + ".daam_core.engine.joint")  # the pack's own copy
+
+    model = models[family]
+    pos, neg = cond(family, tokenizers, POS, 1, batch=2), cond(family, tokenizers, NEG, 2, batch=2)
+    plain = ksample(with_override(model, on_pytorch_attention()), pos, neg, batch=2)
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    to = traced_model.model_options["transformer_options"]
+    to["optimized_attention_override"] = on_pytorch_attention(to["optimized_attention_override"])
+    fast = ksample(traced_model, pos, neg, batch=2)
+    assert torch.equal(plain, fast)
+    assert any(joint._verdicts.values())  # the fused kernel was proven equal to the host's call and used
+    slow_model = pack.DAAMTraceModel().trace(model)[0]  # the default CPU attention: normaliser computed chunked
+    slow = ksample(slow_model, pos, neg, batch=2)
+    a = pack.session_of(traced_model).find(fast).recorded
+    b = pack.session_of(slow_model).find(slow).recorded
+    assert set(a.sums) == set(b.sums)
+    for name in a.sums:  # the same probabilities up to the two attention functions' rounding
+        torch.testing.assert_close(a.sums[name], b.sums[name], atol=1e-4, rtol=0)
+
+
+def test_override_replaced_after_daam_is_named(pack, models, tokenizers):
+    traced_model = pack.DAAMTraceModel().trace(models["sd3"])[0]
+    rogue = with_override(traced_model, lambda func, *args, **kwargs: func(*args, **kwargs))  # drops DAAM's
+    samples = ksample(rogue, cond("sd3", tokenizers, POS, 1), cond("sd3", tokenizers, NEG, 2))
+    with pytest.raises(ValueError, match="another node replaced DAAM's attention override"):
+        pack.DAAMHeatmaps().heatmaps(rogue, tokenizers["sd3"], {"samples": samples}, POS, NEG, "dog")
