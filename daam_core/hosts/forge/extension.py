@@ -17,7 +17,6 @@ Nothing here imports Forge at module level; the hooks receive Forge's objects.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass, field
 

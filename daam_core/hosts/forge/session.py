@@ -20,7 +20,6 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-import torch
 
 from ...engine.geometry import UNetGrid
 from ...engine.recorder import CrossAttentionRecorder, RecordFilter, Stream
