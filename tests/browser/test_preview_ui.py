@@ -245,10 +245,21 @@ def cpu_sized(cp):
             cp.set_widget(node_id, "steps", 4)
 
 
+# Their SD3 / Flux model files are not in this server's model folders: tests/test_e2e_dit.py runs them over HTTP with
+# tiny DiT files (and checks that these UI files queue exactly the API workflows); here they are loaded and laid out.
+NEEDS_DIT_FILES = {"sd3_heatmaps", "flux_heatmaps"}
+
+
 @pytest.mark.parametrize("name", example_names())
 def test_example_workflow_runs_from_the_ui(comfy_page, artifacts, name):
     cp = comfy_page.open()
     cp.load(workflow(name))
+    if name in NEEDS_DIT_FILES:
+        cp.page.wait_for_timeout(400)
+        cp.screenshot(f"workflow-{name}")
+        assert overlaps(node_boxes(cp, vue=False)) == []
+        assert cp.pack_errors() == []
+        return
     cpu_sized(cp)
     cp.run(timeout=900)
     heat_id = cp.node("DAAMHeatmaps")
