@@ -255,7 +255,9 @@ def test_sd3_negative_prompt_has_its_own_maps(pack, models, tokenizers):
     out = pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, NEG, "dog", negative_words="blurry")
     heat, _, masks, maps = out["result"]
     assert heat.shape == (4, 48, 64, 3) and masks.shape == (4, 48, 64)
-    assert out["ui"]["daam_labels"] == ["0:dog", "0:neg:blurry", "1:dog", "1:neg:blurry"]
+    (payload,) = out["ui"]["daam_preview"]  # the browser preview: both prompts' words, the asked ones selected
+    chosen = {(e["prompt"], e["key"]) for e in payload["entries"] if e["selected"]}
+    assert chosen == {("positive", "dog"), ("negative", "blurry")} and len(payload["images"]) == 2
     neg_maps = maps.trace.word_maps("blurry", branch="uncond")
     assert neg_maps.shape == (2, 1, 48, 64) and torch.isfinite(neg_maps).all() and neg_maps.amax() == 1
     assert not torch.equal(neg_maps[:, 0], maps.trace.word_maps("dog")[:, 0])

@@ -42,6 +42,10 @@ DESCRIPTIONS = {
                           "dog's region changes (set ckpt_name)."),
     "composite_word_mask": ("Needs a checkpoint", "The dog of one generation pasted onto another through its word "
                             "mask with ImageCompositeMasked (set ckpt_name)."),
+    "sd3_heatmaps": ("Needs an SD3 / SD3.5 checkpoint", "Per-word heat maps and masks on SD3's joint attention "
+                     "(every joint block; set ckpt_name to your SD3 or SD3.5 model)."),
+    "flux_heatmaps": ("Needs Flux.1 files", "Per-word heat maps and masks on Flux.1's double and single blocks "
+                      "(set the UNet, CLIP-L, T5-XXL and AE file names; cfg 1, so no negative words)."),
 }
 
 
