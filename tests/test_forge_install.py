@@ -77,8 +77,9 @@ def test_the_venv_sees_only_its_fake_metadata(bare_venv):
     """The check above is meaningful only if the bare venv does not see the project's own packages."""
     py, site = bare_venv
     run_install(py, site, {})
+    # cwd outside the checkout: `-c` puts the cwd on sys.path, and an editable install leaves its egg-info there
     r = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(sorted(d.metadata['Name'] for d in "
-                        "m.distributions()))"], capture_output=True, text=True)
+                        "m.distributions()))"], capture_output=True, text=True, cwd=site)
     assert r.stdout.strip() == "[]", r.stdout
 
 
