@@ -16,7 +16,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,18 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import forge_env
+from .comfy_server import free_port  # one loopback-port helper for both hosts
 
 EXTENSION_NAME = "comfyui-daam"
 
 
 class ForgeServerError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ForgeClient:
