@@ -223,8 +223,10 @@ def _clip_l_specs(s: _Specs, p="cond_stage_model.transformer.text_model."):
     s.norm(p + "final_layer_norm", w)
 
 
-def _vae_specs(s: _Specs, p="first_stage_model."):
-    ch, mults, n_res, z = 128, (1, 2, 4, 4), 2, 4
+def _vae_specs(s: _Specs, p="first_stage_model.", z: int = 4, quant_convs: bool = True):
+    """The LDM autoencoder: ch 128, mults 1, 2, 4, 4, 2 res blocks; SD's has 4 latent channels and quant convs,
+    the SD3 / Flux one 16 and none."""
+    ch, mults, n_res = 128, (1, 2, 4, 4), 2
 
     def resnet(q, cin, cout):
         s.norm(q + "norm1", cin)
@@ -253,10 +255,12 @@ def _vae_specs(s: _Specs, p="first_stage_model."):
     mid(p + "encoder.mid.", cin)
     s.norm(p + "encoder.norm_out", cin)
     s.conv(p + "encoder.conv_out", 2 * z, cin, 3)
-    s.conv(p + "quant_conv", 2 * z, 2 * z, 1)
+    if quant_convs:
+        s.conv(p + "quant_conv", 2 * z, 2 * z, 1)
 
     # decoder
-    s.conv(p + "post_quant_conv", z, z, 1)
+    if quant_convs:
+        s.conv(p + "post_quant_conv", z, z, 1)
     cin = ch * mults[-1]
     s.conv(p + "decoder.conv_in", cin, z, 3)
     mid(p + "decoder.mid.", cin)

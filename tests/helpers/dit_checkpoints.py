@@ -33,7 +33,8 @@ import zlib
 
 import torch
 
-from helpers.checkpoints import CLIP_L_WIDTH, _clip_l_specs, _materialise, _save_atomic, _Specs, checkpoint_cache_dir
+from helpers.checkpoints import (CLIP_L_WIDTH, _clip_l_specs, _materialise, _save_atomic, _Specs, _vae_specs,
+                                 checkpoint_cache_dir)
 
 DIT_LAYOUT_VERSION = 1
 STD = 0.02
@@ -120,46 +121,8 @@ def _cache_path(name: str, seed: int, dtype: torch.dtype):
 
 
 def _ae_specs(s: _Specs, p: str) -> None:
-    """The Flux / SD3 autoencoder: ch 128, mults 1, 2, 4, 4, 2 res blocks, 16 latent channels, no quant convs."""
-    ch, mults, n_res, z = 128, (1, 2, 4, 4), 2, 16
-
-    def resnet(q, cin, cout):
-        s.norm(q + "norm1", cin)
-        s.conv(q + "conv1", cout, cin, 3)
-        s.norm(q + "norm2", cout)
-        s.conv(q + "conv2", cout, cout, 3)
-        if cin != cout:
-            s.conv(q + "nin_shortcut", cout, cin, 1)
-
-    def mid(q, c):
-        resnet(q + "block_1.", c, c)
-        s.norm(q + "attn_1.norm", c)
-        for name in ("q", "k", "v", "proj_out"):
-            s.conv(q + "attn_1." + name, c, c, 1)
-        resnet(q + "block_2.", c, c)
-
-    s.conv(p + "encoder.conv_in", ch, 3, 3)
-    cin = ch
-    for i, m in enumerate(mults):
-        for j in range(n_res):
-            resnet(f"{p}encoder.down.{i}.block.{j}.", cin, ch * m)
-            cin = ch * m
-        if i != len(mults) - 1:
-            s.conv(f"{p}encoder.down.{i}.downsample.conv", cin, cin, 3)
-    mid(p + "encoder.mid.", cin)
-    s.norm(p + "encoder.norm_out", cin)
-    s.conv(p + "encoder.conv_out", 2 * z, cin, 3)
-    cin = ch * mults[-1]
-    s.conv(p + "decoder.conv_in", cin, z, 3)
-    mid(p + "decoder.mid.", cin)
-    for i in reversed(range(len(mults))):
-        for j in range(n_res + 1):
-            resnet(f"{p}decoder.up.{i}.block.{j}.", cin, ch * mults[i])
-            cin = ch * mults[i]
-        if i != 0:
-            s.conv(f"{p}decoder.up.{i}.upsample.conv", cin, cin, 3)
-    s.norm(p + "decoder.norm_out", cin)
-    s.conv(p + "decoder.conv_out", 3, cin, 3)
+    """The Flux / SD3 autoencoder: SD's layout with 16 latent channels and no quant convs."""
+    _vae_specs(s, p, z=16, quant_convs=False)
 
 
 def sd3_checkpoint_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
