@@ -46,6 +46,21 @@ def _host_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def playwright_driver():
+    """One Playwright driver for the whole session, or None when Playwright is not installed.
+
+    The sync API refuses to start a second driver while one is running (its event loop is already set), so every
+    browser test, ComfyUI's and Forge's, launches its chromium from this one."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        yield None
+        return
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="session")
 def comfyui_dir() -> Path:
     """The ComfyUI host directory (has main.py)."""
     d = _host_dir()

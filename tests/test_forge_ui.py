@@ -8,11 +8,9 @@ from helpers import forge_env
 from helpers.checkpoints import cached_sd15_checkpoint
 
 
-def test_daam_section_in_txt2img_and_img2img(tmp_path):
+def test_daam_section_in_txt2img_and_img2img(tmp_path, playwright_driver):
     forge_env.require_forge()
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
+    if playwright_driver is None:
         if forge_env.os.environ.get("DAAM_REQUIRE_FORGE") == "1":
             pytest.fail("playwright is not installed (the browser tests need it)")
         pytest.skip("playwright is not installed; set DAAM_REQUIRE_FORGE=1 to make this a failure")
@@ -21,7 +19,7 @@ def test_daam_section_in_txt2img_and_img2img(tmp_path):
 
     shot = tmp_path / "daam-section.png"
     with running_forge(tmp_path, cached_sd15_checkpoint(), extension=forge_env.REPO, webui=True) as forge:
-        seen = capture(forge.base_url, shot)
+        seen = capture(forge.base_url, shot, playwright_driver)
         log = forge.log_text()
     assert seen["labels"] == list(LABELS)
     assert seen["enabled"] is True

@@ -30,15 +30,12 @@ def chromium_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def browser(chromium_path):
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
+def browser(chromium_path, playwright_driver):
+    if playwright_driver is None:
         _missing("playwright is not installed")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_FLAGS, headless=True)
-        yield b
-        b.close()
+    b = playwright_driver.chromium.launch(executable_path=chromium_path, args=CHROMIUM_FLAGS, headless=True)
+    yield b
+    b.close()
 
 
 @pytest.fixture(scope="session")

@@ -25,34 +25,38 @@ def chromium() -> str:
     raise RuntimeError("no chromium found (apt-get install -y chromium)")
 
 
-def capture(base_url: str, out: Path, timeout_ms: int = 240_000) -> dict:
-    """Screenshot of the txt2img DAAM section; returns what was seen (visible labels, section size)."""
-    from playwright.sync_api import sync_playwright
+def capture(base_url: str, out: Path, driver=None, timeout_ms: int = 240_000) -> dict:
+    """Screenshot of the txt2img DAAM section; returns what was seen (visible labels, section size).
 
+    ``driver`` is a running sync Playwright (the tests' session one); without it one is started here."""
+    if driver is None:
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as own:
+            return capture(base_url, out, own, timeout_ms)
     seen: dict = {}
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(base_url, timeout=timeout_ms, wait_until="domcontentloaded")
-            section = page.locator("#daam_txt2img")
-            section.wait_for(state="attached", timeout=timeout_ms)
-            section.scroll_into_view_if_needed(timeout=timeout_ms)
-            section.locator(".label-wrap").first.click(timeout=timeout_ms)  # expand the accordion
-            page.locator("#daam_txt2img_words textarea").wait_for(state="visible", timeout=timeout_ms)
-            page.locator("#daam_txt2img_words textarea").fill("dog, red car")
-            page.locator("#daam_txt2img_negative_words textarea").fill("blurry")
-            page.locator("#daam_txt2img_enabled input").check()
-            text = section.inner_text()
-            seen["labels"] = [label for label in LABELS if label in text]
-            seen["enabled"] = page.locator("#daam_txt2img_enabled input").is_checked()
-            seen["img2img_section"] = page.locator("#daam_img2img").count()
-            box = section.bounding_box()
-            seen["box"] = box
-            out.parent.mkdir(parents=True, exist_ok=True)
-            section.screenshot(path=str(out))
-        finally:
-            browser.close()
+    browser = driver.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"])
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(base_url, timeout=timeout_ms, wait_until="domcontentloaded")
+        section = page.locator("#daam_txt2img")
+        section.wait_for(state="attached", timeout=timeout_ms)
+        section.scroll_into_view_if_needed(timeout=timeout_ms)
+        section.locator(".label-wrap").first.click(timeout=timeout_ms)  # expand the accordion
+        page.locator("#daam_txt2img_words textarea").wait_for(state="visible", timeout=timeout_ms)
+        page.locator("#daam_txt2img_words textarea").fill("dog, red car")
+        page.locator("#daam_txt2img_negative_words textarea").fill("blurry")
+        page.locator("#daam_txt2img_enabled input").check()
+        text = section.inner_text()
+        seen["labels"] = [label for label in LABELS if label in text]
+        seen["enabled"] = page.locator("#daam_txt2img_enabled input").is_checked()
+        seen["img2img_section"] = page.locator("#daam_img2img").count()
+        box = section.bounding_box()
+        seen["box"] = box
+        out.parent.mkdir(parents=True, exist_ok=True)
+        section.screenshot(path=str(out))
+    finally:
+        browser.close()
     return seen
 
 
