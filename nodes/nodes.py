@@ -17,7 +17,7 @@ from ..daam_core.engine import masks as mask_ops
 from ..daam_core.engine import render
 from ..daam_core.engine.aggregate import COMBINE_MODES, NORMALIZE_MODES
 from ..daam_core.engine.io import TraceFormatError
-from ..daam_core.engine.recorder import RecordFilter
+from ..daam_core.engine.recorder import RecordFilter, parse_blocks
 from ..daam_core.engine.trace import AttentionTrace, load_trace, save_trace
 from ..daam_core.hosts.comfy.dit import DiTTraceSession, conditioning_layout, dit_spec
 from ..daam_core.hosts.comfy.tokens import layout_from_comfy_tokens
@@ -31,6 +31,7 @@ CATEGORY = "DAAM"
 MAPS_TYPE = "DAAM_MAPS"
 BRANCH = {"positive": "cond", "negative": "uncond"}
 TRACE_FOLDER = "daam"
+SEGMENTS = ("both", "clip", "t5")  # which text encoders' positions a word map uses (SD3 has both)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class DaamMaps:
     images: torch.Tensor | None = None  # [B, H, W, 3]
     normalize: str = "minmax"
     combine: str = "mean"
+    segments: str = "both"
 
 def comfy_layout(tokenizer, text: str) -> TokenLayout:
     """Token layout of ``text`` exactly as the host's tokenizer (``clip.tokenizer``) encodes it."""
@@ -96,6 +98,9 @@ class DAAMTraceModel:
                 "time_buckets": ("INT", {"default": 1, "min": 1, "max": 32, "tooltip": "1 = one sum over the "
                                          "sampling. K > 1 also keeps one sum per K-th of the sampling (K times the "
                                          "memory), so the DAAM Heatmaps preview can scrub through time."}),
+                "blocks": ("STRING", {"default": "", "tooltip": "SD3/Flux only: block ranges to record, e.g. "
+                                      "'double:0-9, single:20-37' (Flux) or 'joint:4-12' (SD3), inclusive; a part "
+                                      "not named is kept whole. Empty = every block."}),
             },
         }
 
@@ -115,7 +120,7 @@ class DAAMTraceModel:
              "double (Flux)": ("double",), "single (Flux)": ("single",)}
 
     def trace(self, model, resolutions="all", unet_parts="all", start_percent=0.0, end_percent=1.0, heads="",
-              record_negative=True, time_buckets=1):
+              record_negative=True, time_buckets=1, blocks=""):
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
         try:
@@ -138,7 +143,9 @@ class DAAMTraceModel:
             raise ValueError(f"unet_parts {unet_parts!r} is for Flux; this UNet has down, mid and up")
         if head_list is not None:
             check_heads(model, head_list, spec)
+        block_ranges = check_blocks(blocks, spec)
         f = RecordFilter(factors=self.RESOLUTIONS[resolutions], parts=self.PARTS[unet_parts], heads=head_list,
+                         blocks=block_ranges,
                          start=start_percent, end=end_percent,
                          branches=("cond", "uncond") if record_negative else ("cond",), time_buckets=int(time_buckets))
         patched, _ = patch_model(model, f)
@@ -161,6 +168,24 @@ def check_heads(model, heads: tuple[int, ...], spec=None) -> None:
     if n is not None and max(heads) >= n:
         raise ValueError(f"DAAM: heads {[h for h in heads if h >= n]} do not exist: this model's cross-attention "
                          f"layers have {n} heads (0..{n - 1}) at their fewest")
+
+
+def check_blocks(spec_text: str, spec) -> tuple | None:
+    """The block ranges of ``spec_text`` (see :func:`parse_blocks`), checked against the model's blocks."""
+    ranges = parse_blocks(spec_text or "")
+    if ranges is None:
+        return None
+    if spec is None:
+        raise ValueError(f"blocks {spec_text!r} is for SD3/Flux; on a UNet choose layers with resolutions and "
+                         f"unet_parts, and leave blocks empty")
+    counts = {"double": spec.double_blocks, "single": spec.single_blocks, "joint": spec.single_blocks}
+    for part, start, stop in ranges:
+        if part not in spec.parts:
+            raise ValueError(f"blocks: {spec.label} has no {part!r} blocks; its parts are {list(spec.parts)}")
+        if stop > counts[part]:
+            raise ValueError(f"blocks: {part}:{start}-{stop - 1} is past the last {part} block of this "
+                             f"{spec.label} ({part}:0-{counts[part] - 1})")
+    return ranges
 
 
 def host_nodes():
@@ -243,6 +268,9 @@ class DAAMHeatmaps:
             },
             "optional": {
                 "images": ("IMAGE", {"tooltip": "The decoded images, for overlays and the output size."}),
+                "segments": (list(SEGMENTS), {"default": "both", "tooltip": "SD3 only, where a word has "
+                             "positions in the CLIP and the T5 part of the conditioning: use both (default), "
+                             "or only clip or t5. Other models have one part (both = it)."}),
             },
         }
 
@@ -258,7 +286,9 @@ class DAAMHeatmaps:
     DESCRIPTION = "Per-word heat maps (DAAM) of the last sampling of a traced model."
 
     def heatmaps(self, model, clip, samples, positive, negative, words, negative_words="", threshold=0.4,
-                 normalize="minmax", combine="mean", colormap="jet", alpha=0.5, images=None):
+                 normalize="minmax", combine="mean", colormap="jet", alpha=0.5, images=None, segments="both"):
+        if segments not in SEGMENTS:
+            raise ValueError(f"segments must be one of {list(SEGMENTS)}, got {segments!r}")
         if clip is None:
             raise ValueError("a CLIP is needed to read the prompt's tokens")
         pos_words, neg_words = split_words(words), split_words(negative_words)
@@ -270,9 +300,10 @@ class DAAMHeatmaps:
             raise ValueError(f"DAAM: negative words {neg_words} cannot be mapped: {session.no_negative_reason()}")
         parts = []
         if pos_words:
-            parts.append(maps_for(trace, pos_words, "cond", normalize=normalize, combine=combine))
+            parts.append(maps_for(trace, pos_words, "cond", normalize=normalize, combine=combine, segments=segments))
         if neg_words:
-            parts.append(maps_for(trace, neg_words, "uncond", normalize=normalize, combine=combine))
+            parts.append(maps_for(trace, neg_words, "uncond", normalize=normalize, combine=combine,
+                                  segments=segments))
         maps = torch.cat(parts, dim=1)  # [B, W, H, W]
         masks = mask_ops.threshold(maps, threshold, "relative")
         heat = torch.stack([torch.from_numpy(render.colorize(m.detach(), colormap)) for m in flat(maps)])
@@ -285,8 +316,10 @@ class DAAMHeatmaps:
         record = session_of(model).find(samples["samples"] if isinstance(samples, dict) else samples)
         ui = {"daam_preview": [build_payload(trace, pos_words, neg_words, threshold=threshold, normalize=normalize,
                                              combine=combine, alpha=alpha, recorded=record.recorded,
+                                             segments=segments,
                                              images=preview(images, "daam_preview") if images is not None else None)]}
-        return {"ui": ui, "result": (heat, over, flat(masks), DaamMaps(trace, images, normalize, combine))}
+        return {"ui": ui, "result": (heat, over, flat(masks), DaamMaps(trace, images, normalize, combine,
+                                                                             segments))}
 
 
 def preview(images: torch.Tensor, prefix: str) -> list[dict]:
@@ -412,7 +445,8 @@ class DAAMMask:
     def mask(self, maps, words, prompt="positive", operation="union", threshold_mode="relative", threshold=0.4,
              open_px=0, close_px=0, grow_px=0, feather_px=0):
         word_list = split_words(words)
-        m = maps_for(maps.trace, word_list, BRANCH[prompt], normalize=maps.normalize, combine=maps.combine)
+        m = maps_for(maps.trace, word_list, BRANCH[prompt], normalize=maps.normalize, combine=maps.combine,
+                     segments=maps.segments)
         binary = mask_ops.threshold(m, threshold, threshold_mode)
         combined = mask_ops.combine([binary[:, j] for j in range(binary.shape[1])], operation)
         return (mask_ops.refine(combined, open_px=open_px, close_px=close_px, grow_px=grow_px,

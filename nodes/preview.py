@@ -54,19 +54,20 @@ class Entry:
     kind: str
 
 
-def _occurrences(layout, text: str) -> int:
+def _occurrences(layout, text: str, segments: str | None = None) -> int:
     n = 0
     while True:
         try:
-            layout.positions(text, n)
+            layout.positions(text, n, segments)
         except ValueError:  # WordNotFoundError is a ValueError too
             return n
         n += 1
 
 
-def prompt_entries(layout, prompt: str, asked: list[str]) -> list[Entry]:
+def prompt_entries(layout, prompt: str, asked: list[str], segments: str | None = None) -> list[Entry]:
     """The chips of one prompt: its words in order (punctuation stripped), the occurrences of repeated words,
-    then the node's own queries that are not among them (phrases, occurrences)."""
+    then the node's own queries that are not among them (phrases, occurrences). With ``segments`` (SD3's
+    ``"clip"`` or ``"t5"``) a word counts where it has positions in those segments."""
     out: list[Entry] = []
     seen: set[str] = set()
 
@@ -79,7 +80,7 @@ def prompt_entries(layout, prompt: str, asked: list[str]) -> list[Entry]:
         text = _EDGE_PUNCT.sub("", word.text)
         if not text or text.lower() in seen:
             continue
-        n = _occurrences(layout, text)
+        n = _occurrences(layout, text, segments)
         if n == 0:
             continue
         add(text, "word")
@@ -116,7 +117,7 @@ def threshold_levels(maps: torch.Tensor, steps: int = THRESHOLD_STEPS) -> torch.
 
 
 def _time_maps(recorded: Recording | None, trace: AttentionTrace, entries: list[Entry], combine: str,
-               image: int) -> np.ndarray | None:
+               image: int, segments: str | None = None) -> np.ndarray | None:
     """``[K, E, h, w]`` maps per time bucket from the recorder's bucketed sums, or None without them."""
     if recorded is None or not recorded.time_sums:
         return None
@@ -130,25 +131,25 @@ def _time_maps(recorded: Recording | None, trace: AttentionTrace, entries: list[
         part = AttentionTrace(sums=sums, layers={n: trace.layers[n] for n in sums}, calls=calls,
                               streams=trace.streams, layouts=trace.layouts, latent_hw=trace.latent_hw,
                               image_hw=trace.latent_hw, recorded_branches=trace.recorded_branches)
-        out[b] = _entry_maps(part, entries, "none", combine, image, part.latent_hw).numpy()
+        out[b] = _entry_maps(part, entries, "none", combine, image, part.latent_hw, segments).numpy()
     return out
 
 
 def _entry_maps(trace: AttentionTrace, entries: list[Entry], normalize: str, combine: str, image: int,
-                size) -> torch.Tensor:
+                size, segments: str | None = None) -> torch.Tensor:
     """``[E, H, W]`` maps of the entries (positive, then negative) of one image at ``size``."""
     parts = []
     for prompt, branch in (("positive", "cond"), ("negative", "uncond")):
         keys = [e.key for e in entries if e.prompt == prompt]
         if keys:
             parts.append(trace.word_maps(keys, image=image, branch=branch, combine=combine, normalize=normalize,
-                                         size=size, missing="zeros"))
+                                         size=size, missing="zeros", segments=segments))
     return torch.cat(parts) if parts else torch.zeros(0, *size)
 
 
 def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[str], *, threshold: float,
                   normalize: str, combine: str, images: list[dict] | None = None, recorded: Recording | None = None,
-                  alpha: float = 0.5) -> dict:
+                  alpha: float = 0.5, segments: str | None = None) -> dict:
     """The ``daam_preview`` payload of one DAAM Heatmaps run.
 
     Parameters
@@ -163,21 +164,23 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
         Per batch image, the ``/view`` reference (filename, subfolder, type) of the decoded image.
     recorded : Recording, optional
         The recorder's output; its ``time_sums``/``time_calls`` (when traced with time buckets) feed the scrub.
+    segments : {"both", "clip", "t5"}, optional
+        The node's choice of text segments (SD3), so the chips' maps are the node's.
     """
     layouts = [("positive", "cond")] + ([("negative", "uncond")] if "uncond" in trace.branches() else [])
     entries: list[Entry] = []
     for prompt, branch in layouts:
         asked = words if prompt == "positive" else negative_words
-        entries += prompt_entries(trace.layout(0, branch), prompt, asked)
+        entries += prompt_entries(trace.layout(0, branch), prompt, asked, segments)
     latent_hw, image_hw = tuple(trace.latent_hw), tuple(trace.image_hw)
     per_image = []
     time_meta = None
     for b in range(trace.num_images):
-        low = _entry_maps(trace, entries, "none", combine, b, latent_hw).float().contiguous()
-        full = _entry_maps(trace, entries, normalize, combine, b, image_hw)
+        low = _entry_maps(trace, entries, "none", combine, b, latent_hw, segments).float().contiguous()
+        full = _entry_maps(trace, entries, normalize, combine, b, image_hw, segments)
         item = {"maps": _b64(low.numpy().astype("<f4").tobytes()),
                 "levels": _b64(threshold_levels(full).numpy().tobytes(), compress=True)}
-        stack = _time_maps(recorded, trace, entries, combine, b)  # [K, E, h, w]
+        stack = _time_maps(recorded, trace, entries, combine, b, segments)  # [K, E, h, w]
         if stack is not None:
             peak = stack.reshape(stack.shape[0], -1).max(-1)[:, None, None, None]
             q = np.round(np.clip(stack / np.maximum(peak, 1e-12), 0, 1) * 255).astype(np.uint8)
@@ -197,6 +200,7 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
         "threshold_steps": THRESHOLD_STEPS,
         "normalize": normalize,
         "combine": combine,
+        "segments": segments or "both",
         "alpha": float(alpha),
         "time": time_meta,
         "images": per_image,

@@ -325,6 +325,51 @@ def test_flux_block_filter_and_invalid_options(pack, models, tokenizers):
         pack.DAAMTraceModel().trace(models["sd3"], heads="0,5")
 
 
+def test_block_ranges_of_the_trace_node(pack, models, tokenizers):
+    model = models["flux-schnell"]  # 1 double + 2 single blocks
+    traced_model = pack.DAAMTraceModel().trace(model, blocks="single:1")[0]
+    samples = ksample(traced_model, cond("flux-schnell", tokenizers, POS, 1), cond("flux-schnell", tokenizers, NEG, 2),
+                      cfg=1.0)
+    assert set(pack.session_of(traced_model).find(samples).recorded.sums) == {"double.0", "single.1"}
+    traced_model = pack.DAAMTraceModel().trace(models["sd3"], blocks="joint:1-1")[0]  # SD3 depth 2: joint.0, .1
+    samples = ksample(traced_model, cond("sd3", tokenizers, POS, 1), cond("sd3", tokenizers, NEG, 2))
+    assert set(pack.session_of(traced_model).find(samples).recorded.sums) == {"joint.1"}
+    with pytest.raises(ValueError, match="single:2-4 is past the last single block.*single:0-1"):
+        pack.DAAMTraceModel().trace(model, blocks="single:2-4")
+    with pytest.raises(ValueError, match="Flux.1 has no 'joint' blocks"):
+        pack.DAAMTraceModel().trace(model, blocks="joint:0")
+    with pytest.raises(ValueError, match="write part:start-end"):
+        pack.DAAMTraceModel().trace(model, blocks="single")
+
+
+def test_sd3_segments_choose_clip_or_t5_positions_in_every_output(pack, models, tokenizers):
+    from daam_core.engine import masks as mask_ops
+
+    model, tok = models["sd3"], tokenizers["sd3"]
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    samples = ksample(traced_model, cond("sd3", tokenizers, POS, 1), cond("sd3", tokenizers, NEG, 2))
+    runs = {seg: pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, NEG, "dog, red sofa",
+                                              segments=seg) for seg in ("both", "clip", "t5")}
+    trace = runs["both"]["result"][3].trace
+    for seg, out in runs.items():
+        _, _, masks, maps = out["result"]
+        expected = trace.word_maps(["dog", "red sofa"], segments=seg)  # [1, 2, H, W]
+        torch.testing.assert_close(maps.trace.word_maps(["dog", "red sofa"], segments=maps.segments), expected)
+        assert torch.equal(masks, mask_ops.threshold(expected, 0.4, "relative")[0])
+        assert torch.equal(pack.DAAMMask().mask(maps, "dog")[0], mask_ops.threshold(expected, 0.4, "relative")[:, 0])
+        assert out["ui"]["daam_preview"][0]["segments"] == seg
+    assert not torch.equal(trace.word_maps("dog", segments="clip"), trace.word_maps("dog", segments="t5"))
+    with pytest.raises(ValueError, match="segments must be one of"):
+        pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, NEG, "dog", segments="g")
+    flux = models["flux-schnell"]
+    traced_flux = pack.DAAMTraceModel().trace(flux)[0]
+    samples = ksample(traced_flux, cond("flux-schnell", tokenizers, POS, 1), cond("flux-schnell", tokenizers, NEG, 2),
+                      cfg=1.0)
+    with pytest.raises(ValueError, match="no 'clip' positions; its segments are \\['t5'\\]"):
+        pack.DAAMHeatmaps().heatmaps(traced_flux, tokenizers["flux"], {"samples": samples}, POS, "", "dog",
+                                     segments="clip")
+
+
 def test_layer_names_without_block_options(comfy_host):
     """ComfyUI 0.3.64's Flux sets no block_type / block_index: the n-th joint call of a model call is block n."""
     from daam_core.hosts.comfy.dit import DiTSpec

@@ -328,6 +328,20 @@ def test_heads_out_of_range_fail_at_trace_model_creation(pack, sd15):
     assert pack.session_of(traced).recorder.filter.heads == (0, 7)
 
 
+def test_block_ranges_and_t5_segments_are_errors_on_a_unet(pack, sd15):
+    model, clip, _ = sd15
+    with pytest.raises(ValueError, match="blocks 'double:0-3' is for SD3/Flux.*resolutions and unet_parts"):
+        pack.DAAMTraceModel().trace(model, blocks="double:0-3")
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    samples = ksample(traced_model, encode(clip, POS), encode(clip, NEG))
+    clip_maps = pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, POS, NEG, "dog",
+                                            segments="clip")["result"][3]
+    both = pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, POS, NEG, "dog")["result"][3]
+    assert torch.equal(clip_maps.trace.word_maps("dog", segments="clip"), both.trace.word_maps("dog"))
+    with pytest.raises(ValueError, match="no 't5' positions"):
+        pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, POS, NEG, "dog", segments="t5")
+
+
 def test_an_override_that_replaces_daams_without_calling_it_is_named(pack, sd15):
     model, clip, _ = sd15
     traced = pack.DAAMTraceModel().trace(model)[0]
