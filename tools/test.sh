@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: sets up (or reuses) the venv and the ComfyUI host, then runs pytest in the venv.
-#   scripts/test.sh [pytest args...]   e.g. scripts/test.sh tests/test_recorder.py -x
+#   tools/test.sh [pytest args...]   e.g. tools/test.sh tests/test_recorder.py -x
 # Without a test path among the arguments it runs all of tests/.
 set -euo pipefail
 
