@@ -119,6 +119,21 @@ def spread(values: list[float]) -> dict:
             "min": round(min(values), 4), "max": round(max(values), 4)}
 
 
+def with_maps_summary(traced: dict, plain: dict, maps_wall: list[float], maps_cpu: list[float]) -> dict:
+    """Ratios of one traced run of :func:`interleaved` against the plain one, without and with the time of
+    computing the word maps after sampling (``maps_wall`` / ``maps_cpu``: one per timed pair)."""
+    with_maps = [(t + m) / b for t, m, b in zip(traced["times_s"], maps_wall, plain["times_s"])]
+    cpu_with_maps = [(t + m) / b for t, m, b in zip(traced["cpu_times_s"], maps_cpu, plain["cpu_times_s"])]
+    return {"maps_s_median": round(statistics.median(maps_wall), 4),
+            "maps_cpu_s_median": round(statistics.median(maps_cpu), 4),
+            "ratio_median": traced["ratio_median"], "ratio_spread": traced["ratio_spread"],
+            "cpu_ratio_spread": traced["cpu_ratio_spread"],
+            "ratio_with_maps_median": round(statistics.median(with_maps), 4),
+            "cpu_ratio_with_maps_spread": spread(cpu_with_maps),
+            "ratios": traced["ratios"], "cpu_ratios": traced["cpu_ratios"],
+            "ratios_with_maps": [round(r, 4) for r in with_maps]}
+
+
 def interleaved(runs: dict[str, Callable[[], object]], pairs: int, baseline: str = "plain",
                 warmup: int = 1) -> dict:
     """Time every configuration ``pairs`` times, interleaved, and summarise ratios against ``baseline``.

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 
 import numpy as np
 import torch
@@ -77,18 +76,10 @@ def main():
         timing = C.interleaved({"plain": plain, "daam": traced}, args.pairs)
         maps_wall, maps_cpu = maps_wall[-args.pairs:], maps_cpu[-args.pairs:]  # warm-up left out
         d, p = timing["daam"], timing["plain"]
-        with_maps = [(t + m) / b for t, m, b in zip(d["times_s"], maps_wall, p["times_s"])]
-        cpu_with_maps = [(t + m) / b for t, m, b in zip(d["cpu_times_s"], maps_cpu, p["cpu_times_s"])]
         results[str(steps)] = {
             "plain_median_s": p["median_s"], "plain_cpu_median_s": p["cpu_median_s"],
             "daam_median_s": d["median_s"], "daam_cpu_median_s": d["cpu_median_s"],
-            "maps_s_median": round(statistics.median(maps_wall), 4),
-            "maps_cpu_s_median": round(statistics.median(maps_cpu), 4),
-            "ratio_median": d["ratio_median"], "ratio_spread": d["ratio_spread"],
-            "cpu_ratio_spread": d["cpu_ratio_spread"],
-            "ratio_with_maps_median": round(statistics.median(with_maps), 4),
-            "cpu_ratio_with_maps_spread": C.spread(cpu_with_maps),
-            "ratios": d["ratios"], "cpu_ratios": d["cpu_ratios"], "ratios_with_maps": [round(r, 4) for r in with_maps],
+            **C.with_maps_summary(d, p, maps_wall, maps_cpu),
             "times_plain_s": p["times_s"], "times_daam_s": d["times_s"],
             "cpu_plain_s": p["cpu_times_s"], "cpu_daam_s": d["cpu_times_s"],
             "loadavg": timing["_loadavg_after_each_rep"],

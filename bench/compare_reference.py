@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import tempfile
 from pathlib import Path
@@ -133,17 +132,8 @@ def ours(pipeline: Path, steps: str, pairs: int, size: int, guidance: float, see
         for name in list(runs)[1:]:
             m, mc = maps_s[name][-pairs:], maps_cpu[name][-pairs:]
             t = timing[name]
-            with_maps = [(x + s) / p for x, s, p in zip(t["times_s"], m, timing["plain"]["times_s"])]
-            cpu_with_maps = [(x + s) / p for x, s, p in zip(t["cpu_times_s"], mc, timing["plain"]["cpu_times_s"])]
             entry[name] = {"median_s": t["median_s"], "cpu_median_s": t["cpu_median_s"],
-                           "maps_s_median": round(statistics.median(m), 4),
-                           "maps_cpu_s_median": round(statistics.median(mc), 4),
-                           "ratio_median": t["ratio_median"], "ratio_spread": t["ratio_spread"],
-                           "cpu_ratio_spread": t["cpu_ratio_spread"],
-                           "ratio_with_maps_median": round(statistics.median(with_maps), 4),
-                           "cpu_ratio_with_maps_spread": C.spread(cpu_with_maps),
-                           "ratios": t["ratios"], "cpu_ratios": t["cpu_ratios"],
-                           "ratios_with_maps": [round(r, 4) for r in with_maps],
+                           **C.with_maps_summary(t, timing["plain"], m, mc),
                            "times_s": t["times_s"], "cpu_times_s": t["cpu_times_s"]}
         entry["plain_times_s"] = timing["plain"]["times_s"]
         entry["plain_cpu_times_s"] = timing["plain"]["cpu_times_s"]
