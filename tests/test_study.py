@@ -46,11 +46,16 @@ def write_prompts(tmp_path: Path, prompts=PROMPTS) -> Path:
     return p
 
 
-def run_cli(args: list[str], torchrun: int = 0, timeout: int = 300, module: str = "daam_core.analysis"):
-    """``python -m MODULE ARGS`` (``daam_core.cli.main`` is the ``daam`` command), optionally under torchrun."""
+def run_cli(args: list[str], torchrun: int = 0, timeout: int = 300, module: str = "daam_core.analysis",
+            accelerate: int = 0):
+    """``python -m MODULE ARGS`` (``daam_core.cli.main`` is the ``daam`` command), optionally under torchrun or
+    ``accelerate launch`` with that many processes."""
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
                "-m", module, *args]
+    elif accelerate:  # its multi-process launcher (torch.distributed underneath); gloo when there is no GPU
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={accelerate}",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", module, *args]
     else:
         cmd = [sys.executable, "-m", module, *args]
     p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
@@ -111,6 +116,23 @@ def test_two_ranks_under_torchrun_give_the_records_of_one_process(tmp_path):
         seg = {r["group"]: r for r in csv.DictReader(f)}
     nouns = [o["noun_iou"] for r in ok for o in r["analysis"]["shapes"]["objects"] if "noun_iou" in o]
     assert float(seg["all"]["noun_miou"]) == pytest.approx(sum(nouns) / len(nouns), abs=1e-6)
+
+
+def test_two_ranks_under_accelerate_launch_give_the_records_of_one_process(tmp_path):
+    pytest.importorskip("accelerate", reason="accelerate is in the [test] extra")
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        pytest.skip("accelerate's multi-process launch wants a GPU per rank when GPUs exist")
+    prompts = write_prompts(tmp_path, PROMPTS[:2])
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli(study_args(prompts, one, "--analyses", "shapes"))
+    p = run_cli(study_args(prompts, two, "--analyses", "shapes"), accelerate=2)
+    assert "rank 0/2" in p.stderr and "rank 1/2" in p.stderr
+    a, b = records(one), records(two)
+    assert len(a) == 4 and without_run(a) == without_run(b)
+    assert [r["run"]["rank"] for r in b] == [0, 1, 0, 1] and {r["run"]["world"] for r in b} == {2}
+    assert json.loads((two / "summary.json").read_text()) == {"items": 4, "ok": 4, "failed": 0, "missing": 0}
 
 
 def test_resume_after_a_killed_run_redoes_nothing(tmp_path):
