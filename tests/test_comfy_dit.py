@@ -122,7 +122,7 @@ def collector(store):
     return collect
 
 
-def reference_sums(calls, family, lengths, n_img, n_ref, n_streams, stream_of, t_max, depth):
+def reference_sums(calls, family, lengths, n_img, n_ref, n_streams, stream_of, t_max, depth, double=0):
     """fp64 softmax over the whole joint sequence, image rows x text columns, summed over heads, per layer.
 
     ``lengths``: cond_or_uncond kind -> token count; ``stream_of(kind, image)``: the stream index. A call is joint
@@ -140,8 +140,11 @@ def reference_sums(calls, family, lengths, n_img, n_ref, n_streams, stream_of, t
             continue
         if family == "sd3":
             name = f"joint.{index % depth}"
-        else:
+        elif c["block"][0] is not None:
             name = f"{c['block'][0]}.{c['block'][1]}"
+        else:  # ComfyUI 0.3.64 names no Flux block: the n-th joint call of a model call is block n
+            i = index % (double + depth)
+            name = f"double.{i}" if i < double else f"single.{i - double}"
         index += 1
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         if c["mask"] is not None:
@@ -178,7 +181,8 @@ def test_recorded_probabilities_equal_fp64_reference(pack, models, tokenizers, f
     n_ref = 2 * 3 if family == "flux-kontext" else 0
     spec = session.spec
     expected = reference_sums(store, "sd3" if base.startswith("sd3") else "flux", lengths, n_img, n_ref, 4,
-                              lambda kind, i: kind * 2 + i, max(lengths.values()), spec.single_blocks)
+                              lambda kind, i: kind * 2 + i, max(lengths.values()), spec.single_blocks,
+                              spec.double_blocks)
     names = ({f"joint.{i}" for i in range(spec.single_blocks)} if spec.family == "sd3" else
              {f"double.{i}" for i in range(spec.double_blocks)} | {f"single.{i}" for i in range(spec.single_blocks)})
     assert set(rec.sums) == set(expected) == names
@@ -385,6 +389,15 @@ def test_untraceable_family_is_a_node_error_naming_it(pack, comfy_host):
 
     from helpers.dit_checkpoints import _patcher
 
+    chroma = _patcher(sm.Chroma, {"image_model": "chroma", "in_channels": 16, "out_channels": 16,
+                                  "context_in_dim": 64, "hidden_size": 256, "mlp_ratio": 3.0, "num_heads": 2,
+                                  "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000,
+                                  "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 256,
+                                  "hidden_dim": 64, "n_layers": 1}, 0)
+    with pytest.raises(ValueError, match="cannot trace this model family: Chroma.*DAAM traces"):
+        pack.DAAMTraceModel().trace(chroma)
+    if not hasattr(sm, "Flux2"):  # ComfyUI 0.3.64 has Chroma but no Flux.2
+        return
     cfg = {"image_model": "flux2", "in_channels": 16, "out_channels": 16, "vec_in_dim": None, "context_in_dim": 64,
            "hidden_size": 256, "mlp_ratio": 3.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
            "axes_dim": [32, 32, 32, 32], "theta": 2000, "patch_size": 1, "qkv_bias": False, "guidance_embed": True,
