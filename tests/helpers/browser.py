@@ -66,12 +66,19 @@ class ComfyPage:
         # the pack's extension is imported before the app finishes setting up; give the import its time
         self.page.wait_for_function("() => app.extensions.some(e => e.name === 'comfyui-daam.preview')",
                                     timeout=30_000)
-        if vue:
-            self.set_setting("Comfy.VueNodes.Enabled", True)
+        # the setting lives on the server, so an earlier test's choice would carry over: set it every time
+        if self.page.evaluate("() => app.extensionManager.setting.get('Comfy.VueNodes.Enabled')") != vue:
+            self.set_setting("Comfy.VueNodes.Enabled", vue)
         self.page.evaluate("""() => { window.__daamEvents = [];
             for (const t of ['execution_start', 'execution_success', 'execution_error', 'execution_interrupted'])
                 window.comfyAPI.api.api.addEventListener(t, (e) => window.__daamEvents.push({type: t, detail: e.detail})); }""")
         return self
+
+    def offers_nodes_2(self) -> bool:
+        """Whether this frontend offers Nodes 2.0 to its users (1.27.x, ComfyUI 0.3.64's, only has it as a hidden
+        experimental flag)."""
+        return self.page.evaluate("() => app.extensionManager.setting.settings['Comfy.VueNodes.Enabled']?.type") \
+            == "boolean"
 
     def set_setting(self, key, value):
         self.page.evaluate("([k, v]) => app.extensionManager.setting.set(k, v)", [key, value])

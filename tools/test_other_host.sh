@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The host-dependent tests on another ComfyUI source tree, e.g. 0.3.64, which no package index ships:
+#   tools/test_other_host.sh SRC [pytest args...]
+# SRC is a ComfyUI checkout or a bare git repository (its HEAD is exported; the search tool's `fetch` of
+# Comfy-Org/ComfyUI gives one). The tree is copied to $DAAM_CACHE/ComfyUI-<version> with this pack linked into
+# custom_nodes. Its Python is an overlay venv: the main venv's packages (through a .pth file, so torch is the
+# one tools/setup_env.sh installed and never touched) under that version's own pins of the frontend, workflow
+# templates and embedded docs. Without pytest arguments it runs the in-process, HTTP and browser tests.
+set -euo pipefail
+
+here="$(dirname "${BASH_SOURCE[0]}")"
+src="${1:?usage: tools/test_other_host.sh SRC [pytest args...]}"
+shift
+bash "$here/setup_env.sh" >&2
+source "$here/env.sh"
+log() { echo "[test_other_host] $*" >&2; }
+
+export_tree() {  # $1 source, $2 destination (absent)
+    if [[ -f "$1/main.py" ]]; then
+        cp -a "$1" "$2"
+    else
+        "$PY" "$here/export_git_head.py" "$1" "$2"  # a snapshot may lack its largest blobs: they are skipped
+    fi
+}
+
+version_of() {  # the __version__ of a tree's comfyui_version.py
+    sed -n 's/^__version__ = "\(.*\)"/\1/p' "$1/comfyui_version.py"
+}
+
+if [[ -f "$src/main.py" ]]; then
+    version="$(version_of "$src")"
+else
+    version="$(git --git-dir="$src" show HEAD:comfyui_version.py | sed -n 's/^__version__ = "\(.*\)"/\1/p')"
+fi
+[[ -n "$version" ]] || { log "$src has no comfyui_version.py"; exit 1; }
+host="$DAAM_CACHE/ComfyUI-$version"
+if [[ ! -f "$host/main.py" ]]; then
+    log "copying ComfyUI $version to $host"
+    rm -rf "$host.partial"
+    export_tree "$src" "$host.partial"
+    mv "$host.partial" "$host"
+fi
+rm -f "$host/extra_model_paths.yaml"
+link="$host/custom_nodes/comfyui-daam"
+[[ ! -e "$link" || -L "$link" ]] || { log "$link exists and is not a symlink"; exit 1; }
+ln -sfn "$DAAM_REPO" "$link"
+
+venv="$DAAM_CACHE/venv-comfyui-$version"
+pins="$(grep -E '^comfyui-(frontend-package|workflow-templates|embedded-docs)==' "$host/requirements.txt" || true)"
+stamp="$(printf '%s\n%s\n' "$pins" "$("$PY" -VV)" | sha256sum | cut -d' ' -f1)"
+if [[ ! -f "$venv/.daam-stamp" || "$(cat "$venv/.daam-stamp")" != "$stamp" ]]; then
+    log "overlay venv $venv: $(echo $pins)"
+    rm -rf "$venv"
+    base="$("$PY" -c 'import sys; print(sys._base_executable)')"
+    "$base" -m venv "$venv"
+    site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/zz-daam-main-venv.pth"
+    if [[ -n "$pins" ]]; then
+        # shellcheck disable=SC2086
+        "$venv/bin/python" -m pip install --disable-pip-version-check --no-deps -q $pins >&2
+    fi
+    echo "$stamp" > "$venv/.daam-stamp"
+fi
+
+targets=(tests/test_comfy_nodes.py tests/test_comfy_dit.py tests/test_e2e_server.py tests/test_e2e_dit.py
+         tests/browser)
+for arg in "$@"; do
+    if [[ "$arg" != -* && -e "$DAAM_REPO/${arg%%::*}" ]]; then
+        targets=()
+        break
+    fi
+done
+cd "$DAAM_REPO"
+export COMFYUI_DIR="$host"
+log "ComfyUI $version at $host, python $venv/bin/python"
+exec "$venv/bin/python" -m pytest -q ${targets[@]+"${targets[@]}"} "$@"
