@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,18 +127,25 @@ def node_boxes(cp, vue: bool) -> dict:
                             "Array.from(n.getBounding())]))")
 
 
+def run_shapes(cp):
+    """Load the shapes demo, run it with the Run button, and wait for DAAM Heatmaps' preview: (node id, the queue
+    entry of the run, the preview)."""
+    cp.load(workflow(SHAPES))
+    heat_id = cp.node("DAAMHeatmaps")
+    entry = cp.run()
+    preview = Preview(cp, heat_id)
+    preview.wait_loaded()
+    cp.focus(heat_id)
+    return heat_id, entry, preview
+
+
 # -- the shapes demo: every interaction ---------------------------------------------------------------------------
 
 def test_shapes_preview_hover_chips_threshold_time_and_write_back(comfy_page, server, artifacts):
     cp = comfy_page.open()
     assert cp.page.evaluate("app.extensions.some(e => e.name === 'comfyui-daam.preview')")
-    cp.load(workflow(SHAPES))
-    trace_id, heat_id = cp.node("DAAMTraceModel"), cp.node("DAAMHeatmaps")
-    assert cp.widget(trace_id, "time_buckets") == 8  # the demo traces with time buckets for the scrub
-    entry = cp.run()
-    preview = Preview(cp, heat_id)
-    preview.wait_loaded()
-    cp.focus(heat_id)
+    heat_id, entry, preview = run_shapes(cp)
+    assert cp.widget(cp.node("DAAMTraceModel"), "time_buckets") == 8  # the demo traces with time buckets (scrub)
     assert sorted(preview.selected()) == ["blue", "circle", "red", "square"]  # the node's words start selected
     assert overlaps(node_boxes(cp, vue=False)) == []
     cp.screenshot("preview-shapes-canvas")
@@ -210,12 +216,7 @@ def test_preview_in_nodes_2(comfy_page, server):
                     f"(only a hidden experimental flag)")
     cp = comfy_page.open(vue=True)
     assert cp.page.evaluate("app.extensionManager.setting.get('Comfy.VueNodes.Enabled')") is True
-    cp.load(workflow(SHAPES))
-    heat_id = cp.node("DAAMHeatmaps")
-    entry = cp.run()
-    preview = Preview(cp, heat_id)
-    preview.wait_loaded()
-    cp.focus(heat_id)
+    heat_id, entry, preview = run_shapes(cp)
     cp.page.wait_for_timeout(500)
     assert cp.page.locator(f'[data-node-id="{heat_id}"] .daam-preview').count() == 1  # inside the Vue node
     box = preview.root.locator("canvas.daam-canvas").bounding_box()
@@ -299,12 +300,7 @@ def test_preview_on_the_frontend_of_comfyui_0_3_64(browser, comfyui_dir, tmp_pat
         try:
             cp = ComfyPage(context.new_page(), client, artifacts).open()
             assert cp.page.evaluate("window.__COMFYUI_FRONTEND_VERSION__") == "1.27.10"
-            cp.load(workflow(SHAPES))
-            heat_id = cp.node("DAAMHeatmaps")
-            entry = cp.run()
-            preview = Preview(cp, heat_id)
-            preview.wait_loaded()
-            cp.focus(heat_id)
+            heat_id, entry, preview = run_shapes(cp)
             (image,) = output_images(client, entry, "daam/shapes_image")
             assert preview.hover(*colour_centroid(image, 0))[0][0] == "circle"
             assert preview.hover(*colour_centroid(image, 2))[0][0] == "square"

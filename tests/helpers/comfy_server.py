@@ -32,6 +32,15 @@ class ComfyServerError(RuntimeError):
     pass
 
 
+def read_log(path, tail_chars: int | None = None) -> str:
+    """A server's log file (its last ``tail_chars`` characters), or "" when it cannot be read."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text[-tail_chars:] if tail_chars else text
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -57,11 +66,7 @@ class ComfyClient:
         return json.loads(self._request(path, timeout=timeout))
 
     def log_text(self, tail_chars: int | None = None) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return text[-tail_chars:] if tail_chars else text
+        return read_log(self.log_path, tail_chars)
 
     def _check_alive(self):
         if self.proc.poll() is not None:

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import forge_env
-from .comfy_server import free_port  # one loopback-port helper for both hosts
+from .comfy_server import free_port, read_log  # one loopback-port and log helper for both hosts
 
 EXTENSION_NAME = "comfyui-daam"
 
@@ -74,11 +74,7 @@ class ForgeClient:
             return False
 
     def log_text(self, tail_chars: int | None = None) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return text[-tail_chars:] if tail_chars else text
+        return read_log(self.log_path, tail_chars)
 
 
 def decode_image(b64: str):
