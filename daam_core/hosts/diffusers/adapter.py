@@ -153,30 +153,41 @@ class DiffusersTrace:
     def install(self) -> None:
         if self._installed:
             raise RuntimeError("this trace is already installed")
-        from diffusers.models.attention_processor import Attention
-
-        unet = self.pipe.unet
+        network = getattr(self.pipe, self.required[0])
         try:
-            for name, module in unet.named_modules():
-                if isinstance(module, Attention) and module.is_cross_attention:
-                    observer = CrossAttentionObserver(module, self.recorder, name)
+            for name, module in network.named_modules():
+                observer = self._observer(name, module)
+                if observer is not None:
                     self._handles.extend(observer.install())
                     self._observers[name] = observer
             if not self._observers:
-                raise ValueError(f"{type(unet).__name__} has no cross-attention layers to trace")
-            self._handles.append(unet.register_forward_pre_hook(self._before_unet, with_kwargs=True))
-            original_encode = self.pipe.encode_prompt
-            signature = inspect.signature(original_encode)
-
-            def encode_prompt(*args, **kwargs):
-                self._capture_prompts(signature.bind(*args, **kwargs).arguments)
-                return original_encode(*args, **kwargs)
-
-            self.pipe.encode_prompt = encode_prompt
+                raise ValueError(f"{type(network).__name__} has no {self.layer_kind} layers to trace")
+            self._handles.append(network.register_forward_pre_hook(self._before_network, with_kwargs=True))
+            self.pipe.encode_prompt = self._wrap_encode(self.pipe.encode_prompt)
             self._installed = True
         except BaseException:
             self.uninstall()
             raise
+
+    layer_kind = "cross-attention"
+
+    def _observer(self, name: str, module):
+        """The observer of one module of the network, None for modules that are not traced."""
+        from diffusers.models.attention_processor import Attention
+
+        if isinstance(module, Attention) and module.is_cross_attention:
+            return CrossAttentionObserver(module, self.recorder, name)
+        return None
+
+    def _wrap_encode(self, original_encode):
+        """``pipe.encode_prompt`` that hands its prompts to :meth:`_capture_prompts` first."""
+        signature = inspect.signature(original_encode)
+
+        def encode_prompt(*args, **kwargs):
+            self._capture_prompts(signature.bind(*args, **kwargs).arguments)
+            return original_encode(*args, **kwargs)
+
+        return encode_prompt
 
     def uninstall(self) -> None:
         """Remove every hook and the prompt wrapper (idempotent); processors were never replaced."""
@@ -232,7 +243,7 @@ class DiffusersTrace:
             streams=streams if cfg else streams[:n_images],  # no uncond rows, no uncond sums
             rows=tuple(cfg_rows(n_images, cfg)), texts=texts)
 
-    def _before_unet(self, module, args, kwargs):
+    def _before_network(self, module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
         if self._pending is not None:
             pending, self._pending = self._pending, None

@@ -184,35 +184,24 @@ class JointTrace(DiffusersTrace):
                             "of SD3Transformer2DModel and FluxTransformer2DModel")
         self._seq = _Sequence()
 
-    def install(self) -> None:
-        if self._installed:
-            raise RuntimeError("this trace is already installed")
-        model = self.pipe.transformer
-        try:
-            for name, module in model.named_modules():
-                found = self._joint_module(name, module)
-                if found is not None:
-                    observer = JointObserver(module, self.recorder, name, found, self.family, self._seq)
-                    self._handles.extend(observer.install())
-                    self._observers[name] = observer
-            if not self._observers:
-                raise ValueError(f"{type(model).__name__} has no joint-attention layers to trace")
-            self._handles.append(model.register_forward_pre_hook(self._before_transformer, with_kwargs=True))
-            original_encode = self.pipe.encode_prompt
-            signature = inspect.signature(original_encode)
+    layer_kind = "joint-attention"
 
-            def encode_prompt(*args, **kwargs):
-                bound = signature.bind(*args, **kwargs)
-                bound.apply_defaults()
-                out = original_encode(*args, **kwargs)
-                self._capture_prompts(bound.arguments, out[0])
-                return out
+    def _observer(self, name: str, module):
+        part = self._joint_module(name, module)
+        return None if part is None else JointObserver(module, self.recorder, name, part, self.family, self._seq)
 
-            self.pipe.encode_prompt = encode_prompt
-            self._installed = True
-        except BaseException:
-            self.uninstall()
-            raise
+    def _wrap_encode(self, original_encode):
+        """``pipe.encode_prompt`` that hands its prompts and the T5 embeddings it made to :meth:`_capture_prompts`."""
+        signature = inspect.signature(original_encode)
+
+        def encode_prompt(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            out = original_encode(*args, **kwargs)
+            self._capture_prompts(bound.arguments, out[0])
+            return out
+
+        return encode_prompt
 
     def _joint_module(self, name: str, module) -> str | None:
         """The part of a joint-attention module, None for anything else."""
@@ -292,7 +281,7 @@ class JointTrace(DiffusersTrace):
         pending["awaiting_negative"] = False
 
     # -- per transformer call ---------------------------------------------------------------------
-    def _before_transformer(self, module, args, kwargs):
+    def _before_network(self, module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         if self._pending is not None:
