@@ -69,16 +69,20 @@ def fp64_text_probs(q, k, text, image, mask=None):
 
 class AttentionSpy:
     """Captures q and k where the host's attention function receives them, per joint-attention module (a
-    pre-hook names the module being run), and sums the fp64 reference probabilities per module."""
+    pre-hook names the module being run), and sums the fp64 reference probabilities per module. A context
+    manager: its own hooks (never DAAM's) are removed on exit.
 
-    def __init__(self, pipe, monkeypatch, family):
+    ``ranges`` is (text range, image range) on the joint sequence; ``length``, for SD3, the key length of a joint
+    call (SD3.5's image-only attention has another)."""
+
+    def __init__(self, pipe, monkeypatch, family, ranges, length=None):
         self.current = None
         self.calls = {}
-        self.layout = None  # (text range, image range) per call, set by the test
+        self.ranges, self.length = ranges, length
+        self.handles = []
         for name, m in joint_modules(pipe).items():
-            m.register_forward_pre_hook(lambda mod, args, name=name: setattr(self, "current", name))
-            m.register_forward_hook(lambda mod, args, out: setattr(self, "current", None))
-        self.handles_owner = pipe
+            self.handles += [m.register_forward_pre_hook(lambda mod, args, name=name: setattr(self, "current", name)),
+                             m.register_forward_hook(lambda mod, args, out: setattr(self, "current", None))]
         if family == "flux":
             import diffusers.models.transformers.transformer_flux as tf
 
@@ -111,22 +115,20 @@ class AttentionSpy:
         """Per module: the reference summed over its calls."""
         return {name: sum(calls) for name, calls in self.calls.items()}
 
-    def remove(self):
-        for m in joint_modules(self.handles_owner).values():
-            m._forward_pre_hooks.clear()
-            m._forward_hooks.clear()
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
 
 
 def test_flux_exact_image_identical_and_words(flux, monkeypatch):
     plain = run(flux)
     n_img = (32 // 4) * (48 // 4)
     with trace(flux) as tc:
-        spy = AttentionSpy(flux, monkeypatch, "flux")
-        spy.ranges = ((0, T5_LEN), (T5_LEN, T5_LEN + n_img))
-        try:
+        with AttentionSpy(flux, monkeypatch, "flux", ((0, T5_LEN), (T5_LEN, T5_LEN + n_img))) as spy:
             traced = run(flux)
-        finally:
-            spy.remove()
     assert np.array_equal(plain, traced)
     res = tc.result()
     assert set(res.sums) == set(joint_modules(flux)) == set(spy.ref)
@@ -154,12 +156,8 @@ def test_flux_mask_true_cfg_batch_two_and_blocks(flux, monkeypatch):
               joint_attention_kwargs={"attention_mask": mask})
     plain = run(flux, **kw)
     with trace(flux) as tc:
-        spy = AttentionSpy(flux, monkeypatch, "flux")
-        spy.ranges = ((0, T5_LEN), (T5_LEN, length))
-        try:
+        with AttentionSpy(flux, monkeypatch, "flux", ((0, T5_LEN), (T5_LEN, length))) as spy:
             traced = run(flux, **kw)
-        finally:
-            spy.remove()
     assert np.array_equal(plain, traced)
     res = tc.result()
     assert res.meta["unet_calls"] == 4 and res.branches() == ["cond", "uncond"]
@@ -179,13 +177,9 @@ def test_sd35_exact_image_identical_clip_and_t5_words_negative(sd35, monkeypatch
     kw = dict(negative_prompt="blurry photo", guidance_scale=5.0)
     plain = run(sd35, **kw)
     with trace(sd35) as tc:
-        spy = AttentionSpy(sd35, monkeypatch, "sd3")
-        spy.length = length
-        spy.ranges = ((n_img, length), (0, n_img))  # image first, then CLIP + T5
-        try:
+        # image first, then CLIP + T5
+        with AttentionSpy(sd35, monkeypatch, "sd3", ((n_img, length), (0, n_img)), length=length) as spy:
             traced = run(sd35, **kw)
-        finally:
-            spy.remove()
     assert np.array_equal(plain, traced)
     res = tc.result()
     assert set(res.sums) == {"transformer_blocks.0.attn", "transformer_blocks.1.attn"} == set(spy.ref)
