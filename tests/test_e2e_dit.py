@@ -9,9 +9,7 @@ SD3's encoder pads CLIP-L to Flux's 4096-wide text input); the 16-channel AE for
 
 from __future__ import annotations
 
-import io
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -79,26 +77,13 @@ def add_plain_sampler(wf: dict, model, prefix: str) -> None:
 
 
 def images_of(client, entry, prefix: str) -> list[np.ndarray]:
-    from PIL import Image
-
-    out = []
-    pattern = re.compile(re.escape(prefix) + r"_\d{5}_\.png")
-    for filename, subfolder, kind in client.output_images(entry):
-        if pattern.fullmatch(filename) and subfolder == "daam" and kind == "output":
-            out.append(np.asarray(Image.open(io.BytesIO(client.view(filename, subfolder, kind))).convert("RGB")))
-    return out
-
-
-def run_ok(client, wf, timeout=1500):
-    entry = client.wait(client.queue(wf), timeout=timeout)
-    assert entry["error"] is None, entry["error"] + "\n" + client.log_text(3000)
-    return entry
+    return client.saved_images(entry, f"daam/{prefix}")
 
 
 def test_sd3_workflow_maps_words_and_keeps_the_image(server):
     wf = workflow("sd3_heatmaps", width=192, height=128, batch=2)
     add_plain_sampler(wf, ["1", 0], "sd3_plain")
-    entry = run_ok(server, wf)
+    entry = server.run_ok(wf, timeout=1500)
     traced, plain = images_of(server, entry, "sd3_image"), images_of(server, entry, "sd3_plain")
     assert len(traced) == len(plain) == 2
     assert all(np.array_equal(a, b) for a, b in zip(traced, plain))  # the traced sampling is the stock one
@@ -115,7 +100,7 @@ def test_sd3_workflow_maps_words_and_keeps_the_image(server):
 def test_flux_workflow_maps_words_and_refuses_negative_words(server):
     wf = workflow("flux_heatmaps", width=128, height=96, batch=2, steps=1)
     add_plain_sampler(wf, ["1", 0], "flux_plain")
-    entry = run_ok(server, wf)
+    entry = server.run_ok(wf, timeout=1500)
     traced, plain = images_of(server, entry, "flux_image"), images_of(server, entry, "flux_plain")
     assert len(traced) == len(plain) == 2 and all(np.array_equal(a, b) for a, b in zip(traced, plain))
     masks = [m[..., 0] for m in images_of(server, entry, "flux_mask")]

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -52,21 +49,7 @@ def server(comfyui_dir, sd15_checkpoint, tmp_path_factory):
 
 
 def images_of(client, entry, prefix: str) -> list[np.ndarray]:
-    from PIL import Image
-
-    out = []
-    pattern = re.compile(re.escape(prefix.split("/")[-1]) + r"_\d{5}_\.png")
-    for filename, subfolder, kind in client.output_images(entry):
-        if pattern.fullmatch(filename) and subfolder == "daam" and kind == "output":
-            arr = np.asarray(Image.open(io.BytesIO(client.view(filename, subfolder, kind))).convert("RGB"))
-            out.append(arr.astype(np.float32) / 255.0)
-    return out
-
-
-def run_ok(client, wf, timeout=900):
-    entry = client.wait(client.queue(wf), timeout=timeout)
-    assert entry["error"] is None, entry["error"] + "\n" + client.log_text(3000)
-    return entry
+    return [a.astype(np.float32) / 255.0 for a in client.saved_images(entry, prefix)]
 
 
 def test_object_info_lists_every_daam_node(server):
@@ -80,7 +63,7 @@ def test_object_info_lists_every_daam_node(server):
 
 
 def test_txt2img_heatmaps_workflow(server):
-    entry = run_ok(server, load_workflow("txt2img_heatmaps"))
+    entry = server.run_ok(load_workflow("txt2img_heatmaps"))
     (image,) = images_of(server, entry, "daam/image")
     heat = images_of(server, entry, "daam/heatmap")
     over = images_of(server, entry, "daam/overlay")
@@ -97,7 +80,7 @@ def test_txt2img_heatmaps_workflow(server):
 
 
 def test_inpaint_workflow_repaints_inside_the_word_mask(server):
-    entry = run_ok(server, load_workflow("inpaint_word_mask"))
+    entry = server.run_ok(load_workflow("inpaint_word_mask"))
     (source,) = images_of(server, entry, "daam/inpaint_source")
     (result,) = images_of(server, entry, "daam/inpainted")
     (mask,) = images_of(server, entry, "daam/inpaint_mask")
@@ -109,7 +92,7 @@ def test_inpaint_workflow_repaints_inside_the_word_mask(server):
 
 
 def test_composite_workflow_pastes_the_word_region(server):
-    entry = run_ok(server, load_workflow("composite_word_mask"))
+    entry = server.run_ok(load_workflow("composite_word_mask"))
     (source,) = images_of(server, entry, "daam/composite_source")
     (background,) = images_of(server, entry, "daam/composite_background")
     (composite,) = images_of(server, entry, "daam/composite")
@@ -129,14 +112,14 @@ def test_bad_word_gives_node_error_and_server_keeps_running(server):
     assert "zebra" in entry["error"] and "dog" in entry["error"]  # names the word and lists the prompt's words
     ok = load_workflow("txt2img_heatmaps", {("5", "width"): 256, ("5", "height"): 256, ("6", "steps"): 4,
                                               ("6", "seed"): 5})
-    entry = run_ok(server, ok)
+    entry = server.run_ok(ok)
     assert len(images_of(server, entry, "daam/mask")) == 4
 
 
 def test_save_and_load_trace_round_trip(server):
     wf = load_workflow("txt2img_heatmaps", {("5", "width"): 256, ("5", "height"): 256, ("6", "steps"): 4})
     wf["50"] = {"class_type": "DAAMSaveTrace", "inputs": {"maps": ["8", 3], "filename_prefix": "../../evil/run"}}
-    entry = run_ok(server, wf)
+    entry = server.run_ok(wf)
     (saved,) = entry["outputs"]["50"]["text"]
     assert saved.startswith("daam/run_") and saved.endswith(".safetensors")  # traversal stripped
     wf2 = {
@@ -147,7 +130,7 @@ def test_save_and_load_trace_round_trip(server):
         "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
         "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "daam/loaded_mask"}},
     }
-    entry = run_ok(server, wf2)
+    entry = server.run_ok(wf2)
     (mask,) = images_of(server, entry, "daam/loaded_mask")
     assert mask.shape[:2] == (256, 256) and 0 < mask.mean() < 1
 
@@ -159,7 +142,7 @@ def test_shapes_workflow_masks_the_named_object(server):
 
     wf = json.loads((WORKFLOWS / "shapes_heatmaps.json").read_text())
     assert wf["1"]["class_type"] == "DAAMShapesLoader" and "a red circle" in wf["20"]["inputs"]["value"]
-    entry = run_ok(server, wf)
+    entry = server.run_ok(wf)
     (image,) = images_of(server, entry, "daam/shapes_image")
     (mask,) = images_of(server, entry, "daam/shapes_circle_mask")
     heat = images_of(server, entry, "daam/shapes_heatmap")
@@ -179,7 +162,7 @@ def test_shapes_inpaint_workflow_repaints_the_named_object(server):
     """The mask of "circle" drives inpainting: the red circle becomes a yellow square, nothing else changes."""
     from daam_core.shapes import scenes
 
-    entry = run_ok(server, json.loads((WORKFLOWS / "shapes_inpaint_word_mask.json").read_text()))
+    entry = server.run_ok(json.loads((WORKFLOWS / "shapes_inpaint_word_mask.json").read_text()))
     (source,) = images_of(server, entry, "daam/shapes_inpaint_source")
     (result,) = images_of(server, entry, "daam/shapes_inpainted")
     (mask,) = images_of(server, entry, "daam/shapes_inpaint_mask")

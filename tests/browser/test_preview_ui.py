@@ -4,7 +4,6 @@ and run from the UI, and every check made on what the page shows (canvas pixels,
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 
@@ -24,15 +23,7 @@ def workflow(name: str) -> dict:
 
 def output_images(client, entry, prefix: str) -> list[np.ndarray]:
     """The images a SaveImage with ``prefix`` wrote in a run, as float RGB arrays."""
-    from PIL import Image
-
-    pattern = re.compile(re.escape(prefix.split("/")[-1]) + r"_\d{5}_\.png")
-    out = []
-    for filename, subfolder, kind in client.output_images(entry):
-        if pattern.fullmatch(filename) and kind == "output":
-            png = client.view(filename, subfolder, kind)
-            out.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.float32) / 255)
-    return out
+    return [a.astype(np.float32) / 255 for a in client.saved_images(entry, prefix)]
 
 
 class Preview:

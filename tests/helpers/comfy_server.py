@@ -13,8 +13,10 @@ Its stdout/stderr go to ``client.log_path``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -135,6 +137,24 @@ class ComfyClient:
     def view(self, filename: str, subfolder: str = "", type: str = "output") -> bytes:
         query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": type})
         return self._request("/view?" + query)
+
+    def run_ok(self, workflow: dict, timeout: float = 900) -> dict:
+        """Queue an API workflow, wait for it and fail (with the log's tail) unless it ran without error."""
+        entry = self.wait(self.queue(workflow), timeout=timeout)
+        assert entry["error"] is None, entry["error"] + "\n" + self.log_text(3000)
+        return entry
+
+    def saved_images(self, entry: dict, prefix: str) -> list:
+        """``[H, W, 3]`` uint8 arrays of the images a SaveImage with ``filename_prefix=prefix`` (``"daam/mask"``)
+        wrote in a run, in order."""
+        import numpy as np
+        from PIL import Image
+
+        folder, _, name = prefix.rpartition("/")
+        pattern = re.compile(re.escape(name) + r"_\d{5}_\.png")
+        return [np.asarray(Image.open(io.BytesIO(self.view(filename, subfolder, kind))).convert("RGB"))
+                for filename, subfolder, kind in self.output_images(entry)
+                if pattern.fullmatch(filename) and subfolder == folder and kind == "output"]
 
 
 def write_extra_model_paths(path, checkpoints_dir) -> Path:
