@@ -21,7 +21,7 @@ from ..daam_core.engine.recorder import RecordFilter, parse_blocks
 from ..daam_core.engine.trace import AttentionTrace, load_trace, save_trace
 from ..daam_core.hosts.comfy.dit import DiTTraceSession, conditioning_layout, dit_spec
 from ..daam_core.hosts.comfy.tokens import layout_from_comfy_tokens
-from ..daam_core.text.layout import TokenLayout
+from ..daam_core.text.layout import SEGMENT_CHOICES, TokenLayout
 from ..daam_core.text.query import WordNotFoundError, split_words
 from .preview import build_payload
 from .relations import DAAMWordRelations
@@ -31,7 +31,6 @@ CATEGORY = "DAAM"
 MAPS_TYPE = "DAAM_MAPS"
 BRANCH = {"positive": "cond", "negative": "uncond"}
 TRACE_FOLDER = "daam"
-SEGMENTS = ("both", "clip", "t5")  # which text encoders' positions a word map uses (SD3 has both)
 
 
 @dataclass
@@ -268,7 +267,7 @@ class DAAMHeatmaps:
             },
             "optional": {
                 "images": ("IMAGE", {"tooltip": "The decoded images, for overlays and the output size."}),
-                "segments": (list(SEGMENTS), {"default": "both", "tooltip": "SD3 only, where a word has "
+                "segments": (list(SEGMENT_CHOICES), {"default": "both", "tooltip": "SD3 only, where a word has "
                              "positions in the CLIP and the T5 part of the conditioning: use both (default), "
                              "or only clip or t5. Other models have one part (both = it)."}),
             },
@@ -287,8 +286,6 @@ class DAAMHeatmaps:
 
     def heatmaps(self, model, clip, samples, positive, negative, words, negative_words="", threshold=0.4,
                  normalize="minmax", combine="mean", colormap="jet", alpha=0.5, images=None, segments="both"):
-        if segments not in SEGMENTS:
-            raise ValueError(f"segments must be one of {list(SEGMENTS)}, got {segments!r}")
         if clip is None:
             raise ValueError("a CLIP is needed to read the prompt's tokens")
         pos_words, neg_words = split_words(words), split_words(negative_words)
