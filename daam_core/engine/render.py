@@ -24,11 +24,20 @@ def _as_numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+def _finite(a: np.ndarray, what: str) -> np.ndarray:
+    """``a`` itself; a clear error where it holds NaN or infinity (they would become black pixels)."""
+    if not np.isfinite(a).all():
+        bad = int((~np.isfinite(a)).sum())
+        raise ValueError(f"{what} has {bad} NaN/infinite values of {a.size}: the model produced non-finite "
+                         "values (a black picture), so there is nothing to draw")
+    return a
+
+
 def colorize(heat, cmap: str = "jet") -> np.ndarray:
     """Colour-map a map ``[H, W]`` with values in [0, 1] (clipped) to RGB ``[H, W, 3]`` in [0, 1]."""
     if cmap not in COLORMAPS:
         raise ValueError(f"colour map must be one of {COLORMAPS}, got {cmap!r}")
-    m = np.clip(_as_numpy(heat), 0.0, 1.0)
+    m = np.clip(_finite(_as_numpy(heat), "the heat map"), 0.0, 1.0)
     if m.ndim != 2:
         raise ValueError(f"colorize expects one map [H, W], got shape {m.shape}")
     if cmap == "gray":
@@ -112,7 +121,7 @@ def grid(images: Sequence, labels: Sequence[str] | None = None, columns: int | N
 
 def to_uint8(image) -> np.ndarray:
     """Float RGB (or a single map) in [0, 1] to uint8 for saving."""
-    return np.round(np.clip(_as_numpy(image), 0, 1) * 255).astype(np.uint8)
+    return np.round(np.clip(_finite(_as_numpy(image), "the image"), 0, 1) * 255).astype(np.uint8)
 
 
 def save_png(path, image) -> None:

@@ -52,6 +52,27 @@ class WordHeatMap:
         return render.overlay(as_float_image(image), self.value.clamp(0, 1), alpha, cmap, weighted)
 
 
+class NonFiniteAttentionError(ValueError):
+    """The recorded attention holds NaN or infinity: the model itself computed non-finite values."""
+
+
+def check_finite(sums: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`NonFiniteAttentionError` naming every layer whose running sum is not finite.
+
+    One device sync for all layers (after sampling, never on the hot path).
+    """
+    if not sums:
+        return
+    names = list(sums)
+    ok = torch.stack([torch.isfinite(sums[n]).all().cpu() for n in names]).tolist()
+    bad = [n for n, good in zip(names, ok) if not good]
+    if bad:
+        raise NonFiniteAttentionError(
+            f"the attention recorded at layer(s) {', '.join(bad)} holds NaN or infinity: the model's own attention "
+            "was not finite during sampling (its image is likely black too; check the model's weights, dtype and "
+            "VAE), so DAAM has no maps to give")
+
+
 @dataclass
 class AttentionTrace:
     """Running sums of one traced sampling with everything needed to read them.
@@ -91,6 +112,7 @@ class AttentionTrace:
                       meta: dict | None = None, device: str | torch.device | None = "cpu") -> "AttentionTrace":
         """Build from :meth:`CrossAttentionRecorder.finish` output (sums moved to ``device`` once)."""
         sums = recorded.sums
+        check_finite(sums)
         if device is not None:
             sums = {k: v.to(device) for k, v in sums.items()}
         return cls(sums=sums, layers=dict(recorded.layers), calls=dict(recorded.calls), streams=list(recorded.streams),

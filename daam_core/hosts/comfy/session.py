@@ -201,7 +201,12 @@ class TraceSession:
             return self.records[-1]
         s = samples.detach().to("cpu", torch.float32)
         for r in reversed(self.records):
-            if r.latent.shape == s.shape and torch.equal(r.latent, s):
+            if r.latent.shape == s.shape and _same_latent(r.latent, s):
                 return r
         raise ValueError("the LATENT given to DAAM was not produced by a sampler using this DAAM model (or it was "
                          "changed after sampling); connect the sampler's LATENT output directly")
+
+
+def _same_latent(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-equal, NaN matching NaN (a broken model's latent must still find its record, and its error)."""
+    return torch.equal(a, b) or bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
