@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from helpers.images import assert_same_image
 
 pytestmark = pytest.mark.host
 
@@ -87,7 +88,8 @@ def test_traced_image_is_identical_also_under_another_override(pack, models, tok
     plain = ksample(model, pos, neg, batch=2)
     traced_model = pack.DAAMTraceModel().trace(model)[0]
     traced = ksample(traced_model, pos, neg, batch=2)
-    assert torch.equal(plain, traced) and traced_model is not model
+    assert_same_image(plain, traced, f"{family} traced sampling")
+    assert traced_model is not model
     assert options_snapshot(model) == before
     assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())  # no block replaced
     assert pack.session_of(traced_model).records[-1].recorded.sums
@@ -102,7 +104,8 @@ def test_traced_image_is_identical_also_under_another_override(pack, models, tok
     expected = ksample(other_model, pos, neg, batch=2)
     n = len(seen)
     got = ksample(pack.DAAMTraceModel().trace(other_model)[0], pos, neg, batch=2)
-    assert torch.equal(expected, got) and len(seen) == 2 * n and not torch.equal(expected, plain)
+    assert_same_image(expected, got, f"{family} traced sampling under another override")
+    assert len(seen) == 2 * n and not torch.equal(expected, plain)
 
 
 # -- exactness ------------------------------------------------------------------------------------------------------
@@ -428,7 +431,7 @@ def test_flux_with_a_real_t5_encoder_and_long_prompt(pack, comfy_host):
     plain = ksample(model, pos, neg, batch=2, cfg=1.0)
     traced_model = pack.DAAMTraceModel().trace(model)[0]
     samples = ksample(traced_model, pos, neg, batch=2, cfg=1.0)
-    assert torch.equal(plain, samples)
+    assert_same_image(plain, samples, "traced sampling of a long prompt")
     out = pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, text, "", "dragon, cat")
     _, _, masks, maps = out["result"]
     layout = maps.trace.layout(0)
@@ -470,7 +473,7 @@ def test_pytorch_attention_host_gets_the_same_image_and_sums(pack, models, token
     to = traced_model.model_options["transformer_options"]
     to["optimized_attention_override"] = on_pytorch_attention(to["optimized_attention_override"])
     fast = ksample(traced_model, pos, neg, batch=2)
-    assert torch.equal(plain, fast)
+    assert_same_image(plain, fast, "traced sampling on the fused kernel")
     assert any(joint._verdicts.values())  # the fused kernel was proven equal to the host's call and used
     slow_model = pack.DAAMTraceModel().trace(model)[0]  # the default CPU attention: normaliser computed chunked
     slow = ksample(slow_model, pos, neg, batch=2)

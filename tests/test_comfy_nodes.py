@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from helpers.images import assert_same_image
 from helpers.reference import head_summed_probabilities
 
 pytestmark = pytest.mark.host
@@ -53,11 +54,11 @@ def test_traced_sampling_is_identical_and_model_untouched(pack, sd15):
     traced_model = pack.DAAMTraceModel().trace(model)[0]
     traced = ksample(traced_model, pos, neg)
     assert traced_model is not model
-    assert torch.equal(plain, traced)
+    assert_same_image(plain, traced)
     assert options_snapshot(model) == before  # the model given to the node is never modified
     attn = [m for n, m in model.model.diffusion_model.named_modules() if n.endswith("attn2")]
     assert attn and all("forward" not in vars(m) for m in attn)
-    assert torch.equal(ksample(model, pos, neg), plain)
+    assert_same_image(plain, ksample(model, pos, neg), "plain sampling after a traced one")
 
 
 def test_ksampler_daam_node_equals_stock_ksampler(pack, sd15):
@@ -70,7 +71,8 @@ def test_ksampler_daam_node_equals_stock_ksampler(pack, sd15):
     (stock,) = host_nodes.KSampler().sample(model, *args)
     before = options_snapshot(model)
     daam_latent, traced = pack.DAAMKSampler().sample(model, *args)
-    assert torch.equal(stock["samples"], daam_latent["samples"]) and traced is not model
+    assert_same_image(stock["samples"], daam_latent["samples"], "KSampler (DAAM) latent")
+    assert traced is not model
     assert options_snapshot(model) == before
     heat, _, masks, _ = pack.DAAMHeatmaps().heatmaps(traced, clip, daam_latent, POS, NEG, "dog")["result"]
     assert heat.shape == (1, 48, 64, 3) and 0 < masks.mean() < 1
@@ -140,11 +142,12 @@ def test_heatmaps_node_outputs_and_errors(pack, sd15):
     assert heat.shape == over.shape == (2 * 4, 48, 64, 3) and masks.shape == (8, 48, 64)
     (payload,) = out["ui"]["daam_preview"]  # the browser preview (tests/test_preview_payload.py)
     assert len(payload["images"]) == 2 and {"cat", "red sofa", "dog"} <= {e["key"] for e in payload["entries"]}
-    assert 0 < masks[0].mean() < 1 and 0 < masks[2].mean() < 1
-    assert not torch.equal(masks[0], masks[2])  # cat and dog differ
+    assert 0 < masks[0].mean() < 1, "mask of 'cat' is empty or full"
+    assert 0 < masks[2].mean() < 1, "mask of 'dog' is empty or full"
+    assert not torch.equal(masks[0], masks[2]), "masks of 'cat' and 'dog' are the same"
     assert over.min() >= 0 and over.max() <= 1
     mask = pack.DAAMMask().mask(maps, "cat, dog", operation="union", grow_px=2, feather_px=2)[0]
-    assert mask.shape == (2, 48, 64) and 0 < mask.mean() < 1
+    assert mask.shape == (2, 48, 64) and 0 < mask.mean() < 1, "union mask of 'cat, dog' is empty or full"
     inter = pack.DAAMMask().mask(maps, "cat, dog", operation="intersection")[0]
     assert inter.sum() <= mask.sum()
     with pytest.raises(ValueError, match="zebra.*cat"):
@@ -174,9 +177,10 @@ def test_error_or_cancel_mid_sampling_leaves_nothing_behind(pack, sd15):
     with pytest.raises(mm.InterruptProcessingException):
         ksample(traced_model, pos, neg, steps=3, callback=cancel)
     assert session.records == [] and not session.recorder.active and session.recorder.sums == {}
-    assert torch.equal(ksample(model, pos, neg, steps=3), plain)  # the plain model is unaffected
+    assert_same_image(plain, ksample(model, pos, neg, steps=3), "plain sampling after an interrupt")
     again = ksample(traced_model, pos, neg, steps=3)
-    assert torch.equal(again, plain) and len(session.records) == 1
+    assert_same_image(plain, again, "traced sampling after an interrupt")
+    assert len(session.records) == 1
     assert set(session.find(again).recorded.calls.values()) == {3}
 
 
@@ -220,7 +224,7 @@ def test_existing_attention_patches_are_wrapped_not_overwritten(pack, sd15):
     seen = dict(calls)
     traced_model = pack.DAAMTraceModel().trace(other)[0]
     got = ksample(traced_model, pos, neg)
-    assert torch.equal(expected, got)
+    assert_same_image(expected, got, "traced sampling under another override and attn2 patch")
     assert calls["override"] == 2 * seen["override"] and calls["attn2"] == 2 * seen["attn2"]
     assert pack.build_trace(traced_model, clip, {"samples": got}, POS, NEG).word_maps("dog").max() == 1
 
@@ -258,7 +262,7 @@ def test_sdxl_with_both_encoders(pack, comfy_host):
     plain = ksample(model, pos, neg, width=256, height=256)
     traced_model = pack.DAAMTraceModel().trace(model)[0]
     samples = ksample(traced_model, pos, neg, width=256, height=256)
-    assert torch.equal(plain, samples)
+    assert_same_image(plain, samples, "SDXL traced sampling")
     trace = pack.build_trace(traced_model, tok, {"samples": samples}, text, "")
     assert {layer.factor for layer in trace.layers.values()} >= {2}
     maps = trace.word_maps(["bird", "branch"])
@@ -296,7 +300,7 @@ def test_ksampler_advanced_and_custom_guider_sampling(pack, sd15):
     plain = host_nodes.KSamplerAdvanced().sample(*adv)[0]["samples"]
     traced = pack.DAAMTraceModel().trace(model)[0]
     samples = host_nodes.KSamplerAdvanced().sample(traced, *adv[1:])[0]["samples"]
-    assert torch.equal(plain, samples)
+    assert_same_image(plain, samples, "KSamplerAdvanced traced sampling")
     assert pack.build_trace(traced, clip, {"samples": samples}, POS, NEG).word_maps("dog").max() == 1
 
     def custom(m):
@@ -311,7 +315,7 @@ def test_ksampler_advanced_and_custom_guider_sampling(pack, sd15):
     plain = custom(model)
     traced = pack.DAAMTraceModel().trace(model)[0]
     samples = custom(traced)
-    assert torch.equal(plain, samples)
+    assert_same_image(plain, samples, "SamplerCustom traced sampling")
     maps = pack.build_trace(traced, clip, {"samples": samples}, POS, NEG).word_maps(["cat", "dog"])
     assert maps.shape == (1, 2, 48, 64) and not torch.equal(maps[0, 0], maps[0, 1])
 
@@ -389,3 +393,24 @@ def test_negative_words_without_a_recorded_negative_branch_are_an_error(pack, sd
     samples = ksample(traced, encode(clip, POS), encode(clip, NEG), steps=1)
     with pytest.raises(ValueError, match="negative branch was not recorded"):
         pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, POS, NEG, "dog", negative_words="blurry")
+
+
+def test_non_finite_attention_is_an_error_naming_the_layers(pack, sd15):
+    """Another node's override that turns one layer's attention output into NaN (a broken model): the image is
+    NaN; DAAM Heatmaps refuses with the layers whose recorded attention is not finite, never a blank map."""
+    model, clip, _ = sd15
+    pos, neg = encode(clip, POS), encode(clip, NEG)
+
+    def nan_at_mid_block(func, *args, **kwargs):
+        out = func(*args, **kwargs)
+        block = kwargs.get("transformer_options", {}).get("block")
+        return out * float("nan") if block is not None and block[0] == "middle" else out
+
+    broken = model.clone()
+    broken.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = nan_at_mid_block
+    traced_model = pack.DAAMTraceModel().trace(broken)[0]
+    samples = ksample(traced_model, pos, neg)
+    assert torch.isnan(samples).all()  # the host's own result is broken: nothing DAAM did
+    with pytest.raises(ValueError, match=r"layer\(s\) .*middle\.0\.0.* holds NaN or infinity") as err:
+        pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, POS, NEG, "cat")
+    assert type(err.value).__name__ == "NonFiniteAttentionError"

@@ -14,6 +14,7 @@ from daam_core import WordNotFoundError, trace  # noqa: E402
 from daam_core.engine import metrics  # noqa: E402
 from daam_core.hosts.diffusers.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
 from helpers.reference import head_summed_probabilities  # noqa: E402
+from helpers.images import assert_close_image
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_traced_image_equals_untraced_and_processors_restored(sd):
     plain = run(sd, seed=3)
     with trace(sd) as tc:
         traced = run(sd, seed=3)
-    assert np.abs(plain - traced).max() <= 1e-5
+    assert_close_image(plain, traced, 1e-5, "SD1.5 traced image")
     after = sd.unet.attn_processors
     assert all(after[n] is p for n, p in before.items())
     assert "encode_prompt" not in vars(sd)
@@ -254,7 +255,7 @@ def test_img2img_and_inpaint_variants(sd):
     with trace(i2i) as tc:
         traced = i2i("a dog", image=init, strength=0.5, num_inference_steps=4, output_type="np",
                      generator=torch.Generator().manual_seed(1)).images
-    assert np.abs(plain - traced).max() <= 1e-5
+    assert_close_image(plain, traced, 1e-5, "img2img traced image")
     assert tc.result().meta["unet_calls"] == 2 and tc.result().image_hw == (32, 48)
     inpaint = StableDiffusionInpaintPipeline(**sd.components)
     inpaint.set_progress_bar_config(disable=True)
@@ -270,7 +271,7 @@ def test_sdxl_both_encoders_exact_and_mapped(sdxl):
     plain = run(sdxl, prompt="a blue bird on a branch", steps=2, size=64)
     with trace(sdxl) as tc:
         traced = run(sdxl, prompt="a blue bird on a branch", steps=2, size=64)
-    assert np.abs(plain - traced).max() <= 1e-5
+    assert_close_image(plain, traced, 1e-5, "SDXL traced image")
     res = tc.result()
     assert {res.layers[n].factor for n in res.sums} == {2, 4}
     assert res.sums[next(iter(res.sums))].shape[-1] == 77

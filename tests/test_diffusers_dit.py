@@ -17,6 +17,7 @@ pytest.importorskip("diffusers")
 
 from daam_core import trace  # noqa: E402
 from daam_core.hosts.diffusers.tiny import find_t5_tokenizer_dir, tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
+from helpers.images import assert_same_image
 
 PROMPT = "a red car and a dog"
 T5_LEN = 32  # max_sequence_length: T5 tokens in the joint sequence
@@ -129,7 +130,7 @@ def test_flux_exact_image_identical_and_words(flux, monkeypatch):
     with trace(flux) as tc:
         with AttentionSpy(flux, monkeypatch, "flux", ((0, T5_LEN), (T5_LEN, T5_LEN + n_img))) as spy:
             traced = run(flux)
-    assert np.array_equal(plain, traced)
+    assert_same_image(plain, traced, "Flux traced image")
     res = tc.result()
     assert set(res.sums) == set(joint_modules(flux)) == set(spy.ref)
     assert {res.layers[n].part for n in res.sums} == {"double", "single"}
@@ -158,7 +159,7 @@ def test_flux_mask_true_cfg_batch_two_and_blocks(flux, monkeypatch):
     with trace(flux) as tc:
         with AttentionSpy(flux, monkeypatch, "flux", ((0, T5_LEN), (T5_LEN, length))) as spy:
             traced = run(flux, **kw)
-    assert np.array_equal(plain, traced)
+    assert_same_image(plain, traced, "Flux true-CFG batch traced image")
     res = tc.result()
     assert res.meta["unet_calls"] == 4 and res.branches() == ["cond", "uncond"]
     for name, calls in spy.calls.items():  # each step: a call with the prompt (2 rows), then one with the negative
@@ -180,7 +181,7 @@ def test_sd35_exact_image_identical_clip_and_t5_words_negative(sd35, monkeypatch
         # image first, then CLIP + T5
         with AttentionSpy(sd35, monkeypatch, "sd3", ((n_img, length), (0, n_img)), length=length) as spy:
             traced = run(sd35, **kw)
-    assert np.array_equal(plain, traced)
+    assert_same_image(plain, traced, "SD3.5 traced image")
     res = tc.result()
     assert set(res.sums) == {"transformer_blocks.0.attn", "transformer_blocks.1.attn"} == set(spy.ref)
     for name, ref in spy.ref.items():  # rows [uncond, cond] -> streams [cond, uncond]
@@ -208,7 +209,7 @@ def test_sd3_img2img_and_inpaint(sd3):
     plain = run(i2i, **kw)
     with trace(i2i) as tc:
         traced = run(i2i, **kw)
-    assert np.array_equal(plain, traced)
+    assert_same_image(plain, traced, "SD3 img2img traced image")
     assert tc.result().image_hw == plain.shape[1:3]  # the pipeline's own output size (it resizes the input)
     assert tc.word_maps("dog", image=0).max() == 1
     inpaint = StableDiffusion3InpaintPipeline(**sd3.components)
@@ -219,7 +220,7 @@ def test_sd3_img2img_and_inpaint(sd3):
     plain = run(inpaint, **kw)
     with trace(inpaint) as tc:
         traced = run(inpaint, **kw)
-    assert np.array_equal(plain, traced)
+    assert_same_image(plain, traced, "SD3 inpaint traced image")
     assert tc.word_maps("car", image=0).shape == (1, *plain.shape[1:3])
 
 
@@ -234,7 +235,7 @@ def test_flux_img2img_and_inpaint(flux):
         plain = run(pipe, **kw)
         with trace(pipe) as tc:
             traced = run(pipe, **kw)
-        assert np.array_equal(plain, traced), cls.__name__
+        assert_same_image(plain, traced, f"{cls.__name__} traced image")
         res = tc.result()
         assert res.image_hw == (32, 48) and res.word_maps("dog", image=0).max() == 1
 

@@ -14,6 +14,7 @@ from diffusers.models.attention_processor import (  # noqa: E402
 from daam_core import trace  # noqa: E402
 from daam_core.hosts.diffusers.tiny import tiny_sd_pipeline  # noqa: E402
 from helpers.reference import head_summed_probabilities  # noqa: E402
+from helpers.images import assert_same_image
 
 IMAGE_EMBED_DIM = 16  # width of the (stand-in) CLIP image embedding fed to the IP-Adapter projection
 
@@ -96,7 +97,7 @@ def test_ip_adapter_processors_kept_image_identical_and_maps_recorded(clip_token
     with trace(pipe) as tc:
         assert dict(pipe.unet.attn_processors) == before  # observed, not replaced
         traced = call()
-    assert np.array_equal(plain, traced)  # bit for bit
+    assert_same_image(plain, traced, "IP-Adapter traced image")
     assert all(pipe.unet.attn_processors[n] is p for n, p in before.items())
     # the image tokens change the image, so the test really runs the IP-Adapter path
     assert not np.array_equal(plain, run(pipe, ip_adapter_image_embeds=[embeds[0] * 3]))
@@ -134,7 +135,7 @@ def test_custom_processor_receives_its_extra_argument(clip_tokenizer_dir):
     traced = []
     with trace(pipe) as tc:
         ref = reference_sums(pipe, lambda: traced.append(run(pipe, **kwargs)))
-    assert np.array_equal(plain, traced[0])
+    assert_same_image(plain, traced[0], "custom-processor traced image")
     assert_sums_equal_reference(tc.result(), ref)
 
 
@@ -147,7 +148,7 @@ def test_fused_projections_are_recorded(clip_tokenizer_dir):
     out = []
     with trace(pipe) as tc:
         ref = reference_sums(pipe, lambda: out.append(run(pipe)))
-    assert np.array_equal(plain, out[0])
+    assert_same_image(plain, out[0], "fused-projection traced image")
     assert_sums_equal_reference(tc.result(), ref)  # the reference uses the unfused to_k: the same keys
     assert tc.word_maps("car", image=0).max() == 1
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import forge_env
+from helpers.images import assert_real_image, assert_same_image
 from helpers.checkpoints import cached_sd15_checkpoint
 
 FILLER = ", ".join(f"word{i}" for i in range(40))  # pushes what follows into the second 75-token chunk
@@ -74,8 +75,9 @@ def test_traced_images_equal_plain_ones(traced, plain):
     r, info = traced
     got = arrays(r)
     assert len(plain) == 2
-    for a, b in zip(plain, got[:2]):
-        assert a.shape == (192, 256, 3) and np.array_equal(a, b)
+    for i, (a, b) in enumerate(zip(plain, got[:2])):
+        assert a.shape == (192, 256, 3)
+        assert_same_image(a, b, f"Forge traced image {i + 1}")
 
 
 def test_labelled_maps_for_each_image_word_and_kind(traced):
@@ -87,10 +89,13 @@ def test_labelled_maps_for_each_image_word_and_kind(traced):
     assert captions == expected
     for caption, img in entries:
         assert img.shape == (192, 256, 3), caption
-    masks = [img for c, img in entries if " mask" in c]
-    for m in masks:
-        values = set(np.unique(m).tolist())
-        assert values <= {0, 255} and 255 in values and 0 in values
+    for caption, img in entries:
+        if " mask" in caption:
+            values = set(np.unique(img).tolist())
+            assert values <= {0, 255}, f"{caption}: not a binary mask ({sorted(values)[:8]})"
+            assert 255 in values and 0 in values, f"{caption}: the mask is {'empty' if 255 not in values else 'full'}"
+        else:
+            assert_real_image(img, caption)
     overlays = [img for c, img in entries if c.endswith("overlay")]
     assert not np.array_equal(overlays[0], overlays[1 + 0])  # dog and ball differ
 
@@ -121,7 +126,7 @@ def test_saved_trace_reproduces_the_served_masks(forge, traced):
             heat = trace.word_maps([word], image=i, branch=branch)[0]
             mask = mask_ops.threshold(heat, 0.4).numpy().astype(bool)
             got = served[f"DAAM {tag} (image {i + 1}, sampling) mask"][..., 0] > 127
-            assert got.shape == mask.shape and np.array_equal(got, mask), (word, i)
+            assert got.shape == mask.shape and np.array_equal(got, mask), f"mask of {word!r}, image {i + 1}"
     pngs = sorted(p.name for p in out.glob("*-mask.png"))
     assert len(pngs) == 6, pngs
 
@@ -161,7 +166,8 @@ def test_interrupt_then_plain_equals_fresh_server(forge, plain):
     assert status == 200, body
     assert json.loads(body["info"])["steps"] == 8
     again = arrays(forge.txt2img(**BASE))
-    assert all(np.array_equal(a, b) for a, b in zip(plain, again))
+    for i, (a, b) in enumerate(zip(plain, again)):
+        assert_same_image(a, b, f"image {i + 1} after an interrupted DAAM run")
 
 
 def test_img2img_inpaints_with_a_daam_mask(forge, traced, plain):

@@ -59,6 +59,8 @@ def test_recorded_probabilities_equal_fp64_reference(result):
 
 def test_image_identical_and_model_untouched(result):
     assert result["patched_is_clone"]
+    for side, st in result["latent_stats"].items():  # equal black/NaN latents would prove nothing
+        assert st["finite"] and st["std"] > 1e-3, f"Forge's {side} latent is not a real picture: {st}"
     assert result["image_equal"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.images import assert_same_image
 
 pytestmark = pytest.mark.host
 
@@ -68,7 +69,7 @@ def test_sd15_samples_and_decodes(sd15):
     # Same seed -> same image: the weights and the sampler are deterministic.
     with torch.inference_mode():
         again = nodes.common_ksampler(model, 0, 2, 5.0, "euler", "normal", positive, negative, latent)[0]
-    assert torch.equal(again["samples"], samples)
+    assert_same_image(samples, again["samples"], "second sampling with the same seed")
 
 
 def test_sdxl_model_builds_and_samples(comfy_host):

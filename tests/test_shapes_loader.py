@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.images import assert_same_image
 
 pytestmark = pytest.mark.host
 
@@ -75,7 +76,7 @@ def test_sampling_with_daam_on_the_loaded_model(pack, loaded):
     latent = {"samples": torch.zeros(1, 3, 32, 32)}
     (stock,) = host_nodes.KSampler().sample(model, 1, 3, 4.0, "euler", "normal", pos, neg, latent)
     daam_latent, traced = pack.DAAMKSampler().sample(model, 1, 3, 4.0, "euler", "normal", pos, neg, latent)
-    assert torch.equal(stock["samples"], daam_latent["samples"])
+    assert_same_image(stock["samples"], daam_latent["samples"], "shapes model KSampler (DAAM) latent")
     images = host_nodes.VAEDecode().decode(vae, daam_latent)[0]
     heat, over, masks, _ = pack.DAAMHeatmaps().heatmaps(traced, clip, daam_latent, text, "", "circle, square",
                                                         images=images)["result"]

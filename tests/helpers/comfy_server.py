@@ -43,6 +43,20 @@ def read_log(path, tail_chars: int | None = None) -> str:
     return text[-tail_chars:] if tail_chars else text
 
 
+# What numpy/torch print when a host turns NaN or inf into pixels: a failure, never a passing black image.
+NUMERIC_WARNING = re.compile(r"RuntimeWarning: (invalid value|overflow|divide by zero) encountered[^\n]*")
+
+
+def numeric_warnings(log: str) -> list[str]:
+    """The NaN/inf warnings in a slice of a server log."""
+    return [m.group(0) for m in NUMERIC_WARNING.finditer(log)]
+
+
+def check_numeric_warnings(log: str, what: str) -> None:
+    found = numeric_warnings(log)
+    assert not found, f"{what}: the host's log warns of non-finite values: {found[:3]}\n{log[-3000:]}"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -140,8 +154,10 @@ class ComfyClient:
 
     def run_ok(self, workflow: dict, timeout: float = 900) -> dict:
         """Queue an API workflow, wait for it and fail (with the log's tail) unless it ran without error."""
+        start = len(self.log_text())
         entry = self.wait(self.queue(workflow), timeout=timeout)
         assert entry["error"] is None, entry["error"] + "\n" + self.log_text(3000)
+        check_numeric_warnings(self.log_text()[start:], "ComfyUI workflow")
         return entry
 
     def saved_images(self, entry: dict, prefix: str) -> list:

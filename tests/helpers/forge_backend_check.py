@@ -113,6 +113,9 @@ def main(ckpt: str) -> dict:
         trace = session.finish((h * 8, w * 8))
         result["image_equal"] = bool(torch.equal(plain_x, daam_x)) and all(
             torch.equal(a, b) for a, b in zip(plain_d, daam_d))
+        # a NaN or constant latent would make "equal" meaningless: the test checks these
+        result["latent_stats"] = {k: {"finite": bool(torch.isfinite(x).all()), "std": float(x.double().std())}
+                                  for k, x in (("plain", plain_x), ("traced", daam_x))}
         result["warnings"] = trace.warnings
         result["layers"] = sorted(trace.sums)
         result["calls"] = trace.calls

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import forge_env
-from .comfy_server import free_port, read_log  # one loopback-port and log helper for both hosts
+from .comfy_server import check_numeric_warnings, free_port, read_log  # one set of server helpers for both hosts
 
 EXTENSION_NAME = "comfyui-daam"
 
@@ -62,10 +62,17 @@ class ForgeClient:
         return body
 
     def txt2img(self, **payload) -> dict:
-        return self.ok("/sdapi/v1/txt2img", payload)
+        return self.generate("/sdapi/v1/txt2img", payload)
 
     def img2img(self, **payload) -> dict:
-        return self.ok("/sdapi/v1/img2img", payload)
+        return self.generate("/sdapi/v1/img2img", payload)
+
+    def generate(self, path: str, payload: dict) -> dict:
+        """A generation request; NaN/inf warnings in what the server logged meanwhile fail it."""
+        start = len(self.log_text())
+        out = self.ok(path, payload)
+        check_numeric_warnings(self.log_text()[start:], f"Forge {path}")
+        return out
 
     def alive(self) -> bool:
         try:

@@ -1,0 +1,56 @@
+"""Guards for image comparisons: "traced equals plain" proves nothing when both are black or NaN.
+
+Every test that compares a traced image (or latent) with the untraced one goes through :func:`assert_same_image`,
+which first checks that each side is a real picture: finite everywhere and not constant.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Least standard deviation of a real picture: on the 0-255 scale for integer images, else on the values' scale.
+MIN_STD_UINT8 = 1.0
+MIN_STD_FLOAT = 1e-3
+
+
+def _array(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.double() if x.is_floating_point() else x).numpy()
+    return np.asarray(x)
+
+
+def assert_real_image(x, what: str = "image") -> None:
+    """``x`` (array or tensor, any shape) is finite and has some spread of values."""
+    a = _array(x)
+    assert a.size > 0, f"{what} is empty"
+    if np.issubdtype(a.dtype, np.floating):
+        bad = int((~np.isfinite(a)).sum())
+        assert bad == 0, f"{what} has {bad} non-finite values of {a.size} (NaN/inf: the host produced no picture)"
+        least = MIN_STD_FLOAT
+    else:
+        least = MIN_STD_UINT8
+    std = float(a.astype(np.float64).std())
+    assert std >= least, (f"{what} is (nearly) constant: std {std:.3g} < {least} over values "
+                          f"{float(a.min()):.4g}..{float(a.max()):.4g} (a black or blank picture proves nothing)")
+
+
+def assert_same_image(plain, traced, what: str = "traced image") -> None:
+    """Both are real pictures and equal bit for bit (``what`` names the traced side in the message)."""
+    assert_real_image(plain, f"untraced reference of the {what}")
+    assert_real_image(traced, what)
+    a, b = _array(plain), _array(traced)
+    assert a.shape == b.shape, f"{what}: shape {b.shape} differs from the untraced {a.shape}"
+    if not np.array_equal(a, b):
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        raise AssertionError(f"{what} differs from the untraced one: max abs {diff.max():.3g} at "
+                             f"{int((diff > 0).sum())} of {diff.size} values")
+
+
+def assert_close_image(plain, traced, atol: float, what: str = "traced image") -> None:
+    """Both are real pictures and equal within ``atol`` (for hosts whose kernels are not bitwise repeatable)."""
+    assert_real_image(plain, f"untraced reference of the {what}")
+    assert_real_image(traced, what)
+    diff = float(np.abs(_array(plain).astype(np.float64) - _array(traced).astype(np.float64)).max())
+    assert diff <= atol, f"{what} differs from the untraced one by {diff:.3g} > {atol}"
