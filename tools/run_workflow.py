@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -19,6 +20,44 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from helpers.checkpoints import cached_sd15_checkpoint  # noqa: E402
 from helpers.comfy_server import running_comfyui  # noqa: E402
+
+from daam_core.text.query import split_words  # noqa: E402
+
+
+# What each output of DAAM Heatmaps is, by output index; nodes that pass an image through unchanged in meaning.
+HEATMAPS_OUTPUTS = {0: "heatmap", 1: "overlay", 2: "mask"}
+PASS_THROUGH = {"ImageScaleBy", "ImageScale", "MaskToImage", "ImageToMask", "GrowMask", "FeatherMask"}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^0-9A-Za-z]+", "-", text).strip("-").lower() or "word"
+
+
+def output_names(wf: dict, node_id: str, count: int) -> list[str] | None:
+    """File names that say what a SaveImage's images show (``heatmap_circle_00001.png``), or None to keep the
+    host's names. DAAM Heatmaps batches are image-major: every word of image 1, then of image 2."""
+    node = wf.get(node_id, {})
+    link = node.get("inputs", {}).get("images")
+    if node.get("class_type") != "SaveImage" or not isinstance(link, list):
+        return None
+    src_id, index = str(link[0]), link[1]
+    while wf[src_id]["class_type"] in PASS_THROUGH:
+        first = next(v for v in wf[src_id]["inputs"].values() if isinstance(v, list))
+        src_id, index = str(first[0]), first[1]
+    src = wf[src_id]
+    words, negative = src["inputs"].get("words"), src["inputs"].get("negative_words", "")
+    if not isinstance(words, str) or not isinstance(negative, str):
+        return None
+    if src["class_type"] == "DAAMHeatmaps" and index in HEATMAPS_OUTPUTS:
+        labels = [_slug(w) for w in split_words(words)] + ["neg-" + _slug(w) for w in split_words(negative)]
+        labels = [f"{HEATMAPS_OUTPUTS[index]}_{w}" for w in labels]
+    elif src["class_type"] == "DAAMMask":
+        labels = ["daam-mask_" + "+".join(_slug(w) for w in split_words(words))]
+    else:
+        return None
+    if count % len(labels):
+        return None  # not the batch layout this naming assumes: keep the host's names
+    return [f"{labels[i % len(labels)]}_{i // len(labels) + 1:05d}.png" for i in range(count)]
 
 
 def main(argv=None) -> int:
@@ -80,12 +119,13 @@ def main(argv=None) -> int:
                 print(entry["error"], file=sys.stderr)
                 return 1
             written = []
-            for filename, subfolder, kind in client.output_images(entry):
-                if kind != "output":
-                    continue
-                target = out / filename
-                target.write_bytes(client.view(filename, subfolder, kind))
-                written.append(target.name)
+            for node_id, node_out in entry.get("outputs", {}).items():
+                images = [i for i in node_out.get("images", []) if i.get("type", "output") == "output"]
+                names = output_names(wf, node_id, len(images))
+                for img, name in zip(images, names or [None] * len(images)):
+                    target = out / (name or img["filename"])
+                    target.write_bytes(client.view(img["filename"], img.get("subfolder", ""), "output"))
+                    written.append(target.name)
     print(json.dumps({"out": str(out.resolve()), "files": sorted(written)}, indent=1))
     return 0
 
