@@ -70,12 +70,19 @@ stamp="$( { cat "$host_reqs" "$DAAM_REPO/pyproject.toml" "$0"; [[ -f "$DAAM_REPO
 if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp" ]]; then
     log "requirements unchanged (stamp $stamp_file), no pip work"
 else
+    served="$(cat "$DAAM_VENV/.daam-checkout" 2>/dev/null || true)"
+    if [[ -n "$served" && "$served" != "$DAAM_REPO" ]]; then
+        # One venv serves one checkout at a time; say so instead of re-pointing silently.
+        log "NOTE: $DAAM_VENV now imports daam_core from $DAAM_REPO (it imported it from $served); give each" \
+            "checkout its own DAAM_CACHE to keep both"
+    fi
     log "installing host requirements and the project (editable)"
     constraints="$DAAM_CACHE/torch-constraints.txt"
     echo "$torch_pins" > "$constraints"  # keep the installed torch: nothing below may replace it
     pip_ install -c "$constraints" -r "$host_reqs" -e "$DAAM_REPO[test,diffusers,syntax]"
     "$PY" -c "import importlib.util as u, torch, transformers, safetensors; assert u.find_spec('daam_core')" >/dev/null
     echo "$stamp" > "$stamp_file"
+    echo "$DAAM_REPO" > "$DAAM_VENV/.daam-checkout"
 fi
 
 echo "DAAM_VENV=$DAAM_VENV"

@@ -52,6 +52,12 @@ if [[ -e "$link" && ! -L "$link" ]]; then
     log "$link exists and is not a symlink; move it away and re-run"
     exit 1
 fi
+previous="$(readlink "$link" 2>/dev/null || true)"
 ln -sfn "$DAAM_REPO" "$link"  # -n: replace an existing (possibly stale) link instead of following it
+if [[ -n "$previous" && "$previous" != "$DAAM_REPO" ]]; then
+    # One cache serves one checkout at a time; say so instead of re-pointing silently.
+    log "NOTE: $DAAM_HOST_DIR now runs the pack from $DAAM_REPO (it ran $previous); give each checkout its own" \
+        "DAAM_CACHE to keep both"
+fi
 
 echo "COMFYUI_DIR=$DAAM_HOST_DIR"
