@@ -34,11 +34,8 @@ FORGE_SHA256="e6a01f933bf6fb876f33688d074e78743c942b90d6662f358ef7e5c6b8ccaf27"
 FORGE_DIR="$DAAM_CACHE/forge-$FORGE_COMMIT"
 FORGE_VENV="$DAAM_CACHE/forge-venv"
 FORGE_PY="$FORGE_VENV/bin/python"
-# The same torch as the project's venv (tools/setup_env.sh): the release the ComfyUI tests run on.
-FORGE_TORCH="${FORGE_TORCH:-torch==2.14.1 torchvision==0.29.1}"
-# Forge pins setuptools==69.5.1 (for packages that import pkg_resources); this torch needs >=77.0.3, and
-# pkg_resources is still shipped below 81.
-FORGE_SETUPTOOLS="setuptools>=77.0.3,<81"
+# Forge pins setuptools==69.5.1; these torch/torchvision releases accept it (newer ones make pip backtrack).
+FORGE_TORCH="${FORGE_TORCH:-torch==2.12.1 torchvision==0.27.1}"
 
 log() { echo "[setup_forge] $*" >&2; }
 
@@ -110,8 +107,7 @@ fi
 reqs="$FORGE_VENV/forge-requirements.txt"
 # Its torch line goes (installed pinned below); the file has CRLF line endings. joblib is imported by a built-in
 # extension but not listed; requests by the tests' API client.
-tr -d '\r' < "$FORGE_DIR/requirements_versions.txt" \
-    | sed -E -e '/^torch[[:space:]]*(#.*)?$/d' -e "s/^setuptools==[^[:space:]#]*/$FORGE_SETUPTOOLS/" > "$reqs.new"
+tr -d '\r' < "$FORGE_DIR/requirements_versions.txt" | sed -E '/^torch[[:space:]]*(#.*)?$/d' > "$reqs.new"
 printf '%s\n' joblib requests pytest >> "$reqs.new"
 mv "$reqs.new" "$reqs"
 stamp="$FORGE_VENV/.daam-stamp"

@@ -37,8 +37,9 @@ SDXL (``write_sdxl_checkpoint`` / ``build_tiny_sdxl_model``)
     vector is built by the host from the pooled output and the size entries).
 
 Weights: linear/conv weights normal(0, 0.02), cross-attention ``to_q``/``to_k`` normal(0, 0.05) so per-token
-attention maps have some contrast, norm weights 1, biases 0, embeddings normal(0, 0.02)/(0, 0.01). With this,
-2-step sampling gives a finite, non-constant decoded image.
+attention maps have some contrast, norm weights 1, biases 0 (CLIP's final norm bias: normal(0.1, 0.02), see
+``BIAS_MEAN``), embeddings normal(0, 0.02)/(0, 0.01). With this, 2-step sampling gives a finite, non-constant
+decoded image in ComfyUI and in Forge.
 
 Cached copies live in ``$DAAM_CACHE/checkpoints`` (default ``~/.cache/comfyui-daam/checkpoints``), named by
 model, layout version, seed and dtype: use ``cached_sd15_checkpoint()`` / ``cached_sdxl_checkpoint()``.
@@ -56,7 +57,7 @@ import torch
 from safetensors.torch import save_file
 
 # Bump when the generated layout or the weight initialisation changes, so stale cached files are not reused.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 WEIGHT_STD = 0.02
 CROSS_QK_STD = 0.05
@@ -73,7 +74,13 @@ def checkpoint_cache_dir() -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Tensor specs: (key, shape, kind, std). kind: "normal", "ones", "zeros", "position_ids".
+# Tensor specs: (key, shape, kind, std). kind: "normal", "ones", "zeros", "position_ids", and "bias" (normal
+# around BIAS_MEAN).
+
+# CLIP's final layer norm bias. At 0 every token vector of the conditioning has mean ~0, and A1111/Forge's
+# "Original" emphasis rescales each chunk by mean(z) / mean(z * weights): 0 / 0 on some CPUs (black NaN images
+# in Forge, depending on summation order). A trained CLIP's bias has a clear mean; so has this one.
+BIAS_MEAN = 0.1
 
 
 class _Specs:
@@ -220,7 +227,8 @@ def _clip_l_specs(s: _Specs, p="cond_stage_model.transformer.text_model."):
         s.linear(lp + "mlp.fc1", 4 * w, w)
         s.linear(lp + "mlp.fc2", w, 4 * w)
         s.norm(lp + "layer_norm2", w)
-    s.norm(p + "final_layer_norm", w)
+    s.add(p + "final_layer_norm.weight", (w,), "ones")
+    s.add(p + "final_layer_norm.bias", (w,), "bias")
 
 
 def _vae_specs(s: _Specs, p="first_stage_model.", z: int = 4, quant_convs: bool = True):
@@ -288,7 +296,8 @@ def _materialise(s: _Specs, seed: int, dtype: torch.dtype) -> dict[str, torch.Te
         else:
             # One generator per tensor: a key's values depend only on (seed, key), not on the other keys.
             g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
-            out[key] = (torch.randn(shape, generator=g, dtype=torch.float32) * std).to(dtype)
+            mean = BIAS_MEAN if kind == "bias" else 0.0
+            out[key] = (torch.randn(shape, generator=g, dtype=torch.float32) * std + mean).to(dtype)
     return out
 
 
