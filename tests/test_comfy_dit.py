@@ -248,8 +248,8 @@ def test_planted_attention_is_recovered(pack, models, tokenizers, family):
     masks = out["result"][2]  # [words, 128, 192]
     truth = region.repeat_interleave(16, 0).repeat_interleave(16, 1)
     assert masks.shape == (2, 128, 192)
-    assert metrics.iou(masks[0] > 0.5, truth) >= 0.9
-    assert metrics.iou(masks[1] > 0.5, truth) < 0.5  # another word does not get the planted region
+    assert metrics.iou(masks[0] > 0.5, truth) >= 0.9, f"{family}: the mask of 'dog' misses its planted region"
+    assert metrics.iou(masks[1] > 0.5, truth) < 0.5, f"{family}: the mask of 'cat' took 'dog's planted region"
 
 
 # -- prompts and branches -----------------------------------------------------------------------------------------

@@ -214,8 +214,8 @@ def test_planted_attention_is_recovered_as_mask(sd):
     truth = torch.zeros(H, W)
     truth[round(H * region[0][0]):round(H * region[0][1]), round(W * region[1][0]):round(W * region[1][1])] = 1
     mask = res.word_map("dog").mask(0.4)
-    assert metrics.iou(mask, truth) >= 0.9
-    assert metrics.iou(res.word_map("cat").mask(0.4), truth) < 0.5
+    assert metrics.iou(mask, truth) >= 0.9, "the mask of 'dog' misses its planted region"
+    assert metrics.iou(res.word_map("cat").mask(0.4), truth) < 0.5, "the mask of 'cat' took 'dog's planted region"
 
 
 def test_time_window_and_layer_selection(sd):

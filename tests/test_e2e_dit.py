@@ -92,9 +92,11 @@ def test_sd3_workflow_maps_words_and_keeps_the_image(server):
     masks = [m[..., 0] for m in images_of(server, entry, "sd3_mask")]
     heat = images_of(server, entry, "sd3_heatmap")
     assert len(masks) == len(heat) == 2 * 4  # 2 images x (cat, dog, red sofa, negative 'blurry')
-    for m in masks:
-        assert m.shape == (128, 192) and 0 < (m > 127).mean() < 1
-    assert not np.array_equal(masks[0], masks[1])
+    words = ("cat", "dog", "red sofa", "neg: blurry")
+    for i, m in enumerate(masks):
+        label = f"mask of {words[i % 4]!r} (image {i // 4 + 1})"
+        assert m.shape == (128, 192) and 0 < (m > 127).mean() < 1, f"{label} is empty or full"
+    assert not np.array_equal(masks[0], masks[1]), "masks of 'cat' and 'dog' are the same"
     (payload,) = entry["outputs"]["8"]["daam_preview"]  # the browser preview lists the prompt's words
     assert "sofa" in {e["key"] for e in payload["entries"]}
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.images import assert_real_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.host]
 REPO = Path(__file__).resolve().parents[1]
@@ -71,9 +72,11 @@ def test_txt2img_heatmaps_workflow(server):
     assert len(heat) == len(over) == len(masks) == 4  # cat, dog, red sofa + negative 'blurry'
     for m in masks + heat + over:
         assert m.shape[:2] == image.shape[:2] == (SIZE, SIZE)
-    for m in masks:
-        assert 0.0 < m.mean() < 1.0  # neither empty nor full
-    assert not np.array_equal(masks[0], masks[1]) and not np.array_equal(heat[0], heat[1])
+    for word, m in zip(("cat", "dog", "red sofa", "neg: blurry"), masks):
+        assert 0.0 < m.mean() < 1.0, f"mask of {word!r} is empty or full"
+    assert_real_image(image, "the generated image")
+    assert not np.array_equal(masks[0], masks[1]), "masks of 'cat' and 'dog' are the same"
+    assert not np.array_equal(heat[0], heat[1]), "heat maps of 'cat' and 'dog' are the same"
     node_ui = entry["outputs"]["8"]
     (payload,) = node_ui["daam_preview"]  # the browser preview's maps (nodes/preview.py, tests/browser)
     assert payload["image_hw"] == [SIZE, SIZE] and {"cat", "dog", "red sofa"} <= {e["key"] for e in payload["entries"]}
@@ -132,7 +135,7 @@ def test_save_and_load_trace_round_trip(server):
     }
     entry = server.run_ok(wf2)
     (mask,) = images_of(server, entry, "daam/loaded_mask")
-    assert mask.shape[:2] == (256, 256) and 0 < mask.mean() < 1
+    assert mask.shape[:2] == (256, 256) and 0 < mask.mean() < 1, "the loaded trace's mask is empty or full"
 
 
 def test_shapes_workflow_masks_the_named_object(server):

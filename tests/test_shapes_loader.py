@@ -81,7 +81,7 @@ def test_sampling_with_daam_on_the_loaded_model(pack, loaded):
     heat, over, masks, _ = pack.DAAMHeatmaps().heatmaps(traced, clip, daam_latent, text, "", "circle, square",
                                                         images=images)["result"]
     assert heat.shape == (2, 32, 32, 3) and masks.shape == (2, 32, 32)
-    assert not torch.equal(masks[0], masks[1])
+    assert not torch.equal(masks[0], masks[1]), "masks of 'circle' and 'square' are the same"
     # without images the size comes from the model's latent format (pixel space: 1 pixel per cell, not SD's 8)
     no_images = pack.DAAMHeatmaps().heatmaps(traced, clip, daam_latent, text, "", "circle, square")["result"]
     assert no_images[2].shape == (2, 32, 32) and torch.equal(no_images[2], masks)
