@@ -287,6 +287,18 @@ def grouped_scores(qc: torch.Tensor, kt: torch.Tensor, out: torch.Tensor | None 
     return out.view(b, h, c, width)
 
 
+def operand(x: torch.Tensor, scratch: Callable[[str, tuple], torch.Tensor], role: str) -> torch.Tensor:
+    """``x [b, h, r, c]`` as fp32 whose ``[r, c]`` matrices stack into ``[b * h, r, c]`` without a copy (a matmul
+    operand): ``x`` itself when it is one already, else a copy in the work buffer ``role``."""
+    if x.dtype == torch.float32 and (x.stride(-1) == 1 or x.stride(-2) == 1):
+        try:
+            x.view(-1, x.shape[-2], x.shape[-1])
+            return x
+        except RuntimeError:
+            pass
+    return scratch(role, tuple(x.shape)).copy_(x)
+
+
 def record_torch(q: torch.Tensor, k: torch.Tensor, scale: float, text: tuple[int, int],
                  emit: Callable[[int, int, torch.Tensor], None], scratch: Callable[[str, tuple], torch.Tensor], *,
                  lse: torch.Tensor | None = None, mask: torch.Tensor | None = None,
@@ -295,9 +307,11 @@ def record_torch(q: torch.Tensor, k: torch.Tensor, scale: float, text: tuple[int
 
     Parameters
     ----------
-    q : Tensor ``[b, H, N, D]`` fp32, rows ``[N, D]`` of each head contiguous (``reshape`` is a view)
-    k : Tensor ``[b, Hk, D, K]`` fp32 with the same property: the keys, transposed. With ``lse`` only the text
-        keys (``K = T``), without it all ``L`` keys.
+    q : Tensor ``[b, H, N, D]``
+        Queries, any float dtype and strides (a chunk is copied to fp32 only when it must be).
+    k : Tensor ``[b, Hk, D, K]`` fp32
+        The keys, transposed, each ``[D, K]`` matrix a matmul operand (:func:`operand`). With ``lse`` only the
+        text keys (``K = T``), without it all ``L`` keys.
     scale : float
     text : (int, int)
         Text keys on ``k``'s last axis (``(0, K)`` with ``lse``).
@@ -317,7 +331,10 @@ def record_torch(q: torch.Tensor, k: torch.Tensor, scale: float, text: tuple[int
     for n0 in range(0, n, chunk):
         n1 = min(n, n0 + chunk)
         c = n1 - n0
-        scores = grouped_scores(q[:, :, n0:n1], k, scratch("scores", (b, h, c, width)), alpha=scale)
+        qc = operand(q[:, :, n0:n1], scratch, "q")
+        if qc.shape[1] != k.shape[1] and not qc.is_contiguous():
+            qc = scratch("q", tuple(qc.shape)).copy_(qc)  # grouped heads stack on the row axis
+        scores = grouped_scores(qc, k, scratch("scores", (b, h, c, width)), alpha=scale)
         if mask is not None:
             m = mask[..., n0:n1, :]
             if m.dtype == torch.bool:

@@ -445,8 +445,8 @@ class CrossAttentionRecorder:
         if lse is not None and mask is not None:
             mask = mask[..., t0:t1]
         mask = self._gather_mask(mask, rows, heads)
-        qf = self._fp32("q32", q)
-        kf = self._fp32("k32", k.transpose(-1, -2))
+        work = lambda role, shape: self._scratch(role, shape, q.device)  # noqa: E731
+        kf = kernels.operand(k.transpose(-1, -2), work, "k32")
         span = (0, t1 - t0) if (lse is not None or full) else text
         chunk = (self.joint_chunk_elements if not full else
                  max(self.joint_chunk_elements, q.shape[0] * q.shape[1] * q.shape[2] * kf.shape[-1]))
@@ -467,8 +467,7 @@ class CrossAttentionRecorder:
                 else:
                     dest.index_add_(0, g.target, part)
 
-        kernels.record_torch(qf, kf, scale, span, emit, lambda role, shape: self._scratch(role, shape, qf.device),
-                             lse=lse, mask=mask, chunk_elements=chunk)
+        kernels.record_torch(q, kf, scale, span, emit, work, lse=lse, mask=mask, chunk_elements=chunk)
 
     def _scratch(self, role: str, shape: tuple[int, ...], device: torch.device,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -501,20 +500,6 @@ class CrossAttentionRecorder:
         if heads is not None and mask.shape[1] > 1:
             mask = self._gather("mask", mask, None, heads)
         return mask
-
-    def _fp32(self, role: str, x: torch.Tensor) -> torch.Tensor:
-        """``x [b, h, r, c]`` as fp32 whose ``[r, c]`` matrices stack into ``[b * h, r, c]`` without a copy (a
-        matmul operand): ``x`` itself when it already is one, else a copy in a work buffer."""
-        if x.dtype == torch.float32:
-            try:
-                x.view(-1, x.shape[-2], x.shape[-1])
-                if x.stride(-1) == 1 or x.stride(-2) == 1:
-                    return x
-            except RuntimeError:
-                pass
-        out = self._scratch(role, x.shape, x.device)
-        out.copy_(x)
-        return out
 
     def _heads(self, device: torch.device) -> torch.Tensor:
         key = ("heads", device)
