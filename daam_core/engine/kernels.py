@@ -39,6 +39,7 @@ except Exception:  # noqa: BLE001 - any import failure (missing, broken install)
     tl = None
 
 HAVE_TRITON = triton is not None
+BLOCK_T_MAX = 128  # widest token tile (tests lower it to reach several tiles at small sizes)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
@@ -237,7 +238,7 @@ def record_triton(q: torch.Tensor, k: torch.Tensor, acc: torch.Tensor, table: Ta
     b, h, n, d = q.shape
     group = h // k.shape[1]
     t_max = table.t_max
-    block_t = _pow2(t_max, 16, 128)
+    block_t = _pow2(t_max, 16, BLOCK_T_MAX)
     block_d = _pow2(d, 16, 64)
     block_n = _pow2(min(block_n, n), 16, block_n)
     mode = 0 if mask is None else (2 if mask.dtype == torch.bool else 1)
