@@ -291,12 +291,9 @@ def grouped_scores(qc: torch.Tensor, kt: torch.Tensor, out: torch.Tensor | None 
 def operand(x: torch.Tensor, scratch: Callable[[str, tuple], torch.Tensor], role: str) -> torch.Tensor:
     """``x [b, h, r, c]`` as fp32 whose ``[r, c]`` matrices stack into ``[b * h, r, c]`` without a copy (a matmul
     operand): ``x`` itself when it is one already, else a copy in the work buffer ``role``."""
-    if x.dtype == torch.float32 and (x.stride(-1) == 1 or x.stride(-2) == 1):
-        try:
-            x.view(-1, x.shape[-2], x.shape[-1])
-            return x
-        except RuntimeError:
-            pass
+    if (x.dtype == torch.float32 and (x.stride(-1) == 1 or x.stride(-2) == 1)
+            and (x.shape[0] == 1 or x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1))):
+        return x
     return scratch(role, tuple(x.shape)).copy_(x)
 
 
