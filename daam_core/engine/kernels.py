@@ -78,11 +78,12 @@ class Table:
     tokens: torch.Tensor
     fold: torch.Tensor
     t_max: int
+    fold_max: int
 
     @staticmethod
     def build(batch_rows, streams, tokens, folds, device) -> "Table":
         as_i32 = lambda v: torch.tensor(list(v), dtype=torch.int32, device=device)  # noqa: E731
-        return Table(as_i32(batch_rows), as_i32(streams), as_i32(tokens), as_i32(folds), max(tokens))
+        return Table(as_i32(batch_rows), as_i32(streams), as_i32(tokens), as_i32(folds), max(tokens), max(folds))
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, mode: str) -> bool:
@@ -136,15 +137,33 @@ if HAVE_TRITON:
         return tl.where(k_ok[None, :], s, float("-inf"))
 
     @triton.jit
+    def _text_probs(total, lse, qb, kb, mb, lb, offs_n, offs_t, n_ok, t_ok, t, fold, KEY0, scale,
+                    sq_n, sq_d, sk_l, sk_d, sm_n, sm_l, D, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, LSE_ONLY: tl.constexpr):
+        """``total + sum over context copies of exp(logits - lse)`` on the tile's tokens (LSE_ONLY: store lse)."""
+        if LSE_ONLY:
+            tl.store(lb, lse, mask=n_ok)
+        else:
+            keep = n_ok[:, None] & t_ok[None, :]
+            for c in range(fold):  # repeated context copies land on the same tokens
+                s = _logits(qb, kb, mb, offs_n, KEY0 + c * t + offs_t, n_ok, t_ok, scale, sq_n, sq_d, sk_l, sk_d,
+                            sm_n, sm_l, D, MASK, BLOCK_N, BLOCK_T, BLOCK_D, IEEE)
+                total += tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+        return total
+
+    @triton.jit
     def _record_kernel(q_ptr, k_ptr, acc_ptr, lse_ptr, mask_ptr,
                        rows_ptr, tgt_ptr, tok_ptr, fold_ptr, heads_ptr,
                        sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_l, sk_d, sa_s, sa_n, sa_t,
                        sl_b, sl_h, sl_n, sm_b, sm_h, sm_n, sm_l,
                        N, D, HS, GROUP, KEY0, NK0, NK1, scale,
                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                       NORM: tl.constexpr, MASK: tl.constexpr, LSE_ONLY: tl.constexpr, IEEE: tl.constexpr):
+                       NORM: tl.constexpr, MASK: tl.constexpr, LSE_ONLY: tl.constexpr, IEEE: tl.constexpr,
+                       ONE_TILE: tl.constexpr):
         """Grid ``(rows * cdiv(N, BLOCK_N), cdiv(T_max, BLOCK_T))``. NORM 0: ``lse`` given; 1: computed here over
-        keys ``[NK0, NK1)``. MASK 0: none, 1: additive, 2: boolean (nonzero = attend). LSE_ONLY: write ``lse``."""
+        keys ``[NK0, NK1)``. MASK 0: none, 1: additive, 2: boolean (nonzero = attend). LSE_ONLY: write ``lse``.
+        ONE_TILE (cross-attention whose keys fit one tile, no context copies): the softmax of that tile, one
+        score product per head."""
         pid = tl.program_id(0)
         n_blocks = tl.cdiv(N, BLOCK_N)
         r = pid // n_blocks
@@ -162,7 +181,13 @@ if HAVE_TRITON:
             kb = k_ptr + row * sk_b + (h // GROUP) * sk_h
             mb = mask_ptr + row * sm_b + h * sm_h
             lb = lse_ptr + row * sl_b + h * sl_h + offs_n * sl_n
-            if NORM == 1:  # online max / sum over the normaliser's keys, no V
+            if ONE_TILE:  # the normaliser's keys are this tile's: one product, a plain row softmax
+                s = _logits(qb, kb, mb, offs_n, KEY0 + offs_t, n_ok, offs_t < NK1 - NK0, scale, sq_n, sq_d,
+                            sk_l, sk_d, sm_n, sm_l, D, MASK, BLOCK_N, BLOCK_T, BLOCK_D, IEEE)
+                top = tl.max(s, 1)
+                e = tl.exp(s - tl.where(top == float("-inf"), 0.0, top)[:, None])
+                total += tl.where(n_ok[:, None] & t_ok[None, :], e / tl.sum(e, 1)[:, None], 0.0)
+            elif NORM == 1:  # online max / sum over the normaliser's keys, no V
                 m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
                 l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
                 for j0 in range(NK0, NK1, BLOCK_T):
@@ -174,17 +199,14 @@ if HAVE_TRITON:
                     l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
                     m_i = m_new
                 lse = m_i + tl.log(l_i)
+                total = _text_probs(total, lse, qb, kb, mb, lb, offs_n, offs_t, n_ok, t_ok, t, fold, KEY0, scale,
+                                    sq_n, sq_d, sk_l, sk_d, sm_n, sm_l, D, MASK, BLOCK_N, BLOCK_T, BLOCK_D, IEEE,
+                                    LSE_ONLY)
             else:
                 lse = tl.load(lb, mask=n_ok, other=0.0).to(tl.float32)
-            if LSE_ONLY:
-                tl.store(lb, lse, mask=n_ok)
-            else:
-                keep = n_ok[:, None] & t_ok[None, :]
-                for c in range(fold):  # repeated context copies land on the same tokens
-                    offs_k = KEY0 + c * t + offs_t
-                    s = _logits(qb, kb, mb, offs_n, offs_k, n_ok, t_ok, scale, sq_n, sq_d, sk_l, sk_d,
-                                sm_n, sm_l, D, MASK, BLOCK_N, BLOCK_T, BLOCK_D, IEEE)
-                    total += tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+                total = _text_probs(total, lse, qb, kb, mb, lb, offs_n, offs_t, n_ok, t_ok, t, fold, KEY0, scale,
+                                    sq_n, sq_d, sk_l, sk_d, sm_n, sm_l, D, MASK, BLOCK_N, BLOCK_T, BLOCK_D, IEEE,
+                                    LSE_ONLY)
         if not LSE_ONLY:
             tgt = tl.load(tgt_ptr + r).to(tl.int64)
             tl.atomic_add(acc_ptr + tgt * sa_s + offs_n[:, None] * sa_n + offs_t[None, :] * sa_t, total,
@@ -238,7 +260,10 @@ def record_triton(q: torch.Tensor, k: torch.Tensor, acc: torch.Tensor, table: Ta
     b, h, n, d = q.shape
     group = h // k.shape[1]
     t_max = table.t_max
-    block_t = _pow2(t_max, 16, BLOCK_T_MAX)
+    nk0, nk1 = normaliser if normaliser is not None else (0, 0)
+    one_tile = (lse is None and (nk0, nk1) == tuple(text) and table.fold_max == 1
+                and nk1 - nk0 <= BLOCK_T_MAX)
+    block_t = _pow2(nk1 - nk0 if one_tile else t_max, 16, BLOCK_T_MAX)
     block_d = _pow2(d, 16, 64)
     block_n = _pow2(min(block_n, n), 16, block_n)
     mode = 0 if mask is None else (2 if mask.dtype == torch.bool else 1)
@@ -247,25 +272,30 @@ def record_triton(q: torch.Tensor, k: torch.Tensor, acc: torch.Tensor, table: Ta
     ieee = q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16)
     rows = table.rows.shape[0]
     common = dict(BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d, MASK=mode, IEEE=ieee, num_warps=4)
-    nk0, nk1 = normaliser if normaliser is not None else (0, 0)
     norm = 0 if lse is not None else 1
+    if one_tile:
+        _launch(q, k, acc, lse, m, table, heads, group, text[0], nk0, nk1, scale, (rows * triton.cdiv(n, block_n), 1),
+                norm=1, lse_only=False, one_tile=True, **common)
+        return
     if norm == 1 and triton.cdiv(t_max, block_t) > 1 and (nk1 - nk0) > t_max:
         # several token tiles: one LSE-only pass instead of one normaliser pass per tile
         lse = lse_buffer((b, h, n)) if lse_buffer is not None else torch.empty(b, h, n, device=q.device)
         _launch(q, k, acc, lse, m, table, heads, group, text[0], nk0, nk1, scale, (rows * triton.cdiv(n, block_n), 1),
-                norm=1, lse_only=True, **common)
+                norm=1, lse_only=True, one_tile=False, **common)
         norm = 0
     _launch(q, k, acc, lse, m, table, heads, group, text[0], nk0, nk1, scale,
-            (rows * triton.cdiv(n, block_n), triton.cdiv(t_max, block_t)), norm=norm, lse_only=False, **common)
+            (rows * triton.cdiv(n, block_n), triton.cdiv(t_max, block_t)), norm=norm, lse_only=False, one_tile=False,
+            **common)
 
 
-def _launch(q, k, acc, lse, m, table, heads, group, key0, nk0, nk1, scale, grid, *, norm, lse_only, **meta):
+def _launch(q, k, acc, lse, m, table, heads, group, key0, nk0, nk1, scale, grid, *, norm, lse_only, one_tile,
+            **meta):
     _record_kernel[grid](
         q, k, acc, lse if lse is not None else acc, m if m is not None else acc,
         table.rows, table.target, table.tokens, table.fold, heads,
         *_strides(q, 4), *_strides(k, 4), *acc.stride(), *_strides(lse, 3), *_strides(m, 4),
         q.shape[2], q.shape[3], heads.shape[0], group, key0, nk0, nk1, float(scale),
-        NORM=norm, LSE_ONLY=lse_only, **meta)
+        NORM=norm, LSE_ONLY=lse_only, ONE_TILE=one_tile, **meta)
 
 
 # -- torch (CPU) -----------------------------------------------------------------------------------------------

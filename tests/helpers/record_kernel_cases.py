@@ -65,13 +65,14 @@ def run(kind, kernel, calls, n_streams, tokens, filt, grid):
     return rec.finish().sums["x"], allocs
 
 
-def cross_case(dtype, heads_sel=None, fold=False, cut=False, skip_row=False, steps=2, t=5):
+def cross_case(dtype, heads_sel=None, fold=False, cut=False, skip_row=False, steps=2, t=5, uniform=False):
     """Three rows: prompts of ``t``, ``2 t``, ``t`` tokens, keys ``2 t`` long (the short contexts repeated, as
-    ComfyUI batches them) or ``2 t + 3`` (``cut``: extra keys, normaliser only)."""
+    ComfyUI batches them) or ``2 t + 3`` (``cut``: extra keys, normaliser only); ``uniform``: three prompts of
+    ``t`` tokens, keys ``t`` long (the kernel's one-tile softmax)."""
     g = torch.Generator().manual_seed(1)
     b, h, d, n = 3, 4, 8, 24
-    tokens = [t, 2 * t, t]
-    t_call = 2 * t + 3 if cut else 2 * t
+    tokens = [t, t, t] if uniform else [t, 2 * t, t]
+    t_call = t if uniform else (2 * t + 3 if cut else 2 * t)
     rows = [2, None, 0] if skip_row else [2, 1, 0]  # batch row i -> stream rows[i]
     calls, refs = [], 0
     for _ in range(steps):
@@ -130,6 +131,9 @@ def cases():
         yield f"cross-{name}", "cross", cross_case(dt)
         yield f"cross-heads-rows-{name}", "cross", cross_case(dt, heads_sel=(1, 3), skip_row=True)
         yield f"cross-fold-{name}", "cross", cross_case(dt, fold=True)
+        yield f"cross-one-tile-{name}", "cross", cross_case(dt, uniform=True, t=7)
+        yield f"cross-one-tile-heads-rows-{name}", "cross", cross_case(dt, uniform=True, t=7, heads_sel=(3, 0),
+                                                                       skip_row=True)
         yield f"cross-cut-{name}", "cross", cross_case(dt, cut=True)
         yield f"joint-{name}", "joint", joint_case(dt)
         yield f"joint-image-first-additive-mask-{name}", "joint", joint_case(dt, "image_first", "additive")
