@@ -218,6 +218,7 @@ CANDIDATES: dict[str, tuple[tuple[str, Callable], ...]] = {
     "cuda": (("cudnn", _cudnn), ("flash", _flash), ("efficient", _efficient)),
 }
 
+_BY_NAME = {name: fn for device in CANDIDATES.values() for name, fn in device}
 _chosen: dict[tuple, str | None] = {}  # signature -> the candidate proven equal to the host, None: none is
 
 
@@ -238,9 +239,8 @@ def lse_layout(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
 
 def _run(name: str, q, k, v, mask, scale):
     """Output and ``[B, H, L]`` log-sum-exp of candidate ``name``, or None when it refuses the inputs."""
-    fn = dict(CANDIDATES.get(q.device.type, ()))[name]
     try:
-        res = fn(q, k, v, mask, scale)
+        res = _BY_NAME[name](q, k, v, mask, scale)
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return None
     if res is None:

@@ -413,16 +413,25 @@ class CrossAttentionRecorder:
             return
         for msg in plan.warnings:
             self._warn_once(f"{name}: {msg}")
-        h = q.shape[1]
         s = scale if scale is not None else q.shape[-1] ** -0.5
         acc = self._running_sum(name, q.shape[2], q.device)
-        if kernels.usable(q, k, self.kernel):
-            kernels.record_triton(q, k, acc, plan.table, self._head_table(h, q.device), s, text,
-                                  normaliser=None if lse is not None else (0, k.shape[2]), lse=lse, mask=mask,
-                                  lse_buffer=lambda shape: self._scratch("lse", shape, q.device))
-        else:
+        if not (kernels.usable(q, k, self.kernel) and self._triton(plan, acc, q, k, text, s, mask, lse)):
             self._accumulate_torch(plan, acc, q, k, text, s, mask, lse)
         self._count_call(name)
+
+    def _triton(self, plan: "_Plan", acc, q, k, text, scale, mask, lse) -> bool:
+        """The CUDA path of :meth:`_accumulate`; False (and the torch path from then on, with a warning) when the
+        kernel cannot be compiled or launched here: recording must never break the host's sampling."""
+        try:
+            kernels.record_triton(q, k, acc, plan.table, self._head_table(q.shape[1], q.device), scale, text,
+                                  normaliser=None if lse is not None else (0, k.shape[2]), lse=lse, mask=mask,
+                                  lse_buffer=lambda shape: self._scratch("lse", shape, q.device))
+            return True
+        except Exception as e:  # noqa: BLE001 - a compiler or driver error of any kind; raised before any write
+            self.kernel = "torch"
+            self._warn_once(f"the Triton recording kernel failed ({type(e).__name__}: {e}); the torch path records "
+                            f"instead")
+            return False
 
     def _accumulate_torch(self, plan: "_Plan", acc, q, k, text, scale, mask, lse) -> None:
         """The CPU path of :meth:`_accumulate`: gather the recorded rows and heads into fp32 work buffers, score
