@@ -64,9 +64,10 @@ def mask_4d(mask: torch.Tensor | None) -> torch.Tensor | None:
 def workspace_bytes(rows: int, heads: int, kv_heads: int, n_img: int, length: int, text: int, dim: int,
                     dtype: torch.dtype, with_lse: bool, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                     lse_kernel: bool = False, threads: int | None = None) -> int:
-    """Upper bound of the extra memory one recorded call allocates (bytes).
+    """Upper bound of the extra memory one recorded call of the torch path allocates (bytes).
 
-    ``chunk`` queries are processed at once, ``chunk = max(1, chunk_elements // (rows * heads * keys))`` with
+    The recorder keeps these work buffers from call to call (until ``finish``), so a call of a shape seen before
+    allocates none of it again. ``chunk`` queries are processed at once, ``chunk = max(1, chunk_elements // (rows * heads * keys))`` with
     ``keys = text`` when the log-sum-exp is known (given, or from :func:`image_lse`: ``lse_kernel``), else
     ``length``. Terms (fp32 = 4 bytes, ``e`` = bytes of ``dtype``):
 

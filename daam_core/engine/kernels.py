@@ -1,6 +1,7 @@
 """The recording kernel: head-summed image->text attention probabilities added into running fp32 sums.
 
-One function of the recorder's two paths (UNet cross-attention, joint attention of SD3 / Flux) and two devices:
+Both kinds of recorded call (UNet cross-attention: softmax over the text keys; joint attention of SD3 / Flux:
+``exp(s - lse)`` over the text span) come here, one way per device:
 
 - :func:`record_triton` (CUDA; on the CPU only under ``TRITON_INTERPRET=1``, for tests): **one launch per
   recorded call**. A program owns one recorded batch row, ``BLOCK_N`` queries and ``BLOCK_T`` output tokens. For
@@ -11,6 +12,8 @@ One function of the recorder's two paths (UNet cross-attention, joint attention 
   into the running sum of the row's stream (``tl.atomic_add``). Nothing but the sum is written. When the
   normaliser must be computed over all ``L`` keys and the text spans several token tiles, an LSE-only launch of
   the same kernel writes ``lse`` first (into a reused buffer), so the ``L`` keys are scored once, not once a tile.
+  A cross call whose keys fit one tile and need no folding (the usual UNet call) scores each head once and takes
+  a plain row softmax of the tile.
 - :func:`record_torch` (CPU, and any device without Triton): chunks of queries scored with ``baddbmm`` /
   ``matmul`` into reused work buffers, softmax or ``exp(s - lse)`` in place, the head sum, then per token-count
   group a plain add (consecutive streams) or ``index_add_``.
