@@ -66,6 +66,15 @@ def _joint_call(rec, q, k):
     rec.record_joint("double.0", "double", q, k, 4, text=(0, 7), image=(7, 31), skip_reshape=True)
 
 
+def _attend_call(rec, q, k):
+    rec.set_call([0, 1], progress=0.5)
+    v = k  # values shaped like the keys; only the output's identity with SDPA matters here
+    out = rec.attend_joint("single.0", "single", q, k, v, 4, text=(0, 7), image=(7, 31),
+                           reference=lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                           skip_reshape=True)
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
 def _setups():
     g = torch.Generator().manual_seed(0)
     cross = AttentionRecorder(RecordFilter(heads=(0, 2), branches=("cond",)))
@@ -73,7 +82,11 @@ def _setups():
     joint = AttentionRecorder()
     joint.joint_chunk_elements = 2 * 4 * 31 * 5  # several chunks of queries
     joint.begin(PatchGrid((8, 12), 2), [Stream(0, "cond", 0), Stream(1, "cond", 0)], [7])
+    attend = AttentionRecorder()
+    attend.begin(PatchGrid((8, 12), 2), [Stream(0, "cond", 0), Stream(1, "cond", 0)], [7])
     return {
+        "attend_joint_fp32": (attend, _attend_call, torch.randn(2, 4, 31, 8, generator=g),
+                              torch.randn(2, 4, 31, 8, generator=g)),
         "cross_bf16_heads_rows": (cross, _cross_call, torch.randn(2, 24, 32, generator=g).bfloat16(),
                                   torch.randn(2, 7, 32, generator=g).bfloat16()),
         "joint_fp32_chunked": (joint, _joint_call, torch.randn(2, 4, 31, 8, generator=g),
@@ -81,10 +94,11 @@ def _setups():
     }
 
 
-@pytest.mark.parametrize("case", ["cross_bf16_heads_rows", "joint_fp32_chunked"])
+@pytest.mark.parametrize("case", ["cross_bf16_heads_rows", "joint_fp32_chunked", "attend_joint_fp32"])
 def test_warm_recorded_call_allocates_no_work_buffer_and_never_syncs(case):
-    """After one call, a recorded call of the same shapes (torch path) makes no new work buffer and calls no
-    ``aten::item`` / ``aten::_local_scalar_dense`` (a host synchronisation on a GPU)."""
+    """After one call, a recorded call of the same shapes (torch path; attend_joint: the proven fused kernel and
+    its log-sum-exp) makes no new work buffer and calls no ``aten::item`` / ``aten::_local_scalar_dense`` (a host
+    synchronisation on a GPU)."""
     rec, call, q, k = _setups()[case]
     call(rec, q, k)
     made = rec.scratch_allocations

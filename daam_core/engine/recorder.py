@@ -549,6 +549,7 @@ class CrossAttentionRecorder:
             return plan
         idx, streams = self._rows(device)
         all_rows = len(streams) == len(self._call.rows)
+        batch_rows = [i for i, s in enumerate(self._call.rows) if s is not None]  # host ints: no device read
         by_tokens: dict[int, list[int]] = {}  # recorded rows grouped by their prompt's token count; usually one
         for j, s in enumerate(streams):
             by_tokens.setdefault(self.token_counts[self.streams[s].prompt], []).append(j)
@@ -568,7 +569,7 @@ class CrossAttentionRecorder:
                     else None)
             select = None if len(members) == len(streams) else torch.tensor(members, dtype=torch.long, device=device)
             groups.append(kernels.Group(select, torch.tensor(targets, dtype=torch.long, device=device), span, t, fold))
-            kept += [(int(idx[j]), streams[j], t, fold) for j in members]
+            kept += [(batch_rows[j], streams[j], t, fold) for j in members]
         if not groups:
             self._index_cache[key] = None
             self._index_cache[key + ("why",)] = warnings[-1]
