@@ -44,6 +44,12 @@ def recorder(n=12, lse_kernel=False):
     return rec
 
 
+def forget(key):
+    """Drop what was learnt about one signature (other tests may have used the same shapes)."""
+    joint._chosen.pop(key, None)
+    joint._verdicts.pop(key, None)
+
+
 class Counted:
     """A host attention function that counts its calls."""
 
@@ -62,8 +68,7 @@ def test_sdpa_host_is_served_by_the_kernel_that_equals_it(dtype, gqa):
     host = Counted(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa))
     expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     key = joint._signature(q, k, v, None, None)
-    joint._chosen.pop(key, None)
-    joint._verdicts.pop(key, None)
+    forget(key)
     for call in range(3):
         rec = recorder()
         out = rec.attend_joint("double.0", "double", q, k, v, 4, text=text, image=image, reference=host,
@@ -87,7 +92,7 @@ def test_host_no_kernel_equals_keeps_its_output_and_is_not_asked_again():
 
     host = Counted(perturbed)
     key = joint._signature(q, k, v, None, None)
-    joint._chosen.pop(key, None)
+    forget(key)
     for call in range(3):
         rec = recorder()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -115,7 +120,7 @@ def test_verdict_is_kept_per_input_signature():
     keys = set()
     for name, (qq, kk, vv, scale) in variants.items():
         key = joint._signature(qq, kk, vv, None, scale)
-        joint._chosen.pop(key, None)
+        forget(key)
         keys.add(key)
         host = Counted(lambda qq=qq, kk=kk, vv=vv, scale=scale: F.scaled_dot_product_attention(qq, kk, vv, scale=scale))
         for _ in range(3):

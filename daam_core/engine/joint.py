@@ -329,8 +329,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, refere
     """
     finish = finish or (lambda t: t)
     key = _signature(q, k, v, mask, scale)
-    if key in _chosen:
-        name = _chosen[key]
+    if key in _verdicts:  # asked before (clearing _verdicts makes every signature be asked again)
+        name = _chosen.get(key)
         if name is None:
             return reference(), None
         res = _run(name, q, k, v, _float_mask(mask, q.dtype), scale)
