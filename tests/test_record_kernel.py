@@ -49,6 +49,17 @@ def test_triton_kernel_equals_fp64_softmax_and_torch_path(interpreted):
     assert not bad, bad
 
 
+@pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs CUDA and triton")
+def test_compiled_kernel_on_cuda_equals_fp64_softmax_and_torch_path():
+    """The same cases with the compiled kernel on the GPU (the recorder's "auto" choice there)."""
+    sys.path.insert(0, str(ROOT / "tests" / "helpers"))
+    import record_kernel_cases
+
+    bad = {f"{name}/{pair}": e[pair] for name, e in record_kernel_cases.compare("cuda").items()
+           for pair in ("triton_vs_fp64", "torch_vs_fp64", "triton_vs_torch") if not e[pair]["rel"] <= 1e-5}
+    assert not bad, bad
+
+
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 def test_triton_path_makes_no_work_buffer_after_the_first_call(interpreted):
     for name, e in interpreted.items():

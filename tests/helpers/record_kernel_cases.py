@@ -15,11 +15,9 @@ import sys
 
 import torch
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-
-from daam_core.engine import kernels  # noqa: E402
-from daam_core.engine.geometry import PatchGrid  # noqa: E402
-from daam_core.engine.recorder import AttentionRecorder, RecordFilter, Stream  # noqa: E402
+from daam_core.engine import kernels
+from daam_core.engine.geometry import PatchGrid
+from daam_core.engine.recorder import AttentionRecorder, RecordFilter, Stream
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,7 +50,17 @@ def errors(got, ref):
     return {"rel": rel, "abs": (got - ref).abs().max().item()}
 
 
-def run(kind, kernel, calls, n_streams, tokens, filt, grid):
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_to(v, device) for v in x)
+    return x
+
+
+def run(kind, kernel, calls, n_streams, tokens, filt, grid, device="cpu"):
     rec = AttentionRecorder(filt)
     rec.kernel = kernel
     rec.joint_lse_kernel = False
@@ -60,9 +68,9 @@ def run(kind, kernel, calls, n_streams, tokens, filt, grid):
     allocs = []
     for rows_of_call, args, kw in calls:
         rec.set_call(rows_of_call, 0.5)
-        (rec.record if kind == "cross" else rec.record_joint)(*args, **kw)
+        (rec.record if kind == "cross" else rec.record_joint)(*_to(args, device), **_to(kw, device))
         allocs.append(rec.scratch_allocations)
-    return rec.finish().sums["x"], allocs
+    return rec.finish().sums["x"].cpu(), allocs
 
 
 def cross_case(dtype, heads_sel=None, fold=False, cut=False, skip_row=False, steps=2, t=5, uniform=False):
@@ -148,16 +156,28 @@ def cases():
                                                                      skip_row=True, t=18)
 
 
-def main():
+def compare(device="cpu"):
+    """Every case on ``device`` (CPU: the interpreter, ``kernel="triton"``; CUDA: the compiled kernel); the
+    module's token tile width is restored afterwards."""
     torch.manual_seed(0)
     out = {}
-    for name, kind, (calls, ref, n_streams, tokens, filt, grid) in cases():
-        tri, allocs = run(kind, "triton", calls, n_streams, tokens, filt, grid)
-        tor, _ = run(kind, "torch", calls, n_streams, tokens, filt, grid)
-        out[name] = {"triton_vs_fp64": errors(tri, ref), "torch_vs_fp64": errors(tor, ref),
-                     "triton_vs_torch": errors(tri, tor), "scratch_allocations": allocs,
-                     "ref_max": ref.abs().max().item()}
-    print(json.dumps(out))
+    width = kernels.BLOCK_T_MAX
+    try:
+        for name, kind, (calls, ref, n_streams, tokens, filt, grid) in cases():
+            tri, allocs = run(kind, "triton" if device == "cpu" else "auto", calls, n_streams, tokens, filt, grid,
+                              device)
+            tor, _ = run(kind, "torch", calls, n_streams, tokens, filt, grid, device)
+            out[name] = {"triton_vs_fp64": errors(tri, ref), "torch_vs_fp64": errors(tor, ref),
+                         "triton_vs_torch": errors(tri, tor), "scratch_allocations": allocs,
+                         "ref_max": ref.abs().max().item()}
+    finally:
+        kernels.BLOCK_T_MAX = width
+    return out
+
+
+def main():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (or call compare('cuda'))"
+    print(json.dumps(compare("cpu")))
 
 
 if __name__ == "__main__":
