@@ -67,8 +67,8 @@ def workspace_bytes(rows: int, heads: int, kv_heads: int, n_img: int, length: in
     """Upper bound of the extra memory one recorded call of the torch path allocates (bytes).
 
     The recorder keeps these work buffers from call to call (until ``finish``), so a call of a shape seen before
-    allocates none of it again. ``chunk`` queries are processed at once, ``chunk = max(1, chunk_elements // (rows * heads * keys))`` with
-    ``keys = text`` when the log-sum-exp is known (given, or from :func:`image_lse`: ``lse_kernel``), else
+    allocates none of it again. ``chunk`` queries are processed at once,
+    ``chunk = max(1, chunk_elements // (rows * heads * keys))`` with ``keys = text`` when the log-sum-exp is known (given, or from :func:`image_lse`: ``lse_kernel``), else
     ``length``. Terms (fp32 = 4 bytes, ``e`` = bytes of ``dtype``):
 
     - scores of a chunk, ``rows * heads * chunk * keys``, and the same again for temporaries of the in-place
