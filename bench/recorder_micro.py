@@ -69,6 +69,12 @@ def median_ms(fn, reps: int) -> float:
     return round(1000 * statistics.median(ts), 3)
 
 
+def spread(ts: list[float]) -> list[float]:
+    """10th and 90th percentile of times ``ts`` (s) in ms."""
+    q = statistics.quantiles(ts, n=10)
+    return [round(1000 * q[0], 3), round(1000 * q[-1], 3)]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=512)
@@ -155,8 +161,10 @@ def main():
         nat, recd = times["native"], times["record"]
         entry["native_cross_attention_ms"] = round(1000 * statistics.median(nat), 3)
         entry["record_ms"] = round(1000 * statistics.median(recd), 3)
+        entry["record_ms_p10_p90"] = spread(recd)
         if old is not None:
             entry["baseline_record_ms"] = round(1000 * statistics.median(times["baseline"]), 3)
+            entry["baseline_record_ms_p10_p90"] = spread(times["baseline"])
             entry["baseline_record_ms_per_unet_call"] = round(entry["baseline_record_ms"] * layers_per_factor[factor], 3)
         entry["record_over_native"] = round(entry["record_ms"] / entry["native_cross_attention_ms"], 3)
         entry["steps_ms"] = {name: median_ms(fn, args.reps) for name, fn in steps.items()}

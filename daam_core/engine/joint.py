@@ -7,16 +7,17 @@ global quantity is each image query's log-sum-exp over the ``L`` keys:
 
     P[n, t] = exp(s * q_n . k_t + mask[n, t] - lse_n),   lse_n = log sum_j exp(s * q_n . k_j + mask[n, j])
 
-Two ways to get ``lse`` without an ``[L, L]`` tensor:
+Ways to get ``lse`` without an ``[L, L]`` tensor:
 
-- :func:`attention_with_lse`: the host's attention *is* PyTorch SDPA; the same fused kernel SDPA dispatches to
-  (the CPU flash kernel, on CUDA the flash or memory-efficient kernel) also returns ``lse``. Its output is
-  compared bit for bit with the host's call once per input signature; only a signature that matched is served
-  by the kernel afterwards, so the host's output never changes.
-- :func:`image_lse`, for hosts on other attention code (CPU): the flash kernel run on the image queries with zero
-  values, only its log-sum-exp used (about a third of the time of computing it unfused here);
-- :func:`joint_text_probs` without ``lse``: the scores of a chunk of image queries against all keys are computed
-  and normalised in place, chunk by chunk (peak memory is one chunk, see :func:`workspace_bytes`).
+- :func:`attention_with_lse`: the host's attention *is* PyTorch SDPA. The fused kernels that also return ``lse``
+  (:data:`CANDIDATES`: the CPU flash kernel; on CUDA cuDNN, flash, memory-efficient) are each compared bit for
+  bit with the host's call once per input signature; the one that matched serves that signature afterwards, so
+  the host's output never changes, and none is used where none matched.
+- Hosts on other attention code (xformers, sage, ComfyUI's split / sub-quadratic functions, another override):
+  on CUDA the recording kernel computes ``lse`` itself, an online max / sum pass over the keys without V
+  (:mod:`daam_core.engine.kernels`); on the CPU :func:`image_lse` (the flash kernel on the image queries with
+  zero values, only its log-sum-exp used) or, failing that, the chunked torch path of the recorder, which scores
+  a chunk of image queries against all keys and normalises it in place.
 
 Shapes: ``B`` batch rows, ``H`` query heads, ``Hk`` key heads (``H`` a multiple of ``Hk``: grouped-query heads,
 query head ``h`` uses key head ``h // (H // Hk)`` as ``repeat_interleave`` / SDPA ``enable_gqa``), ``D`` head dim.
@@ -28,6 +29,8 @@ import math
 from typing import Callable
 
 import torch
+
+from .kernels import record_torch
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 23  # fp32 scores per chunk (32 MiB)
 
@@ -61,10 +64,11 @@ def mask_4d(mask: torch.Tensor | None) -> torch.Tensor | None:
 def workspace_bytes(rows: int, heads: int, kv_heads: int, n_img: int, length: int, text: int, dim: int,
                     dtype: torch.dtype, with_lse: bool, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                     lse_kernel: bool = False, threads: int | None = None) -> int:
-    """Upper bound of the extra memory one recorded call allocates (bytes).
+    """Upper bound of the extra memory one recorded call of the torch path allocates (bytes).
 
-    ``chunk`` queries are processed at once, ``chunk = max(1, chunk_elements // (rows * heads * keys))`` with
-    ``keys = text`` when the log-sum-exp is known (given, or from :func:`image_lse`: ``lse_kernel``), else
+    The recorder keeps these work buffers from call to call (until ``finish``), so a call of a shape seen before
+    allocates none of it again. ``chunk`` queries are processed at once,
+    ``chunk = max(1, chunk_elements // (rows * heads * keys))`` with ``keys = text`` when the log-sum-exp is known (given, or from :func:`image_lse`: ``lse_kernel``), else
     ``length``. Terms (fp32 = 4 bytes, ``e`` = bytes of ``dtype``):
 
     - scores of a chunk, ``rows * heads * chunk * keys``, and the same again for temporaries of the in-place
@@ -94,22 +98,10 @@ def workspace_bytes(rows: int, heads: int, kv_heads: int, n_img: int, length: in
     return total
 
 
-def _grouped_scores(qc: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
-    """Scores ``[b, H, c, K]`` of query chunk ``qc [b, H, c, D]`` against ``kt [b, Hk, D, K]`` (grouped heads)."""
-    b, h, c, d = qc.shape
-    hk = kt.shape[1]
-    if hk == h:
-        return torch.matmul(qc, kt)
-    g = h // hk
-    # heads hk*g .. hk*g+g-1 share key head hk: stack their queries on the row axis
-    scores = torch.matmul(qc.reshape(b, hk, g * c, d), kt)
-    return scores.view(b, h, c, kt.shape[-1])
-
-
 def joint_text_probs(q_img: torch.Tensor, k: torch.Tensor, text: tuple[int, int], scale: float,
                      emit: Callable[[int, int, torch.Tensor], None], *, mask: torch.Tensor | None = None,
                      lse: torch.Tensor | None = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
-    """Head-summed probabilities of image queries over the text keys, softmax over all keys, chunked.
+    """Head-summed probabilities of image queries over the text keys, softmax over all keys, chunked (torch).
 
     Parameters
     ----------
@@ -131,35 +123,17 @@ def joint_text_probs(q_img: torch.Tensor, k: torch.Tensor, text: tuple[int, int]
         Log-sum-exp of ``scale * q . k + mask`` over all ``L`` keys; when given only the text keys are scored.
     chunk_elements : int
         Scores computed at once (sets the chunk size; see :func:`workspace_bytes`).
+
+    The recorder's own path is :func:`daam_core.engine.kernels.record_torch` with reused buffers; this is it with
+    fresh ones.
     """
-    b, h, n, d = q_img.shape
-    hk = k.shape[1]
-    if h % hk:
-        raise ValueError(f"{h} query heads are not a multiple of {hk} key heads")
+    if q_img.shape[1] % k.shape[1]:
+        raise ValueError(f"{q_img.shape[1]} query heads are not a multiple of {k.shape[1]} key heads")
     t0, t1 = text
-    keys = k[:, :, t0:t1] if lse is not None else k
-    kt = keys.float().transpose(-1, -2)  # [b, Hk, D, K]
-    width = kt.shape[-1]
-    chunk = min(n, max(1, chunk_elements // max(1, b * h * width)))
-    for n0 in range(0, n, chunk):
-        n1 = min(n, n0 + chunk)
-        # the scale goes on the query chunk (D wide) rather than on the scores (K wide)
-        scores = _grouped_scores(q_img[:, :, n0:n1].float() * scale, kt)  # [b, H, c, K] fp32, fresh
-        if mask is not None:
-            m = mask[..., n0:n1, t0:t1] if lse is not None else mask[..., n0:n1, :]
-            if m.dtype == torch.bool:
-                scores.masked_fill_(m.logical_not(), -math.inf)
-            else:
-                scores.add_(m)
-        if lse is not None:
-            scores.sub_(lse[:, :, n0:n1, None]).exp_()
-            probs = scores
-        else:
-            top = scores.amax(dim=-1, keepdim=True)
-            scores.sub_(top).exp_()
-            total = scores.sum(dim=-1, keepdim=True)
-            probs = scores[..., t0:t1].div_(total)
-        emit(n0, n1, probs.sum(dim=1))
+    if lse is not None:
+        k, mask, text = k[:, :, t0:t1], (None if mask is None else mask[..., t0:t1]), (0, t1 - t0)
+    record_torch(q_img, k.float().transpose(-1, -2).contiguous(), scale, text, emit,
+                 lambda role, shape: torch.empty(shape), lse=lse, mask=mask, chunk_elements=chunk_elements)
 
 
 def image_lse(q_img: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None
@@ -203,7 +177,7 @@ _verdicts: dict[tuple, bool] = {}
 
 def _signature(q, k, v, mask, scale) -> tuple:
     m = None if mask is None else (tuple(mask.shape), mask.dtype, tuple(mask.stride()))
-    return (q.device.type, q.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape), tuple(q.stride()),
+    return (q.device, q.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape), tuple(q.stride()),
             tuple(k.stride()), tuple(v.stride()), m, scale, torch.__version__)
 
 
@@ -213,39 +187,97 @@ def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask.logical_not(), -math.inf)
 
 
-def fused_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                        mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Output ``[B, H, L, D]`` and log-sum-exp ``[B, H, L]`` (fp32) of the fused kernel SDPA would use.
+def _cpu_flash(q, k, v, mask, scale):
+    if q.shape[1] % k.shape[1]:
+        return None  # the CPU kernel divides the head counts: an uneven ratio would crash the process
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                      scale=scale)[:2]
 
-    q, k, v: ``[B, H, L, D]`` (k, v may have fewer heads). Returns None when no such kernel takes these inputs
-    (then the caller computes the normaliser itself). The output is not yet proven equal to SDPA's: use
-    :func:`attention_with_lse`.
+
+def _cudnn(q, k, v, mask, scale):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, mask, True, 0.0, False, False,
+                                                              scale=scale)[:2]
+
+
+def _flash(q, k, v, mask, scale):
+    if mask is not None:
+        return None  # no bias input
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+
+
+def _efficient(q, k, v, mask, scale):
+    if mask is not None:
+        mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, mask, True, 0.0, False, scale=scale)[:2]
+
+
+# Fused kernels that also return the log-sum-exp, per device type, in the order they are asked. Which one SDPA
+# dispatches to depends on the GPU, dtype, shapes, torch version and user settings: it is never guessed, each is
+# compared with the host's own output (cuDNN is SDPA's choice for bf16 / fp16 on Hopper with torch 2.11).
+CANDIDATES: dict[str, tuple[tuple[str, Callable], ...]] = {
+    "cpu": (("flash_cpu", _cpu_flash),),
+    "cuda": (("cudnn", _cudnn), ("flash", _flash), ("efficient", _efficient)),
+}
+
+_BY_NAME = {name: fn for device in CANDIDATES.values() for name, fn in device}
+_chosen: dict[tuple, str | None] = {}  # signature -> the candidate proven equal to the host, None: none is
+
+
+def lse_layout(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
+    """A kernel's log-sum-exp as ``[B, H, L]`` fp32 (a view where possible), or None for an unknown layout.
+
+    Layouts seen: ``[B, H, L]`` (CPU flash), ``[B, H, L, 1]`` (cuDNN), ``[B, H, L_padded]`` (flash /
+    memory-efficient pad the query axis to their block size).
     """
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or q.requires_grad:
+    b, h, length = q.shape[0], q.shape[1], q.shape[2]
+    if lse.ndim == 4 and lse.shape[-1] == 1:
+        lse = lse[..., 0]
+    if lse.ndim != 3 or tuple(lse.shape[:2]) != (b, h) or lse.shape[2] < length:
         return None
+    lse = lse[..., :length]
+    return lse if lse.dtype == torch.float32 else lse.float()
+
+
+def _run(name: str, q, k, v, mask, scale):
+    """Output and ``[B, H, L]`` log-sum-exp of candidate ``name``, or None when it refuses the inputs."""
+    try:
+        res = _BY_NAME[name](q, k, v, mask, scale)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return None
+    if res is None:
+        return None
+    lse = lse_layout(res[1], q)
+    return None if lse is None else (res[0], lse)
+
+
+def _takes(q, k, v, mask) -> bool:
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or q.requires_grad:
+        return False
     if (q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1]
             or k.dtype != q.dtype or v.dtype != q.dtype):
-        return None  # the CPU kernel divides the head counts: an uneven ratio would crash the process
+        return False
+    if q.device.type != "cpu" and k.shape[1] != q.shape[1]:
+        return False  # grouped heads: the host's SDPA repeats them its own way
+    return mask is None or mask.dtype == q.dtype
+
+
+def fused_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                        mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Output ``[B, H, L, D]`` and log-sum-exp ``[B, H, L]`` (fp32) of the first fused kernel of this device that
+    takes the inputs (the one proven equal to the host for this signature, when known).
+
+    q, k, v: ``[B, H, L, D]`` (k, v may have fewer heads). Returns None when no such kernel takes these inputs.
+    The output is not proven equal to SDPA's: use :func:`attention_with_lse`.
+    """
     m = _float_mask(mask, q.dtype)
-    if m is not None and m.dtype != q.dtype:
+    if not _takes(q, k, v, m):
         return None
-    try:
-        if q.device.type == "cpu":
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, 0.0, False, attn_mask=m, scale=scale)
-            return out, lse
-        if q.device.type == "cuda":  # not run on the CPU-only test machine; guarded by the bit-for-bit check
-            if k.shape[1] != q.shape[1]:
-                return None
-            if m is None and q.dtype != torch.float32:
-                res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
-                return res[0], res[1][..., :q.shape[2]]
-            res = torch.ops.aten._scaled_dot_product_efficient_attention(
-                q, k, v, m.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if m is not None else None,
-                True, 0.0, False, scale=scale)
-            return res[0], res[1][..., :q.shape[2]]
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
+    chosen = _chosen.get(_signature(q, k, v, mask, scale))
+    names = [chosen] if chosen else [n for n, _ in CANDIDATES.get(q.device.type, ())]
+    for name in names:
+        res = _run(name, q, k, v, m, scale)
+        if res is not None:
+            return res
     return None
 
 
@@ -289,26 +321,36 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, refere
 
     Notes
     -----
-    The first call of each input signature (device, dtype, shapes, strides, mask, scale, torch version) runs the
-    kernel and ``reference()`` and compares them with ``torch.equal`` (and the log-sum-exp with a direct one on a
-    few rows); only a signature that matched uses the kernel alone afterwards. One host synchronisation per new
-    signature, none after.
+    Ask, don't guess: the first call of each input signature (device, dtype, shapes, strides, mask, scale, torch
+    version) runs ``reference()`` and then each of the device's :data:`CANDIDATES` until one's output is
+    ``torch.equal`` to it (and its log-sum-exp agrees with a direct one on a few rows); that kernel alone serves
+    the signature afterwards (``reference`` is not called). With none, ``reference()`` is called every time and
+    no kernel runs. One host synchronisation per new signature, none after.
     """
     finish = finish or (lambda t: t)
     key = _signature(q, k, v, mask, scale)
-    verdict = _verdicts.get(key)
-    if verdict is False:
-        return reference(), None
-    fused = fused_attention_lse(q, k, v, scale=scale, mask=mask)
-    if fused is None:
-        _verdicts[key] = False
-        return reference(), None
-    out, lse = fused
-    if verdict is None:
-        host = reference()
+    if key in _verdicts:  # asked before (clearing _verdicts makes every signature be asked again)
+        name = _chosen.get(key)
+        if name is None:
+            return reference(), None
+        res = _run(name, q, k, v, _float_mask(mask, q.dtype), scale)
+        if res is not None:
+            return finish(res[0]), res[1]
+        return reference(), None  # cannot happen for one signature; stay correct if it does
+    host = reference()
+    m = _float_mask(mask, q.dtype)
+    chosen, lse = None, None
+    if _takes(q, k, v, m):
         s = scale if scale is not None else q.shape[-1] ** -0.5
-        ok = (host.shape == finish(out).shape and host.dtype == out.dtype and torch.equal(finish(out), host)
-              and _lse_check(q, k, mask, s, lse))
-        _verdicts[key] = ok
-        return host, (lse if ok else None)
-    return finish(out), lse
+        for name, _ in CANDIDATES.get(q.device.type, ()):
+            res = _run(name, q, k, v, m, scale)
+            if res is None:
+                continue
+            out = finish(res[0])
+            if (out.shape == host.shape and out.dtype == host.dtype and torch.equal(out, host)
+                    and _lse_check(q, k, mask, s, res[1])):
+                chosen, lse = name, res[1]
+                break
+    _chosen[key] = chosen
+    _verdicts[key] = chosen is not None
+    return host, lse

@@ -1,14 +1,14 @@
-"""Streaming accumulation of cross-attention probabilities.
+"""Streaming accumulation of image->text attention probabilities (UNet cross-attention, joint attention).
 
 A host adapter tells the recorder when a sampling begins (latent size, which image/branch each
 batch row belongs to), whether the current model call is inside the time window, and hands it the
 query and key of every cross-attention call. The recorder keeps one fp32 running sum per layer of
 shape ``[streams, N_layer, T]``; its memory does not depend on the number of steps.
 
-Everything that can be decided once (layer filters, spatial shape, row -> stream index tensors) is
-cached, so the per-call work is: one batched ``q @ k^T`` scaled in the same kernel, the softmax in place, a sum
-over heads and one ``index_add_`` into the running sum, in work buffers reused from call to call. No host
-synchronisation happens on the hot path.
+Both kinds of call go through one plan (:meth:`CrossAttentionRecorder._plan`, cached per row layout and key
+count: rows, streams, token groups, context copies) and one accumulation (:meth:`CrossAttentionRecorder._accumulate`):
+on CUDA one Triton launch per call (:mod:`daam_core.engine.kernels`), elsewhere the torch path in reused work
+buffers. No host synchronisation happens on the hot path.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from . import joint
+from . import joint, kernels
 from .geometry import PARTS, LayerInfo, UNetGrid, is_power_of_two
 
 BRANCHES = ("cond", "uncond")
@@ -178,13 +178,23 @@ class _Call:
 
 @dataclass(frozen=True)
 class _Plan:
-    """Cached per (row layout, key length, device): the rows to gather (None: all of them, no gather) and, per
-    group of rows with one token count, ``(rows of the group or None, their stream indices, tokens, fold)``;
-    ``fold`` is the number of repeated context copies to sum (1: none), 0 to cut extra keys; ``warnings`` says
-    what had to be cut or skipped."""
+    """What to do with a call's rows and text keys, cached per (row layout, text key count, device).
+
+    Attributes
+    ----------
+    rows : Tensor or None
+        Batch rows to gather for the torch path (None: all rows, in order: no gather).
+    groups : tuple of kernels.Group
+        Per prompt token count: which gathered rows, their streams, tokens and context copies (torch path).
+    table : kernels.Table
+        The same per row for the Triton kernel (batch row, stream, tokens, copies; int32 on the device).
+    warnings : tuple of str
+        What had to be cut.
+    """
 
     rows: torch.Tensor | None
-    steps: tuple
+    groups: tuple
+    table: object
     warnings: tuple[str, ...] = ()
 
 
@@ -336,6 +346,12 @@ class CrossAttentionRecorder:
         self.layers[name] = layer
         return layer
 
+    # -- one plan, one accumulation for both kinds of call ------------------------------------------------
+    kernel: str = "auto"  # "auto": Triton on CUDA when importable, else torch; "torch"; "triton" (CPU: interpreter)
+    joint_chunk_elements: int = joint.DEFAULT_CHUNK_ELEMENTS  # fp32 scores per chunk of the torch path
+    joint_lse_kernel: bool = True  # torch path, joint call without lse: ask the CPU flash kernel (joint.image_lse)
+    scratch_allocations: int = 0  # work buffers made so far (a warmed-up call makes none)
+
     def record(self, name: str, part: str, q: torch.Tensor, k: torch.Tensor, heads: int,
                scale: float | None = None, skip_reshape: bool = False) -> None:
         """Accumulate one cross-attention call.
@@ -355,60 +371,160 @@ class CrossAttentionRecorder:
 
         Notes
         -----
-        Per call: one ``baddbmm`` with the scale as its ``alpha`` into a reused scratch buffer, the softmax in
-        place, the sum over heads into a second reused buffer, one ``index_add_`` into the running sum. Rows are
-        gathered only when some batch rows are not recorded; fp32 inputs are never copied to fp32.
+        The softmax is over the ``T`` keys; the call goes through :meth:`_accumulate` like a joint one (text =
+        all keys, normaliser computed there).
         """
         if not self.wants(name, part):
             return
         n = q.shape[2] if skip_reshape else q.shape[1]
         if self._layer(name, part, "cross", n, heads) is None:
             return
-        t_call = k.shape[2] if skip_reshape else k.shape[1]
-        plan = self._plan(t_call, q.device)
-        for msg in plan.warnings:
-            msg = f"{name}: {msg}"
-            if msg not in self.warnings:
-                self.warnings.append(msg)
-        if plan.rows is not None:
-            q, k = q.index_select(0, plan.rows), k.index_select(0, plan.rows)
-        b = q.shape[0]
         if skip_reshape:  # [B, H, N, D], [B, H, T, D]
-            qh, kh = q, k.transpose(-1, -2)
+            qh, kh = q, k
         else:
+            b, t_call = q.shape[0], k.shape[1]
             qh = q.view(b, n, heads, -1).transpose(1, 2)
-            kh = k.view(b, t_call, heads, -1).permute(0, 2, 3, 1)  # [B, H, D, T]
-        if self.filter.heads is not None:
-            sel = self._heads(q.device)
-            qh, kh = qh.index_select(1, sel), kh.index_select(1, sel)
-        h, d = qh.shape[1], qh.shape[-1]
-        qh = qh.reshape(b * h, n, d).float()  # copies only what is not already [B*H, N, D] fp32
-        kh = kh.reshape(b * h, d, t_call).float()
-        scores = self._scratch("scores", (b * h, n, t_call), q.device)
-        torch.baddbmm(scores, qh, kh, beta=0.0, alpha=scale if scale is not None else d ** -0.5, out=scores)
-        torch.softmax(scores, dim=-1, out=scores)
-        if h == 1:
-            probs = scores.view(b, n, t_call)
-        else:
-            probs = torch.sum(scores.view(b, h, n, t_call), dim=1, out=self._scratch("probs", (b, n, t_call), q.device))
-        self._accumulate(name, probs, plan)
+            kh = k.view(b, t_call, heads, -1).transpose(1, 2)
+        self._accumulate(name, qh, kh, (0, kh.shape[2]), scale)
+
+    def _accumulate(self, name: str, q: torch.Tensor, k: torch.Tensor, text: tuple[int, int],
+                    scale: float | None, mask: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> None:
+        """Add one call's head-summed probabilities ``[streams, N, T]`` into the layer's running sum.
+
+        Parameters
+        ----------
+        q : Tensor ``[B, H, N, D]``
+            The recorded queries (all batch rows and heads of the call, any strides).
+        k : Tensor ``[B, Hk, L, D]``
+            All keys; ``H`` a multiple of ``Hk``.
+        text : (int, int)
+            The text keys ``[start, stop)`` on the key axis (cross-attention: all of them).
+        scale : float or None
+            Softmax scale (None: ``D ** -0.5``).
+        mask : Tensor ``[B or 1, H or 1, N, L]``, optional
+            Additive or boolean (True = attend) mask rows of the recorded queries.
+        lse : Tensor ``[B, H, N]``, optional
+            The queries' log-sum-exp over all ``L`` keys; without it the softmax is taken over all keys here.
+
+        Triton on CUDA (:func:`~daam_core.engine.kernels.record_triton`, one launch), the torch path elsewhere.
+        """
+        plan = self._plan(name, text[1] - text[0], q.device)
+        if plan is None:
+            return
+        for msg in plan.warnings:
+            self._warn_once(f"{name}: {msg}")
+        s = scale if scale is not None else q.shape[-1] ** -0.5
+        acc = self._running_sum(name, q.shape[2], q.device)
+        if not (kernels.usable(q, k, self.kernel) and self._triton(plan, acc, q, k, text, s, mask, lse)):
+            self._accumulate_torch(plan, acc, q, k, text, s, mask, lse)
         self._count_call(name)
 
-    def _scratch(self, role: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """A reused fp32 work buffer (calls of one shape share it; on the CPU this saves the page faults of a
-        fresh allocation per call). Dropped by ``begin`` and ``finish``."""
-        key = (role, shape, device)
+    def _triton(self, plan: "_Plan", acc, q, k, text, scale, mask, lse) -> bool:
+        """The CUDA path of :meth:`_accumulate`; False (and the torch path from then on, with a warning) when the
+        kernel cannot be compiled or launched here: recording must never break the host's sampling."""
+        try:
+            kernels.record_triton(q, k, acc, plan.table, self._head_table(q.shape[1], q.device), scale, text,
+                                  normaliser=None if lse is not None else (0, k.shape[2]), lse=lse, mask=mask,
+                                  lse_buffer=lambda shape: self._scratch("lse", shape, q.device))
+            return True
+        except Exception as e:  # noqa: BLE001 - a compiler or driver error of any kind; raised before any write
+            self.kernel = "torch"
+            self._warn_once(f"the Triton recording kernel failed ({type(e).__name__}: {e}); the torch path records "
+                            f"instead")
+            return False
+
+    def _accumulate_torch(self, plan: "_Plan", acc, q, k, text, scale, mask, lse) -> None:
+        """The CPU path of :meth:`_accumulate`: gather the recorded rows and heads into fp32 work buffers, score
+        chunks of queries (:func:`~daam_core.engine.kernels.record_torch`), add each into the running sum."""
+        heads = self._heads(q.device) if self.filter.heads is not None else None
+        rows = plan.rows
+        t0, t1 = text
+        kv_heads = None if heads is None else self._kv_heads(heads, q.shape[1] // k.shape[1])
+        q = self._gather("q", q, rows, heads)
+        if lse is not None:
+            lse = self._gather("lse", lse, rows, heads)
+        full = (t0, t1) == (0, k.shape[2])
+        if lse is None and not full and self.joint_lse_kernel:
+            k_all = self._gather("k", k, rows, kv_heads)
+            m = self._gather_mask(mask, rows, heads)
+            lse = joint.image_lse(q, k_all, scale, m)
+            k = k_all[:, :, t0:t1] if lse is not None else k_all
+        else:
+            k = self._gather("k", k if (lse is None or full) else k[:, :, t0:t1], rows, kv_heads)
+        if lse is not None and mask is not None:
+            mask = mask[..., t0:t1]
+        mask = self._gather_mask(mask, rows, heads)
+        work = lambda role, shape: self._scratch(role, shape, q.device)  # noqa: E731
+        kf = kernels.operand(k.transpose(-1, -2), work, "k32")
+        span = (0, t1 - t0) if (lse is not None or full) else text
+        chunk = (self.joint_chunk_elements if not full else
+                 max(self.joint_chunk_elements, q.shape[0] * q.shape[1] * q.shape[2] * kf.shape[-1]))
+        groups = plan.groups
+
+        def emit(n0: int, n1: int, probs: torch.Tensor) -> None:
+            for g in groups:
+                part = probs if g.select is None else probs.index_select(0, g.select)
+                width = g.tokens * g.fold
+                if part.shape[-1] != width:
+                    part = part[..., :width]  # keys past the prompt's copies: normaliser only
+                if g.fold > 1:
+                    part = part.reshape(part.shape[0], part.shape[1], g.fold, g.tokens).sum(dim=2)
+                dest = acc[:, n0:n1] if (n0, n1) != (0, acc.shape[1]) else acc
+                dest = dest if g.tokens == acc.shape[-1] else dest[..., :g.tokens]
+                if g.span is not None:  # consecutive streams: a plain add (index_add_ is slow on the CPU)
+                    dest[g.span[0]:g.span[1]].add_(part)
+                else:
+                    dest.index_add_(0, g.target, part)
+
+        kernels.record_torch(q, kf, scale, span, emit, work, lse=lse, mask=mask, chunk_elements=chunk)
+
+    def _scratch(self, role: str, shape: tuple[int, ...], device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A reused work buffer (calls of one shape share it; on the CPU this saves the page faults of a fresh
+        allocation per call, on CUDA the allocator's work). Dropped by ``begin`` and ``finish``."""
+        key = (role, tuple(shape), device, dtype)
         buf = self._buffers.get(key)
         if buf is None:
-            buf = torch.empty(shape, dtype=torch.float32, device=device)
+            buf = torch.empty(shape, dtype=dtype, device=device)
             self._buffers[key] = buf
+            self.scratch_allocations += 1
         return buf
+
+    def _gather(self, role: str, x: torch.Tensor, rows: torch.Tensor | None, heads: torch.Tensor | None):
+        """``x [B, H, ...]`` restricted to the recorded batch rows and heads (a work buffer; ``x`` itself when
+        both are None)."""
+        if rows is not None:
+            x = torch.index_select(x, 0, rows, out=self._scratch(role + ".rows", (rows.shape[0],) + x.shape[1:],
+                                                                 x.device, x.dtype))
+        if heads is not None:
+            x = torch.index_select(x, 1, heads, out=self._scratch(
+                role + ".heads", (x.shape[0], heads.shape[0]) + x.shape[2:], x.device, x.dtype))
+        return x
+
+    def _gather_mask(self, mask, rows, heads):
+        if mask is None:
+            return None
+        if rows is not None and mask.shape[0] > 1:
+            mask = self._gather("mask", mask, rows, None)
+        if heads is not None and mask.shape[1] > 1:
+            mask = self._gather("mask", mask, None, heads)
+        return mask
 
     def _heads(self, device: torch.device) -> torch.Tensor:
         key = ("heads", device)
         hit = self._index_cache.get(key)
         if hit is None:
             hit = torch.tensor(self.filter.heads, dtype=torch.long, device=device)
+            self._index_cache[key] = hit
+        return hit
+
+    def _head_table(self, heads: int, device: torch.device) -> torch.Tensor:
+        """The kernel's head list, int32: the filter's heads or all ``heads``."""
+        key = ("head_table", heads, device)
+        hit = self._index_cache.get(key)
+        if hit is None:
+            hit = torch.tensor(self.filter.heads if self.filter.heads is not None else range(heads),
+                               dtype=torch.int32, device=device)
             self._index_cache[key] = hit
         return hit
 
@@ -422,34 +538,47 @@ class CrossAttentionRecorder:
             self._index_cache[key] = hit
         return hit
 
-    def _plan(self, t_call: int, device: torch.device) -> "_Plan":
-        """What to do with a call's rows and keys, worked out once per (row layout, key length, device)."""
+    def _plan(self, name: str, t_call: int, device: torch.device) -> "_Plan | None":
+        """What to do with a call's rows and text keys, worked out once per (row layout, text key count,
+        device); None when no row can be recorded (the reason is in ``self.warnings``)."""
         key = ("plan", self._call.rows, t_call, device)
-        plan = self._index_cache.get(key)
-        if plan is not None:
+        if key in self._index_cache:
+            plan = self._index_cache[key]
+            if plan is None:
+                self._warn_once(f"{name}: {self._index_cache[key + ('why',)]}")
             return plan
         idx, streams = self._rows(device)
         all_rows = len(streams) == len(self._call.rows)
-        groups: dict[int, list[int]] = {}  # rows grouped by their prompt's token count; usually one group
+        batch_rows = [i for i, s in enumerate(self._call.rows) if s is not None]  # host ints: no device read
+        by_tokens: dict[int, list[int]] = {}  # recorded rows grouped by their prompt's token count; usually one
         for j, s in enumerate(streams):
-            groups.setdefault(self.token_counts[self.streams[s].prompt], []).append(j)
-        steps, warnings = [], []
-        for t, members in groups.items():
+            by_tokens.setdefault(self.token_counts[self.streams[s].prompt], []).append(j)
+        groups, warnings, kept = [], [], []
+        for t, members in by_tokens.items():
             if t_call % t == 0:
                 fold = t_call // t  # > 1: the host repeated the context to a common length; fold the copies
             elif t_call > t:
-                fold = 0  # extra keys appended by another extension: keep the prompt's
-                warnings.append(f"key length {t_call} is not a multiple of the prompt's {t}; extra keys ignored")
+                fold = 1  # extra keys appended (another extension, a longer joint text): keep the prompt's
+                warnings.append(f"key length {t_call} is not a multiple of the prompt's {t} tokens; extra keys "
+                                f"ignored")
             else:
                 warnings.append(f"key length {t_call} is shorter than the prompt's {t} tokens; call skipped")
                 continue
+            targets = [streams[j] for j in members]
+            span = ((targets[0], targets[-1] + 1) if targets == list(range(targets[0], targets[0] + len(targets)))
+                    else None)
             select = None if len(members) == len(streams) else torch.tensor(members, dtype=torch.long, device=device)
-            target = torch.tensor([streams[j] for j in members], dtype=torch.long, device=device)
-            steps.append((select, target, t, fold))
-        plan = _Plan(rows=None if all_rows else idx, steps=tuple(steps), warnings=tuple(warnings))
+            groups.append(kernels.Group(select, torch.tensor(targets, dtype=torch.long, device=device), span, t, fold))
+            kept += [(batch_rows[j], streams[j], t, fold) for j in members]
+        if not groups:
+            self._index_cache[key] = None
+            self._index_cache[key + ("why",)] = warnings[-1]
+            self._warn_once(f"{name}: {warnings[-1]}")
+            return None
+        table = kernels.Table.build(*zip(*kept), device=device)
+        plan = _Plan(rows=None if all_rows else idx, groups=tuple(groups), table=table, warnings=tuple(warnings))
         self._index_cache[key] = plan
         return plan
-
     def _running_sum(self, name: str, n_queries: int, device: torch.device) -> torch.Tensor:
         """The layer's sum ``[streams, N, T_max]`` this call adds into (its time bucket's with ``time_buckets``)."""
         acc = self.sums.get(name)
@@ -465,27 +594,7 @@ class CrossAttentionRecorder:
         if self.filter.time_buckets > 1:
             self._time_calls.setdefault(name, [0] * self.filter.time_buckets)[self._call.bucket] += 1
 
-    def _accumulate(self, name: str, probs: torch.Tensor, plan: "_Plan") -> None:
-        acc = self._running_sum(name, probs.shape[1], probs.device)
-        for select, target, t, fold in plan.steps:
-            part = probs if select is None else probs.index_select(0, select)
-            if fold > 1:
-                part = part.view(part.shape[0], part.shape[1], fold, t).sum(dim=2)
-            elif fold == 0:
-                part = part[..., :t]
-            (acc if t == acc.shape[-1] else acc[:, :, :t]).index_add_(0, target, part)
-
-    def _stream_index(self, streams, members, device) -> torch.Tensor:
-        key = (streams, tuple(members), device)
-        hit = self._index_cache.get(key)
-        if hit is None:
-            hit = torch.tensor([streams[j] for j in members], dtype=torch.long, device=device)
-            self._index_cache[key] = hit
-        return hit
-
     # -- joint attention (SD3, Flux): see daam_core.engine.joint ---------------------------------
-    joint_chunk_elements: int = joint.DEFAULT_CHUNK_ELEMENTS
-    joint_lse_kernel: bool = True  # without a given lse, ask the CPU flash kernel for it (joint.image_lse)
 
     def record_joint(self, name: str, part: str, q: torch.Tensor, k: torch.Tensor, heads: int, *,
                      text: tuple[int, int], image: tuple[int, int], scale: float | None = None,
@@ -513,10 +622,10 @@ class CrossAttentionRecorder:
             ``[B or 1, H or 1, L, L]``.
         lse : Tensor ``[B, heads, L]``, optional
             Each query's log-sum-exp over all keys from a fused kernel (:meth:`attend_joint`); without it the
-            normaliser is computed here, chunked.
+            normaliser is computed here (Triton: a fused pass over the keys without V; torch: chunked).
 
-        Records ``[streams, N_img, T]`` running sums; never builds an ``[L, L]`` tensor (peak extra memory:
-        :func:`daam_core.engine.joint.workspace_bytes`).
+        Records ``[streams, N_img, T]`` running sums; never builds an ``[L, L]`` tensor (peak extra memory of the
+        torch path: :func:`daam_core.engine.joint.workspace_bytes`).
         """
         if not self.wants(name, part) or not self._wants_block(name, part):
             return
@@ -530,52 +639,10 @@ class CrossAttentionRecorder:
                              f"(joint attention attends over the same sequence)")
         if self._layer(name, part, "joint", i1 - i0, qh.shape[1]) is None:
             return
-        rows, streams = self._rows(q.device)
-        all_rows = len(streams) == qh.shape[0] and self._identity_rows(rows, qh.shape[0])
         m4 = joint.mask_4d(mask)
-        q_img = qh[:, :, i0:i1]
-        if not all_rows:
-            q_img, kh = q_img[rows], kh[rows]
-            if m4 is not None and m4.shape[0] > 1:
-                m4 = m4[rows]
-            if lse is not None:
-                lse = lse[rows]
-        if self.filter.heads is not None:
-            sel = self._heads(q.device)
-            group = qh.shape[1] // kh.shape[1]
-            q_img = q_img.index_select(1, sel)
-            kh = kh.index_select(1, self._kv_heads(sel, group))
-            if m4 is not None and m4.shape[1] > 1:
-                m4 = m4.index_select(1, sel)
-            if lse is not None:
-                lse = lse.index_select(1, sel)
-        if m4 is not None:
-            m4 = m4[:, :, i0:i1]
-        if lse is not None:
-            lse = lse[:, :, i0:i1]
-        plan = self._joint_plan(name, streams, t1 - t0, q.device)
-        if plan is None:
-            return
-        acc = self._running_sum(name, i1 - i0, q.device)
-
-        def emit(n0: int, n1: int, probs: torch.Tensor) -> None:
-            for members, index, span, t, fold in plan:
-                part_ = probs if members is None else probs.index_select(0, members)
-                if fold > 1:
-                    part_ = part_.view(part_.shape[0], part_.shape[1], fold, t).sum(dim=2)
-                elif part_.shape[-1] != t:
-                    part_ = part_[..., :t]
-                if span is not None:  # consecutive streams: a plain add (index_add_ is slow on the CPU)
-                    acc[span[0]:span[1], n0:n1, :t].add_(part_)
-                else:
-                    acc[:, n0:n1, :t].index_add_(0, index, part_)
-
-        s = scale if scale is not None else 1.0 / math.sqrt(qh.shape[-1])
-        if lse is None and self.joint_lse_kernel:
-            lse = joint.image_lse(q_img, kh, s, m4)
-        joint.joint_text_probs(q_img, kh, (t0, t1), s, emit, mask=m4, lse=lse,
-                               chunk_elements=self.joint_chunk_elements)
-        self._count_call(name)
+        self._accumulate(name, qh[:, :, i0:i1], kh, (t0, t1), scale,
+                         mask=None if m4 is None else m4[:, :, i0:i1],
+                         lse=None if lse is None else lse[:, :, i0:i1])
 
     def attend_joint(self, name: str, part: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
                      text: tuple[int, int], image: tuple[int, int], reference, finish=None,
@@ -583,9 +650,10 @@ class CrossAttentionRecorder:
                      skip_reshape: bool = False) -> torch.Tensor:
         """Run a joint-attention call whose host attention is PyTorch SDPA, and record it.
 
-        The output is the host's own, bit for bit (:func:`daam_core.engine.joint.attention_with_lse`): a fused
-        kernel that also returns the log-sum-exp replaces ``reference()`` only for input signatures where it was
-        proven equal; then recording costs only the text-key scores.
+        The output is the host's own, bit for bit (:func:`daam_core.engine.joint.attention_with_lse`): of the
+        fused kernels that also return the log-sum-exp, the one whose output equals ``reference()`` for this input
+        signature replaces it (asked once per signature, never guessed); then recording costs only the text-key
+        scores.
 
         Parameters
         ----------
@@ -598,7 +666,7 @@ class CrossAttentionRecorder:
 
         Notes
         -----
-        Safe with any ``reference``: one whose output differs from the kernel's is simply always called (and the
+        Safe with any ``reference``: one whose output no kernel reproduces is simply always called (and the
         normaliser computed by :meth:`record_joint`). But a matched ``reference`` is *not called* afterwards, so
         use this only where the host's function is plain SDPA (ComfyUI's ``attention_pytorch``), never around
         another extension's attention override that must run.
@@ -623,14 +691,6 @@ class CrossAttentionRecorder:
             self._index_cache[key] = hit
         return hit
 
-    def _identity_rows(self, rows: torch.Tensor, batch: int) -> bool:
-        key = ("identity", self._call.rows, batch)
-        hit = self._index_cache.get(key)
-        if hit is None:
-            hit = tuple(i for i, s in enumerate(self._call.rows) if s is not None) == tuple(range(batch))
-            self._index_cache[key] = hit
-        return hit
-
     def _kv_heads(self, sel: torch.Tensor, group: int) -> torch.Tensor:
         key = ("kv_heads", group, sel.device)
         hit = self._index_cache.get(key)
@@ -639,39 +699,12 @@ class CrossAttentionRecorder:
             self._index_cache[key] = hit
         return hit
 
-    def _joint_plan(self, name: str, streams: tuple[int, ...], t_call: int, device):
-        """Per token-count group of rows: (row index or None, stream index, consecutive stream span or None, T,
-        copies to fold); None = skip."""
-        key = ("joint_plan", streams, t_call, device)
-        if key in self._index_cache:
-            return self._index_cache[key]
-        groups: dict[int, list[int]] = {}
-        for j, s in enumerate(streams):
-            groups.setdefault(self.token_counts[self.streams[s].prompt], []).append(j)
-        plan = []
-        for t, members in groups.items():
-            if t_call % t == 0:
-                fold = t_call // t
-            elif t_call > t:
-                fold = 1
-                self._warn_once(f"{name}: {t_call} text tokens in the joint sequence, not a multiple of the "
-                                f"prompt's {t}; extra tokens ignored")
-            else:
-                self._warn_once(f"{name}: {t_call} text tokens in the joint sequence, fewer than the prompt's {t}; "
-                                f"call skipped")
-                continue
-            rows = None if len(members) == len(streams) else torch.tensor(members, dtype=torch.long, device=device)
-            targets = [streams[j] for j in members]
-            span = ((targets[0], targets[-1] + 1) if targets == list(range(targets[0], targets[0] + len(targets)))
-                    else None)
-            plan.append((rows, self._stream_index(streams, members, device), span, t, fold))
-        plan = plan or None
-        self._index_cache[key] = plan
-        return plan
-
     def _warn_once(self, msg: str) -> None:
         if msg not in self.warnings:
             self.warnings.append(msg)
+
+
+AttentionRecorder = CrossAttentionRecorder  # the recorder of both kinds of attention call
 
 
 def cfg_rows(n_images: int, cfg: bool, uncond_first: bool = True) -> list[int]:
