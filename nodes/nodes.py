@@ -293,7 +293,7 @@ class DAAMHeatmaps:
             raise ValueError("no words given: type words or phrases of the prompt, separated by commas")
         trace = build_trace(model, clip, samples, positive, negative, images)
         session = session_of(model)
-        if neg_words and isinstance(session, DiTTraceSession) and "uncond" not in trace.branches():
+        if neg_words and "uncond" not in trace.branches():
             raise ValueError(f"DAAM: negative words {neg_words} cannot be mapped: {session.no_negative_reason()}")
         parts = []
         if pos_words:

@@ -22,6 +22,7 @@ import torch
 
 from . import joint
 from .geometry import PARTS, LayerInfo, UNetGrid, is_power_of_two
+from .schedule import Moment
 
 BRANCHES = ("cond", "uncond")
 
@@ -67,8 +68,9 @@ class RecordFilter:
         Attention heads to sum (non-empty). None = all heads. A head past a layer's head count is an error
         at that layer's first call.
     start, end : float
-        Time window as a fraction of the sampling, 0 = first (noisiest) step, 1 = the end.
-        A model call at progress ``p`` is recorded when ``start <= p <= end``.
+        Time window as a fraction of the sampling, 0 = first (noisiest) step, 1 = the end. Host adapters decide
+        it in the host's own terms (:class:`~daam_core.hosts.contract.SamplingClock`) and pass a
+        :class:`~daam_core.engine.schedule.Moment`; a bare float progress ``p`` is inside when ``start <= p <= end``.
     branches : tuple of str
         Which CFG branches to record; drop ``"uncond"`` to skip negative-prompt maps.
     blocks : tuple of (str, int, int) or None
@@ -76,7 +78,7 @@ class RecordFilter:
         part whose block index (the last integer in the layer name, ``"single.12"`` -> 12) is in
         ``[start, stop)``; a part with no range is kept whole. None = all. See :func:`parse_blocks`.
     time_buckets : int
-        1 = one sum over the sampling; K > 1 = also one sum per K-th of the sampling's progress (for seeing
+        1 = one sum over the sampling; K > 1 = also one sum per K-th of the sampling's steps (for seeing
         when a word takes hold), K times the memory of one sum, still flat in the number of steps.
     """
 
@@ -198,7 +200,7 @@ class CrossAttentionRecorder:
 
     Notes
     -----
-    Lifecycle: ``begin(grid, streams, token_counts)`` once per sampling, ``set_call(rows, progress)``
+    Lifecycle: ``begin(grid, streams, token_counts)`` once per sampling, ``set_call(rows, moment)``
     once per model call, ``record(layer, part, q, k, heads)`` per cross-attention call, ``finish()`` after
     sampling. ``finish`` returns a :class:`Recording`; the recorder can then be reused.
     """
@@ -254,21 +256,26 @@ class CrossAttentionRecorder:
         self._call = _Call()
         self._started = True
 
-    def set_call(self, rows: Sequence[int | None], progress: float) -> None:
+    def set_call(self, rows: Sequence[int | None], progress: "Moment | float") -> None:
         """Describe the next model call.
 
         Parameters
         ----------
         rows : sequence of (int or None)
             For each batch row of the model input, the index of its stream, or None to skip the row.
-        progress : float
-            Where this call sits in the sampling, 0 (start) .. 1 (end).
+        progress : Moment or float
+            Where this call sits in the sampling: a :class:`Moment` (its step, and the adapter's window verdict),
+            or a fraction 0 (start) .. 1 (end) read against ``filter.start`` / ``filter.end``.
         """
         wanted = tuple(r if (r is not None and self.streams[r].branch in self.filter.branches) else None
                        for r in rows)
-        active = self._started and self.filter.in_window(progress) and any(r is not None for r in wanted)
         k = self.filter.time_buckets
-        self._call = _Call(active=active, rows=wanted, bucket=min(max(int(progress * k), 0), k - 1))
+        if isinstance(progress, Moment):
+            inside, bucket = progress.inside, progress.bucket(k)
+        else:
+            inside, bucket = self.filter.in_window(progress), min(max(int(progress * k), 0), k - 1)
+        active = self._started and inside and any(r is not None for r in wanted)
+        self._call = _Call(active=active, rows=wanted, bucket=bucket)
 
     def skip_call(self) -> None:
         """Record nothing until the next ``set_call`` (e.g. a model call the adapter cannot map)."""
@@ -367,9 +374,7 @@ class CrossAttentionRecorder:
         t_call = k.shape[2] if skip_reshape else k.shape[1]
         plan = self._plan(t_call, q.device)
         for msg in plan.warnings:
-            msg = f"{name}: {msg}"
-            if msg not in self.warnings:
-                self.warnings.append(msg)
+            self.warn(f"{name}: {msg}")
         if plan.rows is not None:
             q, k = q.index_select(0, plan.rows), k.index_select(0, plan.rows)
         b = q.shape[0]
@@ -669,9 +674,12 @@ class CrossAttentionRecorder:
         self._index_cache[key] = plan
         return plan
 
-    def _warn_once(self, msg: str) -> None:
+    def warn(self, msg: str) -> None:
+        """Add ``msg`` to this sampling's warnings once (adapters and the recorder share this list)."""
         if msg not in self.warnings:
             self.warnings.append(msg)
+
+    _warn_once = warn
 
 
 def cfg_rows(n_images: int, cfg: bool, uncond_first: bool = True) -> list[int]:

@@ -1,0 +1,109 @@
+"""The host contract: what every host adapter tells the recorder about time, one way for every host.
+
+An adapter knows its sampling's steps as a table of noise levels (ComfyUI and Forge: the sigmas; diffusers: the
+scheduler's timesteps) and what its host means by "a percent of the sampling". From those a
+:class:`SamplingClock` turns each model call's noise level into a :class:`~daam_core.engine.schedule.Moment`:
+
+- the **step** is the index of the step the call belongs to, so time buckets split an ``N``-step run by steps,
+  each bucket its share (``step * K // N``), whatever the model family's noise schedule;
+- the **window** verdict is the host's own: in ComfyUI (and Forge) ``start`` / ``end`` go through the model
+  sampling's ``percent_to_sigma``, exactly as its timestep-range conditioning does, so DAAM's 0-0.5 covers the
+  steps the host's own 0-0.5 covers (SD1.x/SDXL discrete schedules, SD3's shifted flow, Flux's sigma timesteps);
+  in diffusers, as its pipelines' ``control_guidance_start`` / ``_end``: step ``i`` of ``N`` is inside when
+  ``start <= i / N`` and ``(i + 1) / N <= end``.
+
+Warnings go through :meth:`CrossAttentionRecorder.warn` (once each).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..engine.schedule import Moment
+
+# inside(level, step, steps) -> bool
+WindowRule = Callable[[object, int, int], bool]
+
+
+def whole(filter) -> bool:
+    """Whether the filter records the whole sampling in one sum (then no call needs its time)."""
+    return (filter.start, filter.end) == (0.0, 1.0) and filter.time_buckets == 1
+
+
+def percent_window(start: float, end: float, percent_to_sigma) -> WindowRule:
+    """The window of a ComfyUI-like host: a call at noise level ``sigma`` is inside when
+    ``percent_to_sigma(end) <= sigma <= percent_to_sigma(start)``, compared as the host compares them
+    (``comfy.samplers``: the call's sigma tensor against the float the model sampling returns)."""
+    high, low = float(percent_to_sigma(start)), float(percent_to_sigma(end))
+
+    def inside(level, step: int, steps: int) -> bool:
+        sigma = level if isinstance(level, torch.Tensor) else torch.tensor(float(level))
+        return not bool(sigma > high) and not bool(sigma < low)
+
+    return inside
+
+
+def step_window(start: float, end: float) -> WindowRule:
+    """The window of a diffusers pipeline (``control_guidance_start`` / ``_end``): step ``i`` of ``N`` is inside when
+    ``start <= i / N`` and ``(i + 1) / N <= end``."""
+
+    def inside(level, step: int, steps: int) -> bool:
+        return start <= step / steps and (step + 1) / steps <= end + 1e-9
+
+    return inside
+
+
+class SamplingClock:
+    """Steps of one sampling and its time window, from the sampling's table of noise levels.
+
+    Parameters
+    ----------
+    levels : sequence of float or Tensor ``[N]`` (or ``[N + 1]`` with a final 0)
+        The noise level of each step, noisiest first: sigmas, or a scheduler's timesteps. Consecutive repeats
+        (second-order schedulers) are one step; a trailing 0 (the sigma after the last step) is not a step.
+    inside : callable ``(level, step, steps) -> bool``, optional
+        The window rule (:func:`percent_window`, :func:`step_window`); None = every call is inside.
+
+    Notes
+    -----
+    A call's level is placed on the step whose level is nearest; a level between two steps (the intermediate
+    evaluations of multi-stage samplers) belongs to the step it started from.
+    """
+
+    def __init__(self, levels, inside: WindowRule | None = None):
+        table = [float(v) for v in (levels.flatten().tolist() if isinstance(levels, torch.Tensor) else levels)]
+        steps: list[float] = []
+        for v in table:
+            if not steps or v != steps[-1]:
+                steps.append(v)
+        if len(steps) > 1 and steps[-1] == 0.0:
+            steps.pop()
+        if not steps:
+            raise ValueError("a sampling without steps: the noise-level table is empty")
+        if any(b > a for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"noise levels must decrease step by step, got {steps}")
+        self.levels = steps
+        self.rule = inside
+
+    @property
+    def steps(self) -> int:
+        return len(self.levels)
+
+    def step_of(self, level: float) -> int:
+        """Index of the step a call at ``level`` belongs to."""
+        lv = self.levels
+        nearest = min(range(len(lv)), key=lambda i: abs(lv[i] - level))
+        gap = max((abs(a - b) for a, b in zip(lv, lv[1:])), default=abs(lv[0])) or 1.0
+        if abs(lv[nearest] - level) <= 1e-3 * gap:
+            return nearest
+        return max(0, sum(1 for v in lv if v > level) - 1)  # between two steps: the one it started from
+
+    def moment(self, level) -> Moment:
+        """The :class:`Moment` of a model call at noise level ``level`` (float or 0-dim / 1-element tensor)."""
+        value = float(level.flatten()[0]) if isinstance(level, torch.Tensor) else float(level)
+        step = self.step_of(value)
+        inside = True if self.rule is None else self.rule(
+            level.flatten()[0] if isinstance(level, torch.Tensor) else value, step, self.steps)
+        return Moment(step, self.steps, inside)
