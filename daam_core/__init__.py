@@ -23,7 +23,7 @@ from .text.tokenize import tokenize
 
 __version__ = "0.2.0"
 
-_LAZY = {"trace": "trace", "DiffusersTrace": "DiffusersTrace"}  # name -> attribute of hosts.diffusers.adapter
+_LAZY = {"trace": "trace", "DiffusersTrace": "DiffusersTrace"}  # name -> attribute of hosts.diffusers.tracing
 _ALIASES = {"metrics": ".engine.metrics", "masks": ".engine.masks", "render": ".engine.render"}
 
 __all__ = [
@@ -37,7 +37,7 @@ def __getattr__(name):
     import importlib
 
     if name in _LAZY:
-        adapter = importlib.import_module(".hosts.diffusers.adapter", __name__)
+        adapter = importlib.import_module(".hosts.diffusers.tracing", __name__)
         return getattr(adapter, _LAZY[name])
     if name in _ALIASES:  # documented module paths of 0.1 (daam_core.metrics, daam_core.masks, daam_core.render)
         return importlib.import_module(_ALIASES[name], __name__)

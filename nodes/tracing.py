@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..daam_core.engine.recorder import RecordFilter
 from ..daam_core.hosts.comfy.dit import DiTTraceSession, dit_spec
-from ..daam_core.hosts.comfy.session import OPTIONS_KEY, WRAPPER_KEY, TraceSession
+from ..daam_core.hosts.comfy.session import OPTIONS_KEY, WRAPPER_KEY, TraceSession, session_of  # noqa: F401
 
 
 def patch_model(model, filter: RecordFilter):
@@ -31,11 +31,3 @@ def patch_model(model, filter: RecordFilter):
     m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY, session.apply_model)
     return m, session
 
-
-def session_of(model) -> TraceSession:
-    """The session of a DAAM-patched MODEL, with a clear error for any other model."""
-    session = getattr(model, "model_options", {}).get("transformer_options", {}).get(OPTIONS_KEY)
-    if session is None:
-        raise ValueError("this MODEL is not traced: pass it through 'DAAM Trace Model' and give the traced MODEL to "
-                         "both the sampler and this node")
-    return session

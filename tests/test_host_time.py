@@ -122,3 +122,29 @@ def test_negative_words_at_cfg_1_are_a_clear_error(pack, families, family):
     assert heat.shape[0] == 1
     with pytest.raises(ValueError, match="negative words \\['blurry'\\] cannot be mapped: .*negative"):
         pack.DAAMHeatmaps().heatmaps(traced, f["clip"], {"samples": samples}, POS, NEG, "dog", negative_words="blurry")
+
+
+# -- clear messages ------------------------------------------------------------------------------------------------
+def test_a_clip_of_another_family_is_named_by_its_width(pack, families):
+    """A Flux conditioning of 77 T5 tokens (a short prompt padded to 77, as ComfyUI's T5 did before 256) and the
+    SD1.5 CLIP: the token counts agree, the widths do not, and the message says so."""
+    from helpers.dit_checkpoints import conditioning
+
+    flux, sd15 = families["flux"], families["sd15"]
+    pos = conditioning(77, seed=1)
+    pos[0][1]["guidance"] = 3.5
+    traced = pack.DAAMTraceModel().trace(flux["model"])[0]
+    samples = sample(dict(flux, pos=pos), traced, cfg=1.0, steps=1)
+    width = sd15["pos"][0][0].shape[-1]
+    assert width != 64
+    with pytest.raises(ValueError, match=f"encodes to 77 tokens of width {width} but the sampler's positive "
+                                         f"conditioning has 77 tokens of width 64: this CLIP is not the text encoder"):
+        pack.DAAMHeatmaps().heatmaps(traced, sd15["clip"], {"samples": samples}, POS, "", "dog")
+
+
+def test_a_block_range_outside_the_recorded_parts_is_an_error(pack, families):
+    model = families["flux"]["model"]
+    with pytest.raises(ValueError, match="single:0-0 names 'single' blocks, but unet_parts records only double"):
+        pack.DAAMTraceModel().trace(model, unet_parts="double (Flux)", blocks="single:0")
+    traced = pack.DAAMTraceModel().trace(model, unet_parts="double (Flux)", blocks="double:0")[0]
+    assert pack.session_of(traced).recorder.filter.blocks == (("double", 0, 1),)

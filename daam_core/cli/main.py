@@ -71,7 +71,7 @@ def family_class(family: str | None, config: Path) -> str:
 
 
 def generate(pipe, args, out: Path) -> dict:
-    from ..hosts.diffusers.adapter import trace
+    from ..hosts.diffusers.tracing import trace
 
     words = split_words(args.words)
     if not args.prompt.strip():

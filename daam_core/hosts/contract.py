@@ -73,6 +73,9 @@ class SamplingClock:
     """
 
     def __init__(self, levels, inside: WindowRule | None = None):
+        if levels is None:  # a host that gives no step table (Forge's attention patches): the window alone
+            self.levels, self.rule = None, inside
+            return
         table = [float(v) for v in (levels.flatten().tolist() if isinstance(levels, torch.Tensor) else levels)]
         steps: list[float] = []
         for v in table:
@@ -87,9 +90,14 @@ class SamplingClock:
         self.levels = steps
         self.rule = inside
 
+    @classmethod
+    def window_only(cls, inside: WindowRule) -> "SamplingClock":
+        """A clock that knows the window but not the steps (every call is step 0 of 1: no time buckets)."""
+        return cls(None, inside)
+
     @property
     def steps(self) -> int:
-        return len(self.levels)
+        return 1 if self.levels is None else len(self.levels)
 
     def step_of(self, level: float) -> int:
         """Index of the step a call at ``level`` belongs to."""
@@ -103,7 +111,7 @@ class SamplingClock:
     def moment(self, level) -> Moment:
         """The :class:`Moment` of a model call at noise level ``level`` (float or 0-dim / 1-element tensor)."""
         value = float(level.flatten()[0]) if isinstance(level, torch.Tensor) else float(level)
-        step = self.step_of(value)
+        step = 0 if self.levels is None else self.step_of(value)
         inside = True if self.rule is None else self.rule(
             level.flatten()[0] if isinstance(level, torch.Tensor) else value, step, self.steps)
         return Moment(step, self.steps, inside)

@@ -226,3 +226,12 @@ class TraceSession:
                 return r
         raise ValueError("the LATENT given to DAAM was not produced by a sampler using this DAAM model (or it was "
                          "changed after sampling); connect the sampler's LATENT output directly")
+
+
+def session_of(model) -> TraceSession:
+    """The session of a DAAM-patched MODEL, with a clear error for any other model."""
+    session = getattr(model, "model_options", {}).get("transformer_options", {}).get(OPTIONS_KEY)
+    if session is None:
+        raise ValueError("this MODEL is not traced: pass it through 'DAAM Trace Model' and give the traced MODEL to "
+                         "both the sampler and this node")
+    return session
