@@ -21,7 +21,28 @@ from .text.layout import TokenLayout, Word
 from .text.query import WordNotFoundError, parse_query
 from .text.tokenize import tokenize
 
-__version__ = "0.2.0"
+
+
+def _version() -> str:
+    """The version in ``pyproject.toml`` (the one place it is written): read beside the package in a checkout or a
+    ComfyUI custom-node folder, else from the installed distribution's metadata."""
+    import re
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if pyproject.is_file():
+        found = re.search(r'^\[project\][^\[]*?^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M | re.S)
+        if found:
+            return found.group(1)
+    from importlib import metadata
+
+    try:
+        return metadata.version("comfyui-daam")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+__version__ = _version()
 
 _LAZY = {"trace": "trace", "DiffusersTrace": "DiffusersTrace"}  # name -> attribute of hosts.diffusers.tracing
 _ALIASES = {"metrics": ".engine.metrics", "masks": ".engine.masks", "render": ".engine.render"}

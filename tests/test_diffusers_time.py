@@ -16,8 +16,7 @@ pytest.importorskip("diffusers")
 from daam_core import trace  # noqa: E402
 from daam_core.engine.recorder import RecordFilter  # noqa: E402
 from daam_core.hosts.diffusers.adapter import DiffusersTrace  # noqa: E402
-from daam_core.hosts.diffusers.tiny import (find_t5_tokenizer_dir, tiny_flux_pipeline, tiny_sd3_pipeline,  # noqa: E402
-                                            tiny_sd_pipeline)
+from helpers.tiny_pipelines import find_t5_tokenizer_dir, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline  # noqa: E402
 
 STEPS = 8
 

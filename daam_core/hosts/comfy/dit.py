@@ -159,7 +159,7 @@ class DiTTraceSession(TraceSession):
                              for e in entries or [] if e.get("cross_attn") is not None and "uuid" in e}
 
     def _grid(self):
-        return PatchGrid(self._latent_hw, self.spec.patch, self.spec.parts)
+        return PatchGrid(self._latent_hw, self.spec.patch)
 
     def no_negative_reason(self) -> str:
         if self.spec.distilled_guidance:

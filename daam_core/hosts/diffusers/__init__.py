@@ -1,2 +1,3 @@
 """The diffusers host: ``trace(pipe)`` (:mod:`.tracing`), UNet (:mod:`.adapter`) and joint-attention
-(:mod:`.joint`) adapters, long/weighted prompt encoding (:mod:`.prompt`)."""
+(:mod:`.joint`) adapters, long/weighted prompt encoding (:mod:`.prompt`), local tokenizer files
+(:mod:`.tokenizers`)."""

@@ -288,13 +288,13 @@ class JointTrace(DiffusersTrace):
             pending["awaiting_negative"] = False
             if self.family == "sd3":
                 h, w = hidden.shape[-2:]
-                grid = PatchGrid((int(h), int(w)), module.config.patch_size, self.parts)
+                grid = PatchGrid((int(h), int(w)), module.config.patch_size)
             else:
                 img_ids = kwargs.get("img_ids")
                 if img_ids is None:
                     raise ValueError("DAAM needs Flux's img_ids to place the image tokens on a grid")
                 rows, cols, _ = _flux_grid(img_ids)
-                grid = PatchGrid((2 * rows, 2 * cols), 2, self.parts)  # ids count 2x2 latent patches
+                grid = PatchGrid((2 * rows, 2 * cols), 2)  # ids count 2x2 latent patches
             lengths = [lay.length for lay in pending["layouts"]]
             if context is not None and context.shape[1] not in lengths:
                 raise ValueError(f"the transformer got {context.shape[1]} text tokens but the prompt layouts have "
