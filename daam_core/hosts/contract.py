@@ -68,8 +68,9 @@ class SamplingClock:
 
     Notes
     -----
-    A call's level is placed on the step whose level is nearest; a level between two steps (the intermediate
-    evaluations of multi-stage samplers) belongs to the step it started from.
+    A call's level is placed on the step whose level it is; a level between two steps (the intermediate
+    evaluations of multi-stage samplers) belongs to the step it started from. A table whose levels go back up
+    (restart schedules) is read forwards from the previous call's step.
     """
 
     def __init__(self, levels, inside: WindowRule | None = None):
@@ -85,10 +86,10 @@ class SamplingClock:
             steps.pop()
         if not steps:
             raise ValueError("a sampling without steps: the noise-level table is empty")
-        if any(b > a for a, b in zip(steps, steps[1:])):
-            raise ValueError(f"noise levels must decrease step by step, got {steps}")
         self.levels = steps
         self.rule = inside
+        self.monotonic = all(b < a for a, b in zip(steps, steps[1:]))
+        self._last = 0  # the step of the previous call: a level that repeats (restart schedules) is read forwards
 
     @classmethod
     def window_only(cls, inside: WindowRule) -> "SamplingClock":
@@ -102,11 +103,17 @@ class SamplingClock:
     def step_of(self, level: float) -> int:
         """Index of the step a call at ``level`` belongs to."""
         lv = self.levels
-        nearest = min(range(len(lv)), key=lambda i: abs(lv[i] - level))
         gap = max((abs(a - b) for a, b in zip(lv, lv[1:])), default=abs(lv[0])) or 1.0
-        if abs(lv[nearest] - level) <= 1e-3 * gap:
-            return nearest
-        return max(0, sum(1 for v in lv if v > level) - 1)  # between two steps: the one it started from
+        best = min(abs(v - level) for v in lv)
+        if best <= 1e-3 * gap:
+            hits = [i for i, v in enumerate(lv) if abs(v - level) == best]
+            step = next((i for i in hits if i >= self._last), hits[0])
+        elif self.monotonic:
+            step = max(0, sum(1 for v in lv if v > level) - 1)  # between two steps: the one it started from
+        else:  # between two levels of a schedule that goes back up: the step it started from, read forwards
+            step = max([i for i in range(self._last, len(lv)) if lv[i] > level][:1] or [self._last])
+        self._last = step
+        return step
 
     def moment(self, level) -> Moment:
         """The :class:`Moment` of a model call at noise level ``level`` (float or 0-dim / 1-element tensor)."""
