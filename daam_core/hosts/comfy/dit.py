@@ -349,6 +349,6 @@ def conditioning_layout(tokenizer, text: str, count: int, encoders=None):
                 chunks.append(c)
                 total += len(c)
             parts.append(("clip", layout_from_comfy_tokens(chunks, hf, prompt=text)))
-    if len(parts) == 1:
+    if len(parts) == 1 and parts[0][0] == "t5":  # Flux.1: the T5 layout names its segment itself
         return parts[0][1]
-    return concat_layouts(parts)
+    return concat_layouts(parts)  # SD3: named segments, also with its CLIP encoders alone
