@@ -76,17 +76,19 @@ class DAAMTraceModel:
                                {"default": "all", "tooltip": "Which parts of the network to record: UNet down/mid/"
                                 "up blocks, or Flux's double- or single-stream blocks (SD3 has one kind: all)."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                            "tooltip": "Start of the recorded part of the sampling (0 = first step)."}),
+                                            "tooltip": "Start of the recorded part of the sampling (0 = first step), "
+                                            "read as ComfyUI's own timestep-range percents."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                          "tooltip": "End of the recorded part of the sampling (1 = last step)."}),
+                                          "tooltip": "End of the recorded part of the sampling (1 = last step), "
+                                          "read as ComfyUI's own timestep-range percents."}),
                 "heads": ("STRING", {"default": "", "tooltip": "Attention heads to sum, e.g. '0,1,2'; empty = all."}),
                 "record_negative": ("BOOLEAN", {"default": True,
                                                 "tooltip": "Also record the negative prompt's maps."}),
             },
             "optional": {
                 "time_buckets": ("INT", {"default": 1, "min": 1, "max": 32, "tooltip": "1 = one sum over the "
-                                         "sampling. K > 1 also keeps one sum per K-th of the sampling (K times the "
-                                         "memory), so the DAAM Heatmaps preview can scrub through time."}),
+                                         "sampling. K > 1 also keeps one sum per K-th of the sampling's steps (K times "
+                                         "the memory), so the DAAM Heatmaps preview can scrub through time."}),
                 "blocks": ("STRING", {"default": "", "tooltip": "SD3/Flux only: block ranges to record, e.g. "
                                       "'double:0-9, single:20-37' (Flux) or 'joint:4-12' (SD3), inclusive; a part "
                                       "not named is kept whole. Empty = every block."}),
