@@ -16,11 +16,23 @@ from .dit import DiTTraceSession, conditioning_layout, dit_spec
 from .session import TraceSession, session_of
 from .tokens import layout_from_comfy_tokens
 
-__all__ = ["record_filter", "check_heads", "check_blocks", "comfy_layout", "check_text", "build_trace",
+__all__ = ["new_session", "record_filter", "check_heads", "check_blocks", "comfy_layout", "check_text", "build_trace",
            "heatmap_trace", "session_of", "vae_factor"]
 
 
 # -- before sampling: what to record ----------------------------------------------------------------------------
+def new_session(model, filter: RecordFilter) -> TraceSession:
+    """The tracing session for ``model``'s family: UNet cross-attention, or SD3/Flux joint attention.
+
+    Raises
+    ------
+    ValueError
+        For a family DAAM cannot trace, naming it.
+    """
+    spec = dit_spec(getattr(model, "model", None))
+    return TraceSession(filter) if spec is None else DiTTraceSession(filter, spec)
+
+
 def record_filter(model, *, factors, parts, parts_choices: dict, parts_label: str, resolutions_label: str,
                   heads: tuple[int, ...] | None, start: float, end: float, negative: bool, time_buckets: int,
                   blocks: str) -> RecordFilter:
