@@ -222,8 +222,8 @@ def empty_module(factory):
 
 
 def clip_tokenizer():
-    """The CLIP tokenizer of ``daam_core.hosts.diffusers.tiny`` (a local BPE vocabulary, never a hub download)."""
-    from daam_core.hosts.diffusers.tiny import clip_tokenizer as tok
+    """The CLIP tokenizer of ``daam_core.hosts.diffusers.tokenizers`` (a local BPE vocabulary, never a hub download)."""
+    from daam_core.hosts.diffusers.tokenizers import clip_tokenizer as tok
 
     t = tok()
     if t.model_max_length > 77:  # ComfyUI's copy of the vocabulary says 8192 (the host chunks prompts itself)
@@ -298,12 +298,12 @@ def sdxl_pipeline(seed: int = 0):
 
 
 def bench_tiny_pipeline(seed: int = 0):
-    """The tiny SD1.x pipeline shared with the reference library: ``daam_core.hosts.diffusers.tiny``'s UNet (channels 32/64/64,
+    """The tiny SD1.x pipeline shared with the reference library: ``daam_core.cli.demo_pipeline``'s UNet (channels 32/64/64,
     cross-attention at latent factors 1 and 2 plus the mid block, 2 heads) with ``sample_size`` 64 and a VAE of
     scale factor 8, so that 512x512 images have the 64x64 latent the reference library assumes."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from daam_core.hosts.diffusers.tiny import tiny_sd_unet
+    from daam_core.cli.demo_pipeline import tiny_sd_unet
 
     unet = tiny_sd_unet(seed, sample_size=64)
     seeded_init_(unet, seed)

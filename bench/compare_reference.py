@@ -45,7 +45,7 @@ def saved_pipeline(seed: int = 0) -> Path:
     out = C.daam_cache() / "bench" / f"tiny-sd-pipeline-v{PIPELINE_VERSION}-seed{seed}"
     if (out / "model_index.json").is_file():
         return out
-    from daam_core.hosts.diffusers.tiny import find_clip_tokenizer_dir
+    from daam_core.hosts.diffusers.tokenizers import find_clip_tokenizer_dir
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent))

@@ -21,9 +21,30 @@ from .text.layout import TokenLayout, Word
 from .text.query import WordNotFoundError, parse_query
 from .text.tokenize import tokenize
 
-__version__ = "0.2.0"
 
-_LAZY = {"trace": "trace", "DiffusersTrace": "DiffusersTrace"}  # name -> attribute of hosts.diffusers.adapter
+
+def _version() -> str:
+    """The version in ``pyproject.toml`` (the one place it is written): read beside the package in a checkout or a
+    ComfyUI custom-node folder, else from the installed distribution's metadata."""
+    import re
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if pyproject.is_file():
+        found = re.search(r'^\[project\][^\[]*?^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M | re.S)
+        if found:
+            return found.group(1)
+    from importlib import metadata
+
+    try:
+        return metadata.version("comfyui-daam")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+__version__ = _version()
+
+_LAZY = {"trace": "trace", "DiffusersTrace": "DiffusersTrace"}  # name -> attribute of hosts.diffusers.tracing
 _ALIASES = {"metrics": ".engine.metrics", "masks": ".engine.masks", "render": ".engine.render"}
 
 __all__ = [
@@ -37,7 +58,7 @@ def __getattr__(name):
     import importlib
 
     if name in _LAZY:
-        adapter = importlib.import_module(".hosts.diffusers.adapter", __name__)
+        adapter = importlib.import_module(".hosts.diffusers.tracing", __name__)
         return getattr(adapter, _LAZY[name])
     if name in _ALIASES:  # documented module paths of 0.1 (daam_core.metrics, daam_core.masks, daam_core.render)
         return importlib.import_module(_ALIASES[name], __name__)

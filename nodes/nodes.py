@@ -17,15 +17,17 @@ from ..daam_core.engine import masks as mask_ops
 from ..daam_core.engine import render
 from ..daam_core.engine.aggregate import COMBINE_MODES, NORMALIZE_MODES
 from ..daam_core.engine.io import TraceFormatError
-from ..daam_core.engine.recorder import RecordFilter, parse_blocks
+from ..daam_core.engine.recorder import RecordFilter
 from ..daam_core.engine.trace import AttentionTrace, load_trace, save_trace
-from ..daam_core.hosts.comfy.dit import DiTTraceSession, conditioning_layout, dit_spec
-from ..daam_core.hosts.comfy.tokens import layout_from_comfy_tokens
-from ..daam_core.text.layout import SEGMENT_CHOICES, TokenLayout
+from ..daam_core.hosts.comfy.maps import build_trace, heatmap_trace, record_filter
+from ..daam_core.hosts.comfy.session import session_of
+from ..daam_core.text.layout import SEGMENT_CHOICES
 from ..daam_core.text.query import WordNotFoundError, split_words
 from .preview import build_payload
 from .relations import DAAMWordRelations
-from .tracing import patch_model, session_of
+from .tracing import patch_model
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "build_trace", "session_of"]
 
 CATEGORY = "DAAM"
 MAPS_TYPE = "DAAM_MAPS"
@@ -43,18 +45,6 @@ class DaamMaps:
     normalize: str = "minmax"
     combine: str = "mean"
     segments: str = "both"
-
-def comfy_layout(tokenizer, text: str) -> TokenLayout:
-    """Token layout of ``text`` exactly as the host's tokenizer (``clip.tokenizer``) encodes it."""
-    tokens = tokenizer.tokenize_with_weights(text, return_word_ids=True)
-    key = next((k for k in ("l", "g", "h") if k in tokens), None) or next(iter(tokens))
-    sd_tokenizer = getattr(tokenizer, f"clip_{key}", None)
-    hf = getattr(sd_tokenizer, "tokenizer", None)
-    if hf is None:
-        raise ValueError(f"DAAM supports CLIP text encoders (SD1.x, SD2.x, SDXL); this CLIP's tokenizer "
-                         f"({type(tokenizer).__name__}) is not one")
-    return layout_from_comfy_tokens(tokens[key], hf, prompt=text)
-
 
 def maps_for(trace: AttentionTrace, words: list[str], branch: str, **kwargs) -> torch.Tensor:
     """``[B, W, H, W]`` maps with errors that name the word and list the prompt's words."""
@@ -86,17 +76,19 @@ class DAAMTraceModel:
                                {"default": "all", "tooltip": "Which parts of the network to record: UNet down/mid/"
                                 "up blocks, or Flux's double- or single-stream blocks (SD3 has one kind: all)."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                            "tooltip": "Start of the recorded part of the sampling (0 = first step)."}),
+                                            "tooltip": "Start of the recorded part of the sampling (0 = first step), "
+                                            "read as ComfyUI's own timestep-range percents."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                          "tooltip": "End of the recorded part of the sampling (1 = last step)."}),
+                                          "tooltip": "End of the recorded part of the sampling (1 = last step), "
+                                          "read as ComfyUI's own timestep-range percents."}),
                 "heads": ("STRING", {"default": "", "tooltip": "Attention heads to sum, e.g. '0,1,2'; empty = all."}),
                 "record_negative": ("BOOLEAN", {"default": True,
                                                 "tooltip": "Also record the negative prompt's maps."}),
             },
             "optional": {
                 "time_buckets": ("INT", {"default": 1, "min": 1, "max": 32, "tooltip": "1 = one sum over the "
-                                         "sampling. K > 1 also keeps one sum per K-th of the sampling (K times the "
-                                         "memory), so the DAAM Heatmaps preview can scrub through time."}),
+                                         "sampling. K > 1 also keeps one sum per K-th of the sampling's steps (K times "
+                                         "the memory), so the DAAM Heatmaps preview can scrub through time."}),
                 "blocks": ("STRING", {"default": "", "tooltip": "SD3/Flux only: block ranges to record, e.g. "
                                       "'double:0-9, single:20-37' (Flux) or 'joint:4-12' (SD3), inclusive; a part "
                                       "not named is kept whole. Empty = every block."}),
@@ -120,8 +112,6 @@ class DAAMTraceModel:
 
     def trace(self, model, resolutions="all", unet_parts="all", start_percent=0.0, end_percent=1.0, heads="",
               record_negative=True, time_buckets=1, blocks=""):
-        if start_percent > end_percent:
-            raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
         try:
             head_list = tuple(int(h) for h in split_words(heads)) or None
         except ValueError:
@@ -129,62 +119,14 @@ class DAAMTraceModel:
         resolutions = self.LEGACY_RESOLUTIONS.get(resolutions, resolutions)
         if resolutions not in self.RESOLUTIONS:
             raise ValueError(f"unknown resolutions {resolutions!r}; use one of {list(self.RESOLUTIONS)}")
-        spec = dit_spec(getattr(model, "model", None))  # a family DAAM cannot trace is an error here
-        if spec is not None:
-            if resolutions != "all":
-                raise ValueError(f"{spec.label} has one resolution (the latent in {spec.patch}x{spec.patch} "
-                                 f"patches): set resolutions to 'all'")
-            parts = self.PARTS.get(unet_parts)
-            if parts is not None and not set(parts) <= set(spec.parts):
-                raise ValueError(f"unet_parts {unet_parts!r} does not exist in {spec.label}: use "
-                                 f"{', '.join(k for k, v in self.PARTS.items() if v is None or set(v) <= set(spec.parts))}")
-        elif unet_parts not in ("all", "down", "mid", "up", "down+up"):
-            raise ValueError(f"unet_parts {unet_parts!r} is for Flux; this UNet has down, mid and up")
-        if head_list is not None:
-            check_heads(model, head_list, spec)
-        block_ranges = check_blocks(blocks, spec)
-        f = RecordFilter(factors=self.RESOLUTIONS[resolutions], parts=self.PARTS[unet_parts], heads=head_list,
-                         blocks=block_ranges,
-                         start=start_percent, end=end_percent,
-                         branches=("cond", "uncond") if record_negative else ("cond",), time_buckets=int(time_buckets))
+        if unet_parts not in self.PARTS:
+            raise ValueError(f"unknown unet_parts {unet_parts!r}; use one of {list(self.PARTS)}")
+        f = record_filter(model, factors=self.RESOLUTIONS[resolutions], parts=self.PARTS[unet_parts],
+                          parts_choices=self.PARTS, parts_label=unet_parts, resolutions_label=resolutions,
+                          heads=head_list, start=start_percent, end=end_percent, negative=record_negative,
+                          time_buckets=time_buckets, blocks=blocks)
         patched, _ = patch_model(model, f)
         return (patched,)
-
-
-def model_heads(model) -> int | None:
-    """The smallest head count among the model's cross-attention layers, read from its UNet config."""
-    config = getattr(getattr(getattr(model, "model", None), "model_config", None), "unet_config", None) or {}
-    heads, head_channels = config.get("num_heads", -1), config.get("num_head_channels", -1)
-    if heads and heads > 0:
-        return int(heads)
-    if head_channels and head_channels > 0 and config.get("model_channels"):
-        return int(config["model_channels"]) // int(head_channels)  # the first level has the fewest heads
-    return None
-
-
-def check_heads(model, heads: tuple[int, ...], spec=None) -> None:
-    n = spec.heads if spec is not None else model_heads(model)
-    if n is not None and max(heads) >= n:
-        raise ValueError(f"DAAM: heads {[h for h in heads if h >= n]} do not exist: this model's cross-attention "
-                         f"layers have {n} heads (0..{n - 1}) at their fewest")
-
-
-def check_blocks(spec_text: str, spec) -> tuple | None:
-    """The block ranges of ``spec_text`` (see :func:`parse_blocks`), checked against the model's blocks."""
-    ranges = parse_blocks(spec_text or "")
-    if ranges is None:
-        return None
-    if spec is None:
-        raise ValueError(f"blocks {spec_text!r} is for SD3/Flux; on a UNet choose layers with resolutions and "
-                         f"unet_parts, and leave blocks empty")
-    counts = {"double": spec.double_blocks, "single": spec.single_blocks, "joint": spec.single_blocks}
-    for part, start, stop in ranges:
-        if part not in spec.parts:
-            raise ValueError(f"blocks: {spec.label} has no {part!r} blocks; its parts are {list(spec.parts)}")
-        if stop > counts[part]:
-            raise ValueError(f"blocks: {part}:{start}-{stop - 1} is past the last {part} block of this "
-                             f"{spec.label} ({part}:0-{counts[part] - 1})")
-    return ranges
 
 
 def host_nodes():
@@ -291,10 +233,7 @@ class DAAMHeatmaps:
         pos_words, neg_words = split_words(words), split_words(negative_words)
         if not pos_words and not neg_words:
             raise ValueError("no words given: type words or phrases of the prompt, separated by commas")
-        trace = build_trace(model, clip, samples, positive, negative, images)
-        session = session_of(model)
-        if neg_words and isinstance(session, DiTTraceSession) and "uncond" not in trace.branches():
-            raise ValueError(f"DAAM: negative words {neg_words} cannot be mapped: {session.no_negative_reason()}")
+        trace = heatmap_trace(model, clip, samples, positive, negative, neg_words, images)
         parts = []
         if pos_words:
             parts.append(maps_for(trace, pos_words, "cond", normalize=normalize, combine=combine, segments=segments))
@@ -310,10 +249,8 @@ class DAAMHeatmaps:
                                 for im, m in zip(per, flat(maps))])
         else:
             over = heat
-        record = session_of(model).find(samples["samples"] if isinstance(samples, dict) else samples)
         ui = {"daam_preview": [build_payload(trace, pos_words, neg_words, threshold=threshold, normalize=normalize,
-                                             combine=combine, alpha=alpha, recorded=record.recorded,
-                                             segments=segments,
+                                             combine=combine, alpha=alpha, segments=segments,
                                              images=preview(images, "daam_preview") if images is not None else None)]}
         return {"ui": ui, "result": (heat, over, flat(masks), DaamMaps(trace, images, normalize, combine,
                                                                              segments))}
@@ -332,79 +269,6 @@ def preview(images: torch.Tensor, prefix: str) -> list[dict]:
         render.save_png(os.path.join(full, file), im.detach().cpu().numpy())
         out.append({"filename": file, "subfolder": subfolder, "type": "temp"})
     return out
-
-
-def check_text(clip, text: str, conditioning: torch.Tensor, which: str) -> None:
-    """Raise when ``text`` does not encode to the conditioning the sampler used (same length, other words too)."""
-    encoded = clip.encode_from_tokens(clip.tokenize(text))
-    encoded = (encoded[0] if isinstance(encoded, (tuple, list)) else encoded)[:1].detach().to("cpu", torch.float32)
-    if encoded.shape != conditioning.shape:
-        raise ValueError(f"the {which} text encodes to {encoded.shape[1]} tokens but the sampler's {which} conditioning "
-                         f"has {conditioning.shape[1]}: give DAAM the same text and CLIP that encoded the conditioning")
-    tol = 1e-3 * float(conditioning.abs().max().clamp_min(1e-6))
-    if not torch.allclose(encoded, conditioning, rtol=1e-3, atol=tol):
-        raise ValueError(f"the {which} text given to DAAM is not the text the sampler's {which} conditioning was "
-                         f"encoded from (same token count, different words or weights): connect the same text to "
-                         f"CLIP Text Encode and to DAAM Heatmaps (conditionings changed after encoding, e.g. averaged, "
-                         f"cannot be mapped to words)")
-
-
-def vae_factor(model) -> int:
-    """Pixels per latent cell: the latent format's ``spacial_downscale_ratio`` (8 for SD; 1 for pixel space)."""
-    fmt = model.get_model_object("latent_format") if hasattr(model, "get_model_object") else None
-    return max(1, int(getattr(fmt, "spacial_downscale_ratio", 8) or 8))
-
-
-def build_trace(model, clip, samples, positive: str, negative: str, images=None) -> AttentionTrace:
-    """The trace of the sampling that produced ``samples``, with the prompts' token layouts.
-
-    ``clip`` is the CLIP that encoded the prompts: its tokenizer gives the layouts, and re-encoding the texts
-    proves they are the ones the sampler was conditioned on. A bare tokenizer (``clip.tokenizer``) gives the
-    layouts without that proof, for callers that built the conditioning by hand.
-    """
-    tokenizer = getattr(clip, "tokenizer", clip)
-    session = session_of(model)
-    latent = samples["samples"] if isinstance(samples, dict) else samples
-    record = session.find(latent)
-    pos_count, neg_count = record.token_counts
-    if isinstance(session, DiTTraceSession):  # the conditioning holds CLIP and/or T5 tokens
-        encoders = getattr(clip, "cond_stage_model", None)
-
-        def layout_of(text, count):
-            return conditioning_layout(tokenizer, text, count, encoders)
-    else:
-        def layout_of(text, count):
-            return comfy_layout(tokenizer, text)
-    layouts = [layout_of(positive, pos_count)]
-    texts = [("positive", positive, pos_count, record.conditionings[0])]
-    if neg_count is not None:
-        layouts.append(layout_of(negative, neg_count))
-        texts.append(("negative", negative, neg_count, record.conditionings[1]))
-    for layout, (which, text, count, cond) in zip(layouts, texts):
-        if layout.length != count:
-            raise ValueError(f"the {which} text has {layout.length} tokens but the sampler's {which} conditioning "
-                             f"has {count}: give DAAM the same text and CLIP that encoded the conditioning")
-        if hasattr(clip, "encode_from_tokens"):
-            check_text(clip, text, cond, which)
-    h, w = record.recorded.latent_hw
-    if images is not None:
-        if images.shape[0] != record.latent.shape[0]:
-            raise ValueError(f"{images.shape[0]} images given for a sampling of {record.latent.shape[0]} latents")
-        image_hw = (int(images.shape[1]), int(images.shape[2]))
-    else:
-        factor = vae_factor(model)
-        image_hw = (h * factor, w * factor)
-    meta = {"positive": positive, "negative": negative, "host": "comfyui"}
-    trace = AttentionTrace.from_recorder(record.recorded, layouts, image_hw, meta)
-    trace.warnings += record.notes
-    if not trace.sums:
-        if record.attention_marks and not record.attention_seen:
-            raise ValueError("DAAM recorded nothing: another node replaced DAAM's attention override "
-                             "(transformer_options['optimized_attention_override']) after 'DAAM Trace Model' without "
-                             "calling it. Apply that node before DAAM, or use one that calls the previous override")
-        raise ValueError("no cross-attention was recorded in this sampling (check the resolutions, UNet parts and "
-                         "time window of 'DAAM Trace Model')")
-    return trace
 
 
 class DAAMMask:

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from ..daam_core.engine import masks as mask_ops
-from ..daam_core.engine.recorder import Recording
 from ..daam_core.engine.trace import AttentionTrace
 
 THRESHOLD_STEPS = 100  # the slider's thresholds are i / 100, i = 0..100 (the node's widget step is 0.01)
@@ -116,22 +115,16 @@ def threshold_levels(maps: torch.Tensor, steps: int = THRESHOLD_STEPS) -> torch.
     return count.to(torch.uint8)
 
 
-def _time_maps(recorded: Recording | None, trace: AttentionTrace, entries: list[Entry], combine: str,
-               image: int, segments: str | None = None) -> np.ndarray | None:
-    """``[K, E, h, w]`` maps per time bucket from the recorder's bucketed sums, or None without them."""
-    if recorded is None or not recorded.time_sums:
+def _time_maps(trace: AttentionTrace, entries: list[Entry], combine: str, image: int,
+               segments: str | None = None) -> np.ndarray | None:
+    """``[K, E, h, w]`` maps per time bucket from the trace's time sums, or None when traced without them."""
+    if not trace.time_sums:
         return None
-    k = len(next(iter(recorded.time_calls.values())))
-    out = np.zeros((k, len(entries), *trace.latent_hw), np.float32)
-    for b in range(k):
-        calls = {name: c[b] for name, c in recorded.time_calls.items() if c[b] > 0}
-        sums = {name: recorded.time_sums[name][b] for name in calls if name in trace.sums}
-        if not sums:
-            continue  # nothing recorded in this part of the sampling (e.g. outside the time window)
-        part = AttentionTrace(sums=sums, layers={n: trace.layers[n] for n in sums}, calls=calls,
-                              streams=trace.streams, layouts=trace.layouts, latent_hw=trace.latent_hw,
-                              image_hw=trace.latent_hw, recorded_branches=trace.recorded_branches)
-        out[b] = _entry_maps(part, entries, "none", combine, image, part.latent_hw, segments).numpy()
+    out = np.zeros((trace.time_buckets, len(entries), *trace.latent_hw), np.float32)
+    for b in range(trace.time_buckets):
+        part = trace.at_time(b)
+        if part is not None:  # None: nothing recorded in this part of the sampling (e.g. outside the time window)
+            out[b] = _entry_maps(part, entries, "none", combine, image, part.latent_hw, segments).numpy()
     return out
 
 
@@ -148,22 +141,21 @@ def _entry_maps(trace: AttentionTrace, entries: list[Entry], normalize: str, com
 
 
 def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[str], *, threshold: float,
-                  normalize: str, combine: str, images: list[dict] | None = None, recorded: Recording | None = None,
-                  alpha: float = 0.5, segments: str | None = None) -> dict:
+                  normalize: str, combine: str, images: list[dict] | None = None, alpha: float = 0.5,
+                  segments: str | None = None) -> dict:
     """The ``daam_preview`` payload of one DAAM Heatmaps run.
 
     Parameters
     ----------
     trace : AttentionTrace
-        The run's trace (``image_hw`` is the size of the MASK output).
+        The run's trace (``image_hw`` is the size of the MASK output); its time sums (when traced with time
+        buckets) feed the scrub.
     words, negative_words : list of str
         The node's queries; they start selected.
     threshold, normalize, combine, alpha
         The node's settings, so the preview shows what the node computed.
     images : list of dict, optional
         Per batch image, the ``/view`` reference (filename, subfolder, type) of the decoded image.
-    recorded : Recording, optional
-        The recorder's output; its ``time_sums``/``time_calls`` (when traced with time buckets) feed the scrub.
     segments : {"both", "clip", "t5"}, optional
         The node's choice of text segments (SD3), so the chips' maps are the node's.
     """
@@ -180,7 +172,7 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
         full = _entry_maps(trace, entries, normalize, combine, b, image_hw, segments)
         item = {"maps": _b64(low.numpy().astype("<f4").tobytes()),
                 "levels": _b64(threshold_levels(full).numpy().tobytes(), compress=True)}
-        stack = _time_maps(recorded, trace, entries, combine, b, segments)  # [K, E, h, w]
+        stack = _time_maps(trace, entries, combine, b, segments)  # [K, E, h, w]
         if stack is not None:
             peak = stack.reshape(stack.shape[0], -1).max(-1)[:, None, None, None]
             q = np.round(np.clip(stack / np.maximum(peak, 1e-12), 0, 1) * 255).astype(np.uint8)

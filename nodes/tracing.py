@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from ..daam_core.engine.recorder import RecordFilter
-from ..daam_core.hosts.comfy.dit import DiTTraceSession, dit_spec
-from ..daam_core.hosts.comfy.session import OPTIONS_KEY, WRAPPER_KEY, TraceSession
+from ..daam_core.hosts.comfy.dit import DiTTraceSession
+from ..daam_core.hosts.comfy.maps import new_session
+from ..daam_core.hosts.comfy.session import OPTIONS_KEY, WRAPPER_KEY, TraceSession, session_of  # noqa: F401 (importers of 0.2)
 
 
 def patch_model(model, filter: RecordFilter):
@@ -17,13 +18,12 @@ def patch_model(model, filter: RecordFilter):
     """
     import comfy.patcher_extension as ext
 
-    spec = dit_spec(model.model)
+    session = new_session(model, filter)
     m = model.clone()
-    session = TraceSession(filter) if spec is None else DiTTraceSession(filter, spec)
     to = m.model_options.setdefault("transformer_options", {})
     to["optimized_attention_override"] = session.attention_override(to.get("optimized_attention_override"))
     to[OPTIONS_KEY] = session
-    if spec is None:
+    if not isinstance(session, DiTTraceSession):  # UNets mark their cross-attention calls
         m.set_model_attn2_patch(session.attn2_patch)
     m.remove_wrappers_with_key(ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     m.remove_wrappers_with_key(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
@@ -31,11 +31,3 @@ def patch_model(model, filter: RecordFilter):
     m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY, session.apply_model)
     return m, session
 
-
-def session_of(model) -> TraceSession:
-    """The session of a DAAM-patched MODEL, with a clear error for any other model."""
-    session = getattr(model, "model_options", {}).get("transformer_options", {}).get(OPTIONS_KEY)
-    if session is None:
-        raise ValueError("this MODEL is not traced: pass it through 'DAAM Trace Model' and give the traced MODEL to "
-                         "both the sampler and this node")
-    return session

@@ -12,7 +12,7 @@ import torch
 
 from daam_core import AttentionTrace, cli
 from daam_core.shapes import model as shapes_model
-from daam_core.hosts.diffusers.tiny import tiny_sd_pipeline
+from helpers.tiny_pipelines import tiny_sd_pipeline
 
 
 def run(argv, capsys):

@@ -12,7 +12,7 @@ from diffusers.models.attention_processor import Attention  # noqa: E402
 
 from daam_core import WordNotFoundError, trace  # noqa: E402
 from daam_core.engine import metrics  # noqa: E402
-from daam_core.hosts.diffusers.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
+from helpers.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
 from helpers.reference import head_summed_probabilities  # noqa: E402
 from helpers.images import assert_close_image
 

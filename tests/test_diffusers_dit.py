@@ -1,6 +1,6 @@
 """Tracing diffusers SD3 and Flux pipelines: tiny random-weight models built from configs.
 
-How the models are built (``daam_core.hosts.diffusers.tiny``): SD3 is a 2-block MMDiT (4 heads x 8, patch 2, 16
+How the models are built (``tests/helpers/tiny_pipelines.py``): SD3 is a 2-block MMDiT (4 heads x 8, patch 2, 16
 latent channels; SD3.5's q/k RMS norms and its image-only ``attn2`` in block 0 for the main fixture), Flux a
 transformer with 1 double-stream and 2 single-stream blocks (2 heads x 16, RoPE, guidance embedding). Text
 encoders: CLIP-L/G of width 32 with the CLIP BPE vocabulary ComfyUI ships (``comfy/sd1_tokenizer``) and a 2-layer
@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from daam_core import trace  # noqa: E402
-from daam_core.hosts.diffusers.tiny import find_t5_tokenizer_dir, tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
+from helpers.tiny_pipelines import find_t5_tokenizer_dir, tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
 from helpers.images import assert_same_image
 
 PROMPT = "a red car and a dog"

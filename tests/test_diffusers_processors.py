@@ -12,7 +12,7 @@ from diffusers.models.attention_processor import (  # noqa: E402
     Attention, AttnProcessor2_0, FusedAttnProcessor2_0, IPAdapterAttnProcessor2_0)
 
 from daam_core import trace  # noqa: E402
-from daam_core.hosts.diffusers.tiny import tiny_sd_pipeline  # noqa: E402
+from helpers.tiny_pipelines import tiny_sd_pipeline  # noqa: E402
 from helpers.reference import head_summed_probabilities  # noqa: E402
 from helpers.images import assert_same_image
 

@@ -74,7 +74,7 @@ def test_head_selection_makes_no_fresh_tensor_on_the_hot_path():
 def test_prompt_embeds_without_text_error_names_the_real_helper(clip_tokenizer_dir, monkeypatch):
     monkeypatch.setenv("DAAM_CLIP_TOKENIZER_DIR", str(clip_tokenizer_dir))
     from daam_core import trace
-    from daam_core.hosts.diffusers.tiny import tiny_sd_pipeline
+    from helpers.tiny_pipelines import tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline(seed=0)
     embeds = pipe.encode_prompt("a cat", "cpu", 1, True, "")  # (positive, negative) embeddings

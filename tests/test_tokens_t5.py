@@ -6,10 +6,11 @@ weights. Skipped when the host is not set up.
 
 import pytest
 
-from daam_core.hosts.comfy.tokens import layout_from_comfy_sd3, layout_from_comfy_t5
+from daam_core.hosts.comfy.dit import conditioning_layout
+from daam_core.hosts.comfy.tokens import layout_from_comfy_t5
 from daam_core.text.layout import Segment, TokenLayout, concat_layouts
 from daam_core.text.query import WordNotFoundError
-from daam_core.text.sentencepiece import tokenize_sd3, tokenize_t5, word_keys
+from daam_core.text.sentencepiece import tokenize_t5, word_keys
 from daam_core.text.tokenize import tokenize
 
 pytestmark = pytest.mark.host
@@ -45,6 +46,18 @@ def t5(host):
 def flat(chunks):
     return ([t for c in chunks for t, *_ in c], [w for c in chunks for _, w, *_ in c],
             [wid for c in chunks for *_, wid in c])
+
+
+def sd3_layout(sd3, prompt, clip_only=False):
+    """SD3's layout as the ComfyUI adapter builds it for a conditioning of the host's length (CLIP, then T5)."""
+    tokens = sd3.tokenize_with_weights(prompt, return_word_ids=True)
+    return conditioning_layout(sd3, prompt, 77 * len(tokens["l"]) + (0 if clip_only else len(flat(tokens["t5xxl"])[0])))
+
+
+def tokenize_sd3(prompt, clip_tokenizer, t5_tokenizer):
+    """The pure builders joined as SD3 joins its encoders: CLIP chunks, then T5 (at least 77)."""
+    return concat_layouts([("clip", tokenize(prompt, clip_tokenizer)),
+                           ("t5", tokenize_t5(prompt, t5_tokenizer, min_length=77))], clip_tokenizer)
 
 
 @pytest.mark.parametrize("family,min_length", [("flux", 256), ("sd3", 77)])
@@ -114,7 +127,7 @@ def test_sd3_concatenation_equals_host(host, t5, prompt):
     sd3 = host["sd3"]
     tokens = sd3.tokenize_with_weights(prompt, return_word_ids=True)
     clip_tok = sd3.clip_l.tokenizer
-    layout = layout_from_comfy_sd3(tokens, clip_tok, t5, prompt=prompt)
+    layout = sd3_layout(sd3, prompt)
     n_clip = 77 * len(tokens["l"])
     l_ids, _, _ = flat(tokens["l"])
     t_ids, t_weights, _ = flat(tokens["t5xxl"])
@@ -137,7 +150,7 @@ def test_sd3_concatenation_equals_host(host, t5, prompt):
     built = tokenize_sd3(prompt, clip_tok, t5)
     assert built.ids == layout.ids and built.word_of == layout.word_of and built.segments == layout.segments
     # only the encoders the model has: without T5 the layout is the CLIP segment alone
-    clip_only = layout_from_comfy_sd3(tokens, clip_tok, t5, prompt=prompt, encoders=("l", "g"))
+    clip_only = sd3_layout(sd3, prompt, clip_only=True)
     assert clip_only.length == n_clip and [g.name for g in clip_only.segments] == ["clip"]
     with pytest.raises(ValueError, match="no 't5' positions"):
         clip_only.positions(layout.words[0].text, segments="t5") if layout.words else clip_only._segments_for("t5")

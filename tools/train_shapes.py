@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from daam_core.shapes import model as shapes_model, scenes  # noqa: E402
-from daam_core.hosts.diffusers.tiny import clip_tokenizer  # noqa: E402
+from daam_core.hosts.diffusers.tokenizers import clip_tokenizer  # noqa: E402
 
 
 def batch_of_scenes(rng, n):

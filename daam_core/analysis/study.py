@@ -313,7 +313,7 @@ def diffusers_generator(pipe, steps: int, guidance: float, height: int | None = 
     """Draw an item with a traced diffusers pipeline: ``(image uint8 [H, W, 3], AttentionTrace)``."""
     import torch
 
-    from ..hosts.diffusers.adapter import trace
+    from ..hosts.diffusers.tracing import trace
 
     def generate(it: StudyItem):
         gen = torch.Generator(device="cpu").manual_seed(it.seed)

@@ -71,7 +71,7 @@ def family_class(family: str | None, config: Path) -> str:
 
 
 def generate(pipe, args, out: Path) -> dict:
-    from ..hosts.diffusers.adapter import trace
+    from ..hosts.diffusers.tracing import trace
 
     words = split_words(args.words)
     if not args.prompt.strip():
@@ -121,7 +121,7 @@ DEMO_DEFAULTS = {  # prompt, words, steps, size, guidance
 
 def cmd_demo(args) -> dict:
     """The shapes model when one is given or shipped, else a random-weight tiny pipeline."""
-    from ..hosts.diffusers.tiny import tiny_sd_pipeline
+    from .demo_pipeline import tiny_sd_pipeline
     from ..shapes import model as shapes_model
 
     folder = Path(args.model) if args.model else (shapes_model.ASSET_DIR if shapes_model.available() else None)

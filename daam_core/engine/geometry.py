@@ -19,7 +19,6 @@ UNET_PARTS = ("down", "mid", "up")
 FLUX_PARTS = ("double", "single")
 MMDIT_PARTS = ("joint",)
 PARTS = UNET_PARTS + FLUX_PARTS + MMDIT_PARTS
-KINDS = ("cross", "joint")
 
 
 @dataclass
@@ -82,8 +81,6 @@ class UNetGrid:
         Largest downsampling tried.
     """
 
-    parts = UNET_PARTS
-
     def __init__(self, latent_hw: tuple[int, int], max_factor: int = 64):
         self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
         self.max_factor = max_factor
@@ -114,16 +111,13 @@ class PatchGrid:
         Height and width of the latent.
     patch : int
         Patch size (2 for SD3 and Flux). The grid is ``(ceil(h / p), ceil(w / p))``: hosts pad the latent up.
-    parts : tuple of str
-        The parts of this model's layers (e.g. ``("double", "single")`` for Flux).
     """
 
-    def __init__(self, latent_hw: tuple[int, int], patch: int, parts: tuple[str, ...] = FLUX_PARTS):
+    def __init__(self, latent_hw: tuple[int, int], patch: int):
         if not is_power_of_two(int(patch)):
             raise ValueError(f"patch size must be a power of two, got {patch}")
         self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
         self.patch = int(patch)
-        self.parts = tuple(parts)
         self.hw = (math.ceil(self.latent_hw[0] / self.patch), math.ceil(self.latent_hw[1] / self.patch))
 
     @property

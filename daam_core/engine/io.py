@@ -19,9 +19,16 @@ class TraceFormatError(ValueError):
     """A file that is not a DAAM trace in safetensors format."""
 
 
+def _checked(path) -> Path:
+    if "\x00" in str(path):
+        raise TraceFormatError(f"the trace file name {str(path)!r} contains a NUL byte (\\x00), which no file name "
+                               f"can hold")
+    return Path(path)
+
+
 def trace_paths(path) -> tuple[Path, Path]:
     """``(tensors, json)`` paths for a trace name given with or without the ``.safetensors`` suffix."""
-    p = Path(path)
+    p = _checked(path)
     if p.suffix == ".json":
         p = p.with_suffix("")
     if p.suffix != ".safetensors":
@@ -56,7 +63,7 @@ def read_trace_file(path) -> tuple[dict, dict]:
     """
     from safetensors import safe_open
 
-    p = Path(path)
+    p = _checked(path)
     if p.suffix != ".safetensors":
         raise TraceFormatError(f"{p.name}: only .safetensors traces can be loaded (refusing {p.suffix or 'no suffix'})")
     if not p.is_file():

@@ -22,6 +22,7 @@ import torch
 
 from . import joint, kernels
 from .geometry import PARTS, LayerInfo, UNetGrid, is_power_of_two
+from .schedule import Moment
 
 BRANCHES = ("cond", "uncond")
 
@@ -67,8 +68,9 @@ class RecordFilter:
         Attention heads to sum (non-empty). None = all heads. A head past a layer's head count is an error
         at that layer's first call.
     start, end : float
-        Time window as a fraction of the sampling, 0 = first (noisiest) step, 1 = the end.
-        A model call at progress ``p`` is recorded when ``start <= p <= end``.
+        Time window as a fraction of the sampling, 0 = first (noisiest) step, 1 = the end. Host adapters decide
+        it in the host's own terms (:class:`~daam_core.hosts.contract.SamplingClock`) and pass a
+        :class:`~daam_core.engine.schedule.Moment`; a bare float progress ``p`` is inside when ``start <= p <= end``.
     branches : tuple of str
         Which CFG branches to record; drop ``"uncond"`` to skip negative-prompt maps.
     blocks : tuple of (str, int, int) or None
@@ -76,7 +78,7 @@ class RecordFilter:
         part whose block index (the last integer in the layer name, ``"single.12"`` -> 12) is in
         ``[start, stop)``; a part with no range is kept whole. None = all. See :func:`parse_blocks`.
     time_buckets : int
-        1 = one sum over the sampling; K > 1 = also one sum per K-th of the sampling's progress (for seeing
+        1 = one sum over the sampling; K > 1 = also one sum per K-th of the sampling's steps (for seeing
         when a word takes hold), K times the memory of one sum, still flat in the number of steps.
     """
 
@@ -208,7 +210,7 @@ class CrossAttentionRecorder:
 
     Notes
     -----
-    Lifecycle: ``begin(grid, streams, token_counts)`` once per sampling, ``set_call(rows, progress)``
+    Lifecycle: ``begin(grid, streams, token_counts)`` once per sampling, ``set_call(rows, moment)``
     once per model call, ``record(layer, part, q, k, heads)`` per cross-attention call, ``finish()`` after
     sampling. ``finish`` returns a :class:`Recording`; the recorder can then be reused.
     """
@@ -264,21 +266,26 @@ class CrossAttentionRecorder:
         self._call = _Call()
         self._started = True
 
-    def set_call(self, rows: Sequence[int | None], progress: float) -> None:
+    def set_call(self, rows: Sequence[int | None], progress: "Moment | float") -> None:
         """Describe the next model call.
 
         Parameters
         ----------
         rows : sequence of (int or None)
             For each batch row of the model input, the index of its stream, or None to skip the row.
-        progress : float
-            Where this call sits in the sampling, 0 (start) .. 1 (end).
+        progress : Moment or float
+            Where this call sits in the sampling: a :class:`Moment` (its step, and the adapter's window verdict),
+            or a fraction 0 (start) .. 1 (end) read against ``filter.start`` / ``filter.end``.
         """
         wanted = tuple(r if (r is not None and self.streams[r].branch in self.filter.branches) else None
                        for r in rows)
-        active = self._started and self.filter.in_window(progress) and any(r is not None for r in wanted)
         k = self.filter.time_buckets
-        self._call = _Call(active=active, rows=wanted, bucket=min(max(int(progress * k), 0), k - 1))
+        if isinstance(progress, Moment):
+            inside, bucket = progress.inside, progress.bucket(k)
+        else:
+            inside, bucket = self.filter.in_window(progress), min(max(int(progress * k), 0), k - 1)
+        active = self._started and inside and any(r is not None for r in wanted)
+        self._call = _Call(active=active, rows=wanted, bucket=bucket)
 
     def skip_call(self) -> None:
         """Record nothing until the next ``set_call`` (e.g. a model call the adapter cannot map)."""
@@ -412,7 +419,7 @@ class CrossAttentionRecorder:
         if plan is None:
             return
         for msg in plan.warnings:
-            self._warn_once(f"{name}: {msg}")
+            self.warn(f"{name}: {msg}")
         s = scale if scale is not None else q.shape[-1] ** -0.5
         acc = self._running_sum(name, q.shape[2], q.device)
         if not (kernels.usable(q, k, self.kernel) and self._triton(plan, acc, q, k, text, s, mask, lse)):
@@ -429,7 +436,7 @@ class CrossAttentionRecorder:
             return True
         except Exception as e:  # noqa: BLE001 - a compiler or driver error of any kind; raised before any write
             self.kernel = "torch"
-            self._warn_once(f"the Triton recording kernel failed ({type(e).__name__}: {e}); the torch path records "
+            self.warn(f"the Triton recording kernel failed ({type(e).__name__}: {e}); the torch path records "
                             f"instead")
             return False
 
@@ -545,7 +552,7 @@ class CrossAttentionRecorder:
         if key in self._index_cache:
             plan = self._index_cache[key]
             if plan is None:
-                self._warn_once(f"{name}: {self._index_cache[key + ('why',)]}")
+                self.warn(f"{name}: {self._index_cache[key + ('why',)]}")
             return plan
         idx, streams = self._rows(device)
         all_rows = len(streams) == len(self._call.rows)
@@ -573,7 +580,7 @@ class CrossAttentionRecorder:
         if not groups:
             self._index_cache[key] = None
             self._index_cache[key + ("why",)] = warnings[-1]
-            self._warn_once(f"{name}: {warnings[-1]}")
+            self.warn(f"{name}: {warnings[-1]}")
             return None
         table = kernels.Table.build(*zip(*kept), device=device)
         plan = _Plan(rows=None if all_rows else idx, groups=tuple(groups), table=table, warnings=tuple(warnings))
@@ -699,9 +706,11 @@ class CrossAttentionRecorder:
             self._index_cache[key] = hit
         return hit
 
-    def _warn_once(self, msg: str) -> None:
+    def warn(self, msg: str) -> None:
+        """Add ``msg`` to this sampling's warnings once (adapters and the recorder share this list)."""
         if msg not in self.warnings:
             self.warnings.append(msg)
+
 
 
 AttentionRecorder = CrossAttentionRecorder  # the recorder of both kinds of attention call

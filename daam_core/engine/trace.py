@@ -8,6 +8,7 @@ it after sampling; nothing is recomputed from the model.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ from ..text.layout import TokenLayout
 from ..text.query import WordNotFoundError, parse_query
 from . import aggregate, masks as mask_ops, render
 from .geometry import PARTS, LayerInfo
-from .io import read_trace_file, write_trace_file
+from .io import TraceFormatError, read_trace_file, write_trace_file
 from .recorder import BRANCHES, Recording, Stream
 from .render import as_float_image
 
@@ -94,6 +95,11 @@ class AttentionTrace:
         What the recorder had to skip, for the user to see.
     recorded_branches : tuple of str
         Branches the recorder recorded; asking for another one is an error, never an empty map.
+    time_sums : dict layer -> Tensor ``[K, streams, N_layer, T_max]``
+        With time buckets (``RecordFilter.time_buckets`` K > 1): the sums per K-th of the sampling's steps (they
+        add up to ``sums``); empty without them. See :meth:`at_time`.
+    time_calls : dict layer -> list of K int
+        Recorded calls per layer and time bucket.
     """
 
     sums: dict[str, torch.Tensor]
@@ -106,19 +112,43 @@ class AttentionTrace:
     meta: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     recorded_branches: tuple[str, ...] = BRANCHES
+    time_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    time_calls: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
     def from_recorder(cls, recorded: Recording, layouts: Sequence[TokenLayout], image_hw: tuple[int, int],
                       meta: dict | None = None, device: str | torch.device | None = "cpu") -> "AttentionTrace":
         """Build from :meth:`CrossAttentionRecorder.finish` output (sums moved to ``device`` once)."""
-        sums = recorded.sums
+        sums, time_sums = recorded.sums, recorded.time_sums
         check_finite(sums)
         if device is not None:
             sums = {k: v.to(device) for k, v in sums.items()}
+            time_sums = {k: v.to(device) for k, v in time_sums.items()}
         return cls(sums=sums, layers=dict(recorded.layers), calls=dict(recorded.calls), streams=list(recorded.streams),
                    layouts=list(layouts), latent_hw=tuple(recorded.latent_hw), image_hw=tuple(image_hw),
                    meta=dict(meta or {}), warnings=list(recorded.warnings),
-                   recorded_branches=tuple(recorded.branches))
+                   recorded_branches=tuple(recorded.branches), time_sums=dict(time_sums),
+                   time_calls={k: list(v) for k, v in recorded.time_calls.items()})
+
+    # -- time ----------------------------------------------------------------------------------
+    @property
+    def time_buckets(self) -> int:
+        """K, the parts of the sampling with their own sums (1 without time buckets)."""
+        return len(next(iter(self.time_calls.values()))) if self.time_calls else 1
+
+    def at_time(self, bucket: int) -> "AttentionTrace | None":
+        """The trace of one time bucket (its sums and calls, the same layouts and sizes), None when nothing was
+        recorded in that part of the sampling (e.g. outside the time window)."""
+        if not 0 <= bucket < self.time_buckets or not self.time_sums:
+            raise ValueError(f"time bucket {bucket} does not exist: this trace has {self.time_buckets} "
+                             f"{'buckets' if self.time_sums else 'bucket (traced without time buckets)'}")
+        calls = {n: c[bucket] for n, c in self.time_calls.items() if c[bucket] > 0 and n in self.sums}
+        if not calls:
+            return None
+        return AttentionTrace(sums={n: self.time_sums[n][bucket] for n in calls},
+                              layers={n: self.layers[n] for n in calls}, calls=calls, streams=self.streams,
+                              layouts=self.layouts, latent_hw=self.latent_hw, image_hw=self.image_hw, meta=self.meta,
+                              recorded_branches=self.recorded_branches)
 
     # -- lookup --------------------------------------------------------------------------------
     @property
@@ -265,11 +295,12 @@ class AttentionTrace:
     # -- persistence ---------------------------------------------------------------------------
     def to(self, device) -> "AttentionTrace":
         self.sums = {k: v.to(device) for k, v in self.sums.items()}
+        self.time_sums = {k: v.to(device) for k, v in self.time_sums.items()}
         return self
 
     def nbytes(self) -> int:
-        """Memory held by the running sums."""
-        return sum(v.numel() * v.element_size() for v in self.sums.values())
+        """Memory held by the running sums (time buckets included)."""
+        return sum(v.numel() * v.element_size() for v in (*self.sums.values(), *self.time_sums.values()))
 
     def save(self, path):
         """Write ``path`` (``.safetensors`` + ``.json``); see :func:`save_trace`."""
@@ -295,23 +326,38 @@ def save_trace(trace: AttentionTrace, path):
         "meta": trace.meta,
         "warnings": trace.warnings,
     }
-    return write_trace_file(path, {f"sums/{i}": trace.sums[n] for i, n in enumerate(names)}, meta)
+    tensors = {f"sums/{i}": trace.sums[n] for i, n in enumerate(names)}
+    timed = [n for n in names if n in trace.time_sums]
+    if timed:  # optional: files without them (older ones, or traced without time buckets) load the same
+        meta["time_calls"] = {n: list(trace.time_calls[n]) for n in timed}
+        tensors.update({f"time_sums/{names.index(n)}": trace.time_sums[n] for n in timed})
+    return write_trace_file(path, tensors, meta)
 
 
 def load_trace(path) -> AttentionTrace:
     """Read a trace written by :func:`save_trace` (safetensors only; see :func:`~daam_core.engine.io.read_trace_file`)."""
     tensors, meta = read_trace_file(path)
+    missing = [k for k in ("layers", "calls", "streams", "layouts", "latent_hw", "image_hw") if k not in meta]
+    if missing:
+        raise TraceFormatError(f"{Path(path).name}: the trace's metadata lacks {', '.join(map(repr, missing))} "
+                               f"(not written by DAAM's save_trace, or damaged)")
     layers = {}
     for d in meta["layers"]:
         d = dict(d)
         if "location" in d:  # version 1
             d["part"] = d.pop("location")
         layers[d["name"]] = LayerInfo(**{**d, "hw": tuple(d["hw"])})
-    sums = {d["name"]: tensors[f"sums/{i}"] for i, d in enumerate(meta["layers"])}
+    names = [d["name"] for d in meta["layers"]]
+    absent = [f"sums/{i}" for i in range(len(names)) if f"sums/{i}" not in tensors]
+    if absent:
+        raise TraceFormatError(f"{Path(path).name}: the trace lacks the tensors {absent} its metadata names")
+    sums = {n: tensors[f"sums/{i}"] for i, n in enumerate(names)}
+    time_calls = {n: [int(c) for c in v] for n, v in meta.get("time_calls", {}).items()}
+    time_sums = {n: tensors[f"time_sums/{names.index(n)}"] for n in time_calls}
     return AttentionTrace(
         sums=sums, layers=layers, calls={k: int(v) for k, v in meta["calls"].items()},
         streams=[Stream(**s) for s in meta["streams"]],
         layouts=[TokenLayout.from_dict(d) for d in meta["layouts"]],
         latent_hw=tuple(meta["latent_hw"]), image_hw=tuple(meta["image_hw"]),
         meta=meta.get("meta", {}), warnings=list(meta.get("warnings", [])),
-        recorded_branches=tuple(meta.get("recorded_branches", BRANCHES)))
+        recorded_branches=tuple(meta.get("recorded_branches", BRANCHES)), time_sums=time_sums, time_calls=time_calls)

@@ -68,7 +68,7 @@ def assemble_pipeline(unet, text_encoder, vae, tokenizer=None):
     """A ``StableDiffusionPipeline`` around the components (DPM-Solver++ scheduler)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from ..hosts.diffusers.tiny import clip_tokenizer
+    from ..hosts.diffusers.tokenizers import clip_tokenizer
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer or clip_tokenizer(),
                                    unet=unet, scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG),
@@ -85,7 +85,7 @@ def save_pipeline(pipe, out: str | Path, dtype: torch.dtype = torch.float16) -> 
     """
     import shutil
 
-    from ..hosts.diffusers.tiny import TOKENIZER_FILES, find_clip_tokenizer_dir
+    from ..hosts.diffusers.tokenizers import TOKENIZER_FILES, find_clip_tokenizer_dir
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

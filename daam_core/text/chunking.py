@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from typing import Protocol, Sequence
 
-if TYPE_CHECKING:  # the builder and groups of daam_core.text.tokenize
-    from .tokenize import _Builder, _Group
+
+@dataclass
+class Group:
+    """What ComfyUI calls a word: the tokens of one segment piece, or one embedding's vectors."""
+
+    ids: list[int]                       # -1 per embedding vector
+    weight: float
+    words: list[tuple[str, int]]         # (surface text, token count), partitioning ids
+    embedding: str | None = None
+    is_break: bool = False
+
+
+class Builder(Protocol):
+    """What the chunking rules need of a layout builder (``daam_core.text.tokenize``'s): the special ids, and
+    positions added one at a time."""
+
+    bos: int
+    eos: int
+    pad: int
+
+    def new_word(self, text: str, weight: float) -> int: ...
+
+    def token(self, tid: int, weight: float, word: int, name: str | None = None) -> None: ...
+
+    def special(self, tid: int, count: int = 1) -> None: ...
 
 _COMFY_MAX_WORD_LENGTH = 8  # a group of at least this many tokens may be split across chunks
 _A1111_COMMA_BACKTRACK = 20  # A1111's default "comma_padding_backtrack"
 
 
-def flatten(groups: Sequence[_Group], b: _Builder) -> list[tuple[int, float, int, str | None]]:
+def flatten(groups: Sequence[Group], b: Builder) -> list[tuple[int, float, int, str | None]]:
     """(id, weight, word, embedding name) per content token, registering the words with the builder."""
     out = []
     for g in groups:
@@ -24,7 +48,7 @@ def flatten(groups: Sequence[_Group], b: _Builder) -> list[tuple[int, float, int
     return out
 
 
-def chunk_comfy(groups: Sequence[_Group], b: _Builder, max_length: int):
+def chunk_comfy(groups: Sequence[Group], b: Builder, max_length: int):
     """ComfyUI's chunking: a group that does not fit in the current chunk moves to the next one whole, unless it
     has 8 or more tokens, in which case it fills the current chunk and continues in the next."""
     room = max_length - 1  # content + BOS per chunk, before EOS
@@ -58,7 +82,7 @@ def chunk_comfy(groups: Sequence[_Group], b: _Builder, max_length: int):
     b.special(b.pad, max_length - chunk - 1)
 
 
-def chunk_a1111(groups: Sequence[_Group], b: _Builder, max_length: int, comma_id: int | None):
+def chunk_a1111(groups: Sequence[Group], b: Builder, max_length: int, comma_id: int | None):
     """A1111's chunking: 75 tokens per chunk, token by token; when a chunk fills up and a comma sits within its
     last 20 tokens, the tokens after that comma move to the next chunk; embeddings are not split; BREAK closes
     the current chunk (even an empty one)."""

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 from .embeddings import EMBEDDING_PREFIX, embedding_key, embedding_piece, same_embedding, split_embeddings, strip_prefix
-from .pieces import END_OF_WORD, decode_pieces, encode, pieces_of, pretokens
+from .pieces import END_OF_WORD, decode_pieces, encode, pieces_of, piece_units, pretokens, word_keys
 from .query import WordNotFoundError, parse_query
-from .sentencepiece import piece_units, word_keys
 
 SCHEMES = ("bpe", "sentencepiece")
 SEGMENT_CHOICES = ("clip", "t5", "both")

@@ -66,3 +66,54 @@ def pretokens(text: str) -> list[str]:
     text = unicodedata.normalize("NFC", " ".join(text.split())).lower()
     return _PRETOKEN.findall(text)
 
+
+# -- SentencePiece (T5) pieces: word starts instead of word ends --------------------------------------------
+WORD_START = "\u2581"  # "▁": SentencePiece marks the start of a whitespace word
+_RUN = re.compile(r"[^\W_]+|[\W_]+")
+
+
+def is_sentencepiece(tokenizer) -> bool:
+    """Whether a tokenizer writes SentencePiece pieces (``"▁"`` word starts), e.g. T5TokenizerFast."""
+    ids = encode(["a b"], tokenizer)[0]
+    return any(str(p).startswith(WORD_START) for p in tokenizer.convert_ids_to_tokens(ids))
+
+
+def word_keys(text: str) -> list[str]:
+    """Matching keys of a query or a decoded word: lower-case runs of letters/digits and of punctuation."""
+    return [m.group(0).lower() for w in text.split() for m in _RUN.finditer(w)]
+
+
+def piece_units(pieces: Sequence[str], positions: Sequence[int], word_of: Sequence[int]
+                ) -> list[tuple[str, tuple[int, ...]]]:
+    """Matching units of a run of SentencePiece content pieces: ``(key, positions)`` in order.
+
+    A whitespace word starts at a ``"▁"`` piece or where the prompt's word changes; its decoded text is split as
+    :func:`word_keys` does, each run keeping the positions of the pieces its characters came from.
+    """
+    units: list[tuple[str, tuple[int, ...]]] = []
+    chars: list[tuple[str, set]] = []  # character, positions it stands for
+    pending: list[int] = []  # positions of pieces without characters (a bare "▁"): joined to the next one
+    prev_word = None
+
+    def flush():
+        if pending and chars:
+            chars[-1][1].update(pending)
+        pending.clear()
+        text = "".join(c for c, _ in chars)
+        for m in _RUN.finditer(text):
+            pos = sorted(set().union(*(chars[i][1] for i in range(m.start(), m.end()))))
+            units.append((m.group(0).lower(), tuple(pos)))
+        chars.clear()
+
+    for piece, pos, word in zip(pieces, positions, word_of):
+        if piece.startswith(WORD_START) or word != prev_word:
+            flush()
+        body = [c for c in (piece[len(WORD_START):] if piece.startswith(WORD_START) else piece) if not c.isspace()]
+        if not body:
+            pending.append(pos)
+        for c in body:
+            chars.append((c, {pos, *pending}))
+            pending.clear()
+        prev_word = word
+    flush()
+    return units

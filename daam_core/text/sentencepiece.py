@@ -9,66 +9,19 @@ and digits and runs of punctuation (``"sheepdog's"`` -> ``sheepdog ' s``), so ``
 
 from __future__ import annotations
 
-import re
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from .embeddings import lookup_embedding
-from .pieces import encode
+from .layout import Segment, TokenLayout
+from .pieces import WORD_START, is_sentencepiece, piece_units, word_keys
 from .syntax import parse_prompt
+from .tokenize import LITERAL, _Builder, segment_groups
 
-WORD_START = "\u2581"  # "▁"
-_RUN = re.compile(r"[^\W_]+|[\W_]+")
-
-
-def is_sentencepiece(tokenizer) -> bool:
-    """Whether a tokenizer writes SentencePiece pieces (``"▁"`` word starts), e.g. T5TokenizerFast."""
-    ids = encode(["a b"], tokenizer)[0]
-    return any(str(p).startswith(WORD_START) for p in tokenizer.convert_ids_to_tokens(ids))
-
-
-def word_keys(text: str) -> list[str]:
-    """Matching keys of a query or a decoded word: lower-case runs of letters/digits and of punctuation."""
-    return [m.group(0).lower() for w in text.split() for m in _RUN.finditer(w)]
-
-
-def piece_units(pieces: Sequence[str], positions: Sequence[int], word_of: Sequence[int]
-                ) -> list[tuple[str, tuple[int, ...]]]:
-    """Matching units of a run of SentencePiece content pieces: ``(key, positions)`` in order.
-
-    A whitespace word starts at a ``"▁"`` piece or where the prompt's word changes; its decoded text is split as
-    :func:`word_keys` does, each run keeping the positions of the pieces its characters came from.
-    """
-    units: list[tuple[str, tuple[int, ...]]] = []
-    chars: list[tuple[str, set]] = []  # character, positions it stands for
-    pending: list[int] = []  # positions of pieces without characters (a bare "▁"): joined to the next one
-    prev_word = None
-
-    def flush():
-        if pending and chars:
-            chars[-1][1].update(pending)
-        pending.clear()
-        text = "".join(c for c, _ in chars)
-        for m in _RUN.finditer(text):
-            pos = sorted(set().union(*(chars[i][1] for i in range(m.start(), m.end()))))
-            units.append((m.group(0).lower(), tuple(pos)))
-        chars.clear()
-
-    for piece, pos, word in zip(pieces, positions, word_of):
-        if piece.startswith(WORD_START) or word != prev_word:
-            flush()
-        body = [c for c in (piece[len(WORD_START):] if piece.startswith(WORD_START) else piece) if not c.isspace()]
-        if not body:
-            pending.append(pos)
-        for c in body:
-            chars.append((c, {pos, *pending}))
-            pending.clear()
-        prev_word = word
-    flush()
-    return units
+__all__ = ["WORD_START", "is_sentencepiece", "piece_units", "word_keys", "tokenize_t5"]
 
 
 def tokenize_t5(prompt: str, tokenizer, *, min_length: int = 256, max_length: int | None = None,
-                syntax: str = "comfy", embeddings: Mapping[str, int] | None = None):
+                syntax: str = "comfy", embeddings: Mapping[str, int] | None = None) -> TokenLayout:
     """Token layout of a prompt as ComfyUI's T5-XXL tokenizer encodes it (Flux: ``min_length`` 256, SD3: 77).
 
     One chunk, no BOS: the content tokens of every weighted segment (each tokenized on its own, as ComfyUI
@@ -94,9 +47,6 @@ def tokenize_t5(prompt: str, tokenizer, *, min_length: int = 256, max_length: in
     TokenLayout
         With one segment ``("t5", 0, L, "sentencepiece")``.
     """
-    from .layout import Segment
-    from .tokenize import LITERAL, _Builder, segment_groups
-
     if syntax not in ("comfy", "plain"):
         raise ValueError(f"T5 prompts use the 'comfy' or 'plain' syntax, got {syntax!r}")
     eos = int(tokenizer.eos_token_id)
@@ -123,15 +73,3 @@ def tokenize_t5(prompt: str, tokenizer, *, min_length: int = 256, max_length: in
     layout = b.finish(len(b.ids), overflow)
     return layout.with_segments((Segment("t5", 0, layout.length, "sentencepiece"),))
 
-
-def tokenize_sd3(prompt: str, clip_tokenizer, t5_tokenizer, *, t5_min_length: int = 77, syntax: str = "comfy"):
-    """SD3's layout as ComfyUI encodes it: CLIP-L/G chunks (77 positions each) then T5 (>= ``t5_min_length``).
-
-    Returns a TokenLayout with segments ``"clip"`` and ``"t5"``; a word has positions in both.
-    """
-    from .layout import concat_layouts
-    from .tokenize import tokenize
-
-    clip = tokenize(prompt, clip_tokenizer, syntax=syntax)
-    t5 = tokenize_t5(prompt, t5_tokenizer, min_length=t5_min_length, syntax=syntax)
-    return concat_layouts([("clip", clip), ("t5", t5)], clip_tokenizer)

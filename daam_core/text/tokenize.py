@@ -6,10 +6,9 @@ The chunking rules of each syntax are in :mod:`daam_core.text.chunking`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from .chunking import chunk_a1111, chunk_comfy, flatten
+from .chunking import Group, chunk_a1111, chunk_comfy, flatten
 from .embeddings import EMBEDDING_PREFIX, embedding_piece, lookup_embedding, split_embeddings
 from .layout import TokenLayout, Word
 from .pieces import END_OF_WORD, decode_pieces, encode, pieces_of, special_ids
@@ -18,15 +17,7 @@ from .syntax import PromptSegment, parse_prompt
 __all__ = ["tokenize"]
 
 
-@dataclass
-class _Group:
-    """What ComfyUI calls a word: the tokens of one segment piece, or one embedding's vectors."""
-
-    ids: list[int]                       # -1 per embedding vector
-    weight: float
-    words: list[tuple[str, int]]         # (surface text, token count), partitioning ids
-    embedding: str | None = None
-    is_break: bool = False
+_Group = Group
 
 
 LITERAL = object()  # resolver answer: treat "embedding:name" as ordinary text

@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 
 from ...engine.geometry import FLUX_PARTS, MMDIT_PARTS, PatchGrid
-from ...engine.recorder import Recording
 from .session import TraceSession
 
 SUPPORTED = "SD1.x, SD2.x, SDXL (UNet), SD3 / SD3.5 (MMDiT) and Flux.1 (dev, schnell, Kontext)"
@@ -150,36 +149,23 @@ class DiTTraceSession(TraceSession):
         self.spec = spec
         self._joint_index = 0
         self._call_layout: tuple[int, int, int] | None = None  # (text tokens, image tokens, reference tokens)
-        self._ran: set[str] = set()
         self._uuid_length: dict = {}  # conditioning uuid -> its token count
 
     # -- sampling ----------------------------------------------------------------------------
-    def _start(self, guider, noise):
-        self._ran = set()
-        super()._start(guider, noise)
+    def _start(self, guider, noise, sigmas=None):
+        super()._start(guider, noise, sigmas)
         conds = getattr(guider, "conds", {}) or {}
         self._uuid_length = {e["uuid"]: int(e["cross_attn"].shape[1]) for entries in conds.values()
                              for e in entries or [] if e.get("cross_attn") is not None and "uuid" in e}
 
     def _grid(self):
-        return PatchGrid(self._latent_hw, self.spec.patch, self.spec.parts)
-
-    def _finish(self, recorded: Recording):
-        """Drop the branch the sampler never evaluated (Flux at cfg 1: no negative), rather than keep empty maps."""
-        if "uncond" in self._ran or self._token_counts[1] is None:
-            return recorded, self._token_counts, self._conds
-        keep = [i for i, s in enumerate(recorded.streams) if s.branch == "cond"]
-        recorded.sums = {k: v[keep] for k, v in recorded.sums.items()}
-        recorded.streams = [recorded.streams[i] for i in keep]
-        recorded.token_counts = recorded.token_counts[:1]
-        recorded.branches = tuple(b for b in recorded.branches if b == "cond")
-        return recorded, (self._token_counts[0], None), (self._conds[0], None)
+        return PatchGrid(self._latent_hw, self.spec.patch)
 
     def no_negative_reason(self) -> str:
         if self.spec.distilled_guidance:
             return ("Flux.1's guidance is distilled into the model: there is no negative branch (at cfg 1 the "
                     "negative prompt is never evaluated), so negative words have no maps. Clear negative_words")
-        return "this sampling never evaluated the negative prompt (cfg 1), so negative words have no maps"
+        return super().no_negative_reason()
 
     # -- one model call ----------------------------------------------------------------------
     def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
@@ -198,13 +184,6 @@ class DiTTraceSession(TraceSession):
         finally:
             self.recorder.skip_call()
             self._call_layout = None
-
-    def _set_call(self, x, t, options) -> None:
-        super()._set_call(x, t, options)
-        for u in options.get("uuids") or []:  # also outside the time window: the branch ran
-            hit = self._uuid_stream.get(u)
-            if hit is not None:
-                self._ran.add(hit[0])
 
     def _layout_of_call(self, options, ref_latents) -> tuple[int, int, int] | None:
         counts = [self._uuid_length.get(u) for u in options.get("uuids") or []]
@@ -370,6 +349,6 @@ def conditioning_layout(tokenizer, text: str, count: int, encoders=None):
                 chunks.append(c)
                 total += len(c)
             parts.append(("clip", layout_from_comfy_tokens(chunks, hf, prompt=text)))
-    if len(parts) == 1:
+    if len(parts) == 1 and parts[0][0] == "t5":  # Flux.1: the T5 layout names its segment itself
         return parts[0][1]
-    return concat_layouts(parts)
+    return concat_layouts(parts)  # SD3: named segments, also with its CLIP encoders alone

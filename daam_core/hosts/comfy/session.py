@@ -6,7 +6,9 @@ touched, so the model given to the node and every other clone of it run exactly 
   token count) and the latent size, starts the recorder, and after sampling stores the sums keyed
   by the output latent. The recorder is reset in ``finally``: an error or a cancel leaves nothing.
 - ``APPLY_MODEL`` wrapper: one model call. ``transformer_options["cond_or_uncond"]`` and ``["uuids"]``
-  say which batch chunk is which conditioning; that becomes the row -> stream map.
+  say which batch chunk is which conditioning; that becomes the row -> stream map. The call's sigma against
+  the sampling's sigmas gives its step; the window is the model sampling's ``percent_to_sigma``, as the host's
+  timestep-range conditioning reads it (:mod:`daam_core.hosts.contract`).
 - ``attn2_patch``: marks that the next attention call is the cross-attention of a block.
 - ``optimized_attention_override``: computes the output with the host's function (or the override
   another node installed before, which it wraps), then records q and k.
@@ -24,7 +26,7 @@ import torch
 
 from ...engine.geometry import UNetGrid
 from ...engine.recorder import CrossAttentionRecorder, RecordFilter, Recording, Stream
-from ...engine.schedule import progress_from_timestep
+from ..contract import SamplingClock, percent_window, whole
 
 WRAPPER_KEY = "daam"
 OPTIONS_KEY = "daam_session"
@@ -61,7 +63,8 @@ class TraceSession:
         self._latent_hw: tuple[int, int] = (0, 0)
         self._n_images = 0
         self._notes: list[str] = []
-        self._model_sampling = None
+        self._clock: SamplingClock | None = None
+        self._ran: set[str] = set()  # branches the sampler evaluated (also outside the time window)
         self._conds: tuple = (None, None)
         self._marks = 0
         self._seen = 0
@@ -76,7 +79,7 @@ class TraceSession:
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         guider = executor.class_obj
         with self.lock:
-            self._start(guider, noise)
+            self._start(guider, noise, sigmas)
             try:
                 output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
                 recorded, token_counts, conds = self._finish(self.recorder.finish())
@@ -92,7 +95,7 @@ class TraceSession:
                 self._uuid_stream = {}
                 self._pending = None
 
-    def _start(self, guider, noise: torch.Tensor) -> None:
+    def _start(self, guider, noise: torch.Tensor, sigmas: torch.Tensor | None = None) -> None:
         conds = getattr(guider, "conds", {}) or {}
         positive, negative = conds.get("positive") or [], conds.get("negative") or []
         self._notes = []
@@ -120,16 +123,39 @@ class TraceSession:
         self._token_counts = (counts[0], counts[1] if len(counts) > 1 else None)
         self._conds = (conds[0], conds[1] if len(conds) > 1 else None)
         self._marks = self._seen = 0
-        self._model_sampling = guider.model_patcher.get_model_object("model_sampling")
+        self._ran = set()
+        self._clock = self._sampling_clock(guider, sigmas)
         self.recorder.begin(self._grid(), streams, counts)
+
+    def _sampling_clock(self, guider, sigmas) -> SamplingClock | None:
+        """Steps and window of this sampling (None when the whole sampling is one sum)."""
+        f = self.recorder.filter
+        if whole(f) or sigmas is None or len(sigmas) < 2:
+            return None
+        ms = guider.model_patcher.get_model_object("model_sampling")
+        rule = None if (f.start, f.end) == (0.0, 1.0) else percent_window(f.start, f.end, ms.percent_to_sigma)
+        return SamplingClock(sigmas.detach().to("cpu", torch.float64), rule)
 
     def _grid(self):
         """The grid rule of this model's layers (a UNet's; the DiT session's is a patch grid)."""
         return UNetGrid(self._latent_hw)
 
     def _finish(self, recorded: Recording):
-        """``(recording, token_counts, conditionings)`` to keep for a finished sampling."""
-        return recorded, self._token_counts, self._conds
+        """``(recording, token_counts, conditionings)`` to keep for a finished sampling; the negative branch is
+        dropped when the sampler never evaluated it (cfg 1), rather than kept as empty maps."""
+        if "uncond" in self._ran or self._token_counts[1] is None:
+            return recorded, self._token_counts, self._conds
+        keep = [i for i, s in enumerate(recorded.streams) if s.branch == "cond"]
+        recorded.sums = {k: v[keep] for k, v in recorded.sums.items()}
+        recorded.time_sums = {k: v[:, keep] for k, v in recorded.time_sums.items()}
+        recorded.streams = [recorded.streams[i] for i in keep]
+        recorded.token_counts = recorded.token_counts[:1]
+        recorded.branches = tuple(b for b in recorded.branches if b == "cond")
+        return recorded, (self._token_counts[0], None), (self._conds[0], None)
+
+    def no_negative_reason(self) -> str:
+        """Why a sampling has no negative maps (for the error on negative words)."""
+        return "this sampling never evaluated the negative prompt (cfg 1), so negative words have no maps"
 
     # -- one model call ----------------------------------------------------------------------
     def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
@@ -143,6 +169,7 @@ class TraceSession:
     def _set_call(self, x, t, options) -> None:
         kinds = options.get("cond_or_uncond") or []
         uuids = options.get("uuids") or []
+        self._ran.update(self._uuid_stream[u][0] for u in uuids if u in self._uuid_stream)  # also outside the window
         if not self._uuid_stream or not kinds or len(uuids) != len(kinds) or tuple(x.shape[-2:]) != self._latent_hw:
             self.recorder.skip_call()  # e.g. an area-cropped conditioning batch, or a call outside sampling
             return
@@ -154,14 +181,8 @@ class TraceSession:
         for u in uuids:
             hit = self._uuid_stream.get(u)
             rows += [None] * chunk if hit is None else [hit[1] + i for i in range(chunk)]
-        f = self.recorder.filter
-        progress = 0.0
-        if ((f.start, f.end) != (0.0, 1.0) or f.time_buckets > 1) and self._model_sampling is not None:
-            ms = self._model_sampling
-            timestep = float(ms.timestep(t[:1].float()).flatten()[0])
-            progress = progress_from_timestep(timestep, getattr(ms, "num_timesteps", None)
-                                              or len(getattr(ms, "sigmas", [])) or 1000)
-        self.recorder.set_call(rows, progress)
+        # t is the call's sigma (BaseModel.apply_model); read only when the window or buckets need it
+        self.recorder.set_call(rows, 0.0 if self._clock is None else self._clock.moment(t[:1]))
 
     # -- attention ---------------------------------------------------------------------------
     def attn2_patch(self, n, context, value, extra_options):
@@ -205,6 +226,15 @@ class TraceSession:
                 return r
         raise ValueError("the LATENT given to DAAM was not produced by a sampler using this DAAM model (or it was "
                          "changed after sampling); connect the sampler's LATENT output directly")
+
+
+def session_of(model) -> TraceSession:
+    """The session of a DAAM-patched MODEL, with a clear error for any other model."""
+    session = getattr(model, "model_options", {}).get("transformer_options", {}).get(OPTIONS_KEY)
+    if session is None:
+        raise ValueError("this MODEL is not traced: pass it through 'DAAM Trace Model' and give the traced MODEL to "
+                         "both the sampler and this node")
+    return session
 
 
 def _same_latent(a: torch.Tensor, b: torch.Tensor) -> bool:

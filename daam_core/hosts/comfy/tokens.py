@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 
 from ...text.embeddings import EMBEDDING_PREFIX
-from ...text.layout import Segment, TokenLayout, Word, concat_layouts
+from ...text.layout import Segment, TokenLayout, Word
 from ...text.pieces import END_OF_WORD, decode_pieces, pieces_of
 from ...text.sentencepiece import WORD_START, is_sentencepiece
 from ...text.syntax import parse_prompt
@@ -165,38 +165,3 @@ def layout_from_comfy_t5(chunks, tokenizer, *, prompt: str) -> TokenLayout:
         raise ValueError("the tokenizer given for the T5 tokens is not a SentencePiece (T5) tokenizer")
     return layout
 
-
-SD3_ENCODERS = ("l", "g", "t5xxl")
-
-
-def layout_from_comfy_sd3(tokens, clip_tokenizer, t5_tokenizer, *, prompt: str,
-                          encoders: tuple[str, ...] = SD3_ENCODERS) -> TokenLayout:
-    """Layout of SD3's conditioning: the CLIP-L/G positions (77 per chunk), then the T5 positions.
-
-    Parameters
-    ----------
-    tokens : mapping
-        ``SD3Tokenizer.tokenize_with_weights(prompt, return_word_ids=True)``: keys ``"l"``, ``"g"``, ``"t5xxl"``.
-    clip_tokenizer, t5_tokenizer
-        The CLIP-L tokenizer (``clip_l.tokenizer``; CLIP-G has the same vocabulary) and the T5 tokenizer.
-    prompt : str
-    encoders : tuple of str
-        The text encoders the loaded model has (ComfyUI's SD3 text model may lack CLIP-L, CLIP-G or T5); the
-        CLIP-L and CLIP-G outputs are joined on channels and cut to the shorter, then T5 follows on the token axis.
-
-    Returns
-    -------
-    TokenLayout
-        Segments ``"clip"`` then ``"t5"`` (whichever exist); a word has positions in both.
-    """
-    unknown = set(encoders) - set(SD3_ENCODERS)
-    if unknown or not encoders:
-        raise ValueError(f"SD3 encoders must be a non-empty subset of {SD3_ENCODERS}, got {list(encoders)}")
-    parts = []
-    clip = [e for e in ("l", "g") if e in encoders]
-    if clip:
-        n_chunks = min(len(tokens[e]) for e in clip)
-        parts.append(("clip", layout_from_comfy_tokens(tokens[clip[0]][:n_chunks], clip_tokenizer, prompt=prompt)))
-    if "t5xxl" in encoders:
-        parts.append(("t5", layout_from_comfy_t5(tokens["t5xxl"], t5_tokenizer, prompt=prompt)))
-    return concat_layouts(parts, clip_tokenizer if clip else None)

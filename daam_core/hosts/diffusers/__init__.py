@@ -1,1 +1,3 @@
-"""The diffusers host: ``trace(pipe)``, long/weighted prompt encoding, tiny test pipelines."""
+"""The diffusers host: ``trace(pipe)`` (:mod:`.tracing`), UNet (:mod:`.adapter`) and joint-attention
+(:mod:`.joint`) adapters, long/weighted prompt encoding (:mod:`.prompt`), local tokenizer files
+(:mod:`.tokenizers`)."""

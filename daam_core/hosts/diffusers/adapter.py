@@ -6,7 +6,9 @@ What is installed while the context is open, and removed on exit (also on error 
   probabilities after the processor returns. No processor is replaced, so the output and the arguments every
   processor receives are the host's, bit for bit; self-attention is not touched;
 - a forward pre-hook on the UNet that tells the recorder the latent size, which batch rows are
-  conditional/unconditional for which image, and where the call sits in the sampling;
+  conditional/unconditional for which image, and where the call sits in the sampling: its step in the
+  scheduler's timesteps, and the time window read as diffusers' ``control_guidance_start`` / ``_end`` read
+  theirs (:mod:`daam_core.hosts.contract`);
 - a wrapper around ``pipe.encode_prompt`` that captures the prompts of each call.
 """
 
@@ -18,11 +20,11 @@ from typing import Sequence
 import torch
 
 from ...engine.geometry import UNetGrid
-from ...engine.recorder import CrossAttentionRecorder, RecordFilter, cfg_rows, cfg_streams, parse_blocks
-from ...engine.schedule import progress_from_timestep
+from ...engine.recorder import CrossAttentionRecorder, RecordFilter, cfg_rows, cfg_streams
 from ...engine.trace import AttentionTrace
 from ...text.layout import TokenLayout
 from ...text.tokenize import tokenize
+from ..contract import SamplingClock, step_window, whole
 
 
 def _location(name: str) -> str:
@@ -147,6 +149,7 @@ class DiffusersTrace:
         self._pending: dict | None = None  # prompts of the call whose sampling has not begun yet
         self._current: dict | None = None  # facts of the sampling being recorded
         self._staged: list[TokenLayout] | None = None
+        self._clock: SamplingClock | None = None
         self._installed = False
 
     # -- install / uninstall ---------------------------------------------------------------------
@@ -250,6 +253,7 @@ class DiffusersTrace:
             streams = pending["streams"]
             h, w = sample.shape[-2:]
             self.recorder.begin(UNetGrid((h, w)), streams, [lay.length for lay in pending["layouts"]])
+            self._clock = self._sampling_clock()
             self._current = pending
             self._current["latent_hw"] = (int(h), int(w))
             self._current["unet_calls"] = 0
@@ -259,20 +263,37 @@ class DiffusersTrace:
         rows = self._current["rows"]
         self._current["unet_calls"] += 1
         if sample.shape[0] != len(rows):
-            msg = (f"a UNet call with batch {sample.shape[0]} does not match the expected "
-                   f"{len(rows)} rows (images x CFG branches); call skipped")
-            if msg not in self.recorder.warnings:
-                self.recorder.warnings.append(msg)
+            self.recorder.warn(f"a UNet call with batch {sample.shape[0]} does not match the expected "
+                               f"{len(rows)} rows (images x CFG branches); call skipped")
             self.recorder.skip_call()
             return None
-        f = self.recorder.filter
-        progress = 0.0
-        if (f.start, f.end) != (0.0, 1.0):  # only then is the timestep read (a device sync on GPU)
-            t = args[1] if len(args) > 1 else kwargs.get("timestep")
-            t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
-            progress = progress_from_timestep(t, getattr(self.pipe.scheduler.config, "num_train_timesteps", 1000))
-        self.recorder.set_call(rows, progress)
+        self.recorder.set_call(rows, self._moment(args[1] if len(args) > 1 else kwargs.get("timestep")))
         return None
+
+    # -- time (the host contract) ----------------------------------------------------------------
+    timestep_scale = 1.0  # the network's timestep argument x this = the scheduler's timestep (Flux: 1000)
+
+    def _sampling_clock(self) -> SamplingClock | None:
+        """This sampling's steps (the scheduler's timesteps from its begin index) and window, None when the whole
+        sampling is one sum."""
+        f = self.recorder.filter
+        if whole(f):
+            return None
+        sched = self.pipe.scheduler
+        timesteps = getattr(sched, "timesteps", None)
+        if timesteps is None or len(timesteps) == 0:
+            raise ValueError("DAAM's time window and time buckets need the scheduler's timesteps, and this "
+                             f"{type(sched).__name__} has none set when the network first runs")
+        begin = getattr(sched, "begin_index", None) or 0  # img2img / inpaint start part-way
+        return SamplingClock(torch.as_tensor(timesteps[begin:]).detach().to("cpu", torch.float64),
+                             step_window(f.start, f.end))
+
+    def _moment(self, timestep):
+        """The recorder's time of a network call (a device sync only with a window or time buckets)."""
+        if self._clock is None:
+            return 0.0
+        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        return self._clock.moment(t * self.timestep_scale)
 
     def _finalize(self) -> None:
         if self._current is None:
@@ -323,45 +344,3 @@ class DiffusersTrace:
     def __exit__(self, *exc) -> None:
         self.uninstall()
 
-
-def trace(pipe, *, factors: Sequence[int] | None = None, locations: Sequence[str] | None = None,
-          layers: Sequence[str] | None = None, heads: Sequence[int] | None = None,
-          time_window: tuple[float, float] = (0.0, 1.0), negative: bool = True,
-          keep_on_device: bool = False, blocks: str | None = None) -> DiffusersTrace:
-    """Trace the cross-attention (UNets) or joint attention (SD3, Flux) of a diffusers pipeline.
-
-    Parameters
-    ----------
-    pipe : StableDiffusion(XL)Pipeline, StableDiffusion3Pipeline, FluxPipeline or their img2img / inpaint variants
-    factors : sequence of int, optional
-        Layer resolutions to record, as downsampling relative to the latent (SD1.5 at 512: 4 = 16x16).
-    locations : sequence of str, optional
-        Parts of the network: UNet ``"down"``, ``"mid"``, ``"up"``; Flux ``"double"``, ``"single"``; SD3 ``"joint"``.
-    layers : sequence of str, optional
-        Exact module paths (``down_blocks.1.attentions.0.transformer_blocks.0.attn2``).
-    heads : sequence of int, optional
-        Heads to sum (default all).
-    time_window : (float, float)
-        Fraction of the denoising to record, 0 = start (noise) .. 1 = end.
-    negative : bool
-        Also record the negative prompt's (unconditional) maps.
-    keep_on_device : bool
-        Leave finished sums on the model's device.
-    blocks : str, optional
-        Transformer block ranges, e.g. ``"double:0-9, single:10-37"`` (a part without a range is kept whole).
-
-    Returns
-    -------
-    DiffusersTrace
-        A context manager; ``with trace(pipe) as tc: pipe(...); maps = tc.word_maps("dog")``.
-    """
-    f = RecordFilter(factors=tuple(factors) if factors else None, parts=tuple(locations) if locations else None,
-                     layers=tuple(layers) if layers else None, heads=tuple(heads) if heads is not None else None,
-                     start=float(time_window[0]), end=float(time_window[1]),
-                     branches=("cond", "uncond") if negative else ("cond",),
-                     blocks=parse_blocks(blocks) if blocks else None)
-    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
-        from .joint import JointTrace
-
-        return JointTrace(pipe, f, keep_on_device=keep_on_device)
-    return DiffusersTrace(pipe, f, keep_on_device=keep_on_device)

