@@ -96,25 +96,6 @@ def _b64(data: bytes, compress: bool = False) -> str:
     return base64.b64encode(zlib.compress(data, 6) if compress else data).decode("ascii")
 
 
-def threshold_levels(maps: torch.Tensor, steps: int = THRESHOLD_STEPS) -> torch.Tensor:
-    """For every pixel, how many thresholds ``i / steps`` (``i = 0..steps``) keep it in the relative mask.
-
-    Parameters
-    ----------
-    maps : Tensor ``[..., H, W]``
-        The maps the MASK output is thresholded from.
-
-    Returns
-    -------
-    Tensor ``[..., H, W]`` uint8: the mask at threshold ``i / steps`` is ``levels > i`` (relative masks shrink
-    as the threshold rises, so each pixel's membership is a prefix of the thresholds).
-    """
-    count = torch.zeros(maps.shape, dtype=torch.int16)
-    for i in range(steps + 1):
-        count += mask_ops.threshold(maps, i / steps, "relative").to(torch.int16)
-    return count.to(torch.uint8)
-
-
 def _time_maps(trace: AttentionTrace, entries: list[Entry], combine: str, image: int,
                segments: str | None = None) -> np.ndarray | None:
     """``[K, E, h, w]`` maps per time bucket from the trace's time sums, or None when traced without them."""
@@ -170,8 +151,9 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
     for b in range(trace.num_images):
         low = _entry_maps(trace, entries, "none", combine, b, latent_hw, segments).float().contiguous()
         full = _entry_maps(trace, entries, normalize, combine, b, image_hw, segments)
+        levels = mask_ops.threshold_levels(full, THRESHOLD_STEPS)  # one pass for all 101 thresholds
         item = {"maps": _b64(low.numpy().astype("<f4").tobytes()),
-                "levels": _b64(threshold_levels(full).numpy().tobytes(), compress=True)}
+                "levels": _b64(levels.cpu().numpy().tobytes(), compress=True)}
         stack = _time_maps(trace, entries, combine, b, segments)  # [K, E, h, w]
         if stack is not None:
             peak = stack.reshape(stack.shape[0], -1).max(-1)[:, None, None, None]

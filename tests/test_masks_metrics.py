@@ -88,3 +88,26 @@ def test_rendering_colours_and_grid():
     np.testing.assert_array_equal(big[-6:, 24:], over.repeat(3, 0).repeat(3, 1)[-6:])  # below any label band
     with pytest.raises(ValueError, match="colour map"):
         render.colorize(heat, "rainbow-unicorn")
+
+
+def test_threshold_levels_equal_every_threshold_in_one_pass():
+    """The preview's levels: ``levels > i`` is the relative mask at ``i / steps`` bit for bit (ties, zeros and an
+    all-zero map included), computed in one pass instead of one threshold per step."""
+    g = torch.Generator().manual_seed(3)
+    maps = torch.rand(3, 2, 17, 23, generator=g)
+    maps[0, 0] = torch.round(maps[0, 0] * 10) / 10  # many values exactly on thresholds
+    maps[1, 1] = 0  # peak 0: every mask empty
+    maps[2, 0, :5] = maps[2, 0].max()  # ties at the peak
+    for steps in (100, 7):
+        levels = masks.threshold_levels(maps, steps)
+        assert levels.dtype == torch.uint8 and levels.shape == maps.shape
+        for i in range(steps + 1):
+            for idx in np.ndindex(*maps.shape[:2]):  # the paper's rule, one map at a time
+                m = maps[idx]
+                peak = m.max()
+                expected = (m >= (i / steps) * peak) & (peak > 0)
+                assert torch.equal(levels[idx] > i, expected), (steps, i, idx)
+            assert torch.equal(levels > i, masks.threshold(maps, i / steps, "relative").bool())
+    assert int(masks.threshold_levels(maps, 100)[1, 1].max()) == 0
+    with pytest.raises(ValueError, match="steps must be in 1..254"):
+        masks.threshold_levels(maps, 300)

@@ -60,15 +60,40 @@ def threshold(maps: torch.Tensor, value: float = 0.4, mode: str = "relative") ->
     if mode == "absolute":
         return (maps >= value).float()
     flat = maps.reshape(-1, *maps.shape[-2:])
+    if mode == "relative":  # all maps in one pass
+        peak = flat.amax(dim=(-2, -1), keepdim=True)
+        return ((flat >= value * peak) & (peak > 0)).float().reshape(maps.shape)
     out = torch.empty_like(flat)
     for i, m in enumerate(flat):
-        if mode == "relative":
-            peak = m.max()
-            level = value * peak
-            out[i] = ((m >= level) & (peak > 0)).float()
-        else:
-            out[i] = (m > otsu_level(m)).float()
+        out[i] = (m > otsu_level(m)).float()
     return out.reshape(maps.shape)
+
+
+def threshold_levels(maps: torch.Tensor, steps: int = 100) -> torch.Tensor:
+    """For every pixel, how many relative thresholds ``i / steps`` (``i = 0..steps``) keep it.
+
+    Parameters
+    ----------
+    maps : Tensor ``[..., H, W]``
+    steps : int
+        The thresholds are ``0, 1/steps, ..., 1``.
+
+    Returns
+    -------
+    Tensor ``[..., H, W]`` uint8 (``steps`` <= 254): ``levels > i`` equals ``threshold(maps, i / steps)`` bit for
+    bit. One pass: each map's thresholds are sorted (they grow with ``i``), so a pixel's count is a binary search
+    among them, on the maps' device.
+    """
+    if not 0 < steps <= 254:
+        raise ValueError(f"steps must be in 1..254, got {steps}")
+    flat = maps.float().reshape(-1, maps.shape[-2] * maps.shape[-1])
+    peak = flat.amax(dim=-1, keepdim=True)
+    # the same float32 products as threshold(): (i / steps) as a float32 scalar times the float32 peak
+    fractions = torch.tensor([i / steps for i in range(steps + 1)], dtype=torch.float32, device=flat.device)
+    levels = fractions * peak  # [maps, steps + 1], non-decreasing along the thresholds
+    count = torch.searchsorted(levels, flat.contiguous(), right=True)  # thresholds <= value: value >= level
+    count = torch.where(peak > 0, count, torch.zeros_like(count))
+    return count.to(torch.uint8).reshape(maps.shape)
 
 
 def _per_map(masks: torch.Tensor, fn) -> torch.Tensor:
