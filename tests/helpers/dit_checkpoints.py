@@ -28,7 +28,9 @@ Files the real loaders detect (``cached_sd3_checkpoint`` / ``cached_flux_unet`` 
     encoder is CLIP-L alone loaded by ``CLIPLoader(type="sd3")`` (SD3's encoder pads it to 4096), and its VAE the
     full-size 16-channel AE (``VAELoader``, 84 M parameters): reduced-channel VAEs are refused by the host.
 
-Cached under ``$DAAM_CACHE/checkpoints`` (see ``helpers.checkpoints.checkpoint_cache_dir``).
+Cached under ``$DAAM_CACHE/checkpoints`` (see ``helpers.checkpoints.checkpoint_cache_dir``); the SD3 and
+Flux files once per ComfyUI version, as they hold the key names of the host classes that wrote them (0.33's Flux saves its q/k norms as
+``.weight``, which 0.3.75's detection does not know; real checkpoints say ``.scale``).
 """
 
 from __future__ import annotations
@@ -160,8 +162,14 @@ def _meta(name: str, seed: int) -> dict[str, str]:
     return {"daam_test_checkpoint": name, "seed": str(seed), "layout_version": str(DIT_LAYOUT_VERSION)}
 
 
-def _cache_path(name: str, seed: int, dtype: torch.dtype):
-    return checkpoint_cache_dir() / f"daam-{name}-v{DIT_LAYOUT_VERSION}-seed{seed}-{str(dtype).removeprefix('torch.')}.safetensors"
+def _cache_path(name: str, seed: int, dtype: torch.dtype, by_host: bool = False):
+    """``by_host``: the file is saved from the host's own model classes, so it is kept per ComfyUI version."""
+    tag = ""
+    if by_host:
+        import comfyui_version  # the host's, first on sys.path
+
+        tag = f"-comfyui{comfyui_version.__version__}"
+    return checkpoint_cache_dir() / f"daam-{name}-v{DIT_LAYOUT_VERSION}-seed{seed}-{str(dtype).removeprefix('torch.')}{tag}.safetensors"
 
 
 def _ae_specs(s: _Specs, p: str) -> None:
@@ -184,7 +192,7 @@ def sd3_checkpoint_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16)
 
 def cached_sd3_checkpoint(seed: int = 0, dtype: torch.dtype = torch.float16):
     """Path of the tiny SD3 checkpoint (MMDiT + CLIP-L + AE, ~430 MB in fp16), written on first use."""
-    path = _cache_path("sd3-tiny", seed, dtype)
+    path = _cache_path("sd3-tiny", seed, dtype, by_host=True)
     if not path.is_file():
         _save_atomic(sd3_checkpoint_state_dict(seed, dtype), path, _meta("sd3-tiny", seed))
     return path
@@ -199,7 +207,7 @@ def flux_unet_state_dict(seed: int = 0, dev: bool = True, dtype: torch.dtype = t
 def cached_flux_unet(seed: int = 0, dev: bool = True, dtype: torch.dtype = torch.bfloat16):
     """Path of the tiny Flux.1 dev (``dev``) or schnell diffusion model (~1.1 GB in bf16), written on first use."""
     name = "flux-dev-tiny" if dev else "flux-schnell-tiny"
-    path = _cache_path(name, seed, dtype)
+    path = _cache_path(name, seed, dtype, by_host=True)
     if not path.is_file():
         _save_atomic(flux_unet_state_dict(seed, dev, dtype), path, _meta(name, seed))
     return path
