@@ -28,9 +28,9 @@ Files the real loaders detect (``cached_sd3_checkpoint`` / ``cached_flux_unet`` 
     encoder is CLIP-L alone loaded by ``CLIPLoader(type="sd3")`` (SD3's encoder pads it to 4096), and its VAE the
     full-size 16-channel AE (``VAELoader``, 84 M parameters): reduced-channel VAEs are refused by the host.
 
-Cached under ``$DAAM_CACHE/checkpoints`` (see ``helpers.checkpoints.checkpoint_cache_dir``); the SD3 and
-Flux files once per ComfyUI version, as they hold the key names of the host classes that wrote them (0.33's Flux saves its q/k norms as
-``.weight``, which 0.3.75's detection does not know; real checkpoints say ``.scale``).
+Cached under ``$DAAM_CACHE/checkpoints`` (see ``helpers.checkpoints.checkpoint_cache_dir``); the SD3 and Flux
+files once per ComfyUI version, as they hold the key names of the host classes that wrote them (0.33's Flux saves
+its q/k norms as ``.weight``, which 0.3.75's detection does not know; real checkpoints say ``.scale``).
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ def _cache_path(name: str, seed: int, dtype: torch.dtype, by_host: bool = False)
         import comfyui_version  # the host's, first on sys.path
 
         tag = f"-comfyui{comfyui_version.__version__}"
-    return checkpoint_cache_dir() / f"daam-{name}-v{DIT_LAYOUT_VERSION}-seed{seed}-{str(dtype).removeprefix('torch.')}{tag}.safetensors"
+    dtype_name = str(dtype).removeprefix("torch.")
+    return checkpoint_cache_dir() / f"daam-{name}-v{DIT_LAYOUT_VERSION}-seed{seed}-{dtype_name}{tag}.safetensors"
 
 
 def _ae_specs(s: _Specs, p: str) -> None:
