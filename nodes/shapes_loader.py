@@ -2,7 +2,13 @@
 
 The UNet becomes ComfyUI's ``UNetModel`` through the host's diffusers key map, the text encoder a
 ``SDClipModel`` with the folder's config and the real CLIP tokenizer, and the one-level VAE an
-``AutoencoderKL`` whose latents are pixels (scale 1, no downsampling).
+``AutoencoderKL`` whose latents are pixels (scale 1).
+
+In ComfyUI a latent cell stands for 8x8 pixels (``EmptyLatentImage`` makes width/8 cells; from 0.10 on the
+sampler rescales an empty latent to the model's ``spacial_downscale_ratio``). The shapes model works on one
+pixel per cell, so its VAE shows each cell as an 8x8 block (nearest) and encodes an image by its 8x8 means:
+the latent format, the VAE and ``EmptyLatentImage`` then agree on 8 on every host, and a 256x256 empty latent
+is the model's 32x32 canvas, shown as a 256x256 image.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import json
 from pathlib import Path
 
 import torch
+
+CELL = 8  # pixels per latent cell on each side, as ComfyUI's EmptyLatentImage assumes
 
 
 def _read(folder: Path, sub: str, weights: str) -> tuple[dict, dict]:
@@ -73,7 +81,7 @@ def load_model(folder: Path):
         scale_factor = 1.0
         latent_rgb_factors = [[1.0 if i == j else 0.0 for j in range(3)] for i in range(cfg["in_channels"])]
         latent_rgb_factors_bias = [0.5, 0.5, 0.5]
-        spacial_downscale_ratio = 1  # pixel space: one latent cell per pixel
+        spacial_downscale_ratio = CELL  # what the VAE below shows a cell as (the UNet sees one pixel per cell)
 
     class ShapesConfig(comfy.supported_models_base.BASE):
         unet_extra_config = {}
@@ -165,6 +173,23 @@ def load_vae(folder: Path):
     missing, _ = vae.first_stage_model.load_state_dict(state, strict=False)
     if missing:
         raise ValueError(f"the VAE weights do not fit ComfyUI's AutoencoderKL: missing {missing[:5]}")
-    vae.downscale_ratio = vae.upscale_ratio = 1
+    model = vae.first_stage_model
+    model.encoder = _Cells(model.encoder, up=False)
+    model.decoder = _Cells(model.decoder, up=True)
+    vae.downscale_ratio = vae.upscale_ratio = CELL
     vae.latent_channels = cfg["latent_channels"]
     return vae
+
+
+class _Cells(torch.nn.Module):
+    """The shapes VAE's encoder (``up=False``: on the image's CELL x CELL means) or decoder (``up=True``: each
+    output pixel shown as a CELL x CELL block), so that one latent cell is CELL x CELL pixels."""
+
+    def __init__(self, inner: torch.nn.Module, up: bool):
+        super().__init__()
+        self.inner, self.up = inner, up
+
+    def forward(self, x, **kwargs):
+        if self.up:
+            return torch.nn.functional.interpolate(self.inner(x, **kwargs), scale_factor=CELL, mode="nearest")
+        return self.inner(torch.nn.functional.avg_pool2d(x, CELL), **kwargs)

@@ -29,6 +29,18 @@ def models(comfy_host):
             "flux-dev": build_flux(seed=3, dev=True), "flux-schnell": build_flux(seed=4, dev=False)}
 
 
+def test_tiny_models_are_what_the_host_detects_from_their_weights(models):
+    """Each tiny model's own state dict is detected by the host as the class it was built as."""
+    import comfy.model_detection as md
+    import comfy.supported_models as sm
+
+    expected = {"sd3": sm.SD3, "sd35": sm.SD3, "flux-dev": sm.Flux, "flux-schnell": sm.FluxSchnell}
+    for family, model in models.items():
+        assert type(model.model.model_config) is expected[family], family
+        state = model.model.diffusion_model.state_dict()
+        assert type(md.model_config_from_unet(state, "")) is expected[family], family
+
+
 @pytest.fixture(scope="module")
 def tokenizers(comfy_host):
     from comfy.text_encoders.flux import FluxTokenizer
@@ -390,22 +402,16 @@ def test_layer_names_without_block_options(comfy_host):
 def test_untraceable_family_is_a_node_error_naming_it(pack, comfy_host):
     import comfy.supported_models as sm
 
-    from helpers.dit_checkpoints import _patcher
+    from helpers.dit_checkpoints import build_chroma, build_flux2
 
-    chroma = _patcher(sm.Chroma, {"image_model": "chroma", "in_channels": 16, "out_channels": 16,
-                                  "context_in_dim": 64, "hidden_size": 256, "mlp_ratio": 3.0, "num_heads": 2,
-                                  "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000,
-                                  "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 256,
-                                  "hidden_dim": 64, "n_layers": 1}, 0)
+    chroma = build_chroma()
+    assert type(chroma.model.model_config) is sm.Chroma
     with pytest.raises(ValueError, match="cannot trace this model family: Chroma.*DAAM traces"):
         pack.DAAMTraceModel().trace(chroma)
     if not hasattr(sm, "Flux2"):  # ComfyUI 0.3.64 has Chroma but no Flux.2
         return
-    cfg = {"image_model": "flux2", "in_channels": 16, "out_channels": 16, "vec_in_dim": None, "context_in_dim": 64,
-           "hidden_size": 256, "mlp_ratio": 3.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
-           "axes_dim": [32, 32, 32, 32], "theta": 2000, "patch_size": 1, "qkv_bias": False, "guidance_embed": True,
-           "global_modulation": True, "mlp_silu_act": True, "ops_bias": False}
-    model = _patcher(sm.Flux2, cfg, 0)
+    model = build_flux2()
+    assert type(model.model.model_config) is sm.Flux2
     with pytest.raises(ValueError, match="cannot trace this model family: 'flux2'.*Flux2"):
         pack.DAAMTraceModel().trace(model)
     latent = {"samples": torch.zeros(1, 128, 4, 4)}

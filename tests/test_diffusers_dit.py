@@ -9,7 +9,6 @@ T5 of width 32/64 with ComfyUI's T5 SentencePiece tokenizer (``comfy/text_encode
 (``dispatch_attention_fn`` for Flux, after RoPE; SDPA for SD3) and applies the softmax over the whole joint sequence.
 """
 
-import numpy as np
 import pytest
 import torch
 

@@ -58,11 +58,14 @@ def test_vae_matches_diffusers_and_keeps_pixel_size(shapes_folder, loaded):
     torch.manual_seed(1)
     z = torch.randn(1, 3, 32, 48)
     with torch.inference_mode():
-        ref = (pipe.vae.decode(z).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        ref = (pipe.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+        ref = ref.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3).permute(0, 2, 3, 1)  # 8x8 px a cell
         out = vae.decode(z)
         enc = vae.encode(out)
-    assert out.shape == (1, 32, 48, 3) and enc.shape == (1, 3, 32, 48)
+        ref_enc = pipe.vae.encode(out.permute(0, 3, 1, 2)[:, :, ::8, ::8] * 2 - 1).latent_dist.mode()
+    assert out.shape == (1, 256, 384, 3) and enc.shape == (1, 3, 32, 48)
     torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(enc.float(), ref_enc, rtol=1e-4, atol=1e-4)  # a block's mean is its pixel
 
 
 def test_sampling_with_daam_on_the_loaded_model(pack, loaded):
@@ -80,11 +83,29 @@ def test_sampling_with_daam_on_the_loaded_model(pack, loaded):
     images = host_nodes.VAEDecode().decode(vae, daam_latent)[0]
     heat, over, masks, _ = pack.DAAMHeatmaps().heatmaps(traced, clip, daam_latent, text, "", "circle, square",
                                                         images=images)["result"]
-    assert heat.shape == (2, 32, 32, 3) and masks.shape == (2, 32, 32)
+    assert images.shape == (1, 256, 256, 3)
+    assert heat.shape == (2, 256, 256, 3) and masks.shape == (2, 256, 256)
     assert not torch.equal(masks[0], masks[1]), "masks of 'circle' and 'square' are the same"
-    # without images the size comes from the model's latent format (pixel space: 1 pixel per cell, not SD's 8)
+    # without images the size comes from the model's latent format: 8 pixels a cell, as its VAE decodes
     no_images = pack.DAAMHeatmaps().heatmaps(traced, clip, daam_latent, text, "", "circle, square")["result"]
-    assert no_images[2].shape == (2, 32, 32) and torch.equal(no_images[2], masks)
+    assert no_images[2].shape == (2, 256, 256) and torch.equal(no_images[2], masks)
+
+
+def test_empty_latent_is_the_32px_canvas_on_every_host(pack, loaded):
+    """EmptyLatentImage(256) samples the model's 32x32 canvas: ComfyUI >= 0.10 rescales an empty latent from
+    EmptyLatentImage's 8 pixels a cell to the model's latent format, older hosts take it as it is."""
+    import comfy.sample
+    import nodes as host_nodes
+
+    model, clip, vae = loaded
+    (latent,) = host_nodes.EmptyLatentImage().generate(256, 256, 1)
+    assert latent["samples"].shape[-2:] == (32, 32)
+    tag = [latent["downscale_ratio_spacial"]] if "downscale_ratio_spacial" in latent else []  # >= 0.10 only
+    assert comfy.sample.fix_empty_latent_channels(model, latent["samples"], *tag).shape == (1, 3, 32, 32)
+    pos = host_nodes.CLIPTextEncode().encode(clip, "a red circle")[0]
+    (out,) = host_nodes.KSampler().sample(model, 1, 1, 1.0, "euler", "normal", pos, pos, latent)
+    assert out["samples"].shape == (1, 3, 32, 32)
+    assert host_nodes.VAEDecode().decode(vae, out)[0].shape == (1, 256, 256, 3)
 
 
 def test_noise_schedule_matches_diffusers(shapes_folder, loaded):

@@ -4,8 +4,9 @@
 # SRC is a ComfyUI checkout or a bare git repository (its HEAD is exported; the search tool's `fetch` of
 # Comfy-Org/ComfyUI gives one). The tree is copied to $DAAM_CACHE/ComfyUI-<version> with this pack linked into
 # custom_nodes. Its Python is an overlay venv: the main venv's packages (through a .pth file, so torch is the
-# one tools/setup_env.sh installed and never touched) under that version's own pins of the frontend, workflow
-# templates and embedded docs. Without pytest arguments it runs the in-process, HTTP and browser tests.
+# one tools/setup_env.sh installed and never touched) under that tree's own requirements.txt (torch, torchvision
+# and torchaudio lines dropped, the installed torch pinned by a constraints file). Without pytest arguments it
+# runs the in-process, HTTP and browser tests.
 set -euo pipefail
 
 here="$(dirname "${BASH_SOURCE[0]}")"
@@ -46,19 +47,33 @@ link="$host/custom_nodes/comfyui-daam"
 ln -sfn "$DAAM_REPO" "$link"
 
 venv="$DAAM_CACHE/venv-comfyui-$version"
-pins="$(grep -E '^comfyui-(frontend-package|workflow-templates|embedded-docs)==' "$host/requirements.txt" || true)"
-stamp="$(printf '%s\n%s\n' "$pins" "$("$PY" -VV)" | sha256sum | cut -d' ' -f1)"
+reqs="$(grep -vE '^[[:space:]]*(torch|torchvision|torchaudio)[[:space:]]*([=<>!~;#].*)?$' "$host/requirements.txt")"
+torch_pins="$("$PY" -c 'import importlib.metadata as m
+for name in ("torch", "torchvision"):
+    print(f"{name}=={m.version(name)}")')"
+stamp="$(printf '%s\n%s\n%s\n' "$reqs" "$torch_pins" "$("$PY" -VV)" | cat - "$0" | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$venv/.daam-stamp" || "$(cat "$venv/.daam-stamp")" != "$stamp" ]]; then
-    log "overlay venv $venv: $(echo $pins)"
+    log "overlay venv $venv: the requirements of $host/requirements.txt"
     rm -rf "$venv"
     base="$("$PY" -c 'import sys; print(sys._base_executable)')"
     "$base" -m venv "$venv"
     site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/zz-daam-main-venv.pth"
-    if [[ -n "$pins" ]]; then
-        # shellcheck disable=SC2086
-        "$venv/bin/python" -m pip install --disable-pip-version-check --no-deps -q $pins >&2
+    printf '%s\n' "$reqs" > "$venv/host-requirements.txt"
+    printf '%s\n' "$torch_pins" > "$venv/torch-constraints.txt"
+    # pip sees the main venv's packages through the .pth: those that satisfy a requirement stay where they are,
+    # the others are installed into the overlay (pip does not uninstall outside the environment it runs in)
+    "$venv/bin/python" -m pip install --disable-pip-version-check -q -c "$venv/torch-constraints.txt" \
+        -r "$venv/host-requirements.txt" >&2
+    if grep -qE '^[[:space:]]*torchaudio' "$host/requirements.txt" && ! "$venv/bin/python" -c 'import torchaudio' 2>/dev/null
+    then  # comfy.sd imports it from 0.3.7x on; no release pins a torch this new, but its wheels use torch's stable
+          # ABI, so the newest one works with it: installed without its torch pin
+        "$venv/bin/python" -m pip install --disable-pip-version-check -q --no-deps torchaudio >&2
+        "$venv/bin/python" -c 'import torchaudio' || log "torchaudio does not import: comfy.sd will not either"
     fi
+    main_site="$(cat "$site/zz-daam-main-venv.pth")"
+    torch_at="$("$venv/bin/python" -c 'import torch; print(torch.__file__)')"
+    [[ "$torch_at" == "$main_site"/* ]] || { log "the overlay replaced torch ($torch_at)"; exit 1; }
     echo "$stamp" > "$venv/.daam-stamp"
 fi
 

@@ -13,7 +13,6 @@ buffers. No host synchronisation happens on the hot path.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence

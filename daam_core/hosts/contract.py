@@ -17,7 +17,7 @@ Warnings go through :meth:`CrossAttentionRecorder.warn` (once each).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 

@@ -3,10 +3,14 @@
 How they are built (no weights can be downloaded; every tensor is seeded from the file seed and its key, like
 ``helpers/checkpoints.py``):
 
-In process (``build_sd3`` / ``build_flux``)
-    The host's own classes with a small width: ``comfy.supported_models.SD3`` / ``Flux`` / ``FluxSchnell`` given a
-    hand-written ``unet_config``, ``get_model()`` (so ``model_base.SD3`` / ``model_base.Flux``: the host's
-    conditioning, guidance and reference-latent handling), random weights, wrapped in a ``ModelPatcher``.
+In process (``build_sd3`` / ``build_flux`` / ``build_chroma`` / ``build_flux2``)
+    Built the way the host loads a checkpoint: the keys and shapes of a (small) checkpoint go through
+    ``comfy.model_detection.detect_unet_config`` and ``model_config_from_unet_config``, which pick the model class
+    (``supported_models.SD3`` / ``Flux`` / ``FluxSchnell`` / ...) and every field of its config; only the widths
+    that some host versions fix instead of reading them from the shapes (Flux's 24 heads and 3072 width, Chroma's
+    approximator) are set after detection. ``get_model()`` then gives ``model_base.SD3`` / ``model_base.Flux`` (the
+    host's conditioning, guidance and reference-latent handling), random weights, wrapped in a ``ModelPatcher``.
+    A field a new host version adds comes from its own detection, so a test fails only when behaviour changed.
     SD3's MMDiT width is ``64 * depth`` with ``depth`` heads of 64; ``sd35=True`` adds SD3.5 Medium's
     ``x_block_self_attn`` (a second, image-only attention) to block 0 and RMS q/k norms. Flux uses 2 heads of
     128 (its RoPE needs 128 per head: axes 16 + 56 + 56). Conditionings are hand-made tensors of a token length
@@ -24,7 +28,9 @@ Files the real loaders detect (``cached_sd3_checkpoint`` / ``cached_flux_unet`` 
     encoder is CLIP-L alone loaded by ``CLIPLoader(type="sd3")`` (SD3's encoder pads it to 4096), and its VAE the
     full-size 16-channel AE (``VAELoader``, 84 M parameters): reduced-channel VAEs are refused by the host.
 
-Cached under ``$DAAM_CACHE/checkpoints`` (see ``helpers.checkpoints.checkpoint_cache_dir``).
+Cached under ``$DAAM_CACHE/checkpoints`` (see ``helpers.checkpoints.checkpoint_cache_dir``); the SD3 and Flux
+files once per ComfyUI version, as they hold the key names of the host classes that wrote them (0.33's Flux saves
+its q/k norms as ``.weight``, which 0.3.75's detection does not know; real checkpoints say ``.scale``).
 """
 
 from __future__ import annotations
@@ -58,11 +64,25 @@ def _fill(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def _patcher(config_cls, unet_config: dict, seed: int):
+def detected_config(shapes: dict[str, tuple[int, ...]], **fixed):
+    """The host's model config for a checkpoint holding ``shapes`` (key -> shape; no data is read): its
+    ``detect_unet_config``, then ``fixed`` (sizes some versions do not read from the shapes), then the
+    supported-model class that matches, as ``comfy.sd`` picks it."""
+    import comfy.model_detection as md
+
+    state = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+    unet_config = md.detect_unet_config(state, "")
+    assert unet_config is not None, f"the host detects no model from {sorted(shapes)[:4]}..."
+    unet_config.update(fixed)
+    config = md.model_config_from_unet_config(unet_config, state)
+    assert config is not None, f"no supported model matches {unet_config}"
+    return config
+
+
+def _patcher(config, seed: int):
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    config = config_cls(unet_config)
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device="cpu")
     _fill(model.diffusion_model, seed)
@@ -70,31 +90,57 @@ def _patcher(config_cls, unet_config: dict, seed: int):
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device="cpu")
 
 
+def _sd3_shapes(depth: int, context_dim: int, pooled_dim: int, patches: int, sd35: bool = False) -> dict:
+    """The keys of an MMDiT checkpoint that ``detect_unet_config`` reads (width ``64 * depth``)."""
+    width = 64 * depth
+    shapes = {"x_embedder.proj.weight": (width, 16, 2, 2), "final_layer.linear.weight": (16 * 4, width),
+              "y_embedder.mlp.0.weight": (width, pooled_dim), "context_embedder.weight": (width, context_dim),
+              "pos_embed": (1, patches * patches, width)}
+    shapes.update({f"joint_blocks.{i}.context_block.attn.qkv.weight": (3 * width, width) for i in range(depth)})
+    if sd35:
+        shapes["joint_blocks.0.context_block.attn.ln_q.weight"] = (64,)
+        shapes["joint_blocks.0.x_block.attn2.qkv.weight"] = (3 * width, width)
+    return shapes
+
+
+def _flux_shapes(hidden: int, context_dim: int, pooled_dim: int | None, double: int, single: int,
+                 guidance: bool, in_channels: int = 16, patch: int = 2) -> dict:
+    """The keys of a Flux-family checkpoint that ``detect_unet_config`` reads."""
+    shapes = {"img_in.weight": (hidden, in_channels * patch * patch), "txt_in.weight": (hidden, context_dim)}
+    if pooled_dim is not None:
+        shapes["vector_in.in_layer.weight"] = (hidden, pooled_dim)
+    if guidance:
+        shapes["guidance_in.in_layer.weight"] = (hidden, 256)
+    shapes.update({f"double_blocks.{i}.img_attn.norm.key_norm.scale": (128,) for i in range(double)})
+    shapes.update({f"single_blocks.{i}.norm.key_norm.scale": (128,) for i in range(single)})
+    return shapes
+
+
 def build_sd3(seed: int = 0, depth: int = 2, sd35: bool = False, context_dim: int = 64, pooled_dim: int = 32):
     """An SD3-shaped ``ModelPatcher`` (``model_base.SD3`` around the host's MMDiT), ``depth`` heads of 64."""
-    import comfy.supported_models as sm
-
-    cfg = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": depth, "input_size": None,
-           "adm_in_channels": pooled_dim, "pos_embed_scaling_factor": None, "num_patches": 32 * 32,
-           "pos_embed_max_size": 32,
-           "context_embedder_config": {"target": "torch.nn.Linear",
-                                       "params": {"in_features": context_dim, "out_features": 64 * depth}},
-           "x_block_self_attn_layers": [0] if sd35 else []}
-    if sd35:
-        cfg["qk_norm"] = "rms"
-    return _patcher(sm.SD3, cfg, seed)
+    return _patcher(detected_config(_sd3_shapes(depth, context_dim, pooled_dim, 32, sd35)), seed)
 
 
 def build_flux(seed: int = 0, dev: bool = True, double: int = 1, single: int = 2, context_dim: int = 64,
                pooled_dim: int = 32):
     """A Flux.1-shaped ``ModelPatcher`` (``model_base.Flux``), 2 heads of 128; ``dev``: guidance embedding."""
-    import comfy.supported_models as sm
+    shapes = _flux_shapes(256, context_dim, pooled_dim, double, single, guidance=dev)
+    return _patcher(detected_config(shapes, hidden_size=256, num_heads=2, context_in_dim=context_dim), seed)
 
-    cfg = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": pooled_dim,
-           "context_in_dim": context_dim, "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 2, "depth": double,
-           "depth_single_blocks": single, "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2,
-           "qkv_bias": True, "guidance_embed": dev}
-    return _patcher(sm.Flux if dev else sm.FluxSchnell, cfg, seed)
+
+def build_chroma(seed: int = 0, context_dim: int = 64):
+    """A Chroma-shaped ``ModelPatcher`` (1 double + 1 single block, 2 heads of 128, a one-layer approximator)."""
+    shapes = _flux_shapes(256, context_dim, None, 1, 1, guidance=False)
+    shapes["distilled_guidance_layer.norms.0.scale"] = (64,)
+    return _patcher(detected_config(shapes, hidden_size=256, num_heads=2, context_in_dim=context_dim,
+                                    out_dim=256, hidden_dim=64, n_layers=1), seed)
+
+
+def build_flux2(seed: int = 0, context_dim: int = 64):
+    """A Flux.2-shaped ``ModelPatcher`` (1 double + 1 single block, 2 heads of 128), on hosts that have Flux.2."""
+    shapes = _flux_shapes(256, context_dim, None, 1, 1, guidance=True, in_channels=128, patch=1)
+    shapes["double_stream_modulation_img.lin.weight"] = (6 * 256, 256)
+    return _patcher(detected_config(shapes, hidden_size=256, num_heads=2, context_in_dim=context_dim), seed)
 
 
 def conditioning(tokens: int, context_dim: int = 64, pooled_dim: int = 32, seed: int = 0, batch: int = 1,
@@ -116,8 +162,15 @@ def _meta(name: str, seed: int) -> dict[str, str]:
     return {"daam_test_checkpoint": name, "seed": str(seed), "layout_version": str(DIT_LAYOUT_VERSION)}
 
 
-def _cache_path(name: str, seed: int, dtype: torch.dtype):
-    return checkpoint_cache_dir() / f"daam-{name}-v{DIT_LAYOUT_VERSION}-seed{seed}-{str(dtype).removeprefix('torch.')}.safetensors"
+def _cache_path(name: str, seed: int, dtype: torch.dtype, by_host: bool = False):
+    """``by_host``: the file is saved from the host's own model classes, so it is kept per ComfyUI version."""
+    tag = ""
+    if by_host:
+        import comfyui_version  # the host's, first on sys.path
+
+        tag = f"-comfyui{comfyui_version.__version__}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    return checkpoint_cache_dir() / f"daam-{name}-v{DIT_LAYOUT_VERSION}-seed{seed}-{dtype_name}{tag}.safetensors"
 
 
 def _ae_specs(s: _Specs, p: str) -> None:
@@ -127,17 +180,9 @@ def _ae_specs(s: _Specs, p: str) -> None:
 
 def sd3_checkpoint_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """Depth-2 MMDiT (detected as SD3) + CLIP-L + the 16-channel AE, in the single-file checkpoint layout."""
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
-
-    depth = 2
-    net = OpenAISignatureMMDITWrapper(
-        in_channels=16, patch_size=2, out_channels=16, depth=depth, adm_in_channels=2048,
-        context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 64 * depth}},
-        num_patches=64 * 64, pos_embed_max_size=64, dtype=torch.float32, device="cpu",
-        operations=comfy.ops.disable_weight_init)
-    _fill(net, seed)
-    out = _state_dict(net, "model.diffusion_model.", dtype)
+    model = _patcher(detected_config(_sd3_shapes(2, 4096, 2048, 64)), seed).model
+    out = _state_dict(model.diffusion_model, "model.diffusion_model.", dtype)
+    del model
     s = _Specs()
     _clip_l_specs(s, p="text_encoders.clip_l.transformer.text_model.")
     s.add("text_encoders.clip_l.transformer.text_projection.weight", (CLIP_L_WIDTH, CLIP_L_WIDTH))
@@ -148,7 +193,7 @@ def sd3_checkpoint_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16)
 
 def cached_sd3_checkpoint(seed: int = 0, dtype: torch.dtype = torch.float16):
     """Path of the tiny SD3 checkpoint (MMDiT + CLIP-L + AE, ~430 MB in fp16), written on first use."""
-    path = _cache_path("sd3-tiny", seed, dtype)
+    path = _cache_path("sd3-tiny", seed, dtype, by_host=True)
     if not path.is_file():
         _save_atomic(sd3_checkpoint_state_dict(seed, dtype), path, _meta("sd3-tiny", seed))
     return path
@@ -156,21 +201,14 @@ def cached_sd3_checkpoint(seed: int = 0, dtype: torch.dtype = torch.float16):
 
 def flux_unet_state_dict(seed: int = 0, dev: bool = True, dtype: torch.dtype = torch.bfloat16):
     """Full-width Flux.1 (24 heads of 128, 4096-wide text input), 1 double + 1 single block, bare UNet keys."""
-    import comfy.ops
-    from comfy.ldm.flux.model import Flux
-
-    net = Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
-               mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
-               patch_size=2, qkv_bias=True, guidance_embed=dev, dtype=torch.float32, device="cpu",
-               operations=comfy.ops.disable_weight_init)
-    _fill(net, seed)
-    return _state_dict(net, "", dtype)
+    model = _patcher(detected_config(_flux_shapes(3072, 4096, 768, 1, 1, guidance=dev)), seed).model
+    return _state_dict(model.diffusion_model, "", dtype)
 
 
 def cached_flux_unet(seed: int = 0, dev: bool = True, dtype: torch.dtype = torch.bfloat16):
     """Path of the tiny Flux.1 dev (``dev``) or schnell diffusion model (~1.1 GB in bf16), written on first use."""
     name = "flux-dev-tiny" if dev else "flux-schnell-tiny"
-    path = _cache_path(name, seed, dtype)
+    path = _cache_path(name, seed, dtype, by_host=True)
     if not path.is_file():
         _save_atomic(flux_unet_state_dict(seed, dev, dtype), path, _meta(name, seed))
     return path

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 
 from ...engine.geometry import FLUX_PARTS, MMDIT_PARTS, PatchGrid
-from .session import TraceSession
+from .session import TraceSession, gqa_keys, refuse_split
 
 SUPPORTED = "SD1.x, SD2.x, SDXL (UNet), SD3 / SD3.5 (MMDiT) and Flux.1 (dev, schnell, Kontext)"
 
@@ -170,6 +170,7 @@ class DiTTraceSession(TraceSession):
     # -- one model call ----------------------------------------------------------------------
     def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                     **kwargs):
+        refuse_split(transformer_options)
         self._joint_index = 0
         self._call_layout = None
         try:
@@ -208,7 +209,8 @@ class DiTTraceSession(TraceSession):
             if call is None:
                 return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
             if previous is None and getattr(func, "__name__", "") == "attention_pytorch" \
-                    and not kwargs.get("skip_output_reshape", False) and args[2].numel() == args[1].numel():
+                    and not kwargs.get("skip_output_reshape", False) and not kwargs.get("enable_gqa", False) \
+                    and args[2].numel() == args[1].numel():
                 q, k, v = args[:3]
                 if not call["skip_reshape"]:
                     v = v.reshape(k.shape)  # SD3 hands v as [B, L, H, D]; attention_pytorch views it the same way
@@ -222,7 +224,8 @@ class DiTTraceSession(TraceSession):
                                                   finish=finish, scale=kwargs.get("scale"), mask=kwargs.get("mask"),
                                                   skip_reshape=call["skip_reshape"])
             out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
-            self.recorder.record_joint(call["name"], call["part"], args[0], args[1], call["heads"], text=call["text"],
+            k = gqa_keys(args[0], args[1], call["heads"], kwargs)
+            self.recorder.record_joint(call["name"], call["part"], args[0], k, call["heads"], text=call["text"],
                                        image=call["image"], scale=kwargs.get("scale"), mask=kwargs.get("mask"),
                                        skip_reshape=call["skip_reshape"])
             return out
