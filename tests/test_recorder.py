@@ -150,3 +150,27 @@ def test_token_maps_average_layers_at_common_size():
     torch.testing.assert_close(normalize_maps(m, "max")[1], torch.tensor([[0.0, 1.0], [0.5, 0.5]]))
     up = resize_maps(torch.rand(3, 5, 7), (10, 14), "bicubic")
     assert up.shape == (3, 10, 14) and up.min() >= 0
+
+
+def test_grouped_query_keys_are_read_per_query_head():
+    """Grouped-query attention (ComfyUI's ``enable_gqa``): 4 query heads over 2 key heads equal the host's rule of
+    repeating each key head for its group (``repeat_interleave``), in both tensor layouts, without a copy."""
+    torch.manual_seed(5)
+    heads, kv_heads, d, t = 4, 2, 8, 7
+    q = torch.randn(4, 8 * 12, heads * d)
+    k = torch.randn(4, t, kv_heads * d)
+    k_full = k.view(4, t, kv_heads, d).repeat_interleave(heads // kv_heads, dim=2).reshape(4, t, heads * d)
+    ref = reference_probs(q, k_full, heads)
+    for skip_reshape in (False, True):
+        rec = one_call_recorder(tokens=t)
+        if skip_reshape:
+            qh, kh = q.view(4, -1, heads, d).transpose(1, 2), k.view(4, t, kv_heads, d).transpose(1, 2)
+            rec.record("down.0", "down", qh, kh, heads, skip_reshape=True)
+        else:
+            rec.record("down.0", "down", q, k, heads)
+        acc = rec.finish().sums["down.0"]
+        for row, stream in enumerate([2, 3, 0, 1]):
+            torch.testing.assert_close(acc[stream].double(), ref[row], atol=1e-5, rtol=0)
+    rec = one_call_recorder(tokens=t)
+    with pytest.raises(ValueError, match="keys .* do not match queries"):
+        rec.record("down.0", "down", q, torch.randn(4, t, 3 * d), heads)

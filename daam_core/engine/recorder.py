@@ -369,9 +369,11 @@ class CrossAttentionRecorder:
         q : Tensor
             Queries ``[B, N, heads * d]`` (or ``[B, heads, N, d]`` with ``skip_reshape``).
         k : Tensor
-            Keys ``[B, T, heads * d]`` (or ``[B, heads, T, d]`` with ``skip_reshape``).
+            Keys ``[B, T, kv_heads * d]`` (or ``[B, kv_heads, T, d]`` with ``skip_reshape``); grouped-query
+            attention has fewer key heads than query heads (query head ``h`` reads key head
+            ``h // (heads / kv_heads)``, as ``repeat_interleave`` lays them out).
         heads : int
-            Number of heads.
+            Number of query heads.
         scale : float, optional
             Softmax scale, default ``d ** -0.5``.
 
@@ -385,12 +387,10 @@ class CrossAttentionRecorder:
         n = q.shape[2] if skip_reshape else q.shape[1]
         if self._layer(name, part, "cross", n, heads) is None:
             return
-        if skip_reshape:  # [B, H, N, D], [B, H, T, D]
-            qh, kh = q, k
-        else:
-            b, t_call = q.shape[0], k.shape[1]
-            qh = q.view(b, n, heads, -1).transpose(1, 2)
-            kh = k.view(b, t_call, heads, -1).transpose(1, 2)
+        qh = joint.split_heads(q, heads, skip_reshape)
+        kh = k if skip_reshape else joint.split_heads(k, k.shape[-1] // qh.shape[-1], False)
+        if kh.shape[-1] != qh.shape[-1] or qh.shape[1] % kh.shape[1]:
+            raise ValueError(f"{name}: keys {tuple(kh.shape)} do not match queries {tuple(qh.shape)}")
         self._accumulate(name, qh, kh, (0, kh.shape[2]), scale)
 
     def _accumulate(self, name: str, q: torch.Tensor, k: torch.Tensor, text: tuple[int, int],

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 
 from ...engine.geometry import FLUX_PARTS, MMDIT_PARTS, PatchGrid
-from .session import TraceSession, gqa_keys, refuse_split
+from .session import TraceSession, refuse_split
 
 SUPPORTED = "SD1.x, SD2.x, SDXL (UNet), SD3 / SD3.5 (MMDiT) and Flux.1 (dev, schnell, Kontext)"
 
@@ -224,8 +224,7 @@ class DiTTraceSession(TraceSession):
                                                   finish=finish, scale=kwargs.get("scale"), mask=kwargs.get("mask"),
                                                   skip_reshape=call["skip_reshape"])
             out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
-            k = gqa_keys(args[0], args[1], call["heads"], kwargs)
-            self.recorder.record_joint(call["name"], call["part"], args[0], k, call["heads"], text=call["text"],
+            self.recorder.record_joint(call["name"], call["part"], args[0], args[1], call["heads"], text=call["text"],
                                        image=call["image"], scale=kwargs.get("scale"), mask=kwargs.get("mask"),
                                        skip_reshape=call["skip_reshape"])
             return out

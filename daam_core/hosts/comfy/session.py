@@ -34,22 +34,6 @@ LOCATION = {"input": "down", "middle": "mid", "output": "up"}
 MAX_RECORDS = 8  # finished samplings kept per session (one per sampler node using this model)
 
 
-def gqa_keys(q: torch.Tensor, k: torch.Tensor, heads: int, kwargs: dict) -> torch.Tensor:
-    """``k`` with as many heads as ``q``: under ``enable_gqa`` the host attends each group of consecutive query
-    heads to one key head (``comfy.ops.repeat_kv_for_gqa``: ``repeat_interleave`` on the head axis)."""
-    if not kwargs.get("enable_gqa", False):
-        return k
-    if kwargs.get("skip_reshape", False):  # [B, H, T, D]
-        n = q.shape[1] // k.shape[1]
-        return k.repeat_interleave(n, dim=1) if n > 1 else k
-    d = q.shape[-1] // heads  # [B, T, H * D]
-    n = heads // (k.shape[-1] // d)
-    if n <= 1:
-        return k
-    b, t = k.shape[:2]
-    return k.reshape(b, t, -1, d).repeat_interleave(n, dim=2).reshape(b, t, heads * d)
-
-
 def refuse_split(transformer_options: dict) -> None:
     """A clear error for ComfyUI's multi-GPU CFG split (``_calc_cond_batch_multigpu``): it runs model calls of
     one step on several devices at once, and a session records one model call at a time."""
@@ -236,8 +220,9 @@ class TraceSession:
                 if t == pending[2]:  # the key is the text context: this is the marked cross-attention
                     self._pending = None
                     self._seen += 1
-                    self.recorder.record(pending[0], pending[1], q, gqa_keys(q, k, heads, kwargs), heads,
-                                         scale=kwargs.get("scale"), skip_reshape=skip_reshape)
+                    # grouped-query keys (enable_gqa) are read per query head by the recorder, not repeated
+                    self.recorder.record(pending[0], pending[1], q, k, heads, scale=kwargs.get("scale"),
+                                         skip_reshape=skip_reshape)
             return out
 
         return override
