@@ -116,7 +116,8 @@ def sdxl_layers(size: int = 1024) -> list[dict]:
 
 
 def child_sdxl(tokens: int, images: int) -> dict:
-    from daam_core.engine.recorder import CrossAttentionRecorder, cfg_rows, cfg_streams
+    from daam_core.engine.recorder import CrossAttentionRecorder
+    from daam_core.hosts.contract import cfg_rows, cfg_streams
 
     layers = sdxl_layers()
     rec = CrossAttentionRecorder()

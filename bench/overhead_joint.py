@@ -216,9 +216,9 @@ def main():
     def traced_attention(name, part, q, k, v):
         if args.backend == "sdpa":
             return rec.attend_joint(name, part, q, k, v, model.heads, text=(0, t), image=(t, length),
-                                    reference=lambda: host(q, k, v), skip_reshape=True)
+                                    reference=lambda: host(q, k, v))
         out = host(q, k, v)
-        rec.record_joint(name, part, q, k, model.heads, text=(0, t), image=(t, length), skip_reshape=True)
+        rec.record_joint(name, part, q, k, model.heads, text=(0, t), image=(t, length))
         return out
 
     def run(traced: bool):

@@ -64,8 +64,7 @@ def main():
         for i in range(24):
             for name in (["now", "base"] if i % 2 else ["base", "now"]):
                 t0 = time.process_time()
-                recs[name].record_joint("double.0", "double", q, k, h, text=(0, t), image=(t, length),
-                                        skip_reshape=True)
+                recs[name].record_joint("double.0", "double", q, k, h, text=(0, t), image=(t, length))
                 times[name].append(time.process_time() - t0)
         diff = (recs["now"].finish().sums["double.0"] - recs["base"].finish().sums["double.0"]).abs().max().item()
         figures = {name: (round(1000 * statistics.median(ts[2:]), 2), spread(ts[2:])) for name, ts in times.items()}

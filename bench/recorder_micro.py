@@ -109,8 +109,8 @@ def main():
         v = torch.randn(batch, T, heads * d, generator=g)
         def make(module):
             r = module.CrossAttentionRecorder()
-            r.begin((latent, latent), module.cfg_streams(1, [0], 1), [T, T])
-            r.set_call(module.cfg_rows(1, True), 0.0)
+            r.begin((latent, latent), [module.Stream(0, "cond", 0), module.Stream(0, "uncond", 1)], [T, T])
+            r.set_call([1, 0], 0.0)  # the usual CFG batch: uncond row first
             return r
 
         rec = make(R)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..daam_core.engine import masks as mask_ops
+from ..daam_core.engine.aggregate import finish_maps
 from ..daam_core.engine.trace import AttentionTrace
 
 THRESHOLD_STEPS = 100  # the slider's thresholds are i / 100, i = 0..100 (the node's widget step is 0.01)
@@ -105,20 +106,20 @@ def _time_maps(trace: AttentionTrace, entries: list[Entry], combine: str, image:
     for b in range(trace.time_buckets):
         part = trace.at_time(b)
         if part is not None:  # None: nothing recorded in this part of the sampling (e.g. outside the time window)
-            out[b] = _entry_maps(part, entries, "none", combine, image, part.latent_hw, segments).numpy()
+            out[b] = torch.cat(_latent_maps(part, entries, combine, image, segments)).numpy()
     return out
 
 
-def _entry_maps(trace: AttentionTrace, entries: list[Entry], normalize: str, combine: str, image: int,
-                size, segments: str | None = None) -> torch.Tensor:
-    """``[E, H, W]`` maps of the entries (positive, then negative) of one image at ``size``."""
+def _latent_maps(trace: AttentionTrace, entries: list[Entry], combine: str, image: int,
+                 segments: str | None = None) -> list[torch.Tensor]:
+    """Per prompt (positive, then negative) the ``[E_p, h, w]`` unnormalised maps of its entries at the latent."""
     parts = []
     for prompt, branch in (("positive", "cond"), ("negative", "uncond")):
         keys = [e.key for e in entries if e.prompt == prompt]
         if keys:
-            parts.append(trace.word_maps(keys, image=image, branch=branch, combine=combine, normalize=normalize,
-                                         size=size, missing="zeros", segments=segments))
-    return torch.cat(parts) if parts else torch.zeros(0, *size)
+            parts.append(trace.word_maps(keys, image=image, branch=branch, combine=combine, normalize="none",
+                                         size=trace.latent_hw, missing="zeros", segments=segments))
+    return parts or [torch.zeros(0, *trace.latent_hw)]
 
 
 def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[str], *, threshold: float,
@@ -149,8 +150,9 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
     per_image = []
     time_meta = None
     for b in range(trace.num_images):
-        low = _entry_maps(trace, entries, "none", combine, b, latent_hw, segments).float().contiguous()
-        full = _entry_maps(trace, entries, normalize, combine, b, image_hw, segments)
+        parts = _latent_maps(trace, entries, combine, b, segments)  # computed once; the full-size maps from it
+        low = torch.cat(parts).float().contiguous()
+        full = torch.cat([finish_maps(p, image_hw, normalize) for p in parts])
         levels = mask_ops.threshold_levels(full, THRESHOLD_STEPS)  # one pass for all 101 thresholds
         item = {"maps": _b64(low.numpy().astype("<f4").tobytes()),
                 "levels": _b64(levels.cpu().numpy().tobytes(), compress=True)}

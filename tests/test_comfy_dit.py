@@ -1,4 +1,4 @@
-"""SD3 / SD3.5 (MMDiT) and Flux.1 in process against the real ComfyUI host: samplers, ModelPatcher, attention.
+"""SD3 / SD3.5 (MMDiT), Flux.1 and Chroma in process against the real ComfyUI host: samplers, ModelPatcher, attention.
 
 The models are the host's own classes at a small width with seeded random weights (``helpers/dit_checkpoints.py``
 says how they are built); their conditionings are hand-made tensors whose token count is what the host's SD3 /
@@ -18,15 +18,16 @@ pytestmark = pytest.mark.host
 
 POS = "a cat and a dog on a red sofa"
 NEG = "blurry, low quality"
-FAMILIES = ("sd3", "sd35", "flux-dev", "flux-schnell")
+FAMILIES = ("sd3", "sd35", "flux-dev", "flux-schnell", "chroma")
 
 
 @pytest.fixture(scope="module")
 def models(comfy_host):
-    from helpers.dit_checkpoints import build_flux, build_sd3
+    from helpers.dit_checkpoints import build_chroma, build_flux, build_sd3
 
     return {"sd3": build_sd3(seed=1, depth=2), "sd35": build_sd3(seed=2, depth=3, sd35=True),
-            "flux-dev": build_flux(seed=3, dev=True), "flux-schnell": build_flux(seed=4, dev=False)}
+            "flux-dev": build_flux(seed=3, dev=True), "flux-schnell": build_flux(seed=4, dev=False),
+            "chroma": build_chroma(seed=5)}
 
 
 def test_tiny_models_are_what_the_host_detects_from_their_weights(models):
@@ -34,7 +35,8 @@ def test_tiny_models_are_what_the_host_detects_from_their_weights(models):
     import comfy.model_detection as md
     import comfy.supported_models as sm
 
-    expected = {"sd3": sm.SD3, "sd35": sm.SD3, "flux-dev": sm.Flux, "flux-schnell": sm.FluxSchnell}
+    expected = {"sd3": sm.SD3, "sd35": sm.SD3, "flux-dev": sm.Flux, "flux-schnell": sm.FluxSchnell,
+                "chroma": sm.Chroma}
     for family, model in models.items():
         assert type(model.model.model_config) is expected[family], family
         state = model.model.diffusion_model.state_dict()
@@ -44,17 +46,18 @@ def test_tiny_models_are_what_the_host_detects_from_their_weights(models):
 @pytest.fixture(scope="module")
 def tokenizers(comfy_host):
     from comfy.text_encoders.flux import FluxTokenizer
+    from comfy.text_encoders.pixart_t5 import PixArtTokenizer
     from comfy.text_encoders.sd3_clip import SD3Tokenizer
 
-    return {"sd3": SD3Tokenizer(), "flux": FluxTokenizer()}
+    return {"sd3": SD3Tokenizer(), "flux": FluxTokenizer(), "chroma": PixArtTokenizer()}
 
 
 def tokenizer_of(family, tokenizers):
-    return tokenizers["flux" if family.startswith("flux") else "sd3"]
+    return tokenizers["flux" if family.startswith("flux") else "chroma" if family == "chroma" else "sd3"]
 
 
 def token_count(tokenizer, text):
-    """Conditioning length the host's encoders give: SD3 CLIP-L/G (77 per chunk) + T5; Flux T5 alone."""
+    """Conditioning length the host's encoders give: SD3 CLIP-L/G (77 per chunk) + T5; Flux and Chroma T5 alone."""
     tokens = tokenizer.tokenize_with_weights(text)
     n = lambda key: sum(len(c) for c in tokens[key])  # noqa: E731
     return n("t5xxl") + (n("l") if "g" in tokens else 0)
@@ -140,8 +143,10 @@ def collector(store):
 def reference_sums(calls, family, lengths, n_img, n_ref, n_streams, stream_of, t_max, depth, double=0):
     """fp64 softmax over the whole joint sequence, image rows x text columns, summed over heads, per layer.
 
-    ``lengths``: cond_or_uncond kind -> token count; ``stream_of(kind, image)``: the stream index. A call is joint
-    when its key length is text + image + references; the text is first, the generated image next."""
+    ``lengths``: cond_or_uncond kind -> token count; ``stream_of(kind, image)``: the stream index. The text is
+    what the call's keys hold besides the image and the references (the host repeats each row's conditioning to
+    that length); a call with no text keys (SD3.5's image-only attention) is not joint. The text is first, the
+    generated image next."""
     out, index = {}, 0
     for c in calls:
         q, k = c["q"].double(), c["k"].double()
@@ -150,8 +155,8 @@ def reference_sums(calls, family, lengths, n_img, n_ref, n_streams, stream_of, t
             q = q.view(b, L, c["heads"], -1).transpose(1, 2)
             k = k.view(b, k.shape[1], c["heads"], -1).transpose(1, 2)
         L = k.shape[2]
-        text = math.lcm(*[lengths[kind] for kind in c["kinds"]])
-        if L != text + n_img + n_ref:
+        text = L - n_img - n_ref
+        if text <= 0:
             continue
         if family == "sd3":
             name = f"joint.{index % depth}"
@@ -194,12 +199,13 @@ def test_recorded_probabilities_equal_fp64_reference(pack, models, tokenizers, f
     assert lengths[0] != lengths[1]
     n_img = 3 * 4
     n_ref = 2 * 3 if family == "flux-kontext" else 0
-    spec = session.spec
-    expected = reference_sums(store, "sd3" if base.startswith("sd3") else "flux", lengths, n_img, n_ref, 4,
-                              lambda kind, i: kind * 2 + i, max(lengths.values()), spec.single_blocks,
-                              spec.double_blocks)
-    names = ({f"joint.{i}" for i in range(spec.single_blocks)} if spec.family == "sd3" else
-             {f"double.{i}" for i in range(spec.double_blocks)} | {f"single.{i}" for i in range(spec.single_blocks)})
+    net = model.model.diffusion_model  # block counts from the host's network, not from DAAM's spec
+    sd3 = base.startswith("sd3")
+    depth, double = (len(net.joint_blocks), 0) if sd3 else (len(net.single_blocks), len(net.double_blocks))
+    expected = reference_sums(store, "sd3" if sd3 else "flux", lengths, n_img, n_ref, 4,
+                              lambda kind, i: kind * 2 + i, max(lengths.values()), depth, double)
+    names = ({f"joint.{i}" for i in range(depth)} if sd3 else
+             {f"double.{i}" for i in range(double)} | {f"single.{i}" for i in range(depth)})
     assert set(rec.sums) == set(expected) == names
     for name, ref in expected.items():
         torch.testing.assert_close(rec.sums[name].double(), ref, atol=1e-5, rtol=0)
@@ -391,9 +397,10 @@ def test_sd3_segments_choose_clip_or_t5_positions_in_every_output(pack, models, 
 
 def test_layer_names_without_block_options(comfy_host):
     """ComfyUI 0.3.64's Flux sets no block_type / block_index: the n-th joint call of a model call is block n."""
-    from daam_core.hosts.comfy.dit import DiTSpec
+    from daam_core.hosts.comfy.families import FAMILIES, DiTSpec
 
-    flux = DiTSpec("flux", "Flux.1", 2, ("double", "single"), 24, double_blocks=19, single_blocks=38)
+    family = next(f for f in FAMILIES if f.name == "flux")
+    flux = DiTSpec(family, patch=2, heads=24, blocks=(("double", 19), ("single", 38)))
     assert [flux.layer(i, {}) for i in (0, 18, 19, 56)] == [("double.0", "double"), ("double.18", "double"),
                                                             ("single.0", "single"), ("single.37", "single")]
     assert flux.layer(3, {"block_type": "single", "block_index": 7}) == ("single.7", "single")
@@ -402,17 +409,14 @@ def test_layer_names_without_block_options(comfy_host):
 def test_untraceable_family_is_a_node_error_naming_it(pack, comfy_host):
     import comfy.supported_models as sm
 
-    from helpers.dit_checkpoints import build_chroma, build_flux2
+    from helpers.dit_checkpoints import build_flux2
 
-    chroma = build_chroma()
-    assert type(chroma.model.model_config) is sm.Chroma
-    with pytest.raises(ValueError, match="cannot trace this model family: Chroma.*DAAM traces"):
-        pack.DAAMTraceModel().trace(chroma)
-    if not hasattr(sm, "Flux2"):  # ComfyUI 0.3.64 has Chroma but no Flux.2
-        return
+    if not hasattr(sm, "Flux2"):
+        pytest.skip("this ComfyUI (0.3.64) has no Flux.2, the family that runs on Flux's code but is not traced")
     model = build_flux2()
     assert type(model.model.model_config) is sm.Flux2
-    with pytest.raises(ValueError, match="cannot trace this model family: 'flux2'.*Flux2"):
+    with pytest.raises(ValueError, match="cannot trace this model family: 'flux2'.*Flux2.*DAAM traces .*Flux.1 "
+                                         "\\(dev, schnell, Kontext\\) and Chroma"):
         pack.DAAMTraceModel().trace(model)
     latent = {"samples": torch.zeros(1, 128, 4, 4)}
     with pytest.raises(ValueError, match="cannot trace this model family"):

@@ -23,8 +23,9 @@ STEPS = 8
 def families(comfy_host, sd15_checkpoint):
     import comfy.sd
     from comfy.text_encoders.flux import FluxTokenizer
+    from comfy.text_encoders.pixart_t5 import PixArtTokenizer
     from comfy.text_encoders.sd3_clip import SD3Tokenizer
-    from helpers.dit_checkpoints import build_flux, build_sd3, conditioning
+    from helpers.dit_checkpoints import build_chroma, build_flux, build_sd3, conditioning
 
     import nodes as host_nodes
 
@@ -32,13 +33,13 @@ def families(comfy_host, sd15_checkpoint):
 
     def dit_cond(tokenizer, text, seed, flux):
         tokens = tokenizer.tokenize_with_weights(text)
-        n = sum(len(c) for c in tokens["t5xxl"]) + (0 if flux else sum(len(c) for c in tokens["l"]))
+        n = sum(len(c) for c in tokens["t5xxl"]) + (sum(len(c) for c in tokens["l"]) if "g" in tokens else 0)
         c = conditioning(n, seed=seed)
         if flux:
             c[0][1]["guidance"] = 3.5
         return c
 
-    sd3_tok, flux_tok = SD3Tokenizer(), FluxTokenizer()
+    sd3_tok, flux_tok, chroma_tok = SD3Tokenizer(), FluxTokenizer(), PixArtTokenizer()
     return {
         "sd15": dict(model=model, clip=clip, channels=4, pos=host_nodes.CLIPTextEncode().encode(clip, POS)[0],
                      neg=host_nodes.CLIPTextEncode().encode(clip, NEG)[0]),
@@ -46,6 +47,8 @@ def families(comfy_host, sd15_checkpoint):
                     neg=dit_cond(sd3_tok, NEG, 2, False)),
         "flux": dict(model=build_flux(seed=3, dev=True), clip=flux_tok, channels=16,
                      pos=dit_cond(flux_tok, POS, 1, True), neg=dit_cond(flux_tok, NEG, 2, True)),
+        "chroma": dict(model=build_chroma(seed=5), clip=chroma_tok, channels=16,
+                       pos=dit_cond(chroma_tok, POS, 1, False), neg=dit_cond(chroma_tok, NEG, 2, False)),
     }
 
 
@@ -72,7 +75,7 @@ def recording(pack, model, samples):
     return pack.session_of(model).find(samples).recorded
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma"])
 def test_time_buckets_split_the_steps_evenly(pack, families, family):
     f = families[family]
     traced = pack.DAAMTraceModel().trace(f["model"], time_buckets=4)[0]
@@ -86,7 +89,7 @@ def test_time_buckets_split_the_steps_evenly(pack, families, family):
         torch.testing.assert_close(rec.time_sums[name].sum(0), rec.sums[name])
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma"])
 @pytest.mark.parametrize("window", [(0.0, 0.5), (0.5, 1.0), (0.6, 1.0), (0.25, 0.6)])
 def test_time_window_covers_the_steps_of_the_hosts_own_percent(pack, families, family, window):
     f = families[family]
@@ -113,7 +116,7 @@ def test_buckets_and_window_together(pack, families, family):
         assert calls == [per_step * sum(1 for i in expected if i * 4 // STEPS == b) for b in range(4)]
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma"])
 def test_negative_words_at_cfg_1_are_a_clear_error(pack, families, family):
     f = families[family]
     traced = pack.DAAMTraceModel().trace(f["model"])[0]

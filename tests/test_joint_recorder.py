@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from daam_core.engine import joint
 from daam_core.engine.geometry import PatchGrid
-from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter, Stream, parse_blocks
+from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter, Stream
+from daam_core.hosts.contract import parse_blocks
 
 
 def rope(x, theta=10000.0):
@@ -91,8 +92,7 @@ def test_probabilities_equal_fp64_full_softmax(case, layout, lse_kernel):
         rec.record_joint("double.0", "double", flat(q), flat(k), 4, text=text, image=image, scale=scale,
                          mask=mask[:, 0])
     else:
-        rec.record_joint("double.0", "double", q, k, 4, text=text, image=image, scale=scale, mask=mask,
-                         skip_reshape=True)
+        rec.record_joint("double.0", "double", q, k, 4, text=text, image=image, scale=scale, mask=mask)
     out = rec.finish()
     ref = reference(q, k, text, image, scale, mask)
     assert out.sums["double.0"].shape == (2, hw[0] * hw[1], t)
@@ -116,7 +116,7 @@ def test_grouped_query_heads_and_masks(mask_kind, lse_kernel):
         mask = torch.randn(2, length, length, generator=torch.Generator().manual_seed(2))
     rec = recorder(hw, tokens=(t,))
     rec.joint_lse_kernel = lse_kernel
-    rec.record_joint("joint.1", "joint", q, k, 6, text=text, image=image, mask=mask, skip_reshape=True)
+    rec.record_joint("joint.1", "joint", q, k, 6, text=text, image=image, mask=mask)
     ref_mask = None if mask is None else (mask[None, None] if mask.ndim == 2 else mask[:, None])
     torch.testing.assert_close(rec.finish().sums["joint.1"].double(), reference(q, k, text, image, None, ref_mask),
                                atol=1e-5, rtol=0)
@@ -136,7 +136,7 @@ def test_fused_kernel_output_is_the_hosts_and_probabilities_exact(dtype, with_ma
     for step in range(3):  # first call verifies the kernel; later ones use it alone
         rec = recorder(hw, tokens=(t,))
         out = rec.attend_joint("single.0", "single", q, k, v, 4, text=text, image=image, reference=host,
-                               scale=scale, mask=mask, skip_reshape=True)
+                               scale=scale, mask=mask)
         assert torch.equal(out, expected)
         got = rec.finish().sums["single.0"].double()
         ref = reference(q, k, text, image, scale, mask)
@@ -155,7 +155,7 @@ def test_fused_lse_used_matches_chunked_normaliser():
     sums = []
     for lse in (out_lse[1], None):
         rec = recorder(hw, tokens=(t,))
-        rec.record_joint("double.2", "double", q, k, 6, text=text, image=image, skip_reshape=True, lse=lse)
+        rec.record_joint("double.2", "double", q, k, 6, text=text, image=image, lse=lse)
         sums.append(rec.finish().sums["double.2"])
     torch.testing.assert_close(sums[0], sums[1], atol=1e-6, rtol=0)
 
@@ -172,8 +172,7 @@ def test_a_kernel_that_differs_from_the_host_is_not_used():
 
     for _ in range(2):
         rec = recorder(hw, tokens=(t,))
-        out = rec.attend_joint("double.0", "double", q, k, v, 2, text=text, image=image, reference=host,
-                               skip_reshape=True)
+        out = rec.attend_joint("double.0", "double", q, k, v, 2, text=text, image=image, reference=host)
         assert torch.equal(out, host())
         torch.testing.assert_close(rec.finish().sums["double.0"].double(), reference(q, k, text, image),
                                    atol=1e-5, rtol=0)
@@ -187,25 +186,28 @@ def test_filters_parts_blocks_heads_window_rows():
     f = RecordFilter(parts=("double", "single"), blocks=parse_blocks("single:5-9, double:1"), heads=(1, 3))
     rec = recorder(hw, tokens=(t,), filter=f)
     for name, part in names:
-        rec.record_joint(name, part, q, k, 4, text=text, image=image, skip_reshape=True)
+        rec.record_joint(name, part, q, k, 4, text=text, image=image)
     out = rec.finish()
     assert sorted(out.sums) == ["double.1", "single.7"]
     ref = reference(q[:, [1, 3]], k[:, [1, 3]], text, image)
     torch.testing.assert_close(out.sums["single.7"].double(), ref, atol=1e-5, rtol=0)
     # outside the time window nothing is recorded
     rec = recorder(hw, tokens=(t,), filter=RecordFilter(start=0.0, end=0.3), progress=0.5)
-    rec.record_joint("double.0", "double", q, k, 4, text=text, image=image, skip_reshape=True)
+    rec.record_joint("double.0", "double", q, k, 4, text=text, image=image)
     assert rec.finish().sums == {}
     # one batch row skipped (e.g. its branch is not recorded): the other row lands in its own stream
     rec = CrossAttentionRecorder(RecordFilter(branches=("cond",)))
     rec.begin(PatchGrid((4, 8), 2), [Stream(0, "cond", 0), Stream(0, "uncond", 1)], [t, t])
     rec.set_call([1, 0], 0.5)  # row 0 is uncond (skipped), row 1 is cond
-    rec.record_joint("joint.0", "joint", q, k, 4, text=text, image=image, skip_reshape=True)
+    rec.record_joint("joint.0", "joint", q, k, 4, text=text, image=image)
     acc = rec.finish().sums["joint.0"]
     torch.testing.assert_close(acc[0].double(), reference(q, k, text, image)[1], atol=1e-5, rtol=0)
     assert acc[1].abs().max() == 0
     with pytest.raises(ValueError, match="part:start-end"):
-        parse_blocks("triple:0-3")
+        parse_blocks("triple 0-3")
+    with pytest.raises(ValueError, match=r"unknown network parts \['triple'\]"):
+        CrossAttentionRecorder(RecordFilter(blocks=parse_blocks("triple:0-3"))).begin(
+            PatchGrid((4, 4), 2, ("double", "single")), [Stream(0, "cond", 0)], [5])
     with pytest.raises(ValueError, match="block range"):
         RecordFilter(blocks=(("double", 3, 1),))
 
@@ -215,11 +217,11 @@ def test_bad_ranges_and_shapes_are_clear_errors():
     q, k, _, text, image = joint_inputs(("text", "image"), t, 8, 0, seed=17)
     rec = recorder(hw, tokens=(t,))
     with pytest.raises(ValueError, match="text range"):
-        rec.record_joint("double.0", "double", q, k, 4, text=(0, 99), image=image, skip_reshape=True)
+        rec.record_joint("double.0", "double", q, k, 4, text=(0, 99), image=image)
     with pytest.raises(ValueError, match="do not match"):
-        rec.record_joint("double.0", "double", q, k[:, :, :-1], 4, text=text, image=image, skip_reshape=True)
+        rec.record_joint("double.0", "double", q, k[:, :, :-1], 4, text=text, image=image)
     # a grid that does not fit the image range: the layer is skipped with a warning, nothing silently recorded
-    rec.record_joint("double.0", "double", q, k, 4, text=text, image=(t, t + 7), skip_reshape=True)
+    rec.record_joint("double.0", "double", q, k, 4, text=text, image=(t, t + 7))
     out = rec.finish()
     assert out.sums == {} and any("double.0" in w for w in out.warnings)
 
@@ -241,7 +243,7 @@ def test_planted_attention_recovered():
     rec = recorder(hw, rows=1, tokens=(t,))
     for step in range(3):
         rec.set_call([0], step / 2)
-        rec.record_joint("single.0", "single", q, k, h, text=(0, t), image=(t, t + n), skip_reshape=True)
+        rec.record_joint("single.0", "single", q, k, h, text=(0, t), image=(t, t + n))
     sums = rec.finish().sums["single.0"][0]  # [N, T]
     heat = sums[:, target].reshape(hw)
     found = heat >= 0.4 * heat.max()
@@ -278,7 +280,7 @@ MEMORY_SCRIPT = textwrap.dedent(r"""
 
     def call():
         if mode in ("kernel", "chunked"):
-            rec.record_joint("double.0", "double", q, k, h, text=(0, t), image=(t, length), skip_reshape=True)
+            rec.record_joint("double.0", "double", q, k, h, text=(0, t), image=(t, length))
         else:  # what tools that materialise the probabilities do
             p = (q @ k.transpose(-1, -2) * d ** -0.5).softmax(-1)
             rec.sums["full"] = rec.sums.get("full", 0) + p[:, :, t:, :t].sum(1)

@@ -71,8 +71,7 @@ def test_sdpa_host_is_served_by_the_kernel_that_equals_it(dtype, gqa):
     forget(key)
     for call in range(3):
         rec = recorder()
-        out = rec.attend_joint("double.0", "double", q, k, v, 4, text=text, image=image, reference=host,
-                               skip_reshape=True)
+        out = rec.attend_joint("double.0", "double", q, k, v, 4, text=text, image=image, reference=host)
         assert torch.equal(out, expected)
         torch.testing.assert_close(rec.finish().sums["double.0"].double(), reference(q, k, text, image),
                                    rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-6)
@@ -96,8 +95,7 @@ def test_host_no_kernel_equals_keeps_its_output_and_is_not_asked_again():
     for call in range(3):
         rec = recorder()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            out = rec.attend_joint("single.0", "single", q, k, v, 4, text=text, image=image, reference=host,
-                                   skip_reshape=True)
+            out = rec.attend_joint("single.0", "single", q, k, v, 4, text=text, image=image, reference=host)
         flash_runs = sum(e.name == FLASH_CPU for e in prof.events())
         assert torch.equal(out, perturbed())
         torch.testing.assert_close(rec.finish().sums["single.0"].double(), reference(q, k, text, image),
@@ -126,7 +124,7 @@ def test_verdict_is_kept_per_input_signature():
         for _ in range(3):
             rec = recorder()
             out = rec.attend_joint("double.0", "double", qq, kk, vv, 4, text=text, image=image, reference=host,
-                                   scale=scale, skip_reshape=True)
+                                   scale=scale)
             assert torch.equal(out, F.scaled_dot_product_attention(qq, kk, vv, scale=scale))
         matched = joint._chosen[key] is not None
         assert host.calls == (1 if matched else 3), name

@@ -6,7 +6,8 @@ import torch
 
 from daam_core.engine import render
 from daam_core.engine.geometry import UNetGrid
-from daam_core.engine.recorder import CrossAttentionRecorder, cfg_rows, cfg_streams
+from daam_core.engine.recorder import CrossAttentionRecorder
+from daam_core.hosts.contract import cfg_rows, cfg_streams
 from daam_core.engine.trace import AttentionTrace, NonFiniteAttentionError
 
 

@@ -15,7 +15,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from daam_core.engine.geometry import PatchGrid
-from daam_core.engine.recorder import AttentionRecorder, RecordFilter, Stream, cfg_rows, cfg_streams
+from daam_core.engine.recorder import AttentionRecorder, RecordFilter, Stream
+from daam_core.hosts.contract import cfg_rows, cfg_streams
 
 ROOT = Path(__file__).resolve().parent.parent
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -74,15 +75,14 @@ def _cross_call(rec, q, k):
 
 def _joint_call(rec, q, k):
     rec.set_call([0, 1], progress=0.5)
-    rec.record_joint("double.0", "double", q, k, 4, text=(0, 7), image=(7, 31), skip_reshape=True)
+    rec.record_joint("double.0", "double", q, k, 4, text=(0, 7), image=(7, 31))
 
 
 def _attend_call(rec, q, k):
     rec.set_call([0, 1], progress=0.5)
     v = k  # values shaped like the keys; only the output's identity with SDPA matters here
     out = rec.attend_joint("single.0", "single", q, k, v, 4, text=(0, 7), image=(7, 31),
-                           reference=lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-                           skip_reshape=True)
+                           reference=lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
     assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 

@@ -7,7 +7,8 @@ import torch
 
 from daam_core.engine.aggregate import combine_tokens, normalize_maps, resize_maps, token_maps
 from daam_core.engine.geometry import UNetGrid, downsampled
-from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter, Stream, cfg_rows, cfg_streams
+from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter, Stream
+from daam_core.hosts.contract import cfg_rows, cfg_streams
 
 
 def reference_probs(q, k, heads, head_subset=None):
@@ -165,7 +166,7 @@ def test_grouped_query_keys_are_read_per_query_head():
         rec = one_call_recorder(tokens=t)
         if skip_reshape:
             qh, kh = q.view(4, -1, heads, d).transpose(1, 2), k.view(4, t, kv_heads, d).transpose(1, 2)
-            rec.record("down.0", "down", qh, kh, heads, skip_reshape=True)
+            rec.record("down.0", "down", qh, kh, heads)
         else:
             rec.record("down.0", "down", q, k, heads)
         acc = rec.finish().sums["down.0"]

@@ -4,7 +4,8 @@ precision, a given scale, head subsets, work buffers shared by layers) against a
 import pytest
 import torch
 
-from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter, Stream, cfg_rows, cfg_streams
+from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter, Stream
+from daam_core.hosts.contract import cfg_rows, cfg_streams
 
 
 def reference(q, k, heads, scale=None, subset=None):
@@ -37,7 +38,7 @@ def test_every_row_recorded_all_layouts_and_dtypes(dtype, skip_reshape):
             k = torch.randn(2, 7, heads * d, generator=g).to(dtype)
             if skip_reshape:
                 rec.record(name, "down", q.view(2, 24, heads, d).transpose(1, 2), k.view(2, 7, heads, d).transpose(1, 2),
-                           heads, scale=0.3, skip_reshape=True)
+                           heads, scale=0.3)
             else:
                 rec.record(name, "down", q, k, heads, scale=0.3)
             total[name] = total[name] + reference(q, k, heads, scale=0.3)

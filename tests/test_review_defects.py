@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter, cfg_rows, cfg_streams
+from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter
+from daam_core.hosts.contract import cfg_rows, cfg_streams
 from daam_core.engine.trace import AttentionTrace
 from daam_core.text.layout import TokenLayout, Word
 
@@ -18,12 +19,25 @@ from daam_core.text.layout import TokenLayout, Word
     (dict(factors=()), "powers of two"),
     (dict(heads=()), "head list is empty"),
     (dict(heads=(-1,)), ">= 0"),
-    (dict(parts=("sideways",)), "unknown network parts"),
+    (dict(parts=()), "non-empty list of part names"),
     (dict(branches=()), "no branch"),
 ])
 def test_bad_record_filters_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RecordFilter(**kwargs)
+
+
+def test_parts_the_model_does_not_have_are_refused_when_sampling_begins():
+    """The filter does not know model families; the adapter's grid declares the model's parts."""
+    from daam_core.engine.geometry import PatchGrid, UNetGrid
+
+    with pytest.raises(ValueError, match=r"unknown network parts \['sideways'\]: this model's parts are \['down', 'mid', 'up'\]"):
+        CrossAttentionRecorder(RecordFilter(parts=("sideways",))).begin(UNetGrid((4, 4)), cfg_streams(1, [0], 1), [5, 5])
+    with pytest.raises(ValueError, match=r"unknown network parts \['down'\]: this model's parts are \['joint'\]"):
+        CrossAttentionRecorder(RecordFilter(blocks=(("down", 0, 1),))).begin(
+            PatchGrid((4, 4), 2, ("joint",)), cfg_streams(1, [0], 1), [5, 5])
+    CrossAttentionRecorder(RecordFilter(parts=("double",))).begin(PatchGrid((4, 4), 2, ("double", "single")),
+                                                                  cfg_streams(1, [0], 1), [5, 5])
 
 
 def test_heads_past_a_layers_head_count_are_an_error_naming_the_layer():

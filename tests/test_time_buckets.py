@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter, cfg_rows, cfg_streams
+from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter
+from daam_core.hosts.contract import cfg_rows, cfg_streams
 
 
 def head_summed(q, k, heads):

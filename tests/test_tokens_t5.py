@@ -210,7 +210,7 @@ def test_word_maps_choose_segments(host, t5):
     rec = CrossAttentionRecorder()
     rec.begin(PatchGrid((16, 16), 2), [Stream(0, "cond", 0)], [length])
     rec.set_call([0], 0.5)
-    rec.record_joint("joint.0", "joint", q, k, 2, text=(0, length), image=(length, length + n), skip_reshape=True)
+    rec.record_joint("joint.0", "joint", q, k, 2, text=(0, length), image=(length, length + n))
     trace = AttentionTrace.from_recorder(rec.finish(), [layout], image_hw=hw)
     for segments, region in (("clip", left), ("t5", right), ("both", left | right)):
         heat = trace.word_maps("dog", image=0, segments=segments, upsample="nearest")[0]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from daam_core.engine.io import TraceFormatError, write_trace_file
-from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter, cfg_rows, cfg_streams
+from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter
+from daam_core.hosts.contract import cfg_rows, cfg_streams
 from daam_core.engine.schedule import Moment
 from daam_core.engine.trace import AttentionTrace, load_trace, save_trace
 from daam_core.text.tokenize import tokenize

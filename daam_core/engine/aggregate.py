@@ -113,6 +113,17 @@ def combine_tokens(maps: torch.Tensor, groups: Sequence[Sequence[int]], how: str
     return torch.stack(out) if out else maps.new_zeros((0, *maps.shape[1:]))
 
 
+def finish_maps(maps: torch.Tensor, size: tuple[int, int], normalize: str = "minmax",
+                upsample: str = "bicubic") -> torch.Tensor:
+    """Word maps ``[W, h, w]`` of one image at the latent -> at ``size``, normalised (the last step of
+    :meth:`~daam_core.engine.trace.AttentionTrace.word_maps`: normalising at output size, as the paper does, makes
+    the resized maximum exactly 1). ``maps`` itself is left unchanged."""
+    out = resize_maps(maps, size, upsample)
+    if normalize != "none":
+        out = normalize_maps(out.clamp(min=0), normalize)
+    return out
+
+
 def normalize_maps(maps: torch.Tensor, how: str = "minmax", eps: float = 1e-12) -> torch.Tensor:
     """Normalise word maps ``[..., W, h, w]``.
 

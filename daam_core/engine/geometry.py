@@ -7,7 +7,9 @@ Two rules cover today's models:
 - :class:`UNetGrid`: the latent after ``log2(factor)`` stride-2 downsamplings (SD1.x, SD2.x, SDXL);
 - :class:`PatchGrid`: the latent cut into ``p x p`` patches, row-major (SD3 MMDiT, Flux).
 
-A new model family with another token order adds a rule here and an adapter, not cases in the recorder.
+A grid also declares the network parts its model has (``UNetGrid``: down, mid, up; a ``PatchGrid`` gets them
+from its adapter's family), and the recorder checks its filter against them. A new model family with another
+token order adds a rule here and an adapter, not cases in the recorder.
 """
 
 from __future__ import annotations
@@ -16,9 +18,6 @@ import math
 from dataclasses import dataclass
 
 UNET_PARTS = ("down", "mid", "up")
-FLUX_PARTS = ("double", "single")
-MMDIT_PARTS = ("joint",)
-PARTS = UNET_PARTS + FLUX_PARTS + MMDIT_PARTS
 
 
 @dataclass
@@ -30,8 +29,8 @@ class LayerInfo:
     name : str
         Host id of the layer (diffusers module path, ComfyUI ``block.index.transformer``, ``double.3``).
     part : str
-        Part of the network: ``"down"``, ``"mid"``, ``"up"`` (UNet), ``"double"``, ``"single"`` (Flux),
-        ``"joint"`` (SD3).
+        Part of the network, as the adapter names it: ``"down"``, ``"mid"``, ``"up"`` (UNet); a transformer
+        family's parts (``"joint"``, ``"double"``, ``"single"``, ...).
     kind : str
         ``"cross"``: the keys are the text alone; ``"joint"``: text and image tokens in one sequence.
     order : int
@@ -81,6 +80,8 @@ class UNetGrid:
         Largest downsampling tried.
     """
 
+    parts = UNET_PARTS
+
     def __init__(self, latent_hw: tuple[int, int], max_factor: int = 64):
         self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
         self.max_factor = max_factor
@@ -111,13 +112,16 @@ class PatchGrid:
         Height and width of the latent.
     patch : int
         Patch size (2 for SD3 and Flux). The grid is ``(ceil(h / p), ceil(w / p))``: hosts pad the latent up.
+    parts : tuple of str, optional
+        The network parts of the model (its family's); None = not checked.
     """
 
-    def __init__(self, latent_hw: tuple[int, int], patch: int):
+    def __init__(self, latent_hw: tuple[int, int], patch: int, parts: tuple[str, ...] | None = None):
         if not is_power_of_two(int(patch)):
             raise ValueError(f"patch size must be a power of two, got {patch}")
         self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
         self.patch = int(patch)
+        self.parts = tuple(parts) if parts is not None else None
         self.hw = (math.ceil(self.latent_hw[0] / self.patch), math.ceil(self.latent_hw[1] / self.patch))
 
     @property

@@ -35,16 +35,22 @@ from .kernels import record_torch
 DEFAULT_CHUNK_ELEMENTS = 1 << 23  # fp32 scores per chunk (32 MiB)
 
 
-def split_heads(x: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
-    """``[B, L, heads * D]`` -> ``[B, heads, L, D]`` view; ``skip_reshape`` inputs are already ``[B, H, L, D]``."""
-    if skip_reshape:
-        if x.ndim != 4:
-            raise ValueError(f"skip_reshape expects [B, H, L, D] tensors, got shape {tuple(x.shape)}")
+def heads_first(x: torch.Tensor, heads: int | None = None, head_dim: int | None = None) -> torch.Tensor:
+    """Queries or keys as ``[B, H, L, D]``.
+
+    A 4-D ``x`` is taken as ``[B, H, L, D]`` already; a 3-D one is ``[B, L, H * D]`` (the usual layout of attention
+    functions) and is viewed with ``heads`` heads, or with as many heads of ``head_dim`` as its width holds.
+    """
+    if x.ndim == 4:
+        if heads is not None and x.shape[1] != heads:
+            raise ValueError(f"expected [B, {heads} heads, L, D], got shape {tuple(x.shape)}")
         return x
-    if x.ndim != 3 or x.shape[-1] % heads:
-        raise ValueError(f"expected [B, L, heads * D] with {heads} heads, got shape {tuple(x.shape)}")
-    b, n, c = x.shape
-    return x.view(b, n, heads, c // heads).transpose(1, 2)
+    b, n, c = x.shape if x.ndim == 3 else (0, 0, 0)
+    h = heads if heads is not None else (c // head_dim if head_dim else 0)
+    if x.ndim != 3 or not h or c % h:
+        raise ValueError(f"expected [B, L, heads * D] ({heads or '?'} heads) or [B, H, L, D], got shape "
+                         f"{tuple(x.shape)}")
+    return x.view(b, n, h, c // h).transpose(1, 2)
 
 
 def mask_4d(mask: torch.Tensor | None) -> torch.Tensor | None:

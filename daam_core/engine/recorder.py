@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
 from . import joint, kernels
-from .geometry import PARTS, LayerInfo, UNetGrid, is_power_of_two
+from .geometry import LayerInfo, UNetGrid, is_power_of_two
 from .schedule import Moment
 
 BRANCHES = ("cond", "uncond")
@@ -59,8 +59,9 @@ class RecordFilter:
         Allowed spatial downsampling factors of a layer relative to the latent, powers of two (1 = latent size;
         for SD1.5 at 512x512 the latent is 64x64, so factor 4 is the 16x16 layers). None = all.
     parts : tuple of str or None
-        Allowed parts of the network (UNet ``"down"``, ``"mid"``, ``"up"``; Flux ``"double"``, ``"single"``;
-        SD3 ``"joint"``). None = all.
+        Allowed parts of the network (UNet ``"down"``, ``"mid"``, ``"up"``; a transformer family's, e.g. Flux
+        ``"double"``, ``"single"``). None = all. Checked against the parts the adapter's grid declares at
+        :meth:`CrossAttentionRecorder.begin`.
     layers : tuple of str or None
         Allowed layer names (host ids). None = all.
     heads : tuple of int or None
@@ -75,7 +76,8 @@ class RecordFilter:
     blocks : tuple of (str, int, int) or None
         Block ranges of transformer (joint-attention) layers: ``(part, start, stop)`` keeps the layers of that
         part whose block index (the last integer in the layer name, ``"single.12"`` -> 12) is in
-        ``[start, stop)``; a part with no range is kept whole. None = all. See :func:`parse_blocks`.
+        ``[start, stop)``; a part with no range is kept whole. None = all. See
+        :func:`daam_core.hosts.contract.parse_blocks`.
     time_buckets : int
         1 = one sum over the sampling; K > 1 = also one sum per K-th of the sampling's steps (for seeing
         when a word takes hold), K times the memory of one sum, still flat in the number of steps.
@@ -100,10 +102,8 @@ class RecordFilter:
             bad = [f for f in self.factors if not is_power_of_two(f)]
             if bad or not self.factors:
                 raise ValueError(f"layer factors must be powers of two (1, 2, 4, ...), got {list(self.factors)}")
-        if self.parts is not None:
-            bad = set(self.parts) - set(PARTS)
-            if bad or not self.parts:
-                raise ValueError(f"unknown network parts {sorted(bad) or '(none given)'}; use {PARTS}")
+        if self.parts is not None and (not self.parts or not all(isinstance(p, str) and p for p in self.parts)):
+            raise ValueError(f"network parts must be a non-empty list of part names, got {self.parts!r}")
         if self.heads is not None:
             if not self.heads:
                 raise ValueError("the head list is empty: name at least one head, or None for all heads")
@@ -116,10 +116,16 @@ class RecordFilter:
             raise ValueError(f"unknown branches {sorted(bad)}; use {BRANCHES}")
         if self.blocks is not None:
             for r in self.blocks:
-                if (len(r) != 3 or r[0] not in PARTS or not all(isinstance(x, int) for x in r[1:])
+                if (len(r) != 3 or not isinstance(r[0], str) or not all(isinstance(x, int) for x in r[1:])
                         or not 0 <= r[1] < r[2]):
-                    raise ValueError(f"block range {r!r} must be (part, start, stop) with a part of {PARTS} and "
-                                     f"0 <= start < stop")
+                    raise ValueError(f"block range {r!r} must be (part, start, stop) with 0 <= start < stop")
+
+    def check_parts(self, parts: Sequence[str]) -> None:
+        """Raise when :attr:`parts` or :attr:`blocks` name a part the model does not have (``parts``: its parts)."""
+        asked = set(self.parts or ()) | {r[0] for r in self.blocks or ()}
+        bad = sorted(asked - set(parts))
+        if bad:
+            raise ValueError(f"unknown network parts {bad}: this model's parts are {list(parts)}")
 
     @property
     def locations(self) -> tuple[str, ...] | None:
@@ -241,7 +247,8 @@ class CrossAttentionRecorder:
         Parameters
         ----------
         grid : UNetGrid, PatchGrid or (int, int)
-            The adapter's grid rule for this sampling's layers (a latent ``(h, w)`` means a UNet).
+            The adapter's grid rule for this sampling's layers (a latent ``(h, w)`` means a UNet); the filter's
+            parts are checked against the parts it declares.
         streams : sequence of Stream
             Every (image, branch) the adapter may route batch rows to; stream ``i`` is index ``i``.
         token_counts : sequence of int
@@ -249,6 +256,8 @@ class CrossAttentionRecorder:
             multiple of it (ComfyUI repeats shorter conditionings to a common length) is folded back.
         """
         self.grid = UNetGrid(grid) if isinstance(grid, (tuple, list)) else grid
+        if getattr(self.grid, "parts", None) is not None:
+            self.filter.check_parts(self.grid.parts)
         self.streams = list(streams)
         self.token_counts = [int(t) for t in token_counts]
         for s in self.streams:
@@ -359,7 +368,7 @@ class CrossAttentionRecorder:
     scratch_allocations: int = 0  # work buffers made so far (a warmed-up call makes none)
 
     def record(self, name: str, part: str, q: torch.Tensor, k: torch.Tensor, heads: int,
-               scale: float | None = None, skip_reshape: bool = False) -> None:
+               scale: float | None = None) -> None:
         """Accumulate one cross-attention call.
 
         Parameters
@@ -367,9 +376,9 @@ class CrossAttentionRecorder:
         name, part : str
             Layer id and network part (``"down"``, ``"mid"``, ``"up"`` for a UNet).
         q : Tensor
-            Queries ``[B, N, heads * d]`` (or ``[B, heads, N, d]`` with ``skip_reshape``).
+            Queries ``[B, N, heads * d]`` or ``[B, heads, N, d]`` (:func:`~daam_core.engine.joint.heads_first`).
         k : Tensor
-            Keys ``[B, T, kv_heads * d]`` (or ``[B, kv_heads, T, d]`` with ``skip_reshape``); grouped-query
+            Keys ``[B, T, kv_heads * d]`` or ``[B, kv_heads, T, d]``; grouped-query
             attention has fewer key heads than query heads (query head ``h`` reads key head
             ``h // (heads / kv_heads)``, as ``repeat_interleave`` lays them out).
         heads : int
@@ -384,11 +393,10 @@ class CrossAttentionRecorder:
         """
         if not self.wants(name, part):
             return
-        n = q.shape[2] if skip_reshape else q.shape[1]
-        if self._layer(name, part, "cross", n, heads) is None:
+        qh = joint.heads_first(q, heads)
+        if self._layer(name, part, "cross", qh.shape[2], heads) is None:
             return
-        qh = joint.split_heads(q, heads, skip_reshape)
-        kh = k if skip_reshape else joint.split_heads(k, k.shape[-1] // qh.shape[-1], False)
+        kh = joint.heads_first(k, head_dim=qh.shape[-1])
         if kh.shape[-1] != qh.shape[-1] or qh.shape[1] % kh.shape[1]:
             raise ValueError(f"{name}: keys {tuple(kh.shape)} do not match queries {tuple(qh.shape)}")
         self._accumulate(name, qh, kh, (0, kh.shape[2]), scale)
@@ -604,8 +612,7 @@ class CrossAttentionRecorder:
 
     def record_joint(self, name: str, part: str, q: torch.Tensor, k: torch.Tensor, heads: int, *,
                      text: tuple[int, int], image: tuple[int, int], scale: float | None = None,
-                     mask: torch.Tensor | None = None, skip_reshape: bool = False,
-                     lse: torch.Tensor | None = None) -> None:
+                     mask: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> None:
         """Accumulate one joint-attention call: image queries over text keys, softmax over all ``L`` keys.
 
         Parameters
@@ -615,7 +622,7 @@ class CrossAttentionRecorder:
             (``"double"``, ``"single"`` for Flux, ``"joint"`` for SD3).
         q, k : Tensor
             The joint sequence's queries and keys as the host's attention receives them (after RoPE):
-            ``[B, L, heads * D]``, or ``[B, heads, L, D]`` with ``skip_reshape``; k may have fewer heads
+            ``[B, L, heads * D]`` or ``[B, heads, L, D]``; k may have fewer heads
             (grouped-query attention, ``repeat_interleave`` semantics).
         heads : int
             Query heads.
@@ -635,8 +642,8 @@ class CrossAttentionRecorder:
         """
         if not self.wants(name, part) or not self._wants_block(name, part):
             return
-        qh = joint.split_heads(q, heads, skip_reshape)
-        kh = k if skip_reshape else joint.split_heads(k, k.shape[-1] // qh.shape[-1], False)
+        qh = joint.heads_first(q, heads)
+        kh = joint.heads_first(k, head_dim=qh.shape[-1])
         length = qh.shape[2]
         t0, t1 = _range(text, length, "text")
         i0, i1 = _range(image, length, "image")
@@ -652,8 +659,7 @@ class CrossAttentionRecorder:
 
     def attend_joint(self, name: str, part: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
                      text: tuple[int, int], image: tuple[int, int], reference, finish=None,
-                     scale: float | None = None, mask: torch.Tensor | None = None,
-                     skip_reshape: bool = False) -> torch.Tensor:
+                     scale: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run a joint-attention call whose host attention is PyTorch SDPA, and record it.
 
         The output is the host's own, bit for bit (:func:`daam_core.engine.joint.attention_with_lse`): of the
@@ -663,8 +669,8 @@ class CrossAttentionRecorder:
 
         Parameters
         ----------
-        q, k, v, heads, text, image, scale, mask, skip_reshape
-            As in :meth:`record_joint` (v shaped like k).
+        q, k, v, heads, text, image, scale, mask
+            As in :meth:`record_joint` (v laid out like k).
         reference : callable
             Computes the host's attention output for this call (its own function, its own format).
         finish : callable, optional
@@ -679,14 +685,13 @@ class CrossAttentionRecorder:
         """
         if not self.wants(name, part) or not self._wants_block(name, part):
             return reference()
-        qh = joint.split_heads(q, heads, skip_reshape)
+        qh = joint.heads_first(q, heads)
         d = qh.shape[-1]
-        kh = k if skip_reshape else joint.split_heads(k, k.shape[-1] // d, False)
-        vh = v if skip_reshape else joint.split_heads(v, v.shape[-1] // d, False)
+        kh = joint.heads_first(k, head_dim=d)
+        vh = joint.heads_first(v, head_dim=d)
         out, lse = joint.attention_with_lse(qh, kh, vh, reference, finish=finish, scale=scale,
                                             mask=joint.mask_4d(mask))
-        self.record_joint(name, part, qh, kh, qh.shape[1], text=text, image=image, scale=scale, mask=mask,
-                          skip_reshape=True, lse=lse)
+        self.record_joint(name, part, qh, kh, qh.shape[1], text=text, image=image, scale=scale, mask=mask, lse=lse)
         return out
 
     def _wants_block(self, name: str, part: str) -> bool:
@@ -715,30 +720,6 @@ class CrossAttentionRecorder:
 AttentionRecorder = CrossAttentionRecorder  # the recorder of both kinds of attention call
 
 
-def cfg_rows(n_images: int, cfg: bool, uncond_first: bool = True) -> list[int]:
-    """Row -> stream mapping for the usual classifier-free-guidance batch.
-
-    Streams are numbered ``0..n_images-1`` for the conditional branch and ``n_images..2*n_images-1``
-    for the unconditional one (see :func:`cfg_streams`).
-    """
-    cond = list(range(n_images))
-    if not cfg:
-        return cond
-    uncond = [n_images + i for i in range(n_images)]
-    return uncond + cond if uncond_first else cond + uncond
-
-
-def cfg_streams(n_images: int, prompt_of_image: Iterable[int], negative_offset: int) -> list[Stream]:
-    """Streams for ``n_images`` images: cond streams first, then uncond streams.
-
-    ``prompt_of_image[i]`` is the positive prompt index of image ``i``; its negative prompt is
-    ``negative_offset + prompt_of_image[i]``.
-    """
-    prompts = list(prompt_of_image)
-    return ([Stream(i, "cond", prompts[i]) for i in range(n_images)] +
-            [Stream(i, "uncond", negative_offset + prompts[i]) for i in range(n_images)])
-
-
 def _range(r: tuple[int, int], length: int, what: str) -> tuple[int, int]:
     start, stop = int(r[0]), int(r[1])
     if not 0 <= start < stop <= length:
@@ -761,20 +742,3 @@ def block_allowed(blocks, name: str, part: str) -> bool:
         return True
     i = block_index(name)
     return i is not None and any(a <= i < b for a, b in ranges)
-
-
-def parse_blocks(spec: str) -> tuple[tuple[str, int, int], ...] | None:
-    """``"double:0-9, single:10-37"`` -> ``(("double", 0, 10), ("single", 10, 38))`` (inclusive ranges as
-    written; ``"single:5"`` is one block). An empty string gives None (all blocks)."""
-    out = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        part, sep, rng = item.partition(":")
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", rng)
-        if not sep or part.strip() not in PARTS or m is None:
-            raise ValueError(f"block range {item!r}: write part:start-end, e.g. 'single:0-9' (parts {PARTS})")
-        a = int(m.group(1))
-        b = int(m.group(2)) if m.group(2) is not None else a
-        if b < a:
-            raise ValueError(f"block range {item!r}: end {b} is before start {a}")
-        out.append((part.strip(), a, b + 1))
-    return tuple(out) or None

@@ -40,25 +40,3 @@ class Moment:
     def bucket(self, buckets: int) -> int:
         """The time bucket of the step when the sampling's steps are split into ``buckets`` equal shares."""
         return min(self.step * buckets // self.steps, buckets - 1)
-
-
-def progress_from_timestep(timestep: float, num_timesteps: float = 1000.0) -> float:
-    """Fraction of the denoising done at a discrete-time ``timestep``: 0 at the noisiest step, 1 at the end.
-
-    Parameters
-    ----------
-    timestep : float
-        The model's discrete-time timestep (``num_timesteps - 1`` = pure noise, 0 = clean).
-    num_timesteps : float
-        Training timesteps of the noise schedule (1000 for SD).
-
-    Returns
-    -------
-    float in [0, 1]
-
-    Notes
-    -----
-    Only a fallback for a host that gives no step table (see :class:`~daam_core.hosts.contract.SamplingClock`).
-    """
-    total = float(num_timesteps) if num_timesteps else 1000.0
-    return min(max(1.0 - float(timestep) / total, 0.0), 1.0)

@@ -17,7 +17,7 @@ import torch
 from ..text.layout import TokenLayout
 from ..text.query import WordNotFoundError, parse_query
 from . import aggregate, masks as mask_ops, render
-from .geometry import PARTS, LayerInfo
+from .geometry import LayerInfo
 from .io import TraceFormatError, read_trace_file, write_trace_file
 from .recorder import BRANCHES, Recording, Stream
 from .render import as_float_image
@@ -179,8 +179,6 @@ class AttentionTrace:
     def select_layers(self, layers: Sequence[str] | None = None, factors: Sequence[int] | None = None,
                       locations: Sequence[str] | None = None) -> list[str]:
         """Recorded layers that pass the filters, in call order (``locations``: network parts)."""
-        if locations is not None and set(locations) - set(PARTS):
-            raise ValueError(f"unknown network parts {sorted(set(locations) - set(PARTS))}; use {PARTS}")
         names = sorted(self.sums, key=lambda n: self.layers[n].order)
         if layers is not None:
             unknown = set(layers) - set(names)
@@ -270,10 +268,7 @@ class AttentionTrace:
                                        upsample=upsample)
                 index = {p: j for j, p in enumerate(flat)}
                 per_word = aggregate.combine_tokens(maps, [[index[p] for p in g] or [0] for g in groups], combine)
-                # normalise at output size, as the paper does: the resized maximum is then exactly 1
-                per_word = aggregate.resize_maps(per_word, size, upsample)
-                if normalize != "none":
-                    per_word = aggregate.normalize_maps(per_word.clamp_(min=0), normalize)
+                per_word = aggregate.finish_maps(per_word, size, normalize, upsample)
                 per_word[[j for j, ok in enumerate(found) if not ok]] = 0
             else:
                 per_word = torch.zeros(len(words), *size)

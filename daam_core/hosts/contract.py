@@ -17,10 +17,12 @@ Warnings go through :meth:`CrossAttentionRecorder.warn` (once each).
 
 from __future__ import annotations
 
-from typing import Callable
+import re
+from typing import Callable, Iterable
 
 import torch
 
+from ..engine.recorder import Stream
 from ..engine.schedule import Moment
 
 # inside(level, step, steps) -> bool
@@ -122,3 +124,58 @@ class SamplingClock:
         inside = True if self.rule is None else self.rule(
             level.flatten()[0] if isinstance(level, torch.Tensor) else value, step, self.steps)
         return Moment(step, self.steps, inside)
+
+
+def parse_blocks(text: str) -> tuple[tuple[str, int, int], ...] | None:
+    """A block-range input as typed: ``"double:0-9, single:10-37"`` -> ``(("double", 0, 10), ("single", 10, 38))``.
+
+    Ranges are inclusive as written (``"single:5"`` is one block); an empty string gives None (all blocks). Only
+    the syntax is checked here: whether the model has those parts and blocks is the adapter's check (the engine's
+    :meth:`~daam_core.engine.recorder.RecordFilter.check_parts` at the latest).
+    """
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        part, sep, rng = item.partition(":")
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", rng)
+        if not sep or not re.fullmatch(r"[A-Za-z_]\w*", part.strip()) or m is None:
+            raise ValueError(f"block range {item!r}: write part:start-end, e.g. 'single:0-9'")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else a
+        if b < a:
+            raise ValueError(f"block range {item!r}: end {b} is before start {a}")
+        out.append((part.strip(), a, b + 1))
+    return tuple(out) or None
+
+
+# -- batch rows of the usual classifier-free guidance ------------------------------------------------------------
+def cfg_rows(n_images: int, cfg: bool, uncond_first: bool = True) -> list[int]:
+    """Row -> stream mapping for the usual classifier-free-guidance batch.
+
+    Streams are numbered ``0..n_images-1`` for the conditional branch and ``n_images..2*n_images-1``
+    for the unconditional one (see :func:`cfg_streams`).
+    """
+    cond = list(range(n_images))
+    if not cfg:
+        return cond
+    uncond = [n_images + i for i in range(n_images)]
+    return uncond + cond if uncond_first else cond + uncond
+
+
+def cfg_streams(n_images: int, prompt_of_image: Iterable[int], negative_offset: int) -> list[Stream]:
+    """Streams for ``n_images`` images: cond streams first, then uncond streams.
+
+    ``prompt_of_image[i]`` is the positive prompt index of image ``i``; its negative prompt is
+    ``negative_offset + prompt_of_image[i]``.
+    """
+    prompts = list(prompt_of_image)
+    return ([Stream(i, "cond", prompts[i]) for i in range(n_images)] +
+            [Stream(i, "uncond", negative_offset + prompts[i]) for i in range(n_images)])
+
+
+# -- model families -------------------------------------------------------------------------------------------------
+def add_family(registry: list, family):
+    """Add ``family`` (anything with a ``name``) to a host's registry of model families, once per name."""
+    if any(f.name == family.name for f in registry):
+        raise ValueError(f"a family named {family.name!r} is registered already")
+    registry.append(family)
+    return family

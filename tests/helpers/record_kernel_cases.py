@@ -125,8 +125,7 @@ def joint_case(dtype, order="text_first", mask_kind=None, gqa=False, heads_sel=N
             if m4 is not None:
                 s = s.masked_fill(~m4, -math.inf) if m4.dtype == torch.bool else s + m4.double()
             lse = s.logsumexp(-1).float()
-        calls.append((rows, ("x", "double", q, k, h), dict(text=text, image=image, scale=0.2, mask=mask,
-                                                           skip_reshape=True, lse=lse)))
+        calls.append((rows, ("x", "double", q, k, h), dict(text=text, image=image, scale=0.2, mask=mask, lse=lse)))
         rec_rows = [i for i, s in enumerate(rows) if s is not None]
         refs = refs + reference(q, k, text, image, 0.2, m4, heads_sel or range(h), rec_rows,
                                 [rows[i] for i in rec_rows], [t, t], 2)

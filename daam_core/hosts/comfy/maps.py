@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from ...engine.recorder import RecordFilter, parse_blocks
+from ...engine.geometry import UNET_PARTS
+from ...engine.recorder import RecordFilter
 from ...engine.trace import AttentionTrace
 from ...text.layout import TokenLayout
-from .dit import DiTTraceSession, conditioning_layout, dit_spec
+from ..contract import parse_blocks
+from .dit import DiTTraceSession, conditioning_layout
+from .families import dit_spec
 from .session import TraceSession, session_of
 from .tokens import layout_from_comfy_tokens
 
@@ -55,7 +58,7 @@ def record_filter(model, *, factors, parts, parts_choices: dict, parts_label: st
         Record the negative prompt's maps.
     time_buckets : int
     blocks : str
-        SD3/Flux block ranges (:func:`~daam_core.engine.recorder.parse_blocks`).
+        Transformer block ranges (:func:`~daam_core.hosts.contract.parse_blocks`).
 
     Raises
     ------
@@ -72,8 +75,8 @@ def record_filter(model, *, factors, parts, parts_choices: dict, parts_label: st
         if parts is not None and not set(parts) <= set(spec.parts):
             valid = ", ".join(k for k, v in parts_choices.items() if v is None or set(v) <= set(spec.parts))
             raise ValueError(f"unet_parts {parts_label!r} does not exist in {spec.label}: use {valid}")
-    elif parts is not None and not set(parts) <= {"down", "mid", "up"}:
-        raise ValueError(f"unet_parts {parts_label!r} is for Flux; this UNet has down, mid and up")
+    elif parts is not None and not set(parts) <= set(UNET_PARTS):
+        raise ValueError(f"unet_parts {parts_label!r} is for a transformer; this UNet has down, mid and up")
     if heads is not None:
         check_heads(model, heads, spec)
     ranges = check_blocks(blocks, spec, parts)
@@ -112,9 +115,8 @@ def check_blocks(spec_text: str, spec, parts: tuple[str, ...] | None = None) -> 
     if ranges is None:
         return None
     if spec is None:
-        raise ValueError(f"blocks {spec_text!r} is for SD3/Flux; on a UNet choose layers with resolutions and "
-                         f"unet_parts, and leave blocks empty")
-    counts = {"double": spec.double_blocks, "single": spec.single_blocks, "joint": spec.single_blocks}
+        raise ValueError(f"blocks {spec_text!r} is for transformers (SD3, Flux, ...); on a UNet choose layers with "
+                         f"resolutions and unet_parts, and leave blocks empty")
     for part, start, stop in ranges:
         if part not in spec.parts:
             raise ValueError(f"blocks: {spec.label} has no {part!r} blocks; its parts are {list(spec.parts)}")
@@ -122,9 +124,9 @@ def check_blocks(spec_text: str, spec, parts: tuple[str, ...] | None = None) -> 
             raise ValueError(f"blocks: {part}:{start}-{stop - 1} names {part!r} blocks, but unet_parts records only "
                              f"{'/'.join(parts)} blocks, so the range would select nothing: set unet_parts to 'all' "
                              f"or drop the {part!r} range")
-        if stop > counts[part]:
+        if stop > spec.block_count(part):
             raise ValueError(f"blocks: {part}:{start}-{stop - 1} is past the last {part} block of this "
-                             f"{spec.label} ({part}:0-{counts[part] - 1})")
+                             f"{spec.label} ({part}:0-{spec.block_count(part) - 1})")
     return ranges
 
 
@@ -199,11 +201,11 @@ def build_trace(model, clip, samples, positive: str, negative: str, images=None)
     latent = samples["samples"] if isinstance(samples, dict) else samples
     record = session.find(latent)
     pos_count, neg_count = record.token_counts
-    if isinstance(session, DiTTraceSession):  # the conditioning holds CLIP and/or T5 tokens
+    if isinstance(session, DiTTraceSession):  # the family's encoders, in its order on the token axis
         encoders = getattr(clip, "cond_stage_model", None)
 
         def layout_of(text, count):
-            return conditioning_layout(tokenizer, text, count, encoders)
+            return conditioning_layout(tokenizer, text, count, encoders, session.spec.family)
     else:
         def layout_of(text, count):
             return comfy_layout(tokenizer, text)

@@ -34,6 +34,16 @@ LOCATION = {"input": "down", "middle": "mid", "output": "up"}
 MAX_RECORDS = 8  # finished samplings kept per session (one per sampler node using this model)
 
 
+def heads_first(x: torch.Tensor, heads: int, skip_reshape: bool, dim_head: int | None = None) -> torch.Tensor:
+    """q, k or v as ComfyUI's attention functions read them, as ``[B, H, L, D]``: with ``skip_reshape`` they are
+    that already; otherwise ``[B, L, ...]`` holds ``heads`` heads (keys of grouped-query attention: as many heads of
+    ``dim_head`` as they have)."""
+    if skip_reshape:
+        return x
+    b, n = x.shape[0], x.shape[1]
+    return x.reshape(b, n, -1, dim_head).transpose(1, 2) if dim_head else x.reshape(b, n, heads, -1).transpose(1, 2)
+
+
 def refuse_split(transformer_options: dict) -> None:
     """A clear error for ComfyUI's multi-GPU CFG split (``_calc_cond_batch_multigpu``): it runs model calls of
     one step on several devices at once, and a session records one model call at a time."""
@@ -220,9 +230,10 @@ class TraceSession:
                 if t == pending[2]:  # the key is the text context: this is the marked cross-attention
                     self._pending = None
                     self._seen += 1
+                    q = heads_first(q, heads, skip_reshape)
                     # grouped-query keys (enable_gqa) are read per query head by the recorder, not repeated
-                    self.recorder.record(pending[0], pending[1], q, k, heads, scale=kwargs.get("scale"),
-                                         skip_reshape=skip_reshape)
+                    self.recorder.record(pending[0], pending[1], q, heads_first(k, heads, skip_reshape, q.shape[-1]),
+                                         heads, scale=kwargs.get("scale"))
             return out
 
         return override

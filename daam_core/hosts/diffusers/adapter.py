@@ -19,12 +19,12 @@ from typing import Sequence
 
 import torch
 
-from ...engine.geometry import UNetGrid
-from ...engine.recorder import CrossAttentionRecorder, RecordFilter, cfg_rows, cfg_streams
+from ...engine.geometry import UNET_PARTS, UNetGrid
+from ...engine.recorder import CrossAttentionRecorder, RecordFilter
 from ...engine.trace import AttentionTrace
 from ...text.layout import TokenLayout
 from ...text.tokenize import tokenize
-from ..contract import SamplingClock, step_window, whole
+from ..contract import SamplingClock, cfg_rows, cfg_streams, step_window, whole
 
 
 def _location(name: str) -> str:
@@ -133,8 +133,10 @@ class DiffusersTrace:
     """
 
     required = ("unet", "tokenizer", "encode_prompt")
+    parts = UNET_PARTS  # the network parts a filter may name
 
     def __init__(self, pipe, filter: RecordFilter | None = None, keep_on_device: bool = False):
+        (filter or RecordFilter()).check_parts(self.parts)
         for attr in self.required:
             if not hasattr(pipe, attr):
                 raise TypeError(f"{type(pipe).__name__} is not a supported pipeline: it has no '{attr}' "

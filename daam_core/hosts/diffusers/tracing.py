@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ...engine.recorder import RecordFilter, parse_blocks
+from ...engine.recorder import RecordFilter
+from ..contract import parse_blocks
 from .adapter import DiffusersTrace
 from .joint import JointTrace
 

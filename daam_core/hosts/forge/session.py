@@ -24,7 +24,6 @@ from typing import Sequence
 
 from ...engine.geometry import UNetGrid
 from ...engine.recorder import CrossAttentionRecorder, RecordFilter, Stream
-from ...engine.schedule import progress_from_timestep
 from ...engine.trace import AttentionTrace
 from ...text.layout import TokenLayout
 from ..contract import SamplingClock, percent_window, whole
@@ -103,7 +102,10 @@ class ForgeSession:
         if filter.time_buckets > 1:
             raise ValueError("DAAM on Forge has no time buckets: its attention patches see no step table")
         self._clock = None
-        if not whole(filter) and hasattr(predictor, "percent_to_sigma"):
+        if not whole(filter):  # Forge's own percents, as its timestep-range options read them
+            if not hasattr(predictor, "percent_to_sigma"):
+                raise ValueError(f"DAAM's time window needs the model's percent_to_sigma, and this model's predictor "
+                                 f"({type(predictor).__name__}) has none: record the whole sampling (0-1)")
             self._clock = SamplingClock.window_only(percent_window(filter.start, filter.end,
                                                                    predictor.percent_to_sigma))
         self.errors: list[str] = []
@@ -181,13 +183,9 @@ class ForgeSession:
                 rows += range(self.n_images, 2 * self.n_images)
             else:
                 rows += [None] * chunk
-        f = self.recorder.filter
         progress = 0.0
         if self._clock is not None and sigmas is not None:
             progress = self._clock.moment(sigmas[:1])
-        elif not whole(f) and self.predictor is not None and sigmas is not None:  # a predictor without percents
-            t = float(self.predictor.timestep(sigmas[:1].float()).flatten()[0])
-            progress = progress_from_timestep(t, self.num_timesteps)
         self.recorder.set_call(rows, progress)
 
     # -- results -------------------------------------------------------------------------------------------------

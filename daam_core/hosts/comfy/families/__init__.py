@@ -1,0 +1,13 @@
+"""The joint-attention model families DAAM traces on ComfyUI.
+
+A family is one module here that subclasses :class:`~.base.JointFamily` (which host network classes it covers, how
+to read the model's numbers, where the text and the generated image sit on a call's sequence, how its layers are
+named, which encoders make its conditioning) and calls :func:`~.base.register`; then it is imported below.
+Nothing else changes for a new family: the session, the record filter checks, the layouts and the refusal
+message all read the registry.
+"""
+
+from . import sd3, flux, chroma  # noqa: F401  (registered in this order: the order of the supported list)
+from .base import FAMILIES, DiTSpec, JointFamily, dit_spec, family_name, register, supported
+
+__all__ = ["FAMILIES", "DiTSpec", "JointFamily", "dit_spec", "family_name", "register", "supported"]

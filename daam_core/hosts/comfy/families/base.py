@@ -1,0 +1,195 @@
+"""The family registry: :class:`JointFamily`, :class:`DiTSpec`, :func:`register`, :func:`dit_spec`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...contract import add_family
+
+UNET = "SD1.x, SD2.x, SDXL (UNet)"
+_UNET_NETWORKS = ("comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel",)
+
+
+@dataclass(frozen=True)
+class DiTSpec:
+    """One loaded joint-attention model, as its family reads it.
+
+    Attributes
+    ----------
+    family : JointFamily
+        The registry entry.
+    patch : int
+        Patch size: an ``h x w`` latent has ``ceil(h / patch) * ceil(w / patch)`` image tokens.
+    heads : int
+        Attention heads of every block.
+    blocks : tuple of (str, int)
+        Blocks per network part, in the order a model call runs them (``(("double", 19), ("single", 38))``).
+    registers : int
+        Tokens before the text (SD3's register tokens; 0 for the released models).
+    image_first : bool
+        Blocks of ``family.image_first_parts`` put the image before the text (Flux's ``flipped_img_txt``).
+    """
+
+    family: "JointFamily"
+    patch: int
+    heads: int
+    blocks: tuple[tuple[str, int], ...]
+    registers: int = 0
+    image_first: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.family.label
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(p for p, _ in self.blocks)
+
+    def block_count(self, part: str) -> int:
+        """Blocks of ``part`` (0 for a part the model does not have)."""
+        return dict(self.blocks).get(part, 0)
+
+    def layer(self, index: int, options: dict) -> tuple[str, str]:
+        """``(name, part)`` of the ``index``-th joint call of a model call (see :meth:`JointFamily.layer`)."""
+        return self.family.layer(self, index, options)
+
+
+class JointFamily:
+    """A joint-attention model family on ComfyUI. Subclass it in a module of this package and :func:`register`.
+
+    Attributes
+    ----------
+    name : str
+        Short id (``"sd3"``, ``"flux"``).
+    label : str
+        Name in messages.
+    variants : str
+        Models of the family, for the list of supported families (optional).
+    networks : tuple of str
+        Qualified names of the host network classes (``model.diffusion_model``, checked along its MRO) the
+        family may describe; :meth:`describe` decides.
+    image_first_parts : tuple of str
+        Parts whose calls put the image before the text when the spec says ``image_first``.
+    distilled_guidance : bool
+        Guidance distilled into the model: the usual sampling never evaluates a negative prompt.
+    reference_latents : bool
+        The network appends the conditioning's ``ref_latents`` (Kontext-style) to the sequence after the image.
+    """
+
+    name = ""
+    label = ""
+    variants = ""
+    networks: tuple[str, ...] = ()
+    image_first_parts: tuple[str, ...] = ()
+    distilled_guidance = False
+    reference_latents = False
+
+    def describe(self, model, net, config: dict) -> DiTSpec | None:
+        """The spec of a model whose network is one of :attr:`networks`; None when it is another family that
+        shares the network code (the next entry is asked, and an unclaimed model is refused)."""
+        raise NotImplementedError
+
+    # -- one call --------------------------------------------------------------------------------
+    def layer(self, spec: DiTSpec, index: int, options: dict) -> tuple[str, str]:
+        """``(name, part)`` of the ``index``-th joint call of a model call: the host's ``block_type`` /
+        ``block_index`` transformer options when it sets them, else blocks counted in run order."""
+        kind, number = options.get("block_type"), options.get("block_index")
+        if kind in spec.parts and isinstance(number, int):
+            return f"{kind}.{number}", kind
+        for part, count in spec.blocks:
+            if index < count:
+                return f"{part}.{index}", part
+            index -= count
+        part, count = spec.blocks[-1]
+        return f"{part}.{count + index}", part  # more calls than blocks: name them on, the filter still applies
+
+    def spans(self, spec: DiTSpec, part: str, text: int, image: int, refs: int
+              ) -> tuple[tuple[int, int], tuple[int, int], int]:
+        """``(text span, image span, key length)`` of a joint call: ``[registers, text, image, references]``, or
+        ``[image, text, ...]`` in the image-first parts."""
+        if spec.image_first and part in self.image_first_parts:
+            return (image, image + text), (0, image), text + image + refs
+        r = spec.registers
+        return (r, r + text), (r + text, r + text + image), r + text + image + refs
+
+    # -- text ------------------------------------------------------------------------------------
+    def text_segments(self, tokenizer, tokens: dict, encoders=None) -> list[list[tuple[str, str, int]]]:
+        """Candidate layouts of the conditioning's token axis, most likely first: lists of ``(segment, key,
+        length)``, ``key`` the entry of ``tokenizer.tokenize_with_weights(...)`` the segment is read from."""
+        raise NotImplementedError
+
+    def no_negative_reason(self) -> str | None:
+        """Why negative words have no maps at the usual settings, or None."""
+        return None
+
+
+def flat_length(chunks) -> int:
+    """Tokens of a ``tokenize_with_weights`` entry (a list of chunks)."""
+    return sum(len(c) for c in chunks)
+
+
+def clip_only(tokens: dict) -> list[tuple[str, str, int]]:
+    """The layout of a conditioning made by one CLIP encoder (``l``, ``g`` or ``h``)."""
+    key = next((k for k in ("l", "g", "h") if k in tokens), None) or next(iter(tokens))
+    return [("clip", key, flat_length(tokens[key]))]
+
+
+FAMILIES: list[JointFamily] = []
+
+
+def register(family: JointFamily) -> JointFamily:
+    """Add a family to the registry (once per name)."""
+    return add_family(FAMILIES, family)
+
+
+def supported() -> str:
+    """What DAAM traces on ComfyUI, for messages."""
+    names = [UNET] + [f"{f.label} ({f.variants})" if f.variants else f.label for f in FAMILIES]
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _qualified(net) -> set[str]:
+    return {f"{c.__module__}.{c.__name__}" for c in type(net).__mro__}
+
+
+def family_name(model) -> str:
+    """A readable name of a ComfyUI model (``BaseModel``) for errors: its class, config and network classes."""
+    config = getattr(model, "model_config", None)
+    names = [type(model).__name__] + ([type(config).__name__] if config is not None else [])
+    net = getattr(model, "diffusion_model", None)
+    if net is not None:
+        names.append(type(net).__name__)
+    return " / ".join(dict.fromkeys(names))
+
+
+def dit_spec(model) -> DiTSpec | None:
+    """The joint-attention description of a ComfyUI model, None for a UNet.
+
+    Parameters
+    ----------
+    model : comfy.model_base.BaseModel
+        ``ModelPatcher.model``.
+
+    Raises
+    ------
+    ValueError
+        For a model family DAAM cannot trace, naming it and listing the supported ones.
+    """
+    net = getattr(model, "diffusion_model", None)
+    classes = _qualified(net)
+    if classes & set(_UNET_NETWORKS):
+        return None
+    config = getattr(getattr(model, "model_config", None), "unet_config", None) or {}
+    shared = False
+    for family in FAMILIES:
+        if classes & set(family.networks):
+            spec = family.describe(model, net, config)
+            if spec is not None:
+                return spec
+            shared = True
+    what = family_name(model)
+    if shared and config.get("image_model"):
+        what = f"{config['image_model']!r} ({what})"
+    raise ValueError(f"DAAM cannot trace this model family: {what}. DAAM traces {supported()}")
+
+
