@@ -115,7 +115,7 @@ def check_blocks(spec_text: str, spec, parts: tuple[str, ...] | None = None) -> 
     if ranges is None:
         return None
     if spec is None:
-        raise ValueError(f"blocks {spec_text!r} is for transformers (SD3, Flux, ...); on a UNet choose layers with "
+        raise ValueError(f"blocks {spec_text!r} is for SD3/Flux and other transformers; on a UNet choose layers with "
                          f"resolutions and unet_parts, and leave blocks empty")
     for part, start, stop in ranges:
         if part not in spec.parts:
