@@ -10,7 +10,7 @@ and ``sd15`` (full-width SD1.5 UNet at ``--size``).
 Part 2 (``--sdxl``): the recorder's memory for SDXL at 1024x1024 with 77 tokens. Formula: one fp32 running sum per
 cross-attention layer of shape ``[streams, N_layer, T]``, streams = images x 2 with CFG (both branches are recorded by
 default), so ``bytes = 4 * streams * T * sum(N_layer)``. The layer list comes from the SDXL UNet config (built on the
-meta device: no weights); the measurement feeds a real ``CrossAttentionRecorder`` the q/k tensors of exactly those
+meta device: no weights); the measurement feeds a real ``AttentionRecorder`` the q/k tensors of exactly those
 shapes for two sampling steps (in a child process) and reports the sums' bytes and the peak memory the recorder
 added above its inputs (sums + transient scores).
 
@@ -116,11 +116,11 @@ def sdxl_layers(size: int = 1024) -> list[dict]:
 
 
 def child_sdxl(tokens: int, images: int) -> dict:
-    from daam_core.engine.recorder import CrossAttentionRecorder
+    from daam_core.engine.recorder import AttentionRecorder
     from daam_core.hosts.contract import cfg_rows, cfg_streams
 
     layers = sdxl_layers()
-    rec = CrossAttentionRecorder()
+    rec = AttentionRecorder()
     streams = cfg_streams(images, list(range(images)), images)
     rec.begin((128, 128), streams, [tokens] * (2 * images))
     rows = cfg_rows(images, True)

@@ -7,7 +7,7 @@ removing the trace is inside the timed region. The word maps are timed separatel
 (``tc.result().word_maps(words)``) and reported as ``maps_s`` and as the ratio with maps included.
 
 Then one more traced run is instrumented (not part of the ratios): the time spent in the recorder
-(``CrossAttentionRecorder.record``) and in the host's own cross-attention (the wrapped processor) per layer
+(``AttentionRecorder.record``) and in the host's own cross-attention (the wrapped processor) per layer
 resolution, so that a missed target can be attributed.
 
 Configurations (``--configs``): ``plain``; ``all`` = default settings (every cross-attention layer, every step, both
@@ -165,7 +165,7 @@ def main():
             "instrumented_total_s": round(total, 4), "by_factor": {str(k): v for k, v in by_factor.items()},
             "record_total_s": round(rec_total, 4), "record_share_of_plain": round(rec_total / plain, 4),
             "recorder_bytes": result.nbytes(),
-            "note": "record_s = time inside CrossAttentionRecorder.record (q k^T, softmax, head sum, index_add); "
+            "note": "record_s = time inside AttentionRecorder.record (q k^T, softmax, head sum, index_add); "
                     "cross_attention_s = the host processor's own cross-attention; shares are of the median plain "
                     "sampling time; timers add a little overhead of their own",
         }

@@ -6,7 +6,7 @@ The model is plain PyTorch with the real widths and reduced depth: Flux = 1 doub
 SD3. Every block of every forward is recorded. Host attention backends:
 
 - ``sdpa``: ``F.scaled_dot_product_attention`` (ComfyUI ``--use-pytorch-cross-attention``); traced through
-  ``CrossAttentionRecorder.attend_joint`` (the fused kernel's log-sum-exp, output proven bit-identical);
+  ``AttentionRecorder.attend_joint`` (the fused kernel's log-sum-exp, output proven bit-identical);
 - ``subquad``: ComfyUI's default CPU attention ``attention_sub_quad`` (imported from the host); traced with
   ``record_joint`` computing the normaliser itself (chunked).
 
@@ -185,7 +185,7 @@ def main():
 
     from daam_core.engine import joint
     from daam_core.engine.geometry import PatchGrid
-    from daam_core.engine.recorder import CrossAttentionRecorder, Stream as RStream
+    from daam_core.engine.recorder import AttentionRecorder, Stream as RStream
 
     torch.manual_seed(0)
     blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
@@ -197,7 +197,7 @@ def main():
     txt = torch.randn(1, t, model.width) * 0.5
     img = torch.randn(1, n, model.width) * 0.5
     host = host_attention(args.backend, model.heads)
-    rec = CrossAttentionRecorder()
+    rec = AttentionRecorder()
     length = t + n
     inside = {"wall": 0.0, "cpu": 0.0}  # time spent in record_joint (the recorder's own work)
     record_joint = rec.record_joint

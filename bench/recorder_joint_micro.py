@@ -55,7 +55,7 @@ def main():
         k = torch.randn(1, h, length, d, generator=g).to(dtype)
         recs = {}
         for name, mod in (("now", current), ("base", old)):
-            rec = mod.CrossAttentionRecorder()
+            rec = mod.AttentionRecorder()
             rec.joint_lse_kernel = lse_kernel
             rec.begin(PatchGrid((64, 64), 2), [mod.Stream(0, "cond", 0)], [t])
             rec.set_call([0], 0.5)

@@ -1,6 +1,6 @@
 """daam_core: the DAAM engine, its text side, and one adapter per host.
 
-Data flows one way: host hook -> :class:`CrossAttentionRecorder` (running sums) -> :class:`AttentionTrace`
+Data flows one way: host hook -> :class:`AttentionRecorder` (running sums) -> :class:`AttentionTrace`
 (token and word maps) -> masks, pictures and metrics.
 
 - :mod:`daam_core.engine`: recording, aggregation, traces, files, masks, pictures, metrics (torch/numpy/OpenCV);
@@ -14,7 +14,7 @@ Importing this package loads the engine and the text side only; ``daam_core.trac
 """
 
 from .engine.geometry import LayerInfo, PatchGrid, UNetGrid
-from .engine.recorder import CrossAttentionRecorder, RecordFilter, Recording, Stream
+from .engine.recorder import AttentionRecorder, CrossAttentionRecorder, RecordFilter, Recording, Stream
 from .engine.io import TraceFormatError
 from .engine.trace import AttentionTrace, WordHeatMap, load_trace, save_trace
 from .text.layout import TokenLayout, Word
@@ -48,8 +48,8 @@ _LAZY = {"trace": "trace", "DiffusersTrace": "DiffusersTrace"}  # name -> attrib
 _ALIASES = {"metrics": ".engine.metrics", "masks": ".engine.masks", "render": ".engine.render"}
 
 __all__ = [
-    "AttentionTrace", "CrossAttentionRecorder", "DiffusersTrace", "LayerInfo", "PatchGrid", "RecordFilter",
-    "Recording", "Stream", "TokenLayout", "TraceFormatError", "UNetGrid", "Word", "WordHeatMap",
+    "AttentionTrace", "AttentionRecorder", "CrossAttentionRecorder", "DiffusersTrace", "LayerInfo", "PatchGrid",
+    "RecordFilter", "Recording", "Stream", "TokenLayout", "TraceFormatError", "UNetGrid", "Word", "WordHeatMap",
     "WordNotFoundError", "load_trace", "parse_query", "save_trace", "tokenize", "trace",
 ]
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from daam_core.engine import joint
 from daam_core.engine.geometry import PatchGrid
-from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter, Stream
+from daam_core.engine.recorder import AttentionRecorder, RecordFilter, Stream
 from daam_core.hosts.contract import parse_blocks
 
 
@@ -44,7 +44,7 @@ def reference(q, k, text, image, scale=None, mask=None):
 
 
 def recorder(hw=(4, 6), rows=2, tokens=(7,), filter=None, branches=("cond",) * 2, progress=0.5):
-    rec = CrossAttentionRecorder(filter)
+    rec = AttentionRecorder(filter)
     streams = [Stream(i, b, i % len(tokens)) for i, b in enumerate(branches[:rows])]
     rec.begin(PatchGrid((hw[0] * 2, hw[1] * 2), 2), streams, list(tokens))
     rec.set_call(list(range(rows)), progress)
@@ -196,7 +196,7 @@ def test_filters_parts_blocks_heads_window_rows():
     rec.record_joint("double.0", "double", q, k, 4, text=text, image=image)
     assert rec.finish().sums == {}
     # one batch row skipped (e.g. its branch is not recorded): the other row lands in its own stream
-    rec = CrossAttentionRecorder(RecordFilter(branches=("cond",)))
+    rec = AttentionRecorder(RecordFilter(branches=("cond",)))
     rec.begin(PatchGrid((4, 8), 2), [Stream(0, "cond", 0), Stream(0, "uncond", 1)], [t, t])
     rec.set_call([1, 0], 0.5)  # row 0 is uncond (skipped), row 1 is cond
     rec.record_joint("joint.0", "joint", q, k, 4, text=text, image=image)
@@ -206,7 +206,7 @@ def test_filters_parts_blocks_heads_window_rows():
     with pytest.raises(ValueError, match="part:start-end"):
         parse_blocks("triple 0-3")
     with pytest.raises(ValueError, match=r"unknown network parts \['triple'\]"):
-        CrossAttentionRecorder(RecordFilter(blocks=parse_blocks("triple:0-3"))).begin(
+        AttentionRecorder(RecordFilter(blocks=parse_blocks("triple:0-3"))).begin(
             PatchGrid((4, 4), 2, ("double", "single")), [Stream(0, "cond", 0)], [5])
     with pytest.raises(ValueError, match="block range"):
         RecordFilter(blocks=(("double", 3, 1),))
@@ -255,7 +255,7 @@ MEMORY_SCRIPT = textwrap.dedent(r"""
     import json, sys, torch
     from daam_core.engine import joint
     from daam_core.engine.geometry import PatchGrid
-    from daam_core.engine.recorder import CrossAttentionRecorder, Stream
+    from daam_core.engine.recorder import AttentionRecorder, Stream
 
     def rss_kib(field):
         for line in open("/proc/self/status"):
@@ -274,7 +274,7 @@ MEMORY_SCRIPT = textwrap.dedent(r"""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(b, h, length, d, generator=g)
     k = torch.randn(b, h, length, d, generator=g)
-    rec = CrossAttentionRecorder()
+    rec = AttentionRecorder()
     rec.joint_chunk_elements = 1 << 20
     rec.joint_lse_kernel = mode == "kernel"
 

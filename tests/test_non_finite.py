@@ -6,14 +6,14 @@ import torch
 
 from daam_core.engine import render
 from daam_core.engine.geometry import UNetGrid
-from daam_core.engine.recorder import CrossAttentionRecorder
+from daam_core.engine.recorder import AttentionRecorder
 from daam_core.hosts.contract import cfg_rows, cfg_streams
 from daam_core.engine.trace import AttentionTrace, NonFiniteAttentionError
 
 
 def test_recorded_nan_names_only_the_layers_that_hold_it():
     torch.manual_seed(0)
-    rec = CrossAttentionRecorder()
+    rec = AttentionRecorder()
     rec.begin(UNetGrid((4, 4)), cfg_streams(1, [0], 1), [5, 5])
     rec.set_call(cfg_rows(1, cfg=True), progress=0.5)
     q, k = torch.randn(2, 16, 8), torch.randn(2, 5, 8)

@@ -7,7 +7,7 @@ import torch
 
 from daam_core.engine.aggregate import combine_tokens, normalize_maps, resize_maps, token_maps
 from daam_core.engine.geometry import UNetGrid, downsampled
-from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter, Stream
+from daam_core.engine.recorder import AttentionRecorder, RecordFilter, Stream
 from daam_core.hosts.contract import cfg_rows, cfg_streams
 
 
@@ -24,7 +24,7 @@ def reference_probs(q, k, heads, head_subset=None):
 
 
 def one_call_recorder(filter=None, n_images=2, tokens=77, latent=(8, 12)):
-    rec = CrossAttentionRecorder(filter)
+    rec = AttentionRecorder(filter)
     streams = cfg_streams(n_images, range(n_images), n_images)
     rec.begin(latent, streams, [tokens] * (2 * n_images))
     rec.set_call(cfg_rows(n_images, cfg=True), progress=0.5)
@@ -69,14 +69,14 @@ def test_filters_skip_work_before_recording():
     q = torch.randn(2, 16, 8)
     k = torch.randn(2, 5, 8)
     # time window: progress outside -> nothing recorded
-    rec = CrossAttentionRecorder(RecordFilter(start=0.2, end=0.6))
+    rec = AttentionRecorder(RecordFilter(start=0.2, end=0.6))
     rec.begin((4, 4), cfg_streams(1, [0], 1), [5, 5])
     rec.set_call(cfg_rows(1, True), progress=0.9)
     assert not rec.active
     rec.record("a", "down", q, k, 2)
     assert rec.finish().sums == {}
     # factor filter: a factor-1 layer is dropped, a factor-2 layer kept
-    rec = CrossAttentionRecorder(RecordFilter(factors=(2,), parts=("up",)))
+    rec = AttentionRecorder(RecordFilter(factors=(2,), parts=("up",)))
     rec.begin((8, 8), cfg_streams(1, [0], 1), [5, 5])
     rec.set_call(cfg_rows(1, True), progress=0.0)
     rec.record("full", "up", torch.randn(2, 64, 8), k, 2)
@@ -85,7 +85,7 @@ def test_filters_skip_work_before_recording():
     out = rec.finish()
     assert list(out.sums) == ["half"] and out.layers["half"].factor == 2
     # branch filter: only cond recorded, uncond rows never computed
-    rec = CrossAttentionRecorder(RecordFilter(branches=("cond",)))
+    rec = AttentionRecorder(RecordFilter(branches=("cond",)))
     rec.begin((4, 4), cfg_streams(1, [0], 1), [5, 5])
     rec.set_call(cfg_rows(1, True), progress=0.0)
     rec.record("a", "down", q, k, 2)
@@ -97,7 +97,7 @@ def test_repeated_context_is_folded_back_to_prompt_tokens():
     """ComfyUI repeats a 77-token conditioning to 154 when batched with a 154-token one."""
     torch.manual_seed(3)
     heads, d = 2, 8
-    rec = CrossAttentionRecorder()
+    rec = AttentionRecorder()
     rec.begin((4, 4), [Stream(0, "cond", 0), Stream(0, "uncond", 1)], [154, 77])
     rec.set_call([1, 0], progress=0.0)
     q = torch.randn(2, 16, heads * d)

@@ -4,7 +4,7 @@ precision, a given scale, head subsets, work buffers shared by layers) against a
 import pytest
 import torch
 
-from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter, Stream
+from daam_core.engine.recorder import AttentionRecorder, RecordFilter, Stream
 from daam_core.hosts.contract import cfg_rows, cfg_streams
 
 
@@ -19,7 +19,7 @@ def reference(q, k, heads, scale=None, subset=None):
 
 
 def recorder(filter=None, n_images=1, tokens=(7, 7), latent=(4, 6)):
-    rec = CrossAttentionRecorder(filter)
+    rec = AttentionRecorder(filter)
     rec.begin(latent, cfg_streams(n_images, range(n_images), n_images), list(tokens))
     return rec
 
@@ -69,7 +69,7 @@ def test_prompts_of_different_lengths_in_one_call():
     """Rows conditioned on prompts of 5 and 10 tokens with keys repeated to 10 (ComfyUI's common length)."""
     g = torch.Generator().manual_seed(2)
     heads, d = 2, 4
-    rec = CrossAttentionRecorder()
+    rec = AttentionRecorder()
     rec.begin((4, 6), [Stream(0, "cond", 0), Stream(1, "cond", 1)], [5, 10])
     rec.set_call((0, 1), progress=0.0)
     q = torch.randn(2, 24, heads * d, generator=g)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter
+from daam_core.engine.recorder import AttentionRecorder, RecordFilter
 from daam_core.hosts.contract import cfg_rows, cfg_streams
 from daam_core.engine.trace import AttentionTrace
 from daam_core.text.layout import TokenLayout, Word
@@ -32,16 +32,16 @@ def test_parts_the_model_does_not_have_are_refused_when_sampling_begins():
     from daam_core.engine.geometry import PatchGrid, UNetGrid
 
     with pytest.raises(ValueError, match=r"unknown network parts \['sideways'\]: this model's parts are \['down', 'mid', 'up'\]"):
-        CrossAttentionRecorder(RecordFilter(parts=("sideways",))).begin(UNetGrid((4, 4)), cfg_streams(1, [0], 1), [5, 5])
+        AttentionRecorder(RecordFilter(parts=("sideways",))).begin(UNetGrid((4, 4)), cfg_streams(1, [0], 1), [5, 5])
     with pytest.raises(ValueError, match=r"unknown network parts \['down'\]: this model's parts are \['joint'\]"):
-        CrossAttentionRecorder(RecordFilter(blocks=(("down", 0, 1),))).begin(
+        AttentionRecorder(RecordFilter(blocks=(("down", 0, 1),))).begin(
             PatchGrid((4, 4), 2, ("joint",)), cfg_streams(1, [0], 1), [5, 5])
-    CrossAttentionRecorder(RecordFilter(parts=("double",))).begin(PatchGrid((4, 4), 2, ("double", "single")),
+    AttentionRecorder(RecordFilter(parts=("double",))).begin(PatchGrid((4, 4), 2, ("double", "single")),
                                                                   cfg_streams(1, [0], 1), [5, 5])
 
 
 def test_heads_past_a_layers_head_count_are_an_error_naming_the_layer():
-    rec = CrossAttentionRecorder(RecordFilter(heads=(0, 99)))
+    rec = AttentionRecorder(RecordFilter(heads=(0, 99)))
     rec.begin((4, 4), cfg_streams(1, [0], 1), [5, 5])
     rec.set_call(cfg_rows(1, True), progress=0.0)
     with pytest.raises(ValueError, match=r"heads \[99\] do not exist: layer down\.0 has 2 heads"):
@@ -57,7 +57,7 @@ def _layout(words: list[str]) -> TokenLayout:
 
 
 def test_negative_maps_of_an_unrecorded_negative_branch_are_an_error():
-    rec = CrossAttentionRecorder(RecordFilter(branches=("cond",)))
+    rec = AttentionRecorder(RecordFilter(branches=("cond",)))
     rec.begin((4, 4), cfg_streams(1, [0], 1), [5, 5])
     rec.set_call(cfg_rows(1, True), progress=0.0)
     rec.record("down.0", "down", torch.randn(2, 16, 8), torch.randn(2, 5, 8), 2)
@@ -70,7 +70,7 @@ def test_negative_maps_of_an_unrecorded_negative_branch_are_an_error():
 # -- e: head selection does not copy host data to the device on every call ------------------------------------------
 
 def test_head_selection_makes_no_fresh_tensor_on_the_hot_path():
-    rec = CrossAttentionRecorder(RecordFilter(heads=(0, 2)))
+    rec = AttentionRecorder(RecordFilter(heads=(0, 2)))
     rec.begin((4, 4), cfg_streams(1, [0], 1), [5, 5])
     q, k = torch.randn(2, 16, 3 * 8), torch.randn(2, 5, 3 * 8)
     rec.set_call(cfg_rows(1, True), progress=0.0)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter
+from daam_core.engine.recorder import AttentionRecorder, RecordFilter
 from daam_core.hosts.contract import cfg_rows, cfg_streams
 
 
@@ -20,7 +20,7 @@ def head_summed(q, k, heads):
 
 def run(k_buckets, progresses, seed=0, heads=2, d=8, tokens=6, latent=(4, 6)):
     torch.manual_seed(seed)
-    rec = CrossAttentionRecorder(RecordFilter(time_buckets=k_buckets))
+    rec = AttentionRecorder(RecordFilter(time_buckets=k_buckets))
     rec.begin(latent, cfg_streams(1, [0], 1), [tokens, tokens])
     calls = []
     for p in progresses:

@@ -185,7 +185,7 @@ def test_word_maps_choose_segments(host, t5):
     import torch
 
     from daam_core.engine.geometry import PatchGrid
-    from daam_core.engine.recorder import CrossAttentionRecorder, Stream
+    from daam_core.engine.recorder import AttentionRecorder, Stream
     from daam_core.engine.trace import AttentionTrace
 
     layout = tokenize_sd3("a dog on a hill", host["sd3"].clip_l.tokenizer, t5)
@@ -207,7 +207,7 @@ def test_word_maps_choose_segments(host, t5):
         k[0, :, p] += b
     q[0, :, length:][:, left.flatten()] += a
     q[0, :, length:][:, right.flatten()] += b
-    rec = CrossAttentionRecorder()
+    rec = AttentionRecorder()
     rec.begin(PatchGrid((16, 16), 2), [Stream(0, "cond", 0)], [length])
     rec.set_call([0], 0.5)
     rec.record_joint("joint.0", "joint", q, k, 2, text=(0, length), image=(length, length + n))

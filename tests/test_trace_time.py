@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from daam_core.engine.io import TraceFormatError, write_trace_file
-from daam_core.engine.recorder import CrossAttentionRecorder, RecordFilter
+from daam_core.engine.recorder import AttentionRecorder, RecordFilter
 from daam_core.hosts.contract import cfg_rows, cfg_streams
 from daam_core.engine.schedule import Moment
 from daam_core.engine.trace import AttentionTrace, load_trace, save_trace
@@ -28,7 +28,7 @@ def layout(clip_tokenizer):
 def record(steps, buckets, keep=None, seed=0, latent=(4, 8)):
     """Record ``steps`` calls of two layers; ``keep``: the steps to record (default all)."""
     torch.manual_seed(seed)
-    rec = CrossAttentionRecorder(RecordFilter(time_buckets=buckets))
+    rec = AttentionRecorder(RecordFilter(time_buckets=buckets))
     rec.begin(latent, cfg_streams(1, [0], 1), [TOKENS, TOKENS])
     for i in range(steps):
         q = {n: torch.randn(2, latent[0] * latent[1] // f, 16) for n, f in (("down.0", 1), ("up.0", 4))}

@@ -5,8 +5,8 @@ batch row belongs to), whether the current model call is inside the time window,
 query and key of every cross-attention call. The recorder keeps one fp32 running sum per layer of
 shape ``[streams, N_layer, T]``; its memory does not depend on the number of steps.
 
-Both kinds of call go through one plan (:meth:`CrossAttentionRecorder._plan`, cached per row layout and key
-count: rows, streams, token groups, context copies) and one accumulation (:meth:`CrossAttentionRecorder._accumulate`):
+Both kinds of call go through one plan (:meth:`AttentionRecorder._plan`, cached per row layout and key
+count: rows, streams, token groups, context copies) and one accumulation (:meth:`AttentionRecorder._accumulate`):
 on CUDA one Triton launch per call (:mod:`daam_core.engine.kernels`), elsewhere the torch path in reused work
 buffers. No host synchronisation happens on the hot path.
 """
@@ -61,7 +61,7 @@ class RecordFilter:
     parts : tuple of str or None
         Allowed parts of the network (UNet ``"down"``, ``"mid"``, ``"up"``; a transformer family's, e.g. Flux
         ``"double"``, ``"single"``). None = all. Checked against the parts the adapter's grid declares at
-        :meth:`CrossAttentionRecorder.begin`.
+        :meth:`AttentionRecorder.begin`.
     layers : tuple of str or None
         Allowed layer names (host ids). None = all.
     heads : tuple of int or None
@@ -205,7 +205,7 @@ class _Plan:
     warnings: tuple[str, ...] = ()
 
 
-class CrossAttentionRecorder:
+class AttentionRecorder:
     """Running fp32 sums of head-summed cross-attention probabilities.
 
     Parameters
@@ -717,7 +717,7 @@ class CrossAttentionRecorder:
 
 
 
-AttentionRecorder = CrossAttentionRecorder  # the recorder of both kinds of attention call
+CrossAttentionRecorder = AttentionRecorder  # its former name (it records joint attention too)
 
 
 def _range(r: tuple[int, int], length: int, what: str) -> tuple[int, int]:

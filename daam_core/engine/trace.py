@@ -118,7 +118,7 @@ class AttentionTrace:
     @classmethod
     def from_recorder(cls, recorded: Recording, layouts: Sequence[TokenLayout], image_hw: tuple[int, int],
                       meta: dict | None = None, device: str | torch.device | None = "cpu") -> "AttentionTrace":
-        """Build from :meth:`CrossAttentionRecorder.finish` output (sums moved to ``device`` once)."""
+        """Build from :meth:`AttentionRecorder.finish` output (sums moved to ``device`` once)."""
         sums, time_sums = recorded.sums, recorded.time_sums
         check_finite(sums)
         if device is not None:
@@ -177,8 +177,10 @@ class AttentionTrace:
         return self.layouts[self.streams[self.stream_index(image, branch)].prompt]
 
     def select_layers(self, layers: Sequence[str] | None = None, factors: Sequence[int] | None = None,
-                      locations: Sequence[str] | None = None) -> list[str]:
-        """Recorded layers that pass the filters, in call order (``locations``: network parts)."""
+                      parts: Sequence[str] | None = None, *, locations: Sequence[str] | None = None) -> list[str]:
+        """Recorded layers that pass the filters, in call order (``parts``: network parts; ``locations`` is their
+        former name)."""
+        parts = parts if parts is not None else locations
         names = sorted(self.sums, key=lambda n: self.layers[n].order)
         if layers is not None:
             unknown = set(layers) - set(names)
@@ -187,16 +189,16 @@ class AttentionTrace:
         picked = [n for n in names
                   if (layers is None or n in layers)
                   and (factors is None or self.layers[n].factor in factors)
-                  and (locations is None or self.layers[n].part in locations)]
+                  and (parts is None or self.layers[n].part in parts)]
         if not picked:
             available = sorted({(self.layers[n].part, self.layers[n].factor) for n in names})
-            raise ValueError(f"no recorded layer matches layers={layers}, factors={factors}, locations={locations}; "
+            raise ValueError(f"no recorded layer matches layers={layers}, factors={factors}, parts={parts}; "
                              f"recorded (part, factor): {available}")
         return picked
 
     # -- maps ----------------------------------------------------------------------------------
     def token_maps(self, positions: Sequence[int], image: int = 0, branch: str = "cond", *,
-                   layers=None, factors=None, locations=None, size: tuple[int, int] | None = None,
+                   layers=None, factors=None, parts=None, size: tuple[int, int] | None = None, locations=None,
                    upsample: str = "bicubic") -> torch.Tensor:
         """Maps ``[P, h, w]`` of token positions (mean head-summed probability per layer call)."""
         stream = self.stream_index(image, branch)
@@ -204,7 +206,7 @@ class AttentionTrace:
         bad = [p for p in positions if not 0 <= p < t]
         if bad:
             raise ValueError(f"token positions {bad} are outside the prompt's {t} positions")
-        names = self.select_layers(layers, factors, locations)
+        names = self.select_layers(layers, factors, parts if parts is not None else locations)
         maps = aggregate.token_maps({n: self.sums[n] for n in names}, {n: self.layers[n].hw for n in names},
                                     self.calls, stream, positions, self.latent_hw, upsample)
         if size is not None:
@@ -213,7 +215,7 @@ class AttentionTrace:
 
     def word_maps(self, words: Sequence[str] | str, image: int | None = None, branch: str = "cond", *,
                   combine: str = "mean", normalize: str = "minmax", size: tuple[int, int] | None = None,
-                  layers=None, factors=None, locations=None, upsample: str = "bicubic",
+                  layers=None, factors=None, parts=None, upsample: str = "bicubic", locations=None,
                   missing: str = "error", segments: str | None = None) -> torch.Tensor:
         """Heat maps of words or phrases.
 
@@ -232,6 +234,9 @@ class AttentionTrace:
             Output size; default the image size.
         missing : {"error", "zeros"}
             What to do with a word absent from an image's prompt.
+        layers, factors, parts : optional
+            Only these recorded layers, layer factors, network parts (:meth:`select_layers`; ``locations`` is
+            the former name of ``parts``).
         segments : {"both", "clip", "t5"}, optional
             Which text encoders' positions a word uses where the conditioning joins several (SD3: CLIP then
             T5); default both (all of the word's keys).
@@ -264,7 +269,8 @@ class AttentionTrace:
                     found.append(False)
             flat = sorted({p for g in groups for p in g})
             if flat:
-                maps = self.token_maps(flat, i, branch, layers=layers, factors=factors, locations=locations,
+                maps = self.token_maps(flat, i, branch, layers=layers, factors=factors,
+                                       parts=parts if parts is not None else locations,
                                        upsample=upsample)
                 index = {p: j for j, p in enumerate(flat)}
                 per_word = aggregate.combine_tokens(maps, [[index[p] for p in g] or [0] for g in groups], combine)

@@ -12,7 +12,7 @@ scheduler's timesteps) and what its host means by "a percent of the sampling". F
   in diffusers, as its pipelines' ``control_guidance_start`` / ``_end``: step ``i`` of ``N`` is inside when
   ``start <= i / N`` and ``(i + 1) / N <= end``.
 
-Warnings go through :meth:`CrossAttentionRecorder.warn` (once each).
+Warnings go through :meth:`AttentionRecorder.warn` (once each).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...engine.geometry import UNetGrid
-from ...engine.recorder import CrossAttentionRecorder, RecordFilter, Recording, Stream
+from ...engine.recorder import AttentionRecorder, RecordFilter, Recording, Stream
 from ..contract import SamplingClock, percent_window, whole
 
 WRAPPER_KEY = "daam"
@@ -73,7 +73,7 @@ class TraceSession:
     """
 
     def __init__(self, filter: RecordFilter):
-        self.recorder = CrossAttentionRecorder(filter)
+        self.recorder = AttentionRecorder(filter)
         self.records: list[SamplingRecord] = []
         self.lock = threading.Lock()
         self._pending: tuple[str, str, int] | None = None  # (layer, location, context length)

@@ -20,14 +20,14 @@ from typing import Sequence
 import torch
 
 from ...engine.geometry import UNET_PARTS, UNetGrid
-from ...engine.recorder import CrossAttentionRecorder, RecordFilter
+from ...engine.recorder import AttentionRecorder, RecordFilter
 from ...engine.trace import AttentionTrace
 from ...text.layout import TokenLayout
 from ...text.tokenize import tokenize
 from ..contract import SamplingClock, cfg_rows, cfg_streams, step_window, whole
 
 
-def _location(name: str) -> str:
+def _part(name: str) -> str:
     if name.startswith("down_blocks"):
         return "down"
     if name.startswith("mid_block"):
@@ -52,16 +52,16 @@ class CrossAttentionObserver:
     ----------
     module : diffusers Attention
         A cross-attention module (``is_cross_attention``).
-    recorder : CrossAttentionRecorder
+    recorder : AttentionRecorder
     name : str
         Module path of the attention layer.
     """
 
-    def __init__(self, module, recorder: CrossAttentionRecorder, name: str):
+    def __init__(self, module, recorder: AttentionRecorder, name: str):
         self.module = module
         self.recorder = recorder
         self.name = name
-        self.location = _location(name)
+        self.part = _part(name)
         self.q: torch.Tensor | None = None
         self.k: torch.Tensor | None = None
 
@@ -90,7 +90,7 @@ class CrossAttentionObserver:
     def _record(self, module, args, output):
         q, k = self.q, self.k
         self.q = self.k = None
-        if not self.recorder.wants(self.name, self.location):
+        if not self.recorder.wants(self.name, self.part):
             return None
         attn = self.module
         if q is None or k is None:
@@ -103,7 +103,7 @@ class CrossAttentionObserver:
             heads = attn.heads
             q = attn.norm_q(q.unflatten(-1, (heads, -1))).flatten(-2) if attn.norm_q is not None else q
             k = attn.norm_k(k.unflatten(-1, (heads, -1))).flatten(-2) if attn.norm_k is not None else k
-        self.recorder.record(self.name, self.location, q, k, attn.heads, scale=attn.scale)
+        self.recorder.record(self.name, self.part, q, k, attn.heads, scale=attn.scale)
         return None
 
 
@@ -143,7 +143,7 @@ class DiffusersTrace:
                                 "(supported: Stable Diffusion 1.x/2.x, SDXL, Stable Diffusion 3 and Flux pipelines, "
                                 "txt2img/img2img/inpaint)")
         self.pipe = pipe
-        self.recorder = CrossAttentionRecorder(filter)
+        self.recorder = AttentionRecorder(filter)
         self.keep_on_device = keep_on_device
         self.traces: list[AttentionTrace] = []
         self._handles: list = []

@@ -13,7 +13,7 @@ import inspect
 
 import torch
 
-from ...engine.recorder import CrossAttentionRecorder
+from ...engine.recorder import AttentionRecorder
 from ...text.layout import TokenLayout
 from ..contract import cfg_rows, cfg_streams
 from .adapter import DiffusersTrace, _as_list
@@ -39,7 +39,7 @@ class JointObserver:
     Parameters
     ----------
     module : diffusers Attention (SD3) or FluxAttention
-    recorder : CrossAttentionRecorder
+    recorder : AttentionRecorder
     name : str
         Module path (``transformer_blocks.3.attn``, ``single_transformer_blocks.12.attn``).
     part : str
@@ -52,7 +52,7 @@ class JointObserver:
     _PROJECTIONS = ("to_q", "to_k", "add_q_proj", "add_k_proj", "norm_q", "norm_k", "norm_added_q", "norm_added_k",
                     "to_qkv", "to_added_qkv")
 
-    def __init__(self, module, recorder: CrossAttentionRecorder, name: str, part: str, family: JointFamily,
+    def __init__(self, module, recorder: AttentionRecorder, name: str, part: str, family: JointFamily,
                  seq: _Sequence):
         self.module = module
         self.recorder = recorder

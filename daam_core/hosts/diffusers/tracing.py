@@ -11,10 +11,11 @@ from .adapter import DiffusersTrace
 from .joint import JointTrace
 
 
-def trace(pipe, *, factors: Sequence[int] | None = None, locations: Sequence[str] | None = None,
+def trace(pipe, *, factors: Sequence[int] | None = None, parts: Sequence[str] | None = None,
           layers: Sequence[str] | None = None, heads: Sequence[int] | None = None,
           time_window: tuple[float, float] = (0.0, 1.0), negative: bool = True,
-          keep_on_device: bool = False, blocks: str | None = None, time_buckets: int = 1) -> DiffusersTrace:
+          keep_on_device: bool = False, blocks: str | None = None, time_buckets: int = 1,
+          locations: Sequence[str] | None = None) -> DiffusersTrace:
     """Trace the cross-attention (UNets) or joint attention (SD3, Flux) of a diffusers pipeline.
 
     Parameters
@@ -22,8 +23,9 @@ def trace(pipe, *, factors: Sequence[int] | None = None, locations: Sequence[str
     pipe : StableDiffusion(XL)Pipeline, StableDiffusion3Pipeline, FluxPipeline or their img2img / inpaint variants
     factors : sequence of int, optional
         Layer resolutions to record, as downsampling relative to the latent (SD1.5 at 512: 4 = 16x16).
-    locations : sequence of str, optional
-        Parts of the network: UNet ``"down"``, ``"mid"``, ``"up"``; Flux ``"double"``, ``"single"``; SD3 ``"joint"``.
+    parts : sequence of str, optional
+        Parts of the network: UNet ``"down"``, ``"mid"``, ``"up"``; Flux ``"double"``, ``"single"``; SD3 ``"joint"``
+        (``locations`` is their former name).
     layers : sequence of str, optional
         Exact module paths (``down_blocks.1.attentions.0.transformer_blocks.0.attn2``).
     heads : sequence of int, optional
@@ -45,7 +47,8 @@ def trace(pipe, *, factors: Sequence[int] | None = None, locations: Sequence[str
     DiffusersTrace
         A context manager; ``with trace(pipe) as tc: pipe(...); maps = tc.word_maps("dog")``.
     """
-    f = RecordFilter(factors=tuple(factors) if factors else None, parts=tuple(locations) if locations else None,
+    parts = parts if parts is not None else locations
+    f = RecordFilter(factors=tuple(factors) if factors else None, parts=tuple(parts) if parts else None,
                      layers=tuple(layers) if layers else None, heads=tuple(heads) if heads is not None else None,
                      start=float(time_window[0]), end=float(time_window[1]),
                      branches=("cond", "uncond") if negative else ("cond",),

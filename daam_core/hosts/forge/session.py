@@ -23,7 +23,7 @@ from typing import Sequence
 
 
 from ...engine.geometry import UNetGrid
-from ...engine.recorder import CrossAttentionRecorder, RecordFilter, Stream
+from ...engine.recorder import AttentionRecorder, RecordFilter, Stream
 from ...engine.trace import AttentionTrace
 from ...text.layout import TokenLayout
 from ..contract import SamplingClock, percent_window, whole
@@ -87,7 +87,7 @@ class ForgeSession:
     def __init__(self, filter: RecordFilter, layouts: Sequence[TokenLayout], cond_prompt: Sequence[int],
                  uncond_prompt: Sequence[int] | None, latent_hw: tuple[int, int], predictor=None,
                  num_timesteps: int = 1000):
-        self.recorder = CrossAttentionRecorder(filter)
+        self.recorder = AttentionRecorder(filter)
         self.layouts = list(layouts)
         self.n_images = len(cond_prompt)
         streams = [Stream(i, "cond", int(p)) for i, p in enumerate(cond_prompt)]
