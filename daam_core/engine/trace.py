@@ -7,7 +7,7 @@ it after sampling; nothing is recomputed from the model.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -118,13 +118,25 @@ class AttentionTrace:
     @classmethod
     def from_recorder(cls, recorded: Recording, layouts: Sequence[TokenLayout], image_hw: tuple[int, int],
                       meta: dict | None = None, device: str | torch.device | None = "cpu") -> "AttentionTrace":
-        """Build from :meth:`CrossAttentionRecorder.finish` output (sums moved to ``device`` once)."""
+        """Build from :meth:`CrossAttentionRecorder.finish` output (sums moved to ``device`` once).
+
+        A video recording (``recorded.frames`` F > 1) becomes a trace of one image per frame: video ``b``'s frame
+        ``f`` is image ``b * F + f``, its sums the frame's rows of the video's (``[S, F*h*w, T]`` ->
+        ``[S*F, h*w, T]``, a reshape), so every map, mask and picture comes per frame.
+        """
         sums, time_sums = recorded.sums, recorded.time_sums
         check_finite(sums)
         if device is not None:
             sums = {k: v.to(device) for k, v in sums.items()}
             time_sums = {k: v.to(device) for k, v in time_sums.items()}
-        return cls(sums=sums, layers=dict(recorded.layers), calls=dict(recorded.calls), streams=list(recorded.streams),
+        layers, streams, frames = dict(recorded.layers), list(recorded.streams), int(recorded.frames)
+        if frames > 1:
+            sums = {k: _frames_apart(v, frames) for k, v in sums.items()}
+            time_sums = {k: _frames_apart(v, frames) for k, v in time_sums.items()}
+            layers = {k: replace(v, hw=(v.hw[0] // frames, v.hw[1])) for k, v in layers.items()}
+            streams = [Stream(s.image * frames + f, s.branch, s.prompt) for s in streams for f in range(frames)]
+            meta = {**(meta or {}), "frames": frames}
+        return cls(sums=sums, layers=layers, calls=dict(recorded.calls), streams=streams,
                    layouts=list(layouts), latent_hw=tuple(recorded.latent_hw), image_hw=tuple(image_hw),
                    meta=dict(meta or {}), warnings=list(recorded.warnings),
                    recorded_branches=tuple(recorded.branches), time_sums=dict(time_sums),
@@ -305,6 +317,12 @@ class AttentionTrace:
     def load(cls, path) -> "AttentionTrace":
         """Read a trace written by :meth:`save`; see :func:`load_trace`."""
         return load_trace(path)
+
+
+def _frames_apart(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """``[..., S, F*n, T]`` (a video's frames one after the other) -> ``[..., S*F, n, T]`` (one row per frame)."""
+    *lead, s, n, t = x.shape
+    return x.reshape(*lead, s * frames, n // frames, t)
 
 
 def save_trace(trace: AttentionTrace, path):
