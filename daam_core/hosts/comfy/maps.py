@@ -194,7 +194,8 @@ def build_trace(model, clip, samples, positive: str, negative: str, images=None)
     positive, negative : str
         The prompt texts.
     images : Tensor ``[B, H, W, 3]``, optional
-        The decoded images (their size is the maps' size); default the latent size times the VAE factor.
+        The decoded images (their size is the maps' size); default the latent size times the VAE factor. A
+        video's trace has one image per latent frame (video ``b``'s frame ``f`` is image ``b * frames + f``).
     """
     tokenizer = getattr(clip, "tokenizer", clip)
     session = session_of(model)
@@ -223,8 +224,12 @@ def build_trace(model, clip, samples, positive: str, negative: str, images=None)
         layouts.append(layout)
     h, w = record.recorded.latent_hw
     if images is not None:
-        if images.shape[0] != record.latent.shape[0]:
-            raise ValueError(f"{images.shape[0]} images given for a sampling of {record.latent.shape[0]} latents")
+        frames = record.recorded.frames  # a video's maps: one per latent frame
+        count = record.latent.shape[0] * frames
+        if images.shape[0] != count:
+            what = f"{record.latent.shape[0]} latents" if frames == 1 else \
+                f"{record.latent.shape[0]} video(s) of {frames} latent frames (one image per latent frame)"
+            raise ValueError(f"{images.shape[0]} images given for a sampling of {what}")
         image_hw = (int(images.shape[1]), int(images.shape[2]))
     else:
         factor = vae_factor(model)
