@@ -252,6 +252,35 @@ def test_planted_attention_on_one_frame_is_recovered_per_frame(pack, models, tok
                                      images=images[:1].repeat(4, 1, 1, 1))
 
 
+def test_decoded_frames_show_the_maps_of_their_latent_frames(pack, models, tokenizer, tmp_path):
+    """Wan's VAE decodes 3 latent frames to 1 + 4 * 2 = 9 frames (its upscale ratio ``a * 4 - 3``): decoded frame 0
+    shows latent frame 0, frames 1-4 latent frame 1, frames 5-8 latent frame 2; nothing is copied."""
+    from daam_core.engine.trace import load_trace
+
+    model = models["wan21"]
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    pos, neg = cond("wan21", tokenizer, POS, 1, batch=2), cond("wan21", tokenizer, NEG, 2, batch=2)
+    samples = ksample(traced_model, pos, neg, batch=2)
+    n = 1 + 4 * (FRAMES - 1)
+    decoded = torch.rand(2 * n, 48, 64, 3, generator=torch.Generator().manual_seed(4))
+    per_latent = pack.DAAMHeatmaps().heatmaps(traced_model, tokenizer, {"samples": samples}, POS, NEG, "dog, park",
+                                              images=decoded[:2 * FRAMES])["result"]
+    out = pack.DAAMHeatmaps().heatmaps(traced_model, tokenizer, {"samples": samples}, POS, NEG, "dog, park",
+                                       images=decoded)
+    heat, over, masks, maps = out["result"]
+    assert masks.shape == (2 * n * 2, 48, 64) and over.shape == (2 * n * 2, 48, 64, 3)
+    assert len(out["ui"]["daam_preview"][0]["images"]) == 2 * n
+    latent_of = [b * FRAMES + -(-d // 4) for b in range(2) for d in range(n)]
+    assert latent_of[:n] == [0, 1, 1, 1, 1, 2, 2, 2, 2]
+    for j, i in enumerate(latent_of):
+        assert torch.equal(masks[2 * j:2 * j + 2], per_latent[2][2 * i:2 * i + 2])
+        assert torch.equal(heat[2 * j:2 * j + 2], per_latent[0][2 * i:2 * i + 2])
+    trace = maps.trace
+    assert all(v.shape[0] == 2 * FRAMES * 2 for v in trace.sums.values())  # the latent frames' rows, shared
+    path = trace.save(tmp_path / "wan")
+    torch.testing.assert_close(load_trace(path).word_maps(["dog", "park"]), trace.word_maps(["dog", "park"]))
+
+
 # -- words, options, errors -----------------------------------------------------------------------------------------
 
 def test_word_positions_follow_the_host_umt5_tokenizer(tokenizer, comfy_host):
