@@ -349,3 +349,34 @@ def test_time_buckets_come_per_frame(pack, models, tokenizer):
             video = rec.time_sums[name][k]  # [streams, frames * hw, T]
             assert s.shape == (2 * FRAMES, hw, video.shape[-1]) and s.abs().sum() > 0
             assert torch.equal(s, video.view(2, FRAMES, hw, -1).reshape(2 * FRAMES, hw, -1))
+
+
+def test_wan_with_a_real_umt5_encoder_and_long_prompt(pack, models, comfy_host):
+    """The host's own umT5 encoder (tiny, loaded as CLIPLoader loads one): a prompt past the 512-token pad, the words
+    at the positions the host tokenized, and the text check re-encodes with that CLIP."""
+    import nodes as host_nodes
+
+    from helpers.dit_checkpoints import build_tiny_wan_clip
+
+    clip = build_tiny_wan_clip(seed=5)
+    text = "a (dog:1.3) running in a park, " + ", ".join(["a small wooden house"] * 60) + ", a golden dragon"
+    tokens = [t for c in clip.tokenize(text)["umt5xxl"] for t in c]
+    pos = host_nodes.CLIPTextEncode().encode(clip, text)[0]
+    neg = host_nodes.CLIPTextEncode().encode(clip, NEG)[0]
+    assert pos[0][0].shape == (1, len(tokens), 4096) and len(tokens) > 512
+    model = models["wan21"]
+    plain = ksample(model, pos, neg, batch=2)
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    samples = ksample(traced_model, pos, neg, batch=2)
+    assert_same_image(plain, samples, "traced sampling of a long prompt")
+    out = pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, text, NEG, "dragon, dog",
+                                       negative_words="blurry")
+    _, _, masks, maps = out["result"]
+    pieces = clip.tokenizer.clip_umt5xxl.tokenizer.tokenizer.id_to_piece
+    dragon = maps.trace.layout(0).positions("dragon")
+    assert dragon[0] > 512 and "".join(pieces(tokens[p][0]) for p in dragon) == "▁dragon"
+    assert all(tokens[p][1] == pytest.approx(1.3) for p in maps.trace.layout(0).positions("dog"))
+    assert masks.shape == (2 * FRAMES * 3, 48, 64) and all(0 < m.float().mean() < 1 for m in masks)
+    with pytest.raises(ValueError, match="not the text the sampler's positive conditioning was encoded from"):
+        swapped = text.replace("golden dragon", "dragon golden")  # same tokens, another order
+        pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, swapped, NEG, "dog")

@@ -304,3 +304,23 @@ def tiny_umt5_tokenizer(extra: tuple[str, ...] = ()):
                                    eos_id=1, unk_id=2, bos_id=-1, num_threads=1, hard_vocab_limit=False,
                                    minloglevel=2)
     return WanT5Tokenizer(tokenizer_data={"spiece_model": torch.ByteTensor(list(model.getvalue()))})
+
+
+UMT5_TINY = {"d_model": 4096, "d_ff": 8, "d_kv": 8, "num_heads": 1, "num_layers": 24, "vocab_size": 60}
+
+
+def build_tiny_wan_clip(seed: int = 0):
+    """A ``comfy.sd.CLIP`` of type Wan (the host's umT5 code) loaded as ``CLIPLoader(type="wan")`` loads one: the
+    host detects umT5-XXL from block 23's 4096-wide ``wi_1``, so the width stays 4096 (Wan's text input) and the
+    rest is cut (1 head of 8, ``d_ff`` 8, the vocabulary of ``tiny_umt5_tokenizer``, whose SentencePiece model
+    travels in the state dict as in the real file). Its conditioning is ``[1, tokens (>= 512), 4096]``."""
+    import comfy.sd
+    import comfy.text_encoders.wan as wan_te
+
+    options = {"umt5xxl_model_config": UMT5_TINY}
+    shapes = wan_te.te()(device="cpu", dtype=torch.float32, model_options=options)
+    _fill(shapes.umt5xxl.transformer, seed)
+    state = {k: v.detach().clone() for k, v in shapes.umt5xxl.transformer.state_dict().items()}
+    del shapes
+    state["spiece_model"] = tiny_umt5_tokenizer().clip_umt5xxl.tokenizer.serialize_model()
+    return comfy.sd.load_text_encoder_state_dicts([state], clip_type=comfy.sd.CLIPType.WAN, model_options=options)
