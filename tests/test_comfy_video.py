@@ -380,3 +380,17 @@ def test_wan_with_a_real_umt5_encoder_and_long_prompt(pack, models, comfy_host):
     with pytest.raises(ValueError, match="not the text the sampler's positive conditioning was encoded from"):
         swapped = text.replace("golden dragon", "dragon golden")  # same tokens, another order
         pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, swapped, NEG, "dog")
+
+
+def test_ksampler_node_on_a_video_latent(pack, models, tokenizer):
+    """KSampler (DAAM) with an EmptyHunyuanLatentVideo-shaped LATENT: the stock video, and maps per frame."""
+    import nodes as host_nodes
+
+    model = models["wan21"]
+    pos, neg = cond("wan21", tokenizer, POS, 1), cond("wan21", tokenizer, NEG, 2)
+    latent = {"samples": torch.zeros(1, 16, FRAMES, 6, 8)}
+    plain = host_nodes.KSampler().sample(model, 7, 2, 4.0, "euler", "simple", pos, neg, latent)[0]
+    out, traced = pack.DAAMKSampler().sample(model, 7, 2, 4.0, "euler", "simple", pos, neg, latent)
+    assert_same_image(plain["samples"], out["samples"], "KSampler (DAAM) video")
+    masks = pack.DAAMHeatmaps().heatmaps(traced, tokenizer, out, POS, NEG, "dog, park")["result"][2]
+    assert masks.shape == (FRAMES * 2, 48, 64)
