@@ -302,6 +302,10 @@ def test_word_positions_follow_the_host_umt5_tokenizer(tokenizer, comfy_host):
     short = [t for c in tokenizer.tokenize_with_weights(NEG)["umt5xxl"] for t in c]
     assert len(short) == 512 and short[-1][0] == 0  # padded with umT5's pad id
     assert conditioning_layout(tokenizer, NEG, 512, family=wan).positions("quality")
+    from daam_core.hosts.comfy.dit import text_segments
+
+    every = text_segments(tokenizer, tokenizer.tokenize_with_weights(NEG))  # each family asked; none fails on umT5
+    assert [("t5", "umt5xxl", 512)] in every
 
 
 def test_block_filter_and_refused_wan_variants(pack, models, tokenizer, comfy_host):
