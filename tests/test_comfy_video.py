@@ -398,3 +398,24 @@ def test_ksampler_node_on_a_video_latent(pack, models, tokenizer):
     assert_same_image(plain["samples"], out["samples"], "KSampler (DAAM) video")
     masks = pack.DAAMHeatmaps().heatmaps(traced, tokenizer, out, POS, NEG, "dog, park")["result"][2]
     assert masks.shape == (FRAMES * 2, 48, 64)
+
+
+def test_text_as_long_as_the_video_is_not_guessed(pack, models, tokenizer):
+    """512 text tokens and 2 frames of 16 x 16 patches: the self-attention's keys are as many as the text's, so no
+    call can be told to be the cross-attention by its keys; nothing is recorded and the warning says why."""
+    import comfy.sample
+
+    model = models["wan21"]
+    pos, neg = cond("wan21", tokenizer, POS, 1), cond("wan21", tokenizer, NEG, 2)
+    assert pos[0][0].shape[1] == 512 == 2 * 16 * 16
+    latent = torch.zeros(1, 16, 2, 32, 32)
+    noise = comfy.sample.prepare_noise(latent, 1)
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    samples = comfy.sample.sample(traced_model, noise, 1, 3.0, "euler", "normal", pos, neg, latent, seed=1,
+                                  disable_pbar=True)
+    assert torch.equal(samples, comfy.sample.sample(model, noise, 1, 3.0, "euler", "normal", pos, neg, latent,
+                                                    seed=1, disable_pbar=True))
+    rec = pack.session_of(traced_model).find(samples).recorded
+    assert not rec.sums and any("cannot be told from the self-attention" in w for w in rec.warnings)
+    with pytest.raises(ValueError, match="no cross-attention was recorded.*cannot be told from the self-attention"):
+        pack.DAAMHeatmaps().heatmaps(traced_model, tokenizer, {"samples": samples}, POS, NEG, "dog")

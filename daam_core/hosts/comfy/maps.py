@@ -264,8 +264,9 @@ def build_trace(model, clip, samples, positive: str, negative: str, images=None)
             raise ValueError("DAAM recorded nothing: another node replaced DAAM's attention override "
                              "(transformer_options['optimized_attention_override']) after 'DAAM Trace Model' without "
                              "calling it. Apply that node before DAAM, or use one that calls the previous override")
+        why = "".join(f"; {w}" for w in trace.warnings)
         raise ValueError("no cross-attention was recorded in this sampling (check the resolutions, UNet parts and "
-                         "time window of 'DAAM Trace Model')")
+                         f"time window of 'DAAM Trace Model'){why}")
     return trace
 
 
