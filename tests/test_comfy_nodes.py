@@ -334,7 +334,7 @@ def test_heads_out_of_range_fail_at_trace_model_creation(pack, sd15):
 
 def test_block_ranges_and_t5_segments_are_errors_on_a_unet(pack, sd15):
     model, clip, _ = sd15
-    with pytest.raises(ValueError, match="blocks 'double:0-3' is for SD3/Flux.*resolutions and unet_parts"):
+    with pytest.raises(ValueError, match="blocks 'double:0-3' is for transformers.*resolutions and unet_parts"):
         pack.DAAMTraceModel().trace(model, blocks="double:0-3")
     traced_model = pack.DAAMTraceModel().trace(model)[0]
     samples = ksample(traced_model, encode(clip, POS), encode(clip, NEG))

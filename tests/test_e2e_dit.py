@@ -130,12 +130,12 @@ def test_unsupported_options_are_node_errors(server):
 
 
 def test_ui_workflows_match_the_api_ones(server):
-    """The UI files of the SD3 and Flux workflows queue exactly their API workflows."""
+    """The UI files of the SD3, Flux and Wan workflows queue exactly their API workflows."""
     sys.path.insert(0, str(REPO / "tools"))
     from make_ui_workflows import to_api
 
     info = server.object_info()
-    for name in ("sd3_heatmaps", "flux_heatmaps"):
+    for name in ("sd3_heatmaps", "flux_heatmaps", "wan_video_heatmaps"):
         ui = json.loads((WORKFLOWS.parent / f"{name}.json").read_text())
         api = json.loads((WORKFLOWS / f"{name}.json").read_text())
         assert {n["type"] for n in ui["nodes"]} - {"Note"} <= set(info)  # a Note describes each workflow

@@ -3,8 +3,8 @@
 Expected steps come from the host itself: the sampling's sigmas (``comfy.samplers.calculate_sigmas``, what
 KSampler uses) and the model sampling's ``percent_to_sigma`` read the way ``comfy.samplers`` reads a
 timestep-range conditioning (a call at sigma ``s`` runs when ``percent_to_sigma(end) <= s <=
-percent_to_sigma(start)``). SD1.5 is a tiny checkpoint; SD3 (shifted flow) and Flux (sigma timesteps) are the
-host's own model classes at a small width.
+percent_to_sigma(start)``). SD1.5 is a tiny checkpoint; SD3 (shifted flow), Flux (sigma timesteps), Chroma and
+Wan (video, shifted flow) are the host's own model classes at a small width.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def families(comfy_host, sd15_checkpoint):
     from comfy.text_encoders.flux import FluxTokenizer
     from comfy.text_encoders.pixart_t5 import PixArtTokenizer
     from comfy.text_encoders.sd3_clip import SD3Tokenizer
-    from helpers.dit_checkpoints import build_chroma, build_flux, build_sd3, conditioning
+    from helpers.dit_checkpoints import (WAN_TEXT_DIM, build_chroma, build_flux, build_sd3, build_wan, conditioning,
+                                         tiny_umt5_tokenizer)
 
     import nodes as host_nodes
 
@@ -39,7 +40,12 @@ def families(comfy_host, sd15_checkpoint):
             c[0][1]["guidance"] = 3.5
         return c
 
-    sd3_tok, flux_tok, chroma_tok = SD3Tokenizer(), FluxTokenizer(), PixArtTokenizer()
+    sd3_tok, flux_tok, chroma_tok, wan_tok = SD3Tokenizer(), FluxTokenizer(), PixArtTokenizer(), tiny_umt5_tokenizer()
+
+    def wan_cond(text, seed):
+        return conditioning(sum(len(c) for c in wan_tok.tokenize_with_weights(text)["umt5xxl"]),
+                            context_dim=WAN_TEXT_DIM, seed=seed)
+
     return {
         "sd15": dict(model=model, clip=clip, channels=4, pos=host_nodes.CLIPTextEncode().encode(clip, POS)[0],
                      neg=host_nodes.CLIPTextEncode().encode(clip, NEG)[0]),
@@ -49,13 +55,15 @@ def families(comfy_host, sd15_checkpoint):
                      pos=dit_cond(flux_tok, POS, 1, True), neg=dit_cond(flux_tok, NEG, 2, True)),
         "chroma": dict(model=build_chroma(seed=5), clip=chroma_tok, channels=16,
                        pos=dit_cond(chroma_tok, POS, 1, False), neg=dit_cond(chroma_tok, NEG, 2, False)),
+        "wan": dict(model=build_wan(seed=7), clip=wan_tok, channels=16, frames=3, pos=wan_cond(POS, 1),
+                    neg=wan_cond(NEG, 2)),
     }
 
 
 def sample(f, model, cfg=3.0, steps=STEPS):
     import comfy.sample
 
-    latent = torch.zeros(1, f["channels"], 6, 8)
+    latent = torch.zeros(1, f["channels"], *(f["frames"],) if "frames" in f else (), 6, 8)  # Wan: a video latent
     noise = comfy.sample.prepare_noise(latent, 1)
     return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", f["pos"], f["neg"], latent, denoise=1.0,
                                seed=1, disable_pbar=True)
@@ -75,7 +83,7 @@ def recording(pack, model, samples):
     return pack.session_of(model).find(samples).recorded
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan"])
 def test_time_buckets_split_the_steps_evenly(pack, families, family):
     f = families[family]
     traced = pack.DAAMTraceModel().trace(f["model"], time_buckets=4)[0]
@@ -89,7 +97,7 @@ def test_time_buckets_split_the_steps_evenly(pack, families, family):
         torch.testing.assert_close(rec.time_sums[name].sum(0), rec.sums[name])
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan"])
 @pytest.mark.parametrize("window", [(0.0, 0.5), (0.5, 1.0), (0.6, 1.0), (0.25, 0.6)])
 def test_time_window_covers_the_steps_of_the_hosts_own_percent(pack, families, family, window):
     f = families[family]
@@ -105,7 +113,7 @@ def test_time_window_covers_the_steps_of_the_hosts_own_percent(pack, families, f
         assert rec.calls[name] == n // STEPS * len(expected), (name, expected)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "wan"])
 def test_buckets_and_window_together(pack, families, family):
     f = families[family]
     traced = pack.DAAMTraceModel().trace(f["model"], start_percent=0.5, end_percent=1.0, time_buckets=4)[0]
@@ -116,13 +124,13 @@ def test_buckets_and_window_together(pack, families, family):
         assert calls == [per_step * sum(1 for i in expected if i * 4 // STEPS == b) for b in range(4)]
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan"])
 def test_negative_words_at_cfg_1_are_a_clear_error(pack, families, family):
     f = families[family]
     traced = pack.DAAMTraceModel().trace(f["model"])[0]
     samples = sample(f, traced, cfg=1.0, steps=1)
     heat = pack.DAAMHeatmaps().heatmaps(traced, f["clip"], {"samples": samples}, POS, NEG, "dog")["result"][0]
-    assert heat.shape[0] == 1
+    assert heat.shape[0] == f.get("frames", 1)  # one map per (latent) frame
     with pytest.raises(ValueError, match="negative words \\['blurry'\\] cannot be mapped: .*negative"):
         pack.DAAMHeatmaps().heatmaps(traced, f["clip"], {"samples": samples}, POS, NEG, "dog", negative_words="blurry")
 

@@ -46,6 +46,8 @@ DESCRIPTIONS = {
                      "(every joint block; set ckpt_name to your SD3 or SD3.5 model)."),
     "flux_heatmaps": ("Needs Flux.1 files", "Per-word heat maps and masks on Flux.1's double and single blocks "
                       "(set the UNet, CLIP-L, T5-XXL and AE file names; cfg 1, so no negative words)."),
+    "wan_video_heatmaps": ("Needs Wan 2.1 files", "A text-to-video sampling and the heat map, overlay and mask of "
+                           "'dog' on every frame, saved as animations (set the Wan UNet, umT5 and VAE file names)."),
 }
 
 

@@ -5,7 +5,9 @@ network and its kind) and gives the recorder a *grid rule* that maps a call's qu
 Two rules cover today's models:
 
 - :class:`UNetGrid`: the latent after ``log2(factor)`` stride-2 downsamplings (SD1.x, SD2.x, SDXL);
-- :class:`PatchGrid`: the latent cut into ``p x p`` patches, row-major (SD3 MMDiT, Flux).
+- :class:`PatchGrid`: the latent cut into ``p x p`` patches, row-major (SD3 MMDiT, Flux);
+- :class:`VideoGrid`: a video latent's frames, each cut into ``p x p`` patches, frame after frame. It declares
+  ``frames``: the trace then gives each frame a map of its own (:meth:`AttentionTrace.from_recorder`).
 
 A grid also declares the network parts its model has (``UNetGrid``: down, mid, up; a ``PatchGrid`` gets them
 from its adapter's family), and the recorder checks its filter against them. A new model family with another
@@ -134,3 +136,41 @@ class PatchGrid:
             raise ValueError(f"{n_queries} image queries do not match the {self.hw[0]}x{self.hw[1]} patch grid of "
                              f"a {self.latent_hw[0]}x{self.latent_hw[1]} latent (patch {self.patch})")
         return self.patch, self.hw
+
+
+class VideoGrid(PatchGrid):
+    """Grid rule of a video transformer: frame after frame, each frame's ``patch x patch`` patches row-major.
+
+    A layer's queries are located as the frames stacked top to bottom (``(frames * h, w)``), which is the same
+    row-major order; :attr:`frames` tells the trace to cut them into one ``h x w`` map per frame.
+
+    Parameters
+    ----------
+    latent_fhw : (int, int, int)
+        Frames, height and width of the video latent.
+    patch : int
+        Spatial patch size; the grid is ``ceil(h / p) x ceil(w / p)`` per frame (hosts pad the latent up).
+    frame_patch : int
+        Latent frames per token frame (1 for Wan); ``ceil(frames / frame_patch)`` token frames.
+    parts : tuple of str, optional
+        The network parts of the model; None = not checked.
+    """
+
+    def __init__(self, latent_fhw: tuple[int, int, int], patch: int, frame_patch: int = 1,
+                 parts: tuple[str, ...] | None = None):
+        super().__init__(latent_fhw[1:], patch, parts)
+        if int(frame_patch) < 1:
+            raise ValueError(f"frame patch must be >= 1, got {frame_patch}")
+        self.frames = math.ceil(int(latent_fhw[0]) / int(frame_patch))
+
+    @property
+    def n_image(self) -> int:
+        """Video tokens: every frame's patches."""
+        return self.frames * self.hw[0] * self.hw[1]
+
+    def locate(self, n_queries: int) -> tuple[int, tuple[int, int]]:
+        if n_queries != self.n_image:
+            raise ValueError(f"{n_queries} video queries do not match {self.frames} frames of {self.hw[0]}x"
+                             f"{self.hw[1]} patches ({self.latent_hw[0]}x{self.latent_hw[1]} latent, patch "
+                             f"{self.patch})")
+        return self.patch, (self.frames * self.hw[0], self.hw[1])

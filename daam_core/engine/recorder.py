@@ -160,6 +160,8 @@ class Recording:
         With ``RecordFilter.time_buckets`` K > 1: the sums per K-th of the sampling (they add up to ``sums``).
     time_calls : dict layer -> list of K int
         Recorded calls per layer and time bucket.
+    frames : int
+        Frames of a video grid (its layers' queries are the frames stacked); 1 for an image.
     """
 
     sums: dict[str, torch.Tensor]
@@ -172,6 +174,7 @@ class Recording:
     warnings: list[str] = field(default_factory=list)
     time_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     time_calls: dict[str, list[int]] = field(default_factory=dict)
+    frames: int = 1
 
 
 @dataclass
@@ -312,7 +315,8 @@ class AttentionRecorder:
                         streams=list(self.streams), token_counts=list(self.token_counts),
                         latent_hw=self.grid.latent_hw, branches=tuple(self.filter.branches),
                         warnings=list(self.warnings), time_sums=dict(self.sums) if timed else {},
-                        time_calls={n: list(c) for n, c in self._time_calls.items()} if timed else {})
+                        time_calls={n: list(c) for n, c in self._time_calls.items()} if timed else {},
+                        frames=int(getattr(self.grid, "frames", 1)))
         self._time_calls = {}
         self.sums = {}
         self.layers = {}
@@ -374,7 +378,8 @@ class AttentionRecorder:
         Parameters
         ----------
         name, part : str
-            Layer id and network part (``"down"``, ``"mid"``, ``"up"`` for a UNet).
+            Layer id and network part (``"down"``, ``"mid"``, ``"up"`` for a UNet); a transformer's layer is also
+            checked against :attr:`RecordFilter.blocks`.
         q : Tensor
             Queries ``[B, N, heads * d]`` or ``[B, heads, N, d]`` (:func:`~daam_core.engine.joint.heads_first`).
         k : Tensor
@@ -391,7 +396,7 @@ class AttentionRecorder:
         The softmax is over the ``T`` keys; the call goes through :meth:`_accumulate` like a joint one (text =
         all keys, normaliser computed there).
         """
-        if not self.wants(name, part):
+        if not self.wants(name, part) or not self._wants_block(name, part):
             return
         qh = joint.heads_first(q, heads)
         if self._layer(name, part, "cross", qh.shape[2], heads) is None:

@@ -7,7 +7,7 @@ it after sampling; nothing is recomputed from the model.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -100,6 +100,9 @@ class AttentionTrace:
         add up to ``sums``); empty without them. See :meth:`at_time`.
     time_calls : dict layer -> list of K int
         Recorded calls per layer and time bucket.
+    stream_rows : tuple of int
+        The row of the sums each stream reads; empty: stream ``i`` reads row ``i``. Streams share a row when
+        several images show one recorded frame (:meth:`repeat_images`).
     """
 
     sums: dict[str, torch.Tensor]
@@ -114,17 +117,30 @@ class AttentionTrace:
     recorded_branches: tuple[str, ...] = BRANCHES
     time_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     time_calls: dict[str, list[int]] = field(default_factory=dict)
+    stream_rows: tuple[int, ...] = ()
 
     @classmethod
     def from_recorder(cls, recorded: Recording, layouts: Sequence[TokenLayout], image_hw: tuple[int, int],
                       meta: dict | None = None, device: str | torch.device | None = "cpu") -> "AttentionTrace":
-        """Build from :meth:`AttentionRecorder.finish` output (sums moved to ``device`` once)."""
+        """Build from :meth:`AttentionRecorder.finish` output (sums moved to ``device`` once).
+
+        A video recording (``recorded.frames`` F > 1) becomes a trace of one image per frame: video ``b``'s frame
+        ``f`` is image ``b * F + f``, its sums the frame's rows of the video's (``[S, F*h*w, T]`` ->
+        ``[S*F, h*w, T]``, a reshape), so every map, mask and picture comes per frame.
+        """
         sums, time_sums = recorded.sums, recorded.time_sums
         check_finite(sums)
         if device is not None:
             sums = {k: v.to(device) for k, v in sums.items()}
             time_sums = {k: v.to(device) for k, v in time_sums.items()}
-        return cls(sums=sums, layers=dict(recorded.layers), calls=dict(recorded.calls), streams=list(recorded.streams),
+        layers, streams, frames = dict(recorded.layers), list(recorded.streams), int(recorded.frames)
+        if frames > 1:
+            sums = {k: _frames_apart(v, frames) for k, v in sums.items()}
+            time_sums = {k: _frames_apart(v, frames) for k, v in time_sums.items()}
+            layers = {k: replace(v, hw=(v.hw[0] // frames, v.hw[1])) for k, v in layers.items()}
+            streams = [Stream(s.image * frames + f, s.branch, s.prompt) for s in streams for f in range(frames)]
+            meta = {**(meta or {}), "frames": frames}
+        return cls(sums=sums, layers=layers, calls=dict(recorded.calls), streams=streams,
                    layouts=list(layouts), latent_hw=tuple(recorded.latent_hw), image_hw=tuple(image_hw),
                    meta=dict(meta or {}), warnings=list(recorded.warnings),
                    recorded_branches=tuple(recorded.branches), time_sums=dict(time_sums),
@@ -148,7 +164,24 @@ class AttentionTrace:
         return AttentionTrace(sums={n: self.time_sums[n][bucket] for n in calls},
                               layers={n: self.layers[n] for n in calls}, calls=calls, streams=self.streams,
                               layouts=self.layouts, latent_hw=self.latent_hw, image_hw=self.image_hw, meta=self.meta,
-                              recorded_branches=self.recorded_branches)
+                              recorded_branches=self.recorded_branches, stream_rows=self.stream_rows)
+
+    def repeat_images(self, source: Sequence[int]) -> "AttentionTrace":
+        """A trace whose image ``j`` shows this trace's image ``source[j]`` (e.g. each decoded video frame the
+        latent frame it was decoded from); the sums are shared, not copied."""
+        bad = [i for i in source if not 0 <= i < self.num_images]
+        if bad:
+            raise ValueError(f"images {bad} are not in this trace (it has {self.num_images} images)")
+        streams, rows = [], []
+        for j, image in enumerate(source):
+            for i, s in enumerate(self.streams):
+                if s.image == image:
+                    streams.append(Stream(j, s.branch, s.prompt))
+                    rows.append(self._row(i))
+        return replace(self, streams=streams, stream_rows=tuple(rows))
+
+    def _row(self, stream: int) -> int:
+        return self.stream_rows[stream] if self.stream_rows else stream
 
     # -- lookup --------------------------------------------------------------------------------
     @property
@@ -208,7 +241,7 @@ class AttentionTrace:
             raise ValueError(f"token positions {bad} are outside the prompt's {t} positions")
         names = self.select_layers(layers, factors, parts if parts is not None else locations)
         maps = aggregate.token_maps({n: self.sums[n] for n in names}, {n: self.layers[n].hw for n in names},
-                                    self.calls, stream, positions, self.latent_hw, upsample)
+                                    self.calls, self._row(stream), positions, self.latent_hw, upsample)
         if size is not None:
             maps = aggregate.resize_maps(maps, size, upsample)
         return maps
@@ -313,6 +346,12 @@ class AttentionTrace:
         return load_trace(path)
 
 
+def _frames_apart(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """``[..., S, F*n, T]`` (a video's frames one after the other) -> ``[..., S*F, n, T]`` (one row per frame)."""
+    *lead, s, n, t = x.shape
+    return x.reshape(*lead, s * frames, n // frames, t)
+
+
 def save_trace(trace: AttentionTrace, path):
     """Write a trace; returns the ``.safetensors`` path. Parent folders must exist."""
     names = sorted(trace.sums, key=lambda n: trace.layers[n].order)
@@ -327,6 +366,8 @@ def save_trace(trace: AttentionTrace, path):
         "meta": trace.meta,
         "warnings": trace.warnings,
     }
+    if trace.stream_rows:
+        meta["stream_rows"] = list(trace.stream_rows)
     tensors = {f"sums/{i}": trace.sums[n] for i, n in enumerate(names)}
     timed = [n for n in names if n in trace.time_sums]
     if timed:  # optional: files without them (older ones, or traced without time buckets) load the same
@@ -361,4 +402,5 @@ def load_trace(path) -> AttentionTrace:
         layouts=[TokenLayout.from_dict(d) for d in meta["layouts"]],
         latent_hw=tuple(meta["latent_hw"]), image_hw=tuple(meta["image_hw"]),
         meta=meta.get("meta", {}), warnings=list(meta.get("warnings", [])),
-        recorded_branches=tuple(meta.get("recorded_branches", BRANCHES)), time_sums=time_sums, time_calls=time_calls)
+        recorded_branches=tuple(meta.get("recorded_branches", BRANCHES)), time_sums=time_sums, time_calls=time_calls,
+        stream_rows=tuple(int(r) for r in meta.get("stream_rows", ())))

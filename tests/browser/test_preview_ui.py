@@ -241,9 +241,10 @@ def cpu_sized(cp):
             cp.set_widget(node_id, "steps", 4)
 
 
-# Their SD3 / Flux model files are not in this server's model folders: tests/test_e2e_dit.py runs them over HTTP with
-# tiny DiT files (and checks that these UI files queue exactly the API workflows); here they are loaded and laid out.
-NEEDS_DIT_FILES = {"sd3_heatmaps", "flux_heatmaps"}
+# Their SD3 / Flux / Wan model files are not in this server's model folders: tests/test_e2e_dit.py runs the SD3 and
+# Flux ones over HTTP with tiny DiT files and checks that these UI files queue exactly the API workflows (Wan's too;
+# its sampling is tested in process, tests/test_comfy_video.py); here they are loaded and laid out.
+NEEDS_DIT_FILES = {"sd3_heatmaps", "flux_heatmaps", "wan_video_heatmaps"}
 
 
 @pytest.mark.parametrize("name", example_names())

@@ -261,3 +261,66 @@ def build_tiny_flux_clip(seed: int = 0):
     # from model_options["model_config"]: the CLIP-L config goes there
     options = {"model_config": dict(CLIP_TINY), "t5xxl_model_config": T5_TINY}
     return comfy.sd.load_text_encoder_state_dicts(dicts, clip_type=comfy.sd.CLIPType.FLUX, model_options=options)
+
+
+# -- Wan 2.1 / 2.2 (video) ------------------------------------------------------------------------------------------
+
+WAN_TEXT_DIM = 4096  # Wan's text embedding input, fixed by the host's detection (umT5-XXL's width)
+
+
+def _wan_shapes(dim: int, ffn: int, layers: int, in_dim: int, out_dim: int, i2v: bool) -> dict:
+    """The keys of a Wan checkpoint that ``detect_unet_config`` reads (``dim // 128`` heads)."""
+    shapes = {"head.modulation": (1, 2, dim), "head.head.weight": (out_dim * 4, dim),
+              "patch_embedding.weight": (dim, in_dim, 1, 2, 2), "text_embedding.0.weight": (dim, WAN_TEXT_DIM)}
+    shapes.update({f"blocks.{i}.ffn.0.weight": (ffn, dim) for i in range(layers)})
+    if i2v:
+        shapes["img_emb.proj.0.bias"] = (1280,)
+    return shapes
+
+
+def build_wan(seed: int = 0, layers: int = 2, i2v: bool = False, wan22: bool = False):
+    """A Wan-shaped ``ModelPatcher`` (``model_base.WAN21`` / ``WAN22`` around the host's ``WanModel``): 2 heads of
+    128, ``layers`` blocks. ``i2v``: Wan 2.1 image-to-video (36 input channels, the CLIP-vision image prompt);
+    ``wan22``: Wan 2.2's 48-channel latent (the 5B model)."""
+    channels = 48 if wan22 else 16
+    in_dim = 36 if i2v else channels
+    return _patcher(detected_config(_wan_shapes(256, 64, layers, in_dim, channels, i2v)), seed)
+
+
+def tiny_umt5_tokenizer(extra: tuple[str, ...] = ()):
+    """The host's Wan tokenizer (``WanT5Tokenizer``: umT5 through ``SPieceTokenizer``, padded to 512) around a small
+    SentencePiece model trained here (umT5's ids: pad 0, EOS 1, unk 2, no BOS); the real one travels in the
+    text-encoder file. Words of the tests' prompts split into several pieces."""
+    import io
+
+    import sentencepiece as spm
+    from comfy.text_encoders.wan import WanT5Tokenizer
+
+    corpus = ["a cat and a dog on a red sofa", "blurry, low quality", "a small wooden house",
+              "a golden dragon flies over the sea", "a video of a dog running in a green park",
+              "the cat sleeps on the sofa at night", *extra] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=60, pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1, num_threads=1, hard_vocab_limit=False,
+                                   minloglevel=2)
+    return WanT5Tokenizer(tokenizer_data={"spiece_model": torch.ByteTensor(list(model.getvalue()))})
+
+
+UMT5_TINY = {"d_model": 4096, "d_ff": 8, "d_kv": 8, "num_heads": 1, "num_layers": 24, "vocab_size": 60}
+
+
+def build_tiny_wan_clip(seed: int = 0):
+    """A ``comfy.sd.CLIP`` of type Wan (the host's umT5 code) loaded as ``CLIPLoader(type="wan")`` loads one: the
+    host detects umT5-XXL from block 23's 4096-wide ``wi_1``, so the width stays 4096 (Wan's text input) and the
+    rest is cut (1 head of 8, ``d_ff`` 8, the vocabulary of ``tiny_umt5_tokenizer``, whose SentencePiece model
+    travels in the state dict as in the real file). Its conditioning is ``[1, tokens (>= 512), 4096]``."""
+    import comfy.sd
+    import comfy.text_encoders.wan as wan_te
+
+    options = {"umt5xxl_model_config": UMT5_TINY}
+    shapes = wan_te.te()(device="cpu", dtype=torch.float32, model_options=options)
+    _fill(shapes.umt5xxl.transformer, seed)
+    state = {k: v.detach().clone() for k, v in shapes.umt5xxl.transformer.state_dict().items()}
+    del shapes
+    state["spiece_model"] = tiny_umt5_tokenizer().clip_umt5xxl.tokenizer.serialize_model()
+    return comfy.sd.load_text_encoder_state_dicts([state], clip_type=comfy.sd.CLIPType.WAN, model_options=options)

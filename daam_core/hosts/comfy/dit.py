@@ -10,14 +10,18 @@ holds for every family; the family entry knows the rest (:class:`~.families.Join
   family's extra tokens); any other attention (SD3.5's image-only ``x_block_self_attn``) is not recorded;
 - where text and image sit on the sequence and the layer's name: :meth:`JointFamily.spans`, :meth:`JointFamily.layer`.
 
-The spatial grid is the latent cut into patches (:class:`~daam_core.engine.geometry.PatchGrid`).
+A family with ``attention = "cross"`` (Wan) has a separate cross-attention instead: a call is recorded when its
+keys are the call's text and its queries the image tokens, as a UNet's cross-attention is.
+
+The spatial grid is the latent cut into patches (:class:`~daam_core.engine.geometry.PatchGrid`); a video family's
+is every frame cut into patches (:class:`~daam_core.engine.geometry.VideoGrid`).
 """
 
 from __future__ import annotations
 
 import math
 
-from ...engine.geometry import PatchGrid
+from ...engine.geometry import PatchGrid, VideoGrid
 from .families import FAMILIES, DiTSpec, dit_spec
 from .session import TraceSession, heads_first, refuse_split
 
@@ -36,6 +40,8 @@ class DiTTraceSession(TraceSession):
     def __init__(self, filter, spec: DiTSpec):
         super().__init__(filter)
         self.spec = spec
+        if spec.family.video:
+            self.latent_axes = ("frames", "height", "width")
         self._joint_index = 0
         self._call_layout: tuple[int, int, int] | None = None  # (text tokens, image tokens, reference tokens)
         self._uuid_length: dict = {}  # conditioning uuid -> its token count
@@ -48,6 +54,8 @@ class DiTTraceSession(TraceSession):
                              for e in entries or [] if e.get("cross_attn") is not None and "uuid" in e}
 
     def _grid(self):
+        if self.spec.family.video:
+            return VideoGrid(self._latent_size, self.spec.patch, self.spec.frame_patch, self.spec.parts)
         return PatchGrid(self._latent_hw, self.spec.patch, self.spec.parts)
 
     def no_negative_reason(self) -> str:
@@ -79,7 +87,13 @@ class DiTTraceSession(TraceSession):
         text = math.lcm(*counts)
         refs = sum(image_tokens(tuple(r.shape[-2:]), self.spec.patch) for r in (ref_latents or [])) \
             if self.spec.family.reference_latents else 0
-        return text, image_tokens(self._latent_hw, self.spec.patch), refs
+        n_img = self.recorder.grid.n_image
+        if self.spec.family.attention == "cross" and text == n_img:
+            self.recorder.warn(f"the text has as many tokens ({text}) as the latent has patches, so its "
+                               f"cross-attention cannot be told from the self-attention by its keys; model calls "
+                               f"of this sampling were not recorded (change the size or the frame count)")
+            return None
+        return text, n_img, refs
 
     # -- attention ---------------------------------------------------------------------------
     def attention_override(self, previous):
@@ -96,6 +110,10 @@ class DiTTraceSession(TraceSession):
             if call is None:
                 return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
             q, k, v = (heads_first(x, call["heads"], call["skip_reshape"], call["dim_head"]) for x in args[:3])
+            if call["cross"]:
+                out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+                self.recorder.record(call["name"], call["part"], q, k, call["heads"], scale=kwargs.get("scale"))
+                return out
             if previous is None and getattr(func, "__name__", "") == "attention_pytorch" \
                     and not kwargs.get("skip_output_reshape", False) and not kwargs.get("enable_gqa", False) \
                     and v.shape == k.shape == q.shape:
@@ -128,14 +146,25 @@ class DiTTraceSession(TraceSession):
         spec = self.spec
         options = kwargs.get("transformer_options") or {}
         name, part = spec.layer(self._joint_index, options)
-        text_span, image_span, expected = spec.family.spans(spec, part, text, n_img, refs)
-        if length != expected:
-            return None  # not a joint call (SD3.5's image-only attention, or another model's attention)
-        self._joint_index += 1
+        cross = spec.family.attention == "cross"
+        if cross:  # keys: the text alone; queries: the image tokens
+            if length != text:
+                return None  # self-attention, or I2V's image-prompt attention
+            self._joint_index += 1
+            if (q.shape[2] if skip_reshape else q.shape[1]) != n_img:
+                self.recorder.warn(f"{name}: a cross-attention with queries besides the {n_img} latent patches "
+                                   f"(reference frames?) was not recorded")
+                return None
+            text_span, image_span = (0, text), (0, n_img)
+        else:
+            text_span, image_span, expected = spec.family.spans(spec, part, text, n_img, refs)
+            if length != expected:
+                return None  # not a joint call (SD3.5's image-only attention, or another model's attention)
+            self._joint_index += 1
         self._seen += 1
         dim_head = q.shape[-1] if skip_reshape else q.numel() // (q.shape[0] * q.shape[1] * int(heads))
         return {"name": name, "part": part, "heads": int(heads), "text": text_span, "image": image_span,
-                "skip_reshape": skip_reshape, "dim_head": dim_head}
+                "skip_reshape": skip_reshape, "dim_head": dim_head, "cross": cross}
 
 
 # -- text: where each encoder's tokens lie on the conditioning's token axis ------------------------------------
@@ -171,11 +200,16 @@ def text_segments(tokenizer, tokens: dict, encoders=None, family=None) -> list[l
 
 def _hf_tokenizer(tokenizer, key: str):
     """The Hugging Face tokenizer of a ``tokenize_with_weights`` key: the host keeps it as ``clip_<key>`` (SD1
-    tokenizers, PixArt's T5) or as ``<key>`` (SD3's and Flux's T5)."""
+    tokenizers, PixArt's T5, Wan's umT5) or as ``<key>`` (SD3's and Flux's T5); the host's own SentencePiece
+    tokenizer (umT5) is read through :class:`~.tokens.SentencePieceView`."""
     sub = getattr(tokenizer, f"clip_{key}", None) or getattr(tokenizer, key, None)
     hf = getattr(sub, "tokenizer", None)
     if hf is None:
         raise ValueError(f"DAAM: this CLIP's tokenizer ({type(tokenizer).__name__}) has no {key!r} tokenizer")
+    if not hasattr(hf, "convert_ids_to_tokens") and hasattr(getattr(hf, "tokenizer", None), "id_to_piece"):
+        from .tokens import SentencePieceView
+
+        return SentencePieceView(hf)  # the host's own SentencePiece tokenizer (umT5)
     return hf
 
 

@@ -178,6 +178,22 @@ def vae_factor(model) -> int:
     return max(1, int(getattr(fmt, "spacial_downscale_ratio", 8) or 8))
 
 
+def decoded_frames(count: int, videos: int, frames: int) -> list[int] | None:
+    """The latent frame (trace image) each of ``count`` decoded video frames shows, or None when ``count`` is not a
+    decoding of ``videos`` videos of ``frames`` latent frames.
+
+    A causal video VAE (Wan's: ``1 + 4 (frames - 1)`` frames) decodes latent frame 0 to one frame and every later
+    latent frame to ``r`` frames: decoded frame ``d`` of a video shows latent frame ``ceil(d / r)``.
+    """
+    if frames < 2 or count % videos:
+        return None
+    n = count // videos
+    r, rest = divmod(n - 1, frames - 1)
+    if rest or r < 2:
+        return None
+    return [b * frames + -(-d // r) for b in range(videos) for d in range(n)]
+
+
 def build_trace(model, clip, samples, positive: str, negative: str, images=None) -> AttentionTrace:
     """The trace of the sampling that produced ``samples``, with the prompts' token layouts.
 
@@ -194,7 +210,9 @@ def build_trace(model, clip, samples, positive: str, negative: str, images=None)
     positive, negative : str
         The prompt texts.
     images : Tensor ``[B, H, W, 3]``, optional
-        The decoded images (their size is the maps' size); default the latent size times the VAE factor.
+        The decoded images (their size is the maps' size); default the latent size times the VAE factor. A
+        video's trace has one image per latent frame (video ``b``'s frame ``f`` is image ``b * frames + f``), or,
+        given the decoded frames (:func:`decoded_frames`), one per decoded frame, each the map of its latent frame.
     """
     tokenizer = getattr(clip, "tokenizer", clip)
     session = session_of(model)
@@ -222,23 +240,33 @@ def build_trace(model, clip, samples, positive: str, negative: str, images=None)
             check_text(clip, text, cond, which)
         layouts.append(layout)
     h, w = record.recorded.latent_hw
+    source = None  # decoded video frames: the latent frame each one shows
     if images is not None:
-        if images.shape[0] != record.latent.shape[0]:
-            raise ValueError(f"{images.shape[0]} images given for a sampling of {record.latent.shape[0]} latents")
+        videos, frames = record.latent.shape[0], record.recorded.frames
+        if images.shape[0] != videos * frames:
+            source = decoded_frames(images.shape[0], videos, frames)
+            if source is None:
+                what = f"{videos} latents" if frames == 1 else \
+                    (f"{videos} video(s) of {frames} latent frames (one image per latent frame, or the decoded "
+                     f"frames: 1 + r * {frames - 1} per video)")
+                raise ValueError(f"{images.shape[0]} images given for a sampling of {what}")
         image_hw = (int(images.shape[1]), int(images.shape[2]))
     else:
         factor = vae_factor(model)
         image_hw = (h * factor, w * factor)
     meta = {"positive": positive, "negative": negative, "host": "comfyui"}
     trace = AttentionTrace.from_recorder(record.recorded, layouts, image_hw, meta)
+    if source is not None:
+        trace = trace.repeat_images(source)
     trace.warnings += record.notes
     if not trace.sums:
         if record.attention_marks and not record.attention_seen:
             raise ValueError("DAAM recorded nothing: another node replaced DAAM's attention override "
                              "(transformer_options['optimized_attention_override']) after 'DAAM Trace Model' without "
                              "calling it. Apply that node before DAAM, or use one that calls the previous override")
+        why = "".join(f"; {w}" for w in trace.warnings)
         raise ValueError("no cross-attention was recorded in this sampling (check the resolutions, UNet parts and "
-                         "time window of 'DAAM Trace Model')")
+                         f"time window of 'DAAM Trace Model'){why}")
     return trace
 
 

@@ -72,6 +72,8 @@ class TraceSession:
     returns the same session, so a LoRA or other patch applied after DAAM keeps recording into it.
     """
 
+    latent_axes = ("height", "width")  # the latent's axes after batch and channels
+
     def __init__(self, filter: RecordFilter):
         self.recorder = AttentionRecorder(filter)
         self.records: list[SamplingRecord] = []
@@ -79,6 +81,7 @@ class TraceSession:
         self._pending: tuple[str, str, int] | None = None  # (layer, location, context length)
         self._uuid_stream: dict = {}
         self._latent_hw: tuple[int, int] = (0, 0)
+        self._latent_size: tuple[int, ...] = (0, 0)  # the latent's shape after batch and channels
         self._n_images = 0
         self._notes: list[str] = []
         self._clock: SamplingClock | None = None
@@ -121,10 +124,11 @@ class TraceSession:
             if len(entries) > 1:
                 self._notes.append(f"the {name} conditioning has {len(entries)} entries (combined, area or timestep-"
                                    f"range conditionings); maps are taken from the first one only")
-        if noise.ndim != 4:
-            raise ValueError(f"DAAM supports image latents [batch, channels, height, width]; got shape "
-                             f"{tuple(noise.shape)}")
-        b, _, h, w = noise.shape
+        if noise.ndim != 2 + len(self.latent_axes):
+            raise ValueError(f"DAAM traces this model on latents [batch, channels, {', '.join(self.latent_axes)}]; "
+                             f"got shape {tuple(noise.shape)}")
+        b, h, w = noise.shape[0], noise.shape[-2], noise.shape[-1]
+        self._latent_size = tuple(int(n) for n in noise.shape[2:])
         self._latent_hw = (int(h), int(w))
         self._n_images = int(b)
         streams, counts, conds, self._uuid_stream = [], [], [], {}
@@ -189,7 +193,7 @@ class TraceSession:
         kinds = options.get("cond_or_uncond") or []
         uuids = options.get("uuids") or []
         self._ran.update(self._uuid_stream[u][0] for u in uuids if u in self._uuid_stream)  # also outside the window
-        if not self._uuid_stream or not kinds or len(uuids) != len(kinds) or tuple(x.shape[-2:]) != self._latent_hw:
+        if not self._uuid_stream or not kinds or len(uuids) != len(kinds) or tuple(x.shape[2:]) != self._latent_size:
             self.recorder.skip_call()  # e.g. an area-cropped conditioning batch, or a call outside sampling
             return
         chunk = x.shape[0] // len(kinds)

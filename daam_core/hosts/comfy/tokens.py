@@ -165,3 +165,28 @@ def layout_from_comfy_t5(chunks, tokenizer, *, prompt: str) -> TokenLayout:
         raise ValueError("the tokenizer given for the T5 tokens is not a SentencePiece (T5) tokenizer")
     return layout
 
+
+
+class SentencePieceView:
+    """ComfyUI's ``SPieceTokenizer`` (umT5 for Wan: a SentencePiece model the text-encoder file carries) seen
+    through the Hugging Face tokenizer methods the layouts use: ids without specials, pieces of ids, the specials.
+
+    Parameters
+    ----------
+    spiece : comfy.text_encoders.spiece_tokenizer.SPieceTokenizer
+        The host's tokenizer object; its ``tokenizer`` is the ``sentencepiece.SentencePieceProcessor``.
+    """
+
+    def __init__(self, spiece):
+        self.processor = spiece.tokenizer
+        self.bos_token_id = None if self.processor.bos_id() < 0 else int(self.processor.bos_id())
+        self.eos_token_id = int(self.processor.eos_id())
+        self.pad_token_id = max(0, int(self.processor.pad_id()))
+
+    def __call__(self, texts, add_special_tokens=False):
+        one = isinstance(texts, str)
+        ids = [self.processor.encode(t, add_bos=False, add_eos=add_special_tokens) for t in ([texts] if one else texts)]
+        return {"input_ids": ids[0] if one else ids}
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.processor.id_to_piece(int(i)) for i in ids]

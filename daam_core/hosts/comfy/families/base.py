@@ -28,6 +28,8 @@ class DiTSpec:
         Tokens before the text (SD3's register tokens; 0 for the released models).
     image_first : bool
         Blocks of ``family.image_first_parts`` put the image before the text (Flux's ``flipped_img_txt``).
+    frame_patch : int
+        A video family's latent frames per token frame (Wan: 1).
     """
 
     family: "JointFamily"
@@ -36,6 +38,7 @@ class DiTSpec:
     blocks: tuple[tuple[str, int], ...]
     registers: int = 0
     image_first: bool = False
+    frame_patch: int = 1
 
     @property
     def label(self) -> str:
@@ -74,6 +77,12 @@ class JointFamily:
         Guidance distilled into the model: the usual sampling never evaluates a negative prompt.
     reference_latents : bool
         The network appends the conditioning's ``ref_latents`` (Kontext-style) to the sequence after the image.
+    attention : {"joint", "cross"}
+        ``"joint"``: one attention over text and image tokens (:meth:`spans` says where each is); ``"cross"``: a
+        separate cross-attention whose keys are the text conditioning alone and whose queries are the image (or
+        video) tokens; any other call (self-attention, an image-prompt attention) is not recorded.
+    video : bool
+        The model denoises video latents ``[B, C, frames, H, W]``; each frame gets maps of its own.
     """
 
     name = ""
@@ -83,6 +92,8 @@ class JointFamily:
     image_first_parts: tuple[str, ...] = ()
     distilled_guidance = False
     reference_latents = False
+    attention = "joint"
+    video = False
 
     def describe(self, model, net, config: dict) -> DiTSpec | None:
         """The spec of a model whose network is one of :attr:`networks`; None when it is another family that

@@ -36,7 +36,10 @@ class SD3(JointFamily):
                 else []
             return [clip + t5]
         # CLIP-L/G are cut to the shorter one: a whole number of 77-token chunks
-        clip = [("clip", "l" if "l" in tokens else "g", min(flat_length(tokens[k]) for k in ("l", "g") if k in tokens))]
+        lengths = [flat_length(tokens[k]) for k in ("l", "g") if k in tokens]
+        if not lengths:
+            return []  # not SD3's tokenizer (another family's, e.g. Wan's umT5 alone)
+        clip = [("clip", "l" if "l" in tokens else "g", min(lengths))]
         t5 = [("t5", "t5xxl", flat_length(tokens["t5xxl"]))] if has_t5 else []
         return [clip + t5, clip] + ([t5] if t5 else [])
 
