@@ -414,3 +414,27 @@ def test_non_finite_attention_is_an_error_naming_the_layers(pack, sd15):
     with pytest.raises(ValueError, match=r"layer\(s\) .*middle\.0\.0.* holds NaN or infinity") as err:
         pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, POS, NEG, "cat")
     assert type(err.value).__name__ == "NonFiniteAttentionError"
+
+
+def test_attention_replacers_after_the_trace_node_are_found_in_the_prompt(pack):
+    """The prompt graph of the shapes workflow: a ModelAttentionBackend fed (through another node) by DAAM Trace
+    Model is named; one that feeds the trace node, or a graph without one, gives nothing."""
+    import importlib
+    import json
+
+    from helpers.browser import REPO
+
+    graph = importlib.import_module(pack.__name__.split(".")[0] + ".daam_core.hosts.comfy.graph")
+    wf = json.loads((REPO / "example_workflows" / "api" / "shapes_heatmaps.json").read_text())
+    assert graph.attention_replacers_after(wf, "2") == []
+    after = json.loads(json.dumps(wf))
+    after["30"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["2", 0]}}
+    after["31"] = {"class_type": "ModelAttentionBackend", "inputs": {"model": ["30", 0]}}
+    after["6"]["inputs"]["model"] = ["31", 0]
+    (warning,) = graph.attention_replacers_after(after, "2")
+    assert warning.startswith("node 31 'ModelAttentionBackend' comes after DAAM Trace Model")
+    before = json.loads(json.dumps(wf))
+    before["31"] = {"class_type": "ModelAttentionBackend", "inputs": {"model": ["1", 0]}}
+    before["2"]["inputs"]["model"] = ["31", 0]
+    assert graph.attention_replacers_after(before, "2") == []
+    assert graph.attention_replacers_after(None, "2") == [] and graph.attention_replacers_after(after, None) == []

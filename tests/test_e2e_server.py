@@ -239,3 +239,36 @@ def test_ui_workflows_match_the_api_ones(server):
         assert {n["type"] for n in ui["nodes"]} - {"Note"} <= set(info)  # a Note describes each workflow
         expected = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in api.items()}
         assert to_api(ui, info) == expected, api_path.name
+
+
+def with_attention_backend(after_trace: bool) -> dict:
+    """The shapes workflow with ComfyUI's ModelAttentionBackend after DAAM Trace Model (between it and the sampler)
+    or before it (between the loader and the trace)."""
+    wf = load_workflow("shapes_heatmaps")
+    wf["30"] = {"class_type": "ModelAttentionBackend", "inputs": {"attention": "pytorch attention"}}
+    if after_trace:
+        wf["30"]["inputs"]["model"] = ["2", 0]
+        wf["6"]["inputs"]["model"] = ["30", 0]
+    else:
+        wf["30"]["inputs"]["model"] = ["1", 0]
+        wf["2"]["inputs"]["model"] = ["30", 0]
+    return wf
+
+
+def test_trace_model_warns_of_an_attention_backend_after_it(server):
+    """ModelAttentionBackend sets its own attention override without calling the one already on the MODEL. After
+    DAAM Trace Model it leaves DAAM blind: the trace node says so from the prompt graph before anything samples (the
+    server log and its ui text), and DAAM Heatmaps' error names the cause. Before DAAM it is kept and no warning."""
+    if "ModelAttentionBackend" not in server.object_info():
+        pytest.skip("this ComfyUI has no ModelAttentionBackend node (ComfyUI 0.33 has it: run this file there with "
+                    "tools/test_other_host.sh)")
+    entry = server.wait(server.queue(with_attention_backend(after_trace=True)), timeout=600)
+    assert entry["error"] is not None and "replaced DAAM's attention override" in entry["error"]
+    (warning,) = entry["outputs"]["2"]["text"]
+    assert "node 30 'ModelAttentionBackend'" in warning and "before DAAM Trace Model" in warning
+    log = server.log_text()
+    assert log.index("DAAM Trace Model: node 30 'ModelAttentionBackend'") < log.index("replaced DAAM's attention")
+
+    entry = server.run_ok(with_attention_backend(after_trace=False))
+    assert "text" not in entry["outputs"].get("2", {})
+    assert len(images_of(server, entry, "daam/shapes_word_masks")) == 4  # circle, square, red, blue
