@@ -198,7 +198,8 @@ class DAAMHeatmaps(io.ComfyNode):
             is_output_node=True,  # its preview shows on every run, also when its result comes from the cache
             inputs=[
                 io.Model.Input("model", tooltip="The traced MODEL from 'DAAM Trace Model' (the one the sampler used)."),
-                io.Clip.Input("clip", tooltip="The CLIP that encoded the prompts (its tokenizer maps words to tokens)."),
+                io.Clip.Input("clip",
+                              tooltip="The CLIP that encoded the prompts (its tokenizer maps words to tokens)."),
                 io.Latent.Input("samples", tooltip="The sampler's LATENT output: it picks the sampling and makes this "
                                 "node run after it."),
                 io.String.Input("positive", multiline=True, default="",
@@ -219,7 +220,8 @@ class DAAMHeatmaps(io.ComfyNode):
                                tooltip="Colour map of the heat maps."),
                 io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="Opacity of the heat map in overlays."),
-                io.Image.Input("images", optional=True, tooltip="The decoded images, for overlays and the output size."),
+                io.Image.Input("images", optional=True,
+                               tooltip="The decoded images, for overlays and the output size."),
                 io.Combo.Input("segments", options=list(SEGMENT_CHOICES), default="both", optional=True,
                                tooltip="SD3 only, where a word has positions in the CLIP and the T5 part of the "
                                "conditioning: use both (default), or only clip or t5. Other models have one part "

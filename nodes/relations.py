@@ -37,7 +37,8 @@ class DAAMWordRelations(io.ComfyNode):
                                 tooltip="An installed spaCy pipeline with a parser (package name or folder)."),
             ],
             outputs=[
-                io.Image.Output("table", display_name="table", tooltip="The relations table as a picture (one per image)."),
+                io.Image.Output("table", display_name="table",
+                                tooltip="The relations table as a picture (one per image)."),
                 io.String.Output("text", display_name="text", tooltip="The same as a Markdown table."),
                 io.String.Output("json", display_name="json",
                                  tooltip="Per image: every pair and the table by relation, as JSON."),
