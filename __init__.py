@@ -1,7 +1,20 @@
 """comfyui-daam: per-word cross-attention heat maps and masks (DAAM) for ComfyUI."""
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from comfy_api.v0_0_2 import ComfyExtension
+
+from .nodes import NODES
 
 WEB_DIRECTORY = "./web"
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+
+class DaamExtension(ComfyExtension):
+    async def get_node_list(self):
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> DaamExtension:
+    """The V3 entry point (ComfyUI >= 0.3.6x): the host registers NODES by their schemas' ids and display names."""
+    return DaamExtension()
+
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

@@ -128,11 +128,11 @@ def main():
 
     def traced_model(name):
         if name == "all":
-            return pack.DAAMTraceModel().trace(model)[0]
+            return pack.DAAMTraceModel.execute(model)[0]
         if name == "cond":
-            return pack.DAAMTraceModel().trace(model, record_negative=False)[0]
+            return pack.DAAMTraceModel.execute(model, record_negative=False)[0]
         if name == "low":
-            return pack.DAAMTraceModel().trace(model, resolutions="low (1/32, 1/64)")[0]
+            return pack.DAAMTraceModel.execute(model, resolutions="low (1/32, 1/64)")[0]
         if name.startswith("f") and name[1:].isdigit():
             return session_mod.patch_model(model, recorder_mod.RecordFilter(factors=(int(name[1:]),)))[0]
         raise SystemExit(f"unknown configuration {name!r}")
@@ -175,7 +175,7 @@ def main():
                "sampler": "euler/normal via comfy.sample.sample", "timing": timing}
 
     if not args.no_breakdown:
-        m = pack.DAAMTraceModel().trace(model)[0]
+        m = pack.DAAMTraceModel.execute(model)[0]
         session = session_mod.session_of(m)
         rec = session.recorder
         record = rec.record

@@ -1,5 +1,5 @@
-"""ComfyUI adapter of comfyui-daam: node classes over daam_core."""
+"""ComfyUI adapter of comfyui-daam: V3 node classes over daam_core."""
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .nodes import NODES
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODES"]

@@ -1,4 +1,5 @@
-"""ComfyUI nodes: a thin layer that turns host types into ``daam_core`` calls and back.
+"""ComfyUI nodes (V3 schema, ``comfy_api.v0_0_2``): a thin layer that turns host types into ``daam_core`` calls
+and back.
 
 MASK outputs are plain ``[batch, H, W]`` float masks in [0, 1]; IMAGE outputs are ``[batch, H, W, 3]``.
 Outputs that cover several words are ordered image-major: (image 0, word 0), (image 0, word 1), ...
@@ -6,12 +7,14 @@ Outputs that cover several words are ordered image-major: (image 0, word 0), (im
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
 from dataclasses import dataclass
 
 import torch
+from comfy_api.v0_0_2 import io
 
 from ..daam_core.engine import masks as mask_ops
 from ..daam_core.engine import render
@@ -20,6 +23,7 @@ from ..daam_core.engine.io import TraceFormatError
 from ..daam_core.engine.recorder import RecordFilter
 from ..daam_core.engine.trace import AttentionTrace, load_trace, save_trace
 from ..daam_core.hosts.comfy.maps import build_trace, heatmap_trace, record_filter
+from ..daam_core.hosts.comfy.graph import attention_replacers_after
 from ..daam_core.hosts.comfy.session import session_of
 from ..daam_core.text.layout import SEGMENT_CHOICES
 from ..daam_core.text.query import WordNotFoundError, split_words
@@ -27,12 +31,13 @@ from .preview import build_payload
 from .relations import DAAMWordRelations
 from .tracing import patch_model
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "build_trace", "session_of"]
+__all__ = ["NODES", "build_trace", "session_of"]
 
 CATEGORY = "DAAM"
-MAPS_TYPE = "DAAM_MAPS"
+Maps = io.Custom("DAAM_MAPS")  # DaamMaps between DAAM nodes
 BRANCH = {"positive": "cond", "negative": "uncond"}
 TRACE_FOLDER = "daam"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,46 +66,8 @@ def flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-class DAAMTraceModel:
+class DAAMTraceModel(io.ComfyNode):
     """Returns a clone of MODEL that records cross-attention during any sampler's run."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The model to trace. It is cloned; the original is never modified."}),
-                "resolutions": (list(cls.RESOLUTIONS),
-                                {"default": "all", "tooltip": "Which cross-attention layers to record, by their size "
-                                 "relative to the latent (SD1.5 at 512: latent 64x64, latent/4 = 16x16 maps)."}),
-                "unet_parts": (list(cls.PARTS),
-                               {"default": "all", "tooltip": "Which parts of the network to record: UNet down/mid/"
-                                "up blocks, or Flux's double- or single-stream blocks (SD3 has one kind: all)."}),
-                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                            "tooltip": "Start of the recorded part of the sampling (0 = first step), "
-                                            "read as ComfyUI's own timestep-range percents."}),
-                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                          "tooltip": "End of the recorded part of the sampling (1 = last step), "
-                                          "read as ComfyUI's own timestep-range percents."}),
-                "heads": ("STRING", {"default": "", "tooltip": "Attention heads to sum, e.g. '0,1,2'; empty = all."}),
-                "record_negative": ("BOOLEAN", {"default": True,
-                                                "tooltip": "Also record the negative prompt's maps."}),
-            },
-            "optional": {
-                "time_buckets": ("INT", {"default": 1, "min": 1, "max": 32, "tooltip": "1 = one sum over the "
-                                         "sampling. K > 1 also keeps one sum per K-th of the sampling's steps (K times "
-                                         "the memory), so the DAAM Heatmaps preview can scrub through time."}),
-                "blocks": ("STRING", {"default": "", "tooltip": "SD3/Flux only: block ranges to record, e.g. "
-                                      "'double:0-9, single:20-37' (Flux) or 'joint:4-12' (SD3), inclusive; a part "
-                                      "not named is kept whole. Empty = every block."}),
-            },
-        }
-
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("A traced clone: give it to any sampler and to the DAAM Heatmaps node.",)
-    FUNCTION = "trace"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Trace a model so that any sampler records where each prompt word acts (DAAM)."
 
     # Layer sizes relative to the latent (the VAE's own factor is the model's: 8 for SD, 1 for the shapes model).
     RESOLUTIONS = {"all": None, "low (latent/4, latent/8)": (4, 8), "middle (latent/2, latent/4)": (2, 4),
@@ -110,23 +77,63 @@ class DAAMTraceModel:
     PARTS = {"all": None, "down": ("down",), "mid": ("mid",), "up": ("up",), "down+up": ("down", "up"),
              "double (Flux)": ("double",), "single (Flux)": ("single",)}
 
-    def trace(self, model, resolutions="all", unet_parts="all", start_percent=0.0, end_percent=1.0, heads="",
-              record_negative=True, time_buckets=1, blocks=""):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DAAMTraceModel", display_name="DAAM Trace Model", category=CATEGORY,
+            description="Trace a model so that any sampler records where each prompt word acts (DAAM).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to trace. It is cloned; the original is never modified."),
+                io.Combo.Input("resolutions", options=list(cls.RESOLUTIONS), default="all",
+                               tooltip="Which cross-attention layers to record, by their size relative to the latent "
+                               "(SD1.5 at 512: latent 64x64, latent/4 = 16x16 maps)."),
+                io.Combo.Input("unet_parts", options=list(cls.PARTS), default="all",
+                               tooltip="Which parts of the network to record: UNet down/mid/up blocks, or Flux's "
+                               "double- or single-stream blocks (SD3 has one kind: all)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Start of the recorded part of the sampling (0 = first step), read as "
+                               "ComfyUI's own timestep-range percents."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="End of the recorded part of the sampling (1 = last step), read as ComfyUI's "
+                               "own timestep-range percents."),
+                io.String.Input("heads", default="", tooltip="Attention heads to sum, e.g. '0,1,2'; empty = all."),
+                io.Boolean.Input("record_negative", default=True, tooltip="Also record the negative prompt's maps."),
+                io.Int.Input("time_buckets", default=1, min=1, max=32, optional=True,
+                             tooltip="1 = one sum over the sampling. K > 1 also keeps one sum per K-th of the "
+                             "sampling's steps (K times the memory), so the DAAM Heatmaps preview can scrub through "
+                             "time."),
+                io.String.Input("blocks", default="", optional=True,
+                                tooltip="SD3/Flux only: block ranges to record, e.g. 'double:0-9, single:20-37' "
+                                "(Flux) or 'joint:4-12' (SD3), inclusive; a part not named is kept whole. Empty = "
+                                "every block."),
+            ],
+            outputs=[io.Model.Output("traced", display_name="model",
+                                     tooltip="A traced clone: give it to any sampler and to the DAAM Heatmaps node.")],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],  # to see what follows this node in the graph
+        )
+
+    @classmethod
+    def execute(cls, model, resolutions="all", unet_parts="all", start_percent=0.0, end_percent=1.0, heads="",
+                record_negative=True, time_buckets=1, blocks=""):
         try:
             head_list = tuple(int(h) for h in split_words(heads)) or None
         except ValueError:
             raise ValueError(f"heads must be comma-separated integers, got {heads!r}") from None
-        resolutions = self.LEGACY_RESOLUTIONS.get(resolutions, resolutions)
-        if resolutions not in self.RESOLUTIONS:
-            raise ValueError(f"unknown resolutions {resolutions!r}; use one of {list(self.RESOLUTIONS)}")
-        if unet_parts not in self.PARTS:
-            raise ValueError(f"unknown unet_parts {unet_parts!r}; use one of {list(self.PARTS)}")
-        f = record_filter(model, factors=self.RESOLUTIONS[resolutions], parts=self.PARTS[unet_parts],
-                          parts_choices=self.PARTS, parts_label=unet_parts, resolutions_label=resolutions,
+        resolutions = cls.LEGACY_RESOLUTIONS.get(resolutions, resolutions)
+        if resolutions not in cls.RESOLUTIONS:
+            raise ValueError(f"unknown resolutions {resolutions!r}; use one of {list(cls.RESOLUTIONS)}")
+        if unet_parts not in cls.PARTS:
+            raise ValueError(f"unknown unet_parts {unet_parts!r}; use one of {list(cls.PARTS)}")
+        f = record_filter(model, factors=cls.RESOLUTIONS[resolutions], parts=cls.PARTS[unet_parts],
+                          parts_choices=cls.PARTS, parts_label=unet_parts, resolutions_label=resolutions,
                           heads=head_list, start=start_percent, end=end_percent, negative=record_negative,
                           time_buckets=time_buckets, blocks=blocks)
         patched, _ = patch_model(model, f)
-        return (patched,)
+        hidden = cls.hidden  # None when called outside a prompt
+        warnings = attention_replacers_after(hidden.prompt, hidden.unique_id) if hidden is not None else []
+        for w in warnings:
+            log.warning("DAAM Trace Model: %s", w)
+        return io.NodeOutput(patched, ui={"text": warnings} if warnings else None)
 
 
 def host_nodes():
@@ -139,95 +146,101 @@ def host_nodes():
     return module
 
 
-class DAAMKSampler:
+class DAAMKSampler(io.ComfyNode):
     """KSampler with DAAM tracing in one node: the stock sampler on a traced clone of MODEL."""
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls):
         import comfy.samplers
 
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The model to sample with; it is cloned and traced, never modified."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                 "tooltip": "The random seed of the noise."}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Denoising steps."}),
-                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                                  "tooltip": "Classifier-free guidance scale."}),
-                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "The sampling algorithm."}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "The noise schedule."}),
-                "positive": ("CONDITIONING", {"tooltip": "The positive prompt's conditioning."}),
-                "negative": ("CONDITIONING", {"tooltip": "The negative prompt's conditioning."}),
-                "latent_image": ("LATENT", {"tooltip": "The latent to denoise."}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "How much of the latent is replaced by noise (1 = all)."}),
-            }
-        }
+        return io.Schema(
+            node_id="DAAMKSampler", display_name="KSampler (DAAM)", category=CATEGORY,
+            description="Sample exactly like KSampler while recording where each prompt word acts (DAAM).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample with; it is cloned and traced, never modified."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The random seed of the noise."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Denoising steps."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                               tooltip="The sampling algorithm."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="The noise schedule."),
+                io.Conditioning.Input("positive", tooltip="The positive prompt's conditioning."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt's conditioning."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="How much of the latent is replaced by noise (1 = all)."),
+            ],
+            outputs=[io.Latent.Output("LATENT", display_name="LATENT",
+                                      tooltip="The denoised latent (the same as KSampler's)."),
+                     io.Model.Output("traced_model", display_name="traced_model",
+                                     tooltip="The traced clone that recorded this run: give it to DAAM Heatmaps.")],
+        )
 
-    RETURN_TYPES = ("LATENT", "MODEL")
-    RETURN_NAMES = ("LATENT", "traced_model")
-    OUTPUT_TOOLTIPS = ("The denoised latent (the same as KSampler's).",
-                       "The traced clone that recorded this run: give it to DAAM Heatmaps.")
-    FUNCTION = "sample"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Sample exactly like KSampler while recording where each prompt word acts (DAAM)."
-
-    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0):
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                denoise=1.0):
         traced, _ = patch_model(model, RecordFilter())
         (latent,) = host_nodes().common_ksampler(traced, seed, steps, cfg, sampler_name, scheduler, positive,
                                                  negative, latent_image, denoise=denoise)
-        return (latent, traced)
+        return io.NodeOutput(latent, traced)
 
 
-class DAAMHeatmaps:
+class DAAMHeatmaps(io.ComfyNode):
     """Heat maps, overlays and masks of words after sampling."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The traced MODEL from 'DAAM Trace Model' (the one the sampler used)."}),
-                "clip": ("CLIP", {"tooltip": "The CLIP that encoded the prompts (its tokenizer maps words to tokens)."}),
-                "samples": ("LATENT", {"tooltip": "The sampler's LATENT output: it picks the sampling and makes this "
-                                       "node run after it."}),
-                "positive": ("STRING", {"multiline": True, "default": "",
-                                        "tooltip": "The positive prompt text, exactly as encoded."}),
-                "negative": ("STRING", {"multiline": True, "default": "",
-                                        "tooltip": "The negative prompt text, exactly as encoded."}),
-                "words": ("STRING", {"default": "", "tooltip": "Words or phrases of the positive prompt, comma "
-                                     "separated; 'dog#2' is the second 'dog'."}),
-                "negative_words": ("STRING", {"default": "", "tooltip": "Words of the negative prompt to map too."}),
-                "threshold": ("FLOAT", {"default": 0.4, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": "Mask threshold as a fraction of each map's maximum (paper: 0.4)."}),
-                "normalize": (list(NORMALIZE_MODES), {"default": "minmax", "tooltip": "Per-map min-max or max, or "
-                              "'shared' across the words of an image so their strengths compare."}),
-                "combine": (list(COMBINE_MODES), {"default": "mean",
-                                                  "tooltip": "How the tokens of a word or phrase are combined."}),
-                "colormap": (list(render.COLORMAPS), {"default": "jet", "tooltip": "Colour map of the heat maps."}),
-                "alpha": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
-                                    "tooltip": "Opacity of the heat map in overlays."}),
-            },
-            "optional": {
-                "images": ("IMAGE", {"tooltip": "The decoded images, for overlays and the output size."}),
-                "segments": (list(SEGMENT_CHOICES), {"default": "both", "tooltip": "SD3 only, where a word has "
-                             "positions in the CLIP and the T5 part of the conditioning: use both (default), "
-                             "or only clip or t5. Other models have one part (both = it)."}),
-            },
-        }
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DAAMHeatmaps", display_name="DAAM Heatmaps", category=CATEGORY,
+            description="Per-word heat maps (DAAM) of the last sampling of a traced model.",
+            is_output_node=True,  # its preview shows on every run, also when its result comes from the cache
+            inputs=[
+                io.Model.Input("model", tooltip="The traced MODEL from 'DAAM Trace Model' (the one the sampler used)."),
+                io.Clip.Input("clip",
+                              tooltip="The CLIP that encoded the prompts (its tokenizer maps words to tokens)."),
+                io.Latent.Input("samples", tooltip="The sampler's LATENT output: it picks the sampling and makes this "
+                                "node run after it."),
+                io.String.Input("positive", multiline=True, default="",
+                                tooltip="The positive prompt text, exactly as encoded."),
+                io.String.Input("negative", multiline=True, default="",
+                                tooltip="The negative prompt text, exactly as encoded."),
+                io.String.Input("words", default="", tooltip="Words or phrases of the positive prompt, comma "
+                                "separated; 'dog#2' is the second 'dog'."),
+                io.String.Input("negative_words", default="", tooltip="Words of the negative prompt to map too."),
+                io.Float.Input("threshold", default=0.4, min=0.0, max=1.0, step=0.01,
+                               tooltip="Mask threshold as a fraction of each map's maximum (paper: 0.4)."),
+                io.Combo.Input("normalize", options=list(NORMALIZE_MODES), default="minmax",
+                               tooltip="Per-map min-max or max, or 'shared' across the words of an image so their "
+                               "strengths compare."),
+                io.Combo.Input("combine", options=list(COMBINE_MODES), default="mean",
+                               tooltip="How the tokens of a word or phrase are combined."),
+                io.Combo.Input("colormap", options=list(render.COLORMAPS), default="jet",
+                               tooltip="Colour map of the heat maps."),
+                io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.05,
+                               tooltip="Opacity of the heat map in overlays."),
+                io.Image.Input("images", optional=True,
+                               tooltip="The decoded images, for overlays and the output size."),
+                io.Combo.Input("segments", options=list(SEGMENT_CHOICES), default="both", optional=True,
+                               tooltip="SD3 only, where a word has positions in the CLIP and the T5 part of the "
+                               "conditioning: use both (default), or only clip or t5. Other models have one part "
+                               "(both = it)."),
+            ],
+            outputs=[
+                io.Image.Output("heatmaps", display_name="heatmaps",
+                                tooltip="Colour heat maps, one per image and word (image-major)."),
+                io.Image.Output("overlays", display_name="overlays",
+                                tooltip="Heat maps over the decoded images (the heat maps alone without images)."),
+                io.Mask.Output("masks", display_name="masks",
+                               tooltip="Thresholded masks at image size, one per image and word."),
+                Maps.Output("maps", display_name="maps", tooltip="Raw maps for the other DAAM nodes."),
+            ],
+        )
 
-    RETURN_TYPES = ("IMAGE", "IMAGE", "MASK", MAPS_TYPE)
-    RETURN_NAMES = ("heatmaps", "overlays", "masks", "maps")
-    OUTPUT_TOOLTIPS = ("Colour heat maps, one per image and word (image-major).",
-                       "Heat maps over the decoded images (the heat maps alone without images).",
-                       "Thresholded masks at image size, one per image and word.",
-                       "Raw maps for the other DAAM nodes.")
-    FUNCTION = "heatmaps"
-    OUTPUT_NODE = True  # its preview shows on every run, also when its result comes from the cache
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Per-word heat maps (DAAM) of the last sampling of a traced model."
-
-    def heatmaps(self, model, clip, samples, positive, negative, words, negative_words="", threshold=0.4,
-                 normalize="minmax", combine="mean", colormap="jet", alpha=0.5, images=None, segments="both"):
+    @classmethod
+    def execute(cls, model, clip, samples, positive, negative, words, negative_words="", threshold=0.4,
+                normalize="minmax", combine="mean", colormap="jet", alpha=0.5, images=None, segments="both"):
         if clip is None:
             raise ValueError("a CLIP is needed to read the prompt's tokens")
         pos_words, neg_words = split_words(words), split_words(negative_words)
@@ -252,8 +265,7 @@ class DAAMHeatmaps:
         ui = {"daam_preview": [build_payload(trace, pos_words, neg_words, threshold=threshold, normalize=normalize,
                                              combine=combine, alpha=alpha, segments=segments,
                                              images=preview(images, "daam_preview") if images is not None else None)]}
-        return {"ui": ui, "result": (heat, over, flat(masks), DaamMaps(trace, images, normalize, combine,
-                                                                             segments))}
+        return io.NodeOutput(heat, over, flat(masks), DaamMaps(trace, images, normalize, combine, segments), ui=ui)
 
 
 def preview(images: torch.Tensor, prefix: str) -> list[dict]:
@@ -271,47 +283,48 @@ def preview(images: torch.Tensor, prefix: str) -> list[dict]:
     return out
 
 
-class DAAMMask:
+class DAAMMask(io.ComfyNode):
     """One MASK from the maps of one or more words: threshold, clean-up and set operations."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "maps": (MAPS_TYPE, {"tooltip": "Maps from 'DAAM Heatmaps' or 'DAAM Load Trace'."}),
-                "words": ("STRING", {"default": "", "tooltip": "Words or phrases, comma separated; their masks are "
-                                     "combined with the operation below."}),
-                "prompt": (["positive", "negative"], {"default": "positive", "tooltip": "Which prompt the words are in."}),
-                "operation": (list(mask_ops.SET_OPERATIONS), {"default": "union", "tooltip": "union: any word; "
-                              "intersection: all words; difference: the first word minus the others."}),
-                "threshold_mode": (list(mask_ops.THRESHOLD_MODES), {"default": "relative", "tooltip": "relative: "
-                                   "fraction of each map's max; absolute: level of the normalised map; otsu: automatic."}),
-                "threshold": ("FLOAT", {"default": 0.4, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": "Threshold value (ignored by otsu)."}),
-                "open_px": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "Remove specks up to this radius."}),
-                "close_px": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "Fill holes up to this radius."}),
-                "grow_px": ("INT", {"default": 0, "min": -256, "max": 256,
-                                    "tooltip": "Grow (positive) or shrink (negative) the mask, in pixels."}),
-                "feather_px": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip": "Soften the edge, in pixels."}),
-            }
-        }
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DAAMMask", display_name="DAAM Mask", category=CATEGORY,
+            description="Mask of words taken from the generation itself (e.g. 'dog') for inpainting and compositing.",
+            inputs=[
+                Maps.Input("maps", tooltip="Maps from 'DAAM Heatmaps' or 'DAAM Load Trace'."),
+                io.String.Input("words", default="", tooltip="Words or phrases, comma separated; their masks are "
+                                "combined with the operation below."),
+                io.Combo.Input("prompt", options=["positive", "negative"], default="positive",
+                               tooltip="Which prompt the words are in."),
+                io.Combo.Input("operation", options=list(mask_ops.SET_OPERATIONS), default="union",
+                               tooltip="union: any word; intersection: all words; difference: the first word minus "
+                               "the others."),
+                io.Combo.Input("threshold_mode", options=list(mask_ops.THRESHOLD_MODES), default="relative",
+                               tooltip="relative: fraction of each map's max; absolute: level of the normalised map; "
+                               "otsu: automatic."),
+                io.Float.Input("threshold", default=0.4, min=0.0, max=1.0, step=0.01,
+                               tooltip="Threshold value (ignored by otsu)."),
+                io.Int.Input("open_px", default=0, min=0, max=64, tooltip="Remove specks up to this radius."),
+                io.Int.Input("close_px", default=0, min=0, max=64, tooltip="Fill holes up to this radius."),
+                io.Int.Input("grow_px", default=0, min=-256, max=256,
+                             tooltip="Grow (positive) or shrink (negative) the mask, in pixels."),
+                io.Int.Input("feather_px", default=0, min=0, max=256, tooltip="Soften the edge, in pixels."),
+            ],
+            outputs=[io.Mask.Output("mask", display_name="mask",
+                                    tooltip="One [batch, H, W] mask per image, for inpainting and compositing nodes.")],
+        )
 
-    RETURN_TYPES = ("MASK",)
-    RETURN_NAMES = ("mask",)
-    OUTPUT_TOOLTIPS = ("One [batch, H, W] mask per image, for inpainting and compositing nodes.",)
-    FUNCTION = "mask"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Mask of words taken from the generation itself (e.g. 'dog') for inpainting and compositing."
-
-    def mask(self, maps, words, prompt="positive", operation="union", threshold_mode="relative", threshold=0.4,
-             open_px=0, close_px=0, grow_px=0, feather_px=0):
+    @classmethod
+    def execute(cls, maps, words, prompt="positive", operation="union", threshold_mode="relative", threshold=0.4,
+                open_px=0, close_px=0, grow_px=0, feather_px=0):
         word_list = split_words(words)
         m = maps_for(maps.trace, word_list, BRANCH[prompt], normalize=maps.normalize, combine=maps.combine,
                      segments=maps.segments)
         binary = mask_ops.threshold(m, threshold, threshold_mode)
         combined = mask_ops.combine([binary[:, j] for j in range(binary.shape[1])], operation)
-        return (mask_ops.refine(combined, open_px=open_px, close_px=close_px, grow_px=grow_px,
-                                feather_px=feather_px).clamp_(0, 1),)
+        return io.NodeOutput(mask_ops.refine(combined, open_px=open_px, close_px=close_px, grow_px=grow_px,
+                                             feather_px=feather_px).clamp_(0, 1))
 
 
 def _output_dir() -> str:
@@ -326,23 +339,23 @@ def safe_prefix(prefix: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".") or "daam"
 
 
-class DAAMSaveTrace:
+class DAAMSaveTrace(io.ComfyNode):
     """Save the raw maps (safetensors + JSON) into ComfyUI's output folder."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "maps": (MAPS_TYPE, {"tooltip": "Maps to save."}),
-            "filename_prefix": ("STRING", {"default": "daam", "tooltip": "File name prefix, written to output/daam/."}),
-        }}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DAAMSaveTrace", display_name="DAAM Save Trace", category=CATEGORY,
+            description="Save a DAAM trace to output/daam/ as safetensors with a JSON sidecar.",
+            is_output_node=True,
+            inputs=[Maps.Input("maps", tooltip="Maps to save."),
+                    io.String.Input("filename_prefix", default="daam",
+                                    tooltip="File name prefix, written to output/daam/.")],
+            outputs=[],
+        )
 
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-    FUNCTION = "save"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Save a DAAM trace to output/daam/ as safetensors with a JSON sidecar."
-
-    def save(self, maps, filename_prefix="daam"):
+    @classmethod
+    def execute(cls, maps, filename_prefix="daam"):
         folder = os.path.join(_output_dir(), TRACE_FOLDER)
         os.makedirs(folder, exist_ok=True)
         prefix = safe_prefix(filename_prefix)
@@ -350,30 +363,30 @@ class DAAMSaveTrace:
         while os.path.exists(os.path.join(folder, f"{prefix}_{n:05}.safetensors")):
             n += 1
         path = save_trace(maps.trace, os.path.join(folder, f"{prefix}_{n:05}.safetensors"))
-        return {"ui": {"text": [os.path.join(TRACE_FOLDER, path.name)]}}
+        return io.NodeOutput(ui={"text": [os.path.join(TRACE_FOLDER, path.name)]})
 
 
-class DAAMLoadTrace:
+class DAAMLoadTrace(io.ComfyNode):
     """Load a trace saved by 'DAAM Save Trace' (safetensors only)."""
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls):
         folder = os.path.join(_output_dir(), TRACE_FOLDER)
         files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
-        return {"required": {"trace": (files or [""], {"tooltip": "A trace in output/daam/."})},
-                "optional": {"images": ("IMAGE", {"tooltip": "The images the trace belongs to, for overlays."})}}
-
-    RETURN_TYPES = (MAPS_TYPE,)
-    RETURN_NAMES = ("maps",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Load a DAAM trace from output/daam/."
+        return io.Schema(
+            node_id="DAAMLoadTrace", display_name="DAAM Load Trace", category=CATEGORY,
+            description="Load a DAAM trace from output/daam/.",
+            inputs=[io.Combo.Input("trace", options=files or [""], tooltip="A trace in output/daam/."),
+                    io.Image.Input("images", optional=True, tooltip="The images the trace belongs to, for overlays.")],
+            outputs=[Maps.Output("maps", display_name="maps")],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, trace):
+    def validate_inputs(cls, trace):
         return True if trace and os.path.basename(trace) == trace else f"invalid trace file name {trace!r}"
 
-    def load(self, trace, images=None):
+    @classmethod
+    def execute(cls, trace, images=None):
         folder = os.path.realpath(os.path.join(_output_dir(), TRACE_FOLDER))
         path = os.path.realpath(os.path.join(folder, trace))
         if os.path.dirname(path) != folder:
@@ -384,28 +397,29 @@ class DAAMLoadTrace:
             raise ValueError(f"DAAM: {e}") from None
         if images is not None:
             loaded.image_hw = (int(images.shape[1]), int(images.shape[2]))
-        return (DaamMaps(loaded, images),)
+        return io.NodeOutput(DaamMaps(loaded, images))
 
 
-class DAAMShapesLoader:
+class DAAMShapesLoader(io.ComfyNode):
     """The embedded shapes model as MODEL, CLIP and VAE: a checkpoint-free model with meaningful maps."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}, "optional": {
-            "folder": ("STRING", {"default": "", "tooltip": "A shapes pipeline folder (diffusers layout); empty = the "
-                                  "model shipped with the pack. It draws 32x32 scenes of coloured circles, squares "
-                                  "and triangles, e.g. 'a red circle on the left and a blue square on the right'."})}}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DAAMShapesLoader", display_name="DAAM Shapes Model Loader", category=CATEGORY,
+            description="Load the small 'shapes' model trained by this project (no checkpoint needed).",
+            inputs=[io.String.Input("folder", default="", optional=True,
+                                    tooltip="A shapes pipeline folder (diffusers layout); empty = the model shipped "
+                                    "with the pack. It draws 32x32 scenes of coloured circles, squares and triangles, "
+                                    "e.g. 'a red circle on the left and a blue square on the right'.")],
+            outputs=[io.Model.Output("MODEL", display_name="MODEL", tooltip="The shapes UNet (pixel space: use 32x32 "
+                                     "latents, e.g. Empty Latent Image at 256x256)."),
+                     io.Clip.Output("CLIP", display_name="CLIP", tooltip="Its text encoder."),
+                     io.Vae.Output("VAE", display_name="VAE", tooltip="Its VAE (the identity at scale 1).")],
+        )
 
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    OUTPUT_TOOLTIPS = ("The shapes UNet (pixel space: use 32x32 latents, e.g. Empty Latent Image at 256x256).",
-                       "Its text encoder.",
-                       "Its VAE (the identity at scale 1).")
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Load the small 'shapes' model trained by this project (no checkpoint needed)."
-
-    def load(self, folder=""):
+    @classmethod
+    def execute(cls, folder=""):
         from pathlib import Path
 
         from ..daam_core.shapes import model as shapes_model
@@ -414,27 +428,9 @@ class DAAMShapesLoader:
         path = Path(folder) if folder.strip() else shapes_model.ASSET_DIR
         if not shapes_model.available(path):
             raise ValueError(f"DAAM: no shapes model in {path} (a diffusers folder with model_index.json and unet/)")
-        return (shapes_loader.load_model(path), shapes_loader.load_clip(path), shapes_loader.load_vae(path))
+        return io.NodeOutput(shapes_loader.load_model(path), shapes_loader.load_clip(path),
+                             shapes_loader.load_vae(path))
 
 
-NODE_CLASS_MAPPINGS = {
-    "DAAMTraceModel": DAAMTraceModel,
-    "DAAMKSampler": DAAMKSampler,
-    "DAAMHeatmaps": DAAMHeatmaps,
-    "DAAMMask": DAAMMask,
-    "DAAMSaveTrace": DAAMSaveTrace,
-    "DAAMLoadTrace": DAAMLoadTrace,
-    "DAAMShapesLoader": DAAMShapesLoader,
-    "DAAMWordRelations": DAAMWordRelations,
-}
-
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "DAAMTraceModel": "DAAM Trace Model",
-    "DAAMKSampler": "KSampler (DAAM)",
-    "DAAMHeatmaps": "DAAM Heatmaps",
-    "DAAMMask": "DAAM Mask",
-    "DAAMSaveTrace": "DAAM Save Trace",
-    "DAAMLoadTrace": "DAAM Load Trace",
-    "DAAMShapesLoader": "DAAM Shapes Model Loader",
-    "DAAMWordRelations": "DAAM Word Relations",
-}
+NODES = [DAAMTraceModel, DAAMKSampler, DAAMHeatmaps, DAAMMask, DAAMSaveTrace, DAAMLoadTrace, DAAMShapesLoader,
+         DAAMWordRelations]

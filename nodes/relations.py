@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+from comfy_api.v0_0_2 import io
 
 from ..daam_core.analysis.plots import table_image
 from ..daam_core.analysis.relations import relation_pairs, relation_table
@@ -13,38 +14,39 @@ from ..daam_core.analysis.syntax import DEFAULT_MODEL, SyntaxUnavailableError, l
 BRANCH = {"positive": "cond", "negative": "uncond"}
 
 
-class DAAMWordRelations:
+class DAAMWordRelations(io.ComfyNode):
     """Head/dependent pairs of the prompt (spaCy) with IoU, IoD and IoH of their thresholded maps."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "maps": ("DAAM_MAPS", {"tooltip": "Maps from 'DAAM Heatmaps' or 'DAAM Load Trace'; the prompt is "
-                                       "read from them, as the text encoder saw it."}),
-                "prompt": (["positive", "negative"], {"default": "positive", "tooltip": "Which prompt to parse."}),
-                "threshold": ("FLOAT", {"default": 0.4, "min": 0.01, "max": 1.0, "step": 0.01,
-                                        "tooltip": "Masks at this fraction of each map's maximum (the paper: 0.4)."}),
-                "include_unrelated": ("BOOLEAN", {"default": False, "tooltip": "Also list word pairs with no "
-                                                  "relation (the paper's baseline)."}),
-            },
-            "optional": {
-                "spacy_model": ("STRING", {"default": DEFAULT_MODEL, "tooltip": "An installed spaCy pipeline with a "
-                                           "parser (package name or folder)."}),
-            },
-        }
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DAAMWordRelations", display_name="DAAM Word Relations", category="DAAM",
+            description="Which words of the prompt are syntactically related (spaCy) and how much of their heat maps "
+                        "they share: IoU, IoD (how much of the dependent lies in the head) and IoH. Needs the syntax "
+                        "extra.",
+            inputs=[
+                io.Custom("DAAM_MAPS").Input("maps", tooltip="Maps from 'DAAM Heatmaps' or 'DAAM Load Trace'; the "
+                                             "prompt is read from them, as the text encoder saw it."),
+                io.Combo.Input("prompt", options=["positive", "negative"], default="positive",
+                               tooltip="Which prompt to parse."),
+                io.Float.Input("threshold", default=0.4, min=0.01, max=1.0, step=0.01,
+                               tooltip="Masks at this fraction of each map's maximum (the paper: 0.4)."),
+                io.Boolean.Input("include_unrelated", default=False,
+                                 tooltip="Also list word pairs with no relation (the paper's baseline)."),
+                io.String.Input("spacy_model", default=DEFAULT_MODEL, optional=True,
+                                tooltip="An installed spaCy pipeline with a parser (package name or folder)."),
+            ],
+            outputs=[
+                io.Image.Output("table", display_name="table",
+                                tooltip="The relations table as a picture (one per image)."),
+                io.String.Output("text", display_name="text", tooltip="The same as a Markdown table."),
+                io.String.Output("json", display_name="json",
+                                 tooltip="Per image: every pair and the table by relation, as JSON."),
+            ],
+        )
 
-    RETURN_TYPES = ("IMAGE", "STRING", "STRING")
-    RETURN_NAMES = ("table", "text", "json")
-    OUTPUT_TOOLTIPS = ("The relations table as a picture (one per image).",
-                       "The same as a Markdown table.",
-                       "Per image: every pair and the table by relation, as JSON.")
-    FUNCTION = "relations"
-    CATEGORY = "DAAM"
-    DESCRIPTION = ("Which words of the prompt are syntactically related (spaCy) and how much of their heat maps they "
-                   "share: IoU, IoD (how much of the dependent lies in the head) and IoH. Needs the syntax extra.")
-
-    def relations(self, maps, prompt="positive", threshold=0.4, include_unrelated=False, spacy_model=DEFAULT_MODEL):
+    @classmethod
+    def execute(cls, maps, prompt="positive", threshold=0.4, include_unrelated=False, spacy_model=DEFAULT_MODEL):
         try:
             nlp = load_parser(spacy_model.strip() or DEFAULT_MODEL)
         except SyntaxUnavailableError as e:
@@ -72,4 +74,4 @@ class DAAMWordRelations:
         for i, p in enumerate(pictures):
             batch[i, : p.shape[0], : p.shape[1]] = p
         text, data = "\n\n".join(texts), json.dumps(out, indent=1)
-        return {"ui": {"text": [text], "daam_relations": out}, "result": (batch, text, data)}
+        return io.NodeOutput(batch, text, data, ui={"text": [text], "daam_relations": out})

@@ -133,7 +133,7 @@ def test_multi_gpu_cfg_split_is_refused_with_a_clear_error(pack, comfy_host, sd1
     split = model.clone()
     split.model_options["multigpu_clones"] = {torch.device("cpu"): split}
     assert torch.equal(sample(split, clip), plain)  # the split path itself runs here and gives the same image
-    traced = pack.DAAMTraceModel().trace(model)[0]
+    traced = pack.DAAMTraceModel.execute(model)[0]
     traced.model_options["multigpu_clones"] = {torch.device("cpu"): traced}
     with pytest.raises(ValueError, match="splits across GPUs"):
         sample(traced, clip)
@@ -150,7 +150,7 @@ def test_attention_backend_chosen_before_daam_is_kept(pack, comfy_host, sd15):
     model, clip = sd15
     chosen = ModelAttentionBackend().patch(model, "pytorch attention")[0]
     plain = sample(chosen, clip)
-    traced = pack.DAAMTraceModel().trace(chosen)[0]
+    traced = pack.DAAMTraceModel.execute(chosen)[0]
     assert torch.equal(sample(traced, clip), plain)
     sm = session_mod(pack, "session")
     record = traced.model_options["transformer_options"][sm.OPTIONS_KEY].find(None)

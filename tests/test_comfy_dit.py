@@ -101,7 +101,7 @@ def test_traced_image_is_identical_also_under_another_override(pack, models, tok
     pos, neg = cond(family, tokenizers, POS, 1, batch=2), cond(family, tokenizers, NEG, 2, batch=2)
     before = options_snapshot(model)
     plain = ksample(model, pos, neg, batch=2)
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     traced = ksample(traced_model, pos, neg, batch=2)
     assert_same_image(plain, traced, f"{family} traced sampling")
     assert traced_model is not model
@@ -118,7 +118,7 @@ def test_traced_image_is_identical_also_under_another_override(pack, models, tok
     other_model = with_override(model, other)
     expected = ksample(other_model, pos, neg, batch=2)
     n = len(seen)
-    got = ksample(pack.DAAMTraceModel().trace(other_model)[0], pos, neg, batch=2)
+    got = ksample(pack.DAAMTraceModel.execute(other_model)[0], pos, neg, batch=2)
     assert_same_image(expected, got, f"{family} traced sampling under another override")
     assert len(seen) == 2 * n and not torch.equal(expected, plain)
 
@@ -191,7 +191,7 @@ def test_recorded_probabilities_equal_fp64_reference(pack, models, tokenizers, f
     pos = cond(base, tokenizers, long_pos, 1, batch=1, **extra)
     neg = cond(base, tokenizers, NEG, 2, batch=1, **extra)
     store = []
-    traced_model = pack.DAAMTraceModel().trace(with_override(model, collector(store)))[0]
+    traced_model = pack.DAAMTraceModel.execute(with_override(model, collector(store)))[0]
     samples = ksample(traced_model, pos, neg, batch=2)
     session = pack.session_of(traced_model)
     rec = session.find(samples).recorded
@@ -256,14 +256,14 @@ def test_planted_attention_is_recovered(pack, models, tokenizers, family):
     grid = (8, 12)  # a 16 x 24 latent in 2 x 2 patches
     region = torch.zeros(grid, dtype=torch.bool)
     region[2:6, 3:9] = True
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     to = traced_model.model_options["transformer_options"]
     to["optimized_attention_override"] = planter(to["optimized_attention_override"],
                                                  {"length": count + region.numel(), "image": count, "key": dog},
                                                  region.flatten())
     samples = ksample(traced_model, cond(family, tokenizers, POS, 1), cond(family, tokenizers, NEG, 2), h=16, w=24)
-    out = pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, NEG, "dog, cat")
-    masks = out["result"][2]  # [words, 128, 192]
+    out = pack.DAAMHeatmaps.execute(traced_model, tok, {"samples": samples}, POS, NEG, "dog, cat")
+    masks = out.result[2]  # [words, 128, 192]
     truth = region.repeat_interleave(16, 0).repeat_interleave(16, 1)
     assert masks.shape == (2, 128, 192)
     assert metrics.iou(masks[0] > 0.5, truth) >= 0.9, f"{family}: the mask of 'dog' misses its planted region"
@@ -274,13 +274,13 @@ def test_planted_attention_is_recovered(pack, models, tokenizers, family):
 
 def test_sd3_negative_prompt_has_its_own_maps(pack, models, tokenizers):
     model, tok = models["sd35"], tokenizers["sd3"]
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     samples = ksample(traced_model, cond("sd35", tokenizers, POS, 1, batch=2), cond("sd35", tokenizers, NEG, 2, batch=2),
                       batch=2)
-    out = pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, NEG, "dog", negative_words="blurry")
-    heat, _, masks, maps = out["result"]
+    out = pack.DAAMHeatmaps.execute(traced_model, tok, {"samples": samples}, POS, NEG, "dog", negative_words="blurry")
+    heat, _, masks, maps = out.result
     assert heat.shape == (4, 48, 64, 3) and masks.shape == (4, 48, 64)
-    (payload,) = out["ui"]["daam_preview"]  # the browser preview: both prompts' words, the asked ones selected
+    (payload,) = out.ui["daam_preview"]  # the browser preview: both prompts' words, the asked ones selected
     chosen = {(e["prompt"], e["key"]) for e in payload["entries"] if e["selected"]}
     assert chosen == {("positive", "dog"), ("negative", "blurry")} and len(payload["images"]) == 2
     neg_maps = maps.trace.word_maps("blurry", branch="uncond")
@@ -290,14 +290,14 @@ def test_sd3_negative_prompt_has_its_own_maps(pack, models, tokenizers):
 
 def test_flux_negative_words_are_refused_clearly(pack, models, tokenizers):
     model, tok = models["flux-dev"], tokenizers["flux"]
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     pos = cond("flux-dev", tokenizers, POS, 1)
     zero = [[torch.zeros_like(pos[0][0]), dict(pos[0][1])]]  # ConditioningZeroOut, the usual Flux negative
     samples = ksample(traced_model, pos, zero, cfg=1.0)  # distilled guidance: the host skips the negative
-    heat = pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, "", "dog")["result"][0]
+    heat = pack.DAAMHeatmaps.execute(traced_model, tok, {"samples": samples}, POS, "", "dog").result[0]
     assert heat.shape == (1, 48, 64, 3)
     with pytest.raises(ValueError, match="Flux.1's guidance is distilled.*no negative branch"):
-        pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, "", "dog", negative_words="blurry")
+        pack.DAAMHeatmaps.execute(traced_model, tok, {"samples": samples}, POS, "", "dog", negative_words="blurry")
 
 
 def test_word_positions_follow_the_host_tokenizers(tokenizers, comfy_host):
@@ -336,62 +336,62 @@ def test_word_positions_follow_the_host_tokenizers(tokenizers, comfy_host):
 
 def test_flux_block_filter_and_invalid_options(pack, models, tokenizers):
     model = models["flux-schnell"]
-    traced_model = pack.DAAMTraceModel().trace(model, unet_parts="single (Flux)")[0]
+    traced_model = pack.DAAMTraceModel.execute(model, unet_parts="single (Flux)")[0]
     samples = ksample(traced_model, cond("flux-schnell", tokenizers, POS, 1), cond("flux-schnell", tokenizers, NEG, 2),
                       cfg=1.0)
     rec = pack.session_of(traced_model).find(samples).recorded
     assert set(rec.sums) == {"single.0", "single.1"}
     assert [s.branch for s in rec.streams] == ["cond"]  # cfg 1: the negative was never evaluated
     with pytest.raises(ValueError, match="'down' does not exist in Flux.1"):
-        pack.DAAMTraceModel().trace(model, unet_parts="down")
+        pack.DAAMTraceModel.execute(model, unet_parts="down")
     with pytest.raises(ValueError, match="one resolution"):
-        pack.DAAMTraceModel().trace(models["sd3"], resolutions="low (latent/4, latent/8)")
+        pack.DAAMTraceModel.execute(models["sd3"], resolutions="low (latent/4, latent/8)")
     with pytest.raises(ValueError, match="heads \\[5\\] do not exist.*2 heads"):
-        pack.DAAMTraceModel().trace(models["sd3"], heads="0,5")
+        pack.DAAMTraceModel.execute(models["sd3"], heads="0,5")
 
 
 def test_block_ranges_of_the_trace_node(pack, models, tokenizers):
     model = models["flux-schnell"]  # 1 double + 2 single blocks
-    traced_model = pack.DAAMTraceModel().trace(model, blocks="single:1")[0]
+    traced_model = pack.DAAMTraceModel.execute(model, blocks="single:1")[0]
     samples = ksample(traced_model, cond("flux-schnell", tokenizers, POS, 1), cond("flux-schnell", tokenizers, NEG, 2),
                       cfg=1.0)
     assert set(pack.session_of(traced_model).find(samples).recorded.sums) == {"double.0", "single.1"}
-    traced_model = pack.DAAMTraceModel().trace(models["sd3"], blocks="joint:1-1")[0]  # SD3 depth 2: joint.0, .1
+    traced_model = pack.DAAMTraceModel.execute(models["sd3"], blocks="joint:1-1")[0]  # SD3 depth 2: joint.0, .1
     samples = ksample(traced_model, cond("sd3", tokenizers, POS, 1), cond("sd3", tokenizers, NEG, 2))
     assert set(pack.session_of(traced_model).find(samples).recorded.sums) == {"joint.1"}
     with pytest.raises(ValueError, match="single:2-4 is past the last single block.*single:0-1"):
-        pack.DAAMTraceModel().trace(model, blocks="single:2-4")
+        pack.DAAMTraceModel.execute(model, blocks="single:2-4")
     with pytest.raises(ValueError, match="Flux.1 has no 'joint' blocks"):
-        pack.DAAMTraceModel().trace(model, blocks="joint:0")
+        pack.DAAMTraceModel.execute(model, blocks="joint:0")
     with pytest.raises(ValueError, match="write part:start-end"):
-        pack.DAAMTraceModel().trace(model, blocks="single")
+        pack.DAAMTraceModel.execute(model, blocks="single")
 
 
 def test_sd3_segments_choose_clip_or_t5_positions_in_every_output(pack, models, tokenizers):
     from daam_core.engine import masks as mask_ops
 
     model, tok = models["sd3"], tokenizers["sd3"]
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     samples = ksample(traced_model, cond("sd3", tokenizers, POS, 1), cond("sd3", tokenizers, NEG, 2))
-    runs = {seg: pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, NEG, "dog, red sofa",
+    runs = {seg: pack.DAAMHeatmaps.execute(traced_model, tok, {"samples": samples}, POS, NEG, "dog, red sofa",
                                               segments=seg) for seg in ("both", "clip", "t5")}
-    trace = runs["both"]["result"][3].trace
+    trace = runs["both"].result[3].trace
     for seg, out in runs.items():
-        _, _, masks, maps = out["result"]
+        _, _, masks, maps = out.result
         expected = trace.word_maps(["dog", "red sofa"], segments=seg)  # [1, 2, H, W]
         torch.testing.assert_close(maps.trace.word_maps(["dog", "red sofa"], segments=maps.segments), expected)
         assert torch.equal(masks, mask_ops.threshold(expected, 0.4, "relative")[0])
-        assert torch.equal(pack.DAAMMask().mask(maps, "dog")[0], mask_ops.threshold(expected, 0.4, "relative")[:, 0])
-        assert out["ui"]["daam_preview"][0]["segments"] == seg
+        assert torch.equal(pack.DAAMMask.execute(maps, "dog")[0], mask_ops.threshold(expected, 0.4, "relative")[:, 0])
+        assert out.ui["daam_preview"][0]["segments"] == seg
     assert not torch.equal(trace.word_maps("dog", segments="clip"), trace.word_maps("dog", segments="t5"))
     with pytest.raises(ValueError, match="segments must be one of"):
-        pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, NEG, "dog", segments="g")
+        pack.DAAMHeatmaps.execute(traced_model, tok, {"samples": samples}, POS, NEG, "dog", segments="g")
     flux = models["flux-schnell"]
-    traced_flux = pack.DAAMTraceModel().trace(flux)[0]
+    traced_flux = pack.DAAMTraceModel.execute(flux)[0]
     samples = ksample(traced_flux, cond("flux-schnell", tokenizers, POS, 1), cond("flux-schnell", tokenizers, NEG, 2),
                       cfg=1.0)
     with pytest.raises(ValueError, match="no 'clip' positions; its segments are \\['t5'\\]"):
-        pack.DAAMHeatmaps().heatmaps(traced_flux, tokenizers["flux"], {"samples": samples}, POS, "", "dog",
+        pack.DAAMHeatmaps.execute(traced_flux, tokenizers["flux"], {"samples": samples}, POS, "", "dog",
                                      segments="clip")
 
 
@@ -417,10 +417,10 @@ def test_untraceable_family_is_a_node_error_naming_it(pack, comfy_host):
     assert type(model.model.model_config) is sm.Flux2
     with pytest.raises(ValueError, match="cannot trace this model family: 'flux2'.*Flux2.*DAAM traces .*Flux.1 "
                                          "\\(dev, schnell, Kontext\\), Chroma and Wan 2.1 / 2.2"):
-        pack.DAAMTraceModel().trace(model)
+        pack.DAAMTraceModel.execute(model)
     latent = {"samples": torch.zeros(1, 128, 4, 4)}
     with pytest.raises(ValueError, match="cannot trace this model family"):
-        pack.DAAMKSampler().sample(model, 1, 1, 1.0, "euler", "normal", [], [], latent)
+        pack.DAAMKSampler.execute(model, 1, 1, 1.0, "euler", "normal", [], [], latent)
 
 
 def test_flux_with_a_real_t5_encoder_and_long_prompt(pack, comfy_host):
@@ -439,18 +439,18 @@ def test_flux_with_a_real_t5_encoder_and_long_prompt(pack, comfy_host):
     neg = comfy_encode(clip, "")
     assert pos[0][0].shape[1] == len(t5) > 256  # past T5's 256-token minimum
     plain = ksample(model, pos, neg, batch=2, cfg=1.0)
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     samples = ksample(traced_model, pos, neg, batch=2, cfg=1.0)
     assert_same_image(plain, samples, "traced sampling of a long prompt")
-    out = pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, text, "", "dragon, cat")
-    _, _, masks, maps = out["result"]
+    out = pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, text, "", "dragon, cat")
+    _, _, masks, maps = out.result
     layout = maps.trace.layout(0)
     (dragon,) = layout.positions("dragon")
     assert dragon > 256 and t5[dragon][0] == clip.tokenizer.t5xxl.tokenizer.convert_tokens_to_ids("▁dragon")
     assert t5[layout.positions("cat")[0]][1] == pytest.approx(1.3)
     assert masks.shape == (4, 48, 64) and all(0 < m.float().mean() < 1 for m in masks)
     with pytest.raises(ValueError, match="not the text the sampler's positive conditioning was encoded from"):
-        pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, text.replace("cat", "cow"), "", "dog")
+        pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, text.replace("cat", "cow"), "", "dog")
 
 
 def comfy_encode(clip, text):
@@ -479,13 +479,13 @@ def test_pytorch_attention_host_gets_the_same_image_and_sums(pack, models, token
     model = models[family]
     pos, neg = cond(family, tokenizers, POS, 1, batch=2), cond(family, tokenizers, NEG, 2, batch=2)
     plain = ksample(with_override(model, on_pytorch_attention()), pos, neg, batch=2)
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     to = traced_model.model_options["transformer_options"]
     to["optimized_attention_override"] = on_pytorch_attention(to["optimized_attention_override"])
     fast = ksample(traced_model, pos, neg, batch=2)
     assert_same_image(plain, fast, "traced sampling on the fused kernel")
     assert any(joint._verdicts.values())  # the fused kernel was proven equal to the host's call and used
-    slow_model = pack.DAAMTraceModel().trace(model)[0]  # the default CPU attention: normaliser computed chunked
+    slow_model = pack.DAAMTraceModel.execute(model)[0]  # the default CPU attention: normaliser computed chunked
     slow = ksample(slow_model, pos, neg, batch=2)
     a = pack.session_of(traced_model).find(fast).recorded
     b = pack.session_of(slow_model).find(slow).recorded
@@ -495,8 +495,8 @@ def test_pytorch_attention_host_gets_the_same_image_and_sums(pack, models, token
 
 
 def test_override_replaced_after_daam_is_named(pack, models, tokenizers):
-    traced_model = pack.DAAMTraceModel().trace(models["sd3"])[0]
+    traced_model = pack.DAAMTraceModel.execute(models["sd3"])[0]
     rogue = with_override(traced_model, lambda func, *args, **kwargs: func(*args, **kwargs))  # drops DAAM's
     samples = ksample(rogue, cond("sd3", tokenizers, POS, 1), cond("sd3", tokenizers, NEG, 2))
     with pytest.raises(ValueError, match="another node replaced DAAM's attention override"):
-        pack.DAAMHeatmaps().heatmaps(rogue, tokenizers["sd3"], {"samples": samples}, POS, NEG, "dog")
+        pack.DAAMHeatmaps.execute(rogue, tokenizers["sd3"], {"samples": samples}, POS, NEG, "dog")

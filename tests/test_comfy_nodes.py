@@ -51,7 +51,7 @@ def test_traced_sampling_is_identical_and_model_untouched(pack, sd15):
     pos, neg = encode(clip, POS), encode(clip, NEG)
     before = options_snapshot(model)
     plain = ksample(model, pos, neg)
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     traced = ksample(traced_model, pos, neg)
     assert traced_model is not model
     assert_same_image(plain, traced)
@@ -70,11 +70,11 @@ def test_ksampler_daam_node_equals_stock_ksampler(pack, sd15):
     args = (3, 2, 5.0, "euler", "normal", pos, neg, latent)
     (stock,) = host_nodes.KSampler().sample(model, *args)
     before = options_snapshot(model)
-    daam_latent, traced = pack.DAAMKSampler().sample(model, *args)
+    daam_latent, traced = pack.DAAMKSampler.execute(model, *args)
     assert_same_image(stock["samples"], daam_latent["samples"], "KSampler (DAAM) latent")
     assert traced is not model
     assert options_snapshot(model) == before
-    heat, _, masks, _ = pack.DAAMHeatmaps().heatmaps(traced, clip, daam_latent, POS, NEG, "dog")["result"]
+    heat, _, masks, _ = pack.DAAMHeatmaps.execute(traced, clip, daam_latent, POS, NEG, "dog").result
     assert heat.shape == (1, 48, 64, 3) and 0 < masks.mean() < 1
 
 
@@ -100,7 +100,7 @@ def reference_hooks(model, store):
 def test_recorded_probabilities_match_reference_with_batch_and_negative(pack, sd15):
     model, clip, _ = sd15
     pos, neg = encode(clip, POS), encode(clip, NEG)
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     store = {}
     handles = reference_hooks(model, store)
     try:
@@ -133,32 +133,32 @@ def test_heatmaps_node_outputs_and_errors(pack, sd15):
     import nodes as host_nodes
 
     model, clip, vae = sd15
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     samples = ksample(traced_model, encode(clip, POS), encode(clip, NEG), batch=2, width=64, height=48)
     images = host_nodes.VAEDecode().decode(vae, {"samples": samples})[0]
-    out = pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, POS, NEG, "cat, red sofa, dog",
+    out = pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, POS, NEG, "cat, red sofa, dog",
                                        negative_words="blurry", images=images)
-    heat, over, masks, maps = out["result"]
+    heat, over, masks, maps = out.result
     assert heat.shape == over.shape == (2 * 4, 48, 64, 3) and masks.shape == (8, 48, 64)
-    (payload,) = out["ui"]["daam_preview"]  # the browser preview (tests/test_preview_payload.py)
+    (payload,) = out.ui["daam_preview"]  # the browser preview (tests/test_preview_payload.py)
     assert len(payload["images"]) == 2 and {"cat", "red sofa", "dog"} <= {e["key"] for e in payload["entries"]}
     assert 0 < masks[0].mean() < 1, "mask of 'cat' is empty or full"
     assert 0 < masks[2].mean() < 1, "mask of 'dog' is empty or full"
     assert not torch.equal(masks[0], masks[2]), "masks of 'cat' and 'dog' are the same"
     assert over.min() >= 0 and over.max() <= 1
-    mask = pack.DAAMMask().mask(maps, "cat, dog", operation="union", grow_px=2, feather_px=2)[0]
+    mask = pack.DAAMMask.execute(maps, "cat, dog", operation="union", grow_px=2, feather_px=2)[0]
     assert mask.shape == (2, 48, 64) and 0 < mask.mean() < 1, "union mask of 'cat, dog' is empty or full"
-    inter = pack.DAAMMask().mask(maps, "cat, dog", operation="intersection")[0]
+    inter = pack.DAAMMask.execute(maps, "cat, dog", operation="intersection")[0]
     assert inter.sum() <= mask.sum()
     with pytest.raises(ValueError, match="zebra.*cat"):
-        pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, POS, NEG, "zebra", images=images)
+        pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, POS, NEG, "zebra", images=images)
     with pytest.raises(ValueError, match="no words"):
-        pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, POS, NEG, " , ", images=images)
+        pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, POS, NEG, " , ", images=images)
     with pytest.raises(ValueError, match="not traced"):
-        pack.DAAMHeatmaps().heatmaps(model, clip, {"samples": samples}, POS, NEG, "cat")
+        pack.DAAMHeatmaps.execute(model, clip, {"samples": samples}, POS, NEG, "cat")
     long_text = POS + ", " + ", ".join(["a tiny house"] * 30)
     with pytest.raises(ValueError, match="tokens but the sampler"):
-        pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, long_text, NEG, "cat")
+        pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, long_text, NEG, "cat")
 
 
 def test_error_or_cancel_mid_sampling_leaves_nothing_behind(pack, sd15):
@@ -167,7 +167,7 @@ def test_error_or_cancel_mid_sampling_leaves_nothing_behind(pack, sd15):
     model, clip, _ = sd15
     pos, neg = encode(clip, POS), encode(clip, NEG)
     plain = ksample(model, pos, neg, steps=3)
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     session = pack.session_of(traced_model)
 
     def cancel(step, *args):
@@ -186,8 +186,8 @@ def test_error_or_cancel_mid_sampling_leaves_nothing_behind(pack, sd15):
 
 def test_new_seed_new_maps_and_two_traced_models_do_not_mix(pack, sd15):
     model, clip, _ = sd15
-    a = pack.DAAMTraceModel().trace(model)[0]
-    b = pack.DAAMTraceModel().trace(model)[0]
+    a = pack.DAAMTraceModel.execute(model)[0]
+    b = pack.DAAMTraceModel.execute(model)[0]
     pos_a, pos_b, neg = encode(clip, POS), encode(clip, "a green car in the city"), encode(clip, NEG)
     s1 = ksample(a, pos_a, neg, seed=1)
     s2 = ksample(a, pos_a, neg, seed=2)
@@ -222,7 +222,7 @@ def test_existing_attention_patches_are_wrapped_not_overwritten(pack, sd15):
     other.set_model_attn2_patch(other_attn2_patch)
     expected = ksample(other, pos, neg)
     seen = dict(calls)
-    traced_model = pack.DAAMTraceModel().trace(other)[0]
+    traced_model = pack.DAAMTraceModel.execute(other)[0]
     got = ksample(traced_model, pos, neg)
     assert_same_image(expected, got, "traced sampling under another override and attn2 patch")
     assert calls["override"] == 2 * seen["override"] and calls["attn2"] == 2 * seen["attn2"]
@@ -232,7 +232,7 @@ def test_existing_attention_patches_are_wrapped_not_overwritten(pack, sd15):
 def test_long_weighted_prompt_positions(pack, sd15):
     model, clip, _ = sd15
     text = "a (cat:1.3) and a dog, " + ", ".join(["a small wooden house"] * 20) + ", a golden dragon"
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     samples = ksample(traced_model, encode(clip, text), encode(clip, NEG))
     trace = pack.build_trace(traced_model, clip, {"samples": samples}, text, NEG)
     layout = trace.layout(0)
@@ -260,7 +260,7 @@ def test_sdxl_with_both_encoders(pack, comfy_host):
     pos = sdxl_conditioning(seed=1, width=256, height=256)
     neg = sdxl_conditioning(seed=2, width=256, height=256)
     plain = ksample(model, pos, neg, width=256, height=256)
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     samples = ksample(traced_model, pos, neg, width=256, height=256)
     assert_same_image(plain, samples, "SDXL traced sampling")
     trace = pack.build_trace(traced_model, tok, {"samples": samples}, text, "")
@@ -278,7 +278,7 @@ def test_combined_and_area_conditionings_map_the_first_entry(pack, sd15):
     for extra in (other, area):
         combined = host_nodes.ConditioningCombine().combine(pos, extra)[0]
         plain = ksample(model, combined, neg)
-        traced_model = pack.DAAMTraceModel().trace(model)[0]
+        traced_model = pack.DAAMTraceModel.execute(model)[0]
         samples = ksample(traced_model, combined, neg)
         assert torch.equal(plain, samples)  # the image is never changed
         trace = pack.build_trace(traced_model, clip, {"samples": samples}, POS, NEG)
@@ -298,7 +298,7 @@ def test_ksampler_advanced_and_custom_guider_sampling(pack, sd15):
     latent = {"samples": torch.zeros(1, 4, 6, 8)}
     adv = (model, "enable", 4, 3, 5.0, "euler", "normal", pos, neg, latent, 1, 3, "disable")
     plain = host_nodes.KSamplerAdvanced().sample(*adv)[0]["samples"]
-    traced = pack.DAAMTraceModel().trace(model)[0]
+    traced = pack.DAAMTraceModel.execute(model)[0]
     samples = host_nodes.KSamplerAdvanced().sample(traced, *adv[1:])[0]["samples"]
     assert_same_image(plain, samples, "KSamplerAdvanced traced sampling")
     assert pack.build_trace(traced, clip, {"samples": samples}, POS, NEG).word_maps("dog").max() == 1
@@ -313,7 +313,7 @@ def test_ksampler_advanced_and_custom_guider_sampling(pack, sd15):
                              disable_pbar=True)
 
     plain = custom(model)
-    traced = pack.DAAMTraceModel().trace(model)[0]
+    traced = pack.DAAMTraceModel.execute(model)[0]
     samples = custom(traced)
     assert_same_image(plain, samples, "SamplerCustom traced sampling")
     maps = pack.build_trace(traced, clip, {"samples": samples}, POS, NEG).word_maps(["cat", "dog"])
@@ -325,30 +325,30 @@ def test_ksampler_advanced_and_custom_guider_sampling(pack, sd15):
 def test_heads_out_of_range_fail_at_trace_model_creation(pack, sd15):
     model = sd15[0]
     with pytest.raises(ValueError, match=r"heads \[99\] do not exist: this model's cross-attention layers have 8"):
-        pack.DAAMTraceModel().trace(model, heads="99")
+        pack.DAAMTraceModel.execute(model, heads="99")
     with pytest.raises(ValueError, match="comma-separated integers"):
-        pack.DAAMTraceModel().trace(model, heads="0, x")
-    traced = pack.DAAMTraceModel().trace(model, heads="0,7")[0]
+        pack.DAAMTraceModel.execute(model, heads="0, x")
+    traced = pack.DAAMTraceModel.execute(model, heads="0,7")[0]
     assert pack.session_of(traced).recorder.filter.heads == (0, 7)
 
 
 def test_block_ranges_and_t5_segments_are_errors_on_a_unet(pack, sd15):
     model, clip, _ = sd15
-    with pytest.raises(ValueError, match="blocks 'double:0-3' is for transformers.*resolutions and unet_parts"):
-        pack.DAAMTraceModel().trace(model, blocks="double:0-3")
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    with pytest.raises(ValueError, match="blocks 'double:0-3' is for SD3/Flux.*resolutions and unet_parts"):
+        pack.DAAMTraceModel.execute(model, blocks="double:0-3")
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     samples = ksample(traced_model, encode(clip, POS), encode(clip, NEG))
-    clip_maps = pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, POS, NEG, "dog",
-                                            segments="clip")["result"][3]
-    both = pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, POS, NEG, "dog")["result"][3]
+    clip_maps = pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, POS, NEG, "dog",
+                                            segments="clip").result[3]
+    both = pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, POS, NEG, "dog").result[3]
     assert torch.equal(clip_maps.trace.word_maps("dog", segments="clip"), both.trace.word_maps("dog"))
     with pytest.raises(ValueError, match="no 't5' positions"):
-        pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, POS, NEG, "dog", segments="t5")
+        pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, POS, NEG, "dog", segments="t5")
 
 
 def test_an_override_that_replaces_daams_without_calling_it_is_named(pack, sd15):
     model, clip, _ = sd15
-    traced = pack.DAAMTraceModel().trace(model)[0]
+    traced = pack.DAAMTraceModel.execute(model)[0]
     other = traced.clone()  # another node, applied after DAAM, that ignores the override it finds
     other.model_options["transformer_options"]["optimized_attention_override"] = \
         lambda func, *args, **kwargs: func(*args, **kwargs)
@@ -359,13 +359,13 @@ def test_an_override_that_replaces_daams_without_calling_it_is_named(pack, sd15)
 
 def test_mask_node_reads_maps_with_the_heatmaps_settings(pack, sd15):
     model, clip, _ = sd15
-    traced = pack.DAAMTraceModel().trace(model)[0]
+    traced = pack.DAAMTraceModel.execute(model)[0]
     samples = ksample(traced, encode(clip, POS), encode(clip, NEG), steps=1)
     words = "red sofa"  # two tokens: "max" and "mean" combine them differently
-    out = pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, POS, NEG, words, normalize="max",
+    out = pack.DAAMHeatmaps.execute(traced, clip, {"samples": samples}, POS, NEG, words, normalize="max",
                                        combine="max", threshold=0.4)
-    heat_masks, maps = out["result"][2], out["result"][3]
-    mask = pack.DAAMMask().mask(maps, words, threshold=0.4)[0]
+    heat_masks, maps = out.result[2], out.result[3]
+    mask = pack.DAAMMask.execute(maps, words, threshold=0.4)[0]
     trace = maps.trace
     reference = (trace.word_maps([words], combine="max", normalize="max")[:, 0] >= 0.4).float()
     default = (trace.word_maps([words])[:, 0] >= 0.4).float()
@@ -375,24 +375,24 @@ def test_mask_node_reads_maps_with_the_heatmaps_settings(pack, sd15):
 
 def test_heatmaps_refuse_a_different_text_of_the_same_length(pack, sd15):
     model, clip, _ = sd15
-    traced = pack.DAAMTraceModel().trace(model)[0]
+    traced = pack.DAAMTraceModel.execute(model)[0]
     samples = ksample(traced, encode(clip, POS), encode(clip, NEG), steps=1)
     other = "a cow and a pig on a blue bed"  # as many tokens as POS
     assert clip.tokenize(other)["l"] != clip.tokenize(POS)["l"]
     assert len(clip.tokenize(other)["l"][0]) == len(clip.tokenize(POS)["l"][0])
     with pytest.raises(ValueError, match="not the text the sampler's positive conditioning was encoded from"):
-        pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, other, NEG, "cow")
+        pack.DAAMHeatmaps.execute(traced, clip, {"samples": samples}, other, NEG, "cow")
     with pytest.raises(ValueError, match="negative conditioning"):
-        pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, POS, "sharp, high quality", "dog")
-    assert pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, POS, NEG, "dog")["result"][2].max() == 1
+        pack.DAAMHeatmaps.execute(traced, clip, {"samples": samples}, POS, "sharp, high quality", "dog")
+    assert pack.DAAMHeatmaps.execute(traced, clip, {"samples": samples}, POS, NEG, "dog").result[2].max() == 1
 
 
 def test_negative_words_without_a_recorded_negative_branch_are_an_error(pack, sd15):
     model, clip, _ = sd15
-    traced = pack.DAAMTraceModel().trace(model, record_negative=False)[0]
+    traced = pack.DAAMTraceModel.execute(model, record_negative=False)[0]
     samples = ksample(traced, encode(clip, POS), encode(clip, NEG), steps=1)
     with pytest.raises(ValueError, match="negative branch was not recorded"):
-        pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, POS, NEG, "dog", negative_words="blurry")
+        pack.DAAMHeatmaps.execute(traced, clip, {"samples": samples}, POS, NEG, "dog", negative_words="blurry")
 
 
 def test_non_finite_attention_is_an_error_naming_the_layers(pack, sd15):
@@ -408,9 +408,33 @@ def test_non_finite_attention_is_an_error_naming_the_layers(pack, sd15):
 
     broken = model.clone()
     broken.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = nan_at_mid_block
-    traced_model = pack.DAAMTraceModel().trace(broken)[0]
+    traced_model = pack.DAAMTraceModel.execute(broken)[0]
     samples = ksample(traced_model, pos, neg)
     assert torch.isnan(samples).all()  # the host's own result is broken: nothing DAAM did
     with pytest.raises(ValueError, match=r"layer\(s\) .*middle\.0\.0.* holds NaN or infinity") as err:
-        pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, POS, NEG, "cat")
+        pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, POS, NEG, "cat")
     assert type(err.value).__name__ == "NonFiniteAttentionError"
+
+
+def test_attention_replacers_after_the_trace_node_are_found_in_the_prompt(pack):
+    """The prompt graph of the shapes workflow: a ModelAttentionBackend fed (through another node) by DAAM Trace
+    Model is named; one that feeds the trace node, or a graph without one, gives nothing."""
+    import importlib
+    import json
+
+    from helpers.browser import REPO
+
+    graph = importlib.import_module(pack.__name__.split(".")[0] + ".daam_core.hosts.comfy.graph")
+    wf = json.loads((REPO / "example_workflows" / "api" / "shapes_heatmaps.json").read_text())
+    assert graph.attention_replacers_after(wf, "2") == []
+    after = json.loads(json.dumps(wf))
+    after["30"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["2", 0]}}
+    after["31"] = {"class_type": "ModelAttentionBackend", "inputs": {"model": ["30", 0]}}
+    after["6"]["inputs"]["model"] = ["31", 0]
+    (warning,) = graph.attention_replacers_after(after, "2")
+    assert warning.startswith("node 31 'ModelAttentionBackend' comes after DAAM Trace Model")
+    before = json.loads(json.dumps(wf))
+    before["31"] = {"class_type": "ModelAttentionBackend", "inputs": {"model": ["1", 0]}}
+    before["2"]["inputs"]["model"] = ["31", 0]
+    assert graph.attention_replacers_after(before, "2") == []
+    assert graph.attention_replacers_after(None, "2") == [] and graph.attention_replacers_after(after, None) == []

@@ -90,7 +90,7 @@ def test_traced_video_is_identical_also_under_another_override(pack, models, tok
     model, ch = models[family], channels_of(family)
     pos, neg = cond(family, tokenizer, POS, 1, batch=2), cond(family, tokenizer, NEG, 2, batch=2)
     plain = ksample(model, pos, neg, batch=2, channels=ch)
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     traced = ksample(traced_model, pos, neg, batch=2, channels=ch)
     assert_same_image(plain, traced, f"{family} traced sampling")
     assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
@@ -104,7 +104,7 @@ def test_traced_video_is_identical_also_under_another_override(pack, models, tok
 
     expected = ksample(with_override(model, other), pos, neg, batch=2, channels=ch)
     n = len(seen)
-    got = ksample(pack.DAAMTraceModel().trace(with_override(model, other))[0], pos, neg, batch=2, channels=ch)
+    got = ksample(pack.DAAMTraceModel.execute(with_override(model, other))[0], pos, neg, batch=2, channels=ch)
     assert_same_image(expected, got, f"{family} traced sampling under another override")
     assert len(seen) == 2 * n and not torch.equal(expected, plain)
 
@@ -161,7 +161,7 @@ def test_recorded_probabilities_equal_fp64_reference_per_frame(pack, models, tok
     lengths = {0: pos[0][0].shape[1], 1: neg[0][0].shape[1]}
     assert lengths[0] > 512 == lengths[1]
     store = []
-    traced_model = pack.DAAMTraceModel().trace(with_override(model, collector(store)))[0]
+    traced_model = pack.DAAMTraceModel.execute(with_override(model, collector(store)))[0]
     samples = ksample(traced_model, pos, neg, batch=2, channels=ch)
     rec = pack.session_of(traced_model).find(samples).recorded
     hw = 3 * 4  # a 6 x 8 latent frame in 2 x 2 patches
@@ -225,30 +225,30 @@ def test_planted_attention_on_one_frame_is_recovered_per_frame(pack, models, tok
     grid = (8, 12)  # a 16 x 24 latent frame in 2 x 2 patches
     region = torch.zeros(grid, dtype=torch.bool)
     region[2:6, 3:9] = True
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     to = traced_model.model_options["transformer_options"]
     to["optimized_attention_override"] = planter(to["optimized_attention_override"], count, dog, 1, region)
     pos, neg = cond("wan21", tokenizer, POS, 1), cond("wan21", tokenizer, NEG, 2)
     samples = ksample(traced_model, pos, neg, h=16, w=24)
     images = torch.rand(FRAMES, 128, 192, 3, generator=torch.Generator().manual_seed(3))
-    out = pack.DAAMHeatmaps().heatmaps(traced_model, tokenizer, {"samples": samples}, POS, NEG, "dog, park",
+    out = pack.DAAMHeatmaps.execute(traced_model, tokenizer, {"samples": samples}, POS, NEG, "dog, park",
                                        negative_words="blurry", images=images)
-    heat, over, masks, maps = out["result"]
+    heat, over, masks, maps = out.result
     assert masks.shape == (FRAMES * 3, 128, 192) and over.shape == (FRAMES * 3, 128, 192, 3)  # frame x word
     truth = region.repeat_interleave(16, 0).repeat_interleave(16, 1)
     assert metrics.iou(masks[3] > 0.5, truth) >= 0.9, "frame 1's mask of 'dog' misses its planted region"
     assert metrics.iou(masks[4] > 0.5, truth) < 0.5, "frame 1's mask of 'park' took 'dog's planted region"
     dog_maps = maps.trace.word_maps("dog")  # [frames, 1, H, W]
     assert dog_maps.shape == (FRAMES, 1, 128, 192)
-    mask = pack.DAAMMask().mask(maps, "dog")[0]
+    mask = pack.DAAMMask.execute(maps, "dog")[0]
     assert mask.shape == (FRAMES, 128, 192)
     assert torch.equal(mask, mask_ops.threshold(dog_maps, 0.4, "relative")[:, 0])
-    (payload,) = out["ui"]["daam_preview"]
+    (payload,) = out.ui["daam_preview"]
     assert len(payload["images"]) == FRAMES
     blurry = maps.trace.word_maps("blurry", branch="uncond")
     assert blurry.shape == (FRAMES, 1, 128, 192) and torch.isfinite(blurry).all()
     with pytest.raises(ValueError, match="4 images given for a sampling of 1 video\\(s\\) of 3 latent frames"):
-        pack.DAAMHeatmaps().heatmaps(traced_model, tokenizer, {"samples": samples}, POS, NEG, "dog",
+        pack.DAAMHeatmaps.execute(traced_model, tokenizer, {"samples": samples}, POS, NEG, "dog",
                                      images=images[:1].repeat(4, 1, 1, 1))
 
 
@@ -258,18 +258,18 @@ def test_decoded_frames_show_the_maps_of_their_latent_frames(pack, models, token
     from daam_core.engine.trace import load_trace
 
     model = models["wan21"]
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     pos, neg = cond("wan21", tokenizer, POS, 1, batch=2), cond("wan21", tokenizer, NEG, 2, batch=2)
     samples = ksample(traced_model, pos, neg, batch=2)
     n = 1 + 4 * (FRAMES - 1)
     decoded = torch.rand(2 * n, 48, 64, 3, generator=torch.Generator().manual_seed(4))
-    per_latent = pack.DAAMHeatmaps().heatmaps(traced_model, tokenizer, {"samples": samples}, POS, NEG, "dog, park",
-                                              images=decoded[:2 * FRAMES])["result"]
-    out = pack.DAAMHeatmaps().heatmaps(traced_model, tokenizer, {"samples": samples}, POS, NEG, "dog, park",
+    per_latent = pack.DAAMHeatmaps.execute(traced_model, tokenizer, {"samples": samples}, POS, NEG, "dog, park",
+                                              images=decoded[:2 * FRAMES]).result
+    out = pack.DAAMHeatmaps.execute(traced_model, tokenizer, {"samples": samples}, POS, NEG, "dog, park",
                                        images=decoded)
-    heat, over, masks, maps = out["result"]
+    heat, over, masks, maps = out.result
     assert masks.shape == (2 * n * 2, 48, 64) and over.shape == (2 * n * 2, 48, 64, 3)
-    assert len(out["ui"]["daam_preview"][0]["images"]) == 2 * n
+    assert len(out.ui["daam_preview"][0]["images"]) == 2 * n
     latent_of = [b * FRAMES + -(-d // 4) for b in range(2) for d in range(n)]
     assert latent_of[:n] == [0, 1, 1, 1, 1, 2, 2, 2, 2]
     for j, i in enumerate(latent_of):
@@ -312,14 +312,14 @@ def test_block_filter_and_refused_wan_variants(pack, models, tokenizer, comfy_ho
     from daam_core.hosts.comfy.families import dit_spec
 
     model = models["wan21"]
-    traced_model = pack.DAAMTraceModel().trace(model, blocks="block:1")[0]
+    traced_model = pack.DAAMTraceModel.execute(model, blocks="block:1")[0]
     samples = ksample(traced_model, cond("wan21", tokenizer, POS, 1), cond("wan21", tokenizer, NEG, 2), cfg=1.0)
     rec = pack.session_of(traced_model).find(samples).recorded
     assert set(rec.sums) == {"block.1"} and [s.branch for s in rec.streams] == ["cond"]
     with pytest.raises(ValueError, match="block:2-2 is past the last block block"):
-        pack.DAAMTraceModel().trace(model, blocks="block:2")
+        pack.DAAMTraceModel.execute(model, blocks="block:2")
     with pytest.raises(ValueError, match="one resolution"):
-        pack.DAAMTraceModel().trace(model, resolutions="low (latent/4, latent/8)")
+        pack.DAAMTraceModel.execute(model, resolutions="low (latent/4, latent/8)")
     spec = dit_spec(model.model)
     assert (spec.patch, spec.frame_patch, spec.heads, spec.blocks) == (2, 1, 2, (("block", 2),))
     vace = model.clone()  # VACE's extra blocks attend to the text too: not this family
@@ -333,7 +333,7 @@ def test_block_filter_and_refused_wan_variants(pack, models, tokenizer, comfy_ho
 
     latent = torch.zeros(1, 16, 6, 8)  # an image latent given to the video model
     with pytest.raises(ValueError, match="latents \\[batch, channels, frames, height, width\\]; got shape"):
-        comfy.sample.sample(pack.DAAMTraceModel().trace(model)[0], latent, 1, 1.0, "euler", "normal",
+        comfy.sample.sample(pack.DAAMTraceModel.execute(model)[0], latent, 1, 1.0, "euler", "normal",
                             cond("wan21", tokenizer, POS, 1), [], latent, disable_pbar=True)
 
 
@@ -341,7 +341,7 @@ def test_time_buckets_come_per_frame(pack, models, tokenizer):
     """Each time bucket's trace has one image per frame, its sums the bucket's rows of that frame."""
     from daam_core.engine.trace import AttentionTrace
 
-    traced_model = pack.DAAMTraceModel().trace(models["wan21"], time_buckets=2)[0]
+    traced_model = pack.DAAMTraceModel.execute(models["wan21"], time_buckets=2)[0]
     samples = ksample(traced_model, cond("wan21", tokenizer, POS, 1), cond("wan21", tokenizer, NEG, 2), steps=4)
     rec = pack.session_of(traced_model).find(samples).recorded
     trace = AttentionTrace.from_recorder(rec, [], (48, 64))
@@ -370,12 +370,12 @@ def test_wan_with_a_real_umt5_encoder_and_long_prompt(pack, models, comfy_host):
     assert pos[0][0].shape == (1, len(tokens), 4096) and len(tokens) > 512
     model = models["wan21"]
     plain = ksample(model, pos, neg, batch=2)
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     samples = ksample(traced_model, pos, neg, batch=2)
     assert_same_image(plain, samples, "traced sampling of a long prompt")
-    out = pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, text, NEG, "dragon, dog",
+    out = pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, text, NEG, "dragon, dog",
                                        negative_words="blurry")
-    _, _, masks, maps = out["result"]
+    _, _, masks, maps = out.result
     pieces = clip.tokenizer.clip_umt5xxl.tokenizer.tokenizer.id_to_piece
     dragon = maps.trace.layout(0).positions("dragon")
     assert dragon[0] > 512 and "".join(pieces(tokens[p][0]) for p in dragon) == "▁dragon"
@@ -383,7 +383,7 @@ def test_wan_with_a_real_umt5_encoder_and_long_prompt(pack, models, comfy_host):
     assert masks.shape == (2 * FRAMES * 3, 48, 64) and all(0 < m.float().mean() < 1 for m in masks)
     with pytest.raises(ValueError, match="not the text the sampler's positive conditioning was encoded from"):
         swapped = text.replace("golden dragon", "dragon golden")  # same tokens, another order
-        pack.DAAMHeatmaps().heatmaps(traced_model, clip, {"samples": samples}, swapped, NEG, "dog")
+        pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, swapped, NEG, "dog")
 
 
 def test_ksampler_node_on_a_video_latent(pack, models, tokenizer):
@@ -394,9 +394,9 @@ def test_ksampler_node_on_a_video_latent(pack, models, tokenizer):
     pos, neg = cond("wan21", tokenizer, POS, 1), cond("wan21", tokenizer, NEG, 2)
     latent = {"samples": torch.zeros(1, 16, FRAMES, 6, 8)}
     plain = host_nodes.KSampler().sample(model, 7, 2, 4.0, "euler", "simple", pos, neg, latent)[0]
-    out, traced = pack.DAAMKSampler().sample(model, 7, 2, 4.0, "euler", "simple", pos, neg, latent)
+    out, traced = pack.DAAMKSampler.execute(model, 7, 2, 4.0, "euler", "simple", pos, neg, latent)
     assert_same_image(plain["samples"], out["samples"], "KSampler (DAAM) video")
-    masks = pack.DAAMHeatmaps().heatmaps(traced, tokenizer, out, POS, NEG, "dog, park")["result"][2]
+    masks = pack.DAAMHeatmaps.execute(traced, tokenizer, out, POS, NEG, "dog, park").result[2]
     assert masks.shape == (FRAMES * 2, 48, 64)
 
 
@@ -410,7 +410,7 @@ def test_text_as_long_as_the_video_is_not_guessed(pack, models, tokenizer):
     assert pos[0][0].shape[1] == 512 == 2 * 16 * 16
     latent = torch.zeros(1, 16, 2, 32, 32)
     noise = comfy.sample.prepare_noise(latent, 1)
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
     samples = comfy.sample.sample(traced_model, noise, 1, 3.0, "euler", "normal", pos, neg, latent, seed=1,
                                   disable_pbar=True)
     assert torch.equal(samples, comfy.sample.sample(model, noise, 1, 3.0, "euler", "normal", pos, neg, latent,
@@ -418,4 +418,4 @@ def test_text_as_long_as_the_video_is_not_guessed(pack, models, tokenizer):
     rec = pack.session_of(traced_model).find(samples).recorded
     assert not rec.sums and any("cannot be told from the self-attention" in w for w in rec.warnings)
     with pytest.raises(ValueError, match="no cross-attention was recorded.*cannot be told from the self-attention"):
-        pack.DAAMHeatmaps().heatmaps(traced_model, tokenizer, {"samples": samples}, POS, NEG, "dog")
+        pack.DAAMHeatmaps.execute(traced_model, tokenizer, {"samples": samples}, POS, NEG, "dog")

@@ -58,9 +58,51 @@ def test_object_info_lists_every_daam_node(server):
     assert DAAM_NODES <= set(info)
     for name in DAAM_NODES:
         assert info[name]["category"] == "DAAM"
-        for section in info[name]["input"].values():
-            for spec in section.values():
+        for section in ("required", "optional"):  # not "hidden": the host's PROMPT etc. have no tooltips
+            for spec in info[name]["input"].get(section, {}).values():
                 assert len(spec) > 1 and spec[1].get("tooltip"), (name, spec)
+
+
+def combo_options(spec) -> list | None:
+    """A combo's options from an object_info input spec: V1 puts them first, V3 under COMBO's "options"."""
+    if isinstance(spec[0], list):
+        return spec[0]
+    return spec[1].get("options") if spec[0] == "COMBO" else None
+
+
+def test_node_interfaces_are_those_of_0_1(server):
+    """Every node as the host serves it (V3 schema, registered through comfy_entrypoint) has the V1 nodes' id,
+    display name, category, description, inputs (order, type, default, min/max/step, tooltip...) and outputs, as
+    recorded from the V1 classes in tests/data/node_interface_v1.json; saved workflows depend on all of it."""
+    golden = json.loads((REPO / "tests" / "data" / "node_interface_v1.json").read_text())
+    info = server.object_info()
+    sampler = info["KSampler"]["input"]["required"]  # the host's own lists
+    host = {"host:KSampler.SAMPLERS": combo_options(sampler["sampler_name"]),
+            "host:KSampler.SCHEDULERS": combo_options(sampler["scheduler"])}
+    for name, want in golden.items():
+        got = info[name]
+        assert (got["display_name"], got["category"], got["description"], got["output_node"]) == \
+            (want["display_name"], want["category"], want["description"], want["output_node"]), name
+        assert (got["output"], got["output_name"], got["output_tooltips"]) == \
+            (want["output"], want["output_name"], want["output_tooltips"]), name
+        for section in ("required", "optional"):
+            rows = want["inputs"].get(section, [])
+            assert list(got["input"].get(section, {})) == [r[0] for r in rows], (name, section)
+            assert got["input_order"].get(section, []) == [r[0] for r in rows], (name, section)
+            for input_name, kind, opts in rows:
+                spec = got["input"][section][input_name]
+                if isinstance(kind, list) or kind.startswith("host:"):
+                    options = combo_options(spec)
+                    assert options is not None, (name, input_name, spec)
+                    if isinstance(kind, list):
+                        assert options == kind, (name, input_name)
+                    elif kind != "host:trace files":  # the files in output/daam: whatever is there
+                        assert options == host[kind], (name, input_name)
+                else:
+                    assert spec[0] == kind, (name, input_name, spec)
+                extra = {k: v for k, v in spec[1].items() if k not in opts and k != "options"}
+                assert {k: spec[1].get(k) for k in opts} == opts, (name, input_name)
+                assert not any(extra.values()), (name, input_name, extra)  # only V3's explicit False defaults
 
 
 def test_txt2img_heatmaps_workflow(server):
@@ -197,3 +239,36 @@ def test_ui_workflows_match_the_api_ones(server):
         assert {n["type"] for n in ui["nodes"]} - {"Note"} <= set(info)  # a Note describes each workflow
         expected = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in api.items()}
         assert to_api(ui, info) == expected, api_path.name
+
+
+def with_attention_backend(after_trace: bool) -> dict:
+    """The shapes workflow with ComfyUI's ModelAttentionBackend after DAAM Trace Model (between it and the sampler)
+    or before it (between the loader and the trace)."""
+    wf = load_workflow("shapes_heatmaps")
+    wf["30"] = {"class_type": "ModelAttentionBackend", "inputs": {"attention": "pytorch attention"}}
+    if after_trace:
+        wf["30"]["inputs"]["model"] = ["2", 0]
+        wf["6"]["inputs"]["model"] = ["30", 0]
+    else:
+        wf["30"]["inputs"]["model"] = ["1", 0]
+        wf["2"]["inputs"]["model"] = ["30", 0]
+    return wf
+
+
+def test_trace_model_warns_of_an_attention_backend_after_it(server):
+    """ModelAttentionBackend sets its own attention override without calling the one already on the MODEL. After
+    DAAM Trace Model it leaves DAAM blind: the trace node says so from the prompt graph before anything samples (the
+    server log and its ui text), and DAAM Heatmaps' error names the cause. Before DAAM it is kept and no warning."""
+    if "ModelAttentionBackend" not in server.object_info():
+        pytest.skip("this ComfyUI has no ModelAttentionBackend node (ComfyUI 0.33 has it: run this file there with "
+                    "tools/test_other_host.sh)")
+    entry = server.wait(server.queue(with_attention_backend(after_trace=True)), timeout=600)
+    assert entry["error"] is not None and "replaced DAAM's attention override" in entry["error"]
+    (warning,) = entry["outputs"]["2"]["text"]
+    assert "node 30 'ModelAttentionBackend'" in warning and "before DAAM Trace Model" in warning
+    log = server.log_text()
+    assert log.index("DAAM Trace Model: node 30 'ModelAttentionBackend'") < log.index("replaced DAAM's attention")
+
+    entry = server.run_ok(with_attention_backend(after_trace=False))
+    assert "text" not in entry["outputs"].get("2", {})
+    assert len(images_of(server, entry, "daam/shapes_word_masks")) == 4  # circle, square, red, blue

@@ -86,7 +86,7 @@ def recording(pack, model, samples):
 @pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan"])
 def test_time_buckets_split_the_steps_evenly(pack, families, family):
     f = families[family]
-    traced = pack.DAAMTraceModel().trace(f["model"], time_buckets=4)[0]
+    traced = pack.DAAMTraceModel.execute(f["model"], time_buckets=4)[0]
     rec = recording(pack, traced, sample(f, traced))
     assert rec.time_calls
     for name, calls in rec.time_calls.items():
@@ -101,9 +101,9 @@ def test_time_buckets_split_the_steps_evenly(pack, families, family):
 @pytest.mark.parametrize("window", [(0.0, 0.5), (0.5, 1.0), (0.6, 1.0), (0.25, 0.6)])
 def test_time_window_covers_the_steps_of_the_hosts_own_percent(pack, families, family, window):
     f = families[family]
-    full_model = pack.DAAMTraceModel().trace(f["model"])[0]
+    full_model = pack.DAAMTraceModel.execute(f["model"])[0]
     full = recording(pack, full_model, sample(f, full_model))
-    traced = pack.DAAMTraceModel().trace(f["model"], start_percent=window[0], end_percent=window[1])[0]
+    traced = pack.DAAMTraceModel.execute(f["model"], start_percent=window[0], end_percent=window[1])[0]
     samples = sample(f, traced)
     assert torch.equal(samples, sample(f, f["model"]))  # the traced image is the untraced one
     rec = recording(pack, traced, samples)
@@ -116,7 +116,7 @@ def test_time_window_covers_the_steps_of_the_hosts_own_percent(pack, families, f
 @pytest.mark.parametrize("family", ["sd15", "sd3", "wan"])
 def test_buckets_and_window_together(pack, families, family):
     f = families[family]
-    traced = pack.DAAMTraceModel().trace(f["model"], start_percent=0.5, end_percent=1.0, time_buckets=4)[0]
+    traced = pack.DAAMTraceModel.execute(f["model"], start_percent=0.5, end_percent=1.0, time_buckets=4)[0]
     rec = recording(pack, traced, sample(f, traced))
     expected = host_steps(f["model"], 0.5, 1.0)
     for name, calls in rec.time_calls.items():
@@ -127,12 +127,12 @@ def test_buckets_and_window_together(pack, families, family):
 @pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan"])
 def test_negative_words_at_cfg_1_are_a_clear_error(pack, families, family):
     f = families[family]
-    traced = pack.DAAMTraceModel().trace(f["model"])[0]
+    traced = pack.DAAMTraceModel.execute(f["model"])[0]
     samples = sample(f, traced, cfg=1.0, steps=1)
-    heat = pack.DAAMHeatmaps().heatmaps(traced, f["clip"], {"samples": samples}, POS, NEG, "dog")["result"][0]
+    heat = pack.DAAMHeatmaps.execute(traced, f["clip"], {"samples": samples}, POS, NEG, "dog").result[0]
     assert heat.shape[0] == f.get("frames", 1)  # one map per (latent) frame
     with pytest.raises(ValueError, match="negative words \\['blurry'\\] cannot be mapped: .*negative"):
-        pack.DAAMHeatmaps().heatmaps(traced, f["clip"], {"samples": samples}, POS, NEG, "dog", negative_words="blurry")
+        pack.DAAMHeatmaps.execute(traced, f["clip"], {"samples": samples}, POS, NEG, "dog", negative_words="blurry")
 
 
 # -- clear messages ------------------------------------------------------------------------------------------------
@@ -144,18 +144,18 @@ def test_a_clip_of_another_family_is_named_by_its_width(pack, families):
     flux, sd15 = families["flux"], families["sd15"]
     pos = conditioning(77, seed=1)
     pos[0][1]["guidance"] = 3.5
-    traced = pack.DAAMTraceModel().trace(flux["model"])[0]
+    traced = pack.DAAMTraceModel.execute(flux["model"])[0]
     samples = sample(dict(flux, pos=pos), traced, cfg=1.0, steps=1)
     width = sd15["pos"][0][0].shape[-1]
     assert width != 64
     with pytest.raises(ValueError, match=f"encodes to 77 tokens of width {width} but the sampler's positive "
                                          f"conditioning has 77 tokens of width 64: this CLIP is not the text encoder"):
-        pack.DAAMHeatmaps().heatmaps(traced, sd15["clip"], {"samples": samples}, POS, "", "dog")
+        pack.DAAMHeatmaps.execute(traced, sd15["clip"], {"samples": samples}, POS, "", "dog")
 
 
 def test_a_block_range_outside_the_recorded_parts_is_an_error(pack, families):
     model = families["flux"]["model"]
     with pytest.raises(ValueError, match="single:0-0 names 'single' blocks, but unet_parts records only double"):
-        pack.DAAMTraceModel().trace(model, unet_parts="double (Flux)", blocks="single:0")
-    traced = pack.DAAMTraceModel().trace(model, unet_parts="double (Flux)", blocks="double:0")[0]
+        pack.DAAMTraceModel.execute(model, unet_parts="double (Flux)", blocks="single:0")
+    traced = pack.DAAMTraceModel.execute(model, unet_parts="double (Flux)", blocks="double:0")[0]
     assert pack.session_of(traced).recorder.filter.blocks == (("double", 0, 1),)

@@ -25,7 +25,7 @@ def run(pack, sd15_checkpoint):
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint), output_vae=True,
                                                                output_clip=True)
-    traced = pack.DAAMTraceModel().trace(model, time_buckets=4)[0]
+    traced = pack.DAAMTraceModel.execute(model, time_buckets=4)[0]
     pos = host_nodes.CLIPTextEncode().encode(clip, POS)[0]
     neg = host_nodes.CLIPTextEncode().encode(clip, NEG)[0]
     latent = torch.zeros(2, 4, 6, 8)
@@ -35,7 +35,7 @@ def run(pack, sd15_checkpoint):
     images = host_nodes.VAEDecode().decode(vae, {"samples": samples})[0]
 
     def heatmaps(words, negative_words="", threshold=0.4, normalize="minmax"):
-        return pack.DAAMHeatmaps().heatmaps(traced, clip, {"samples": samples}, POS, NEG, words,
+        return pack.DAAMHeatmaps.execute(traced, clip, {"samples": samples}, POS, NEG, words,
                                             negative_words=negative_words, threshold=threshold,
                                             normalize=normalize, images=images)
 
@@ -59,7 +59,7 @@ def index_of(payload, key, prompt="positive"):
 
 
 def test_chips_cover_words_occurrences_phrases_and_the_negative_prompt(run):
-    payload = run("cat, red sofa, dog#1", negative_words="blurry")["ui"]["daam_preview"][0]
+    payload = run("cat, red sofa, dog#1", negative_words="blurry").ui["daam_preview"][0]
     keys = [(x["key"], x["prompt"], x["kind"]) for x in payload["entries"]]
     pos = [k for k, p, _ in keys if p == "positive"]
     assert pos[:6] == ["a", "a#1", "a#2", "a#3", "cat", "and"]  # prompt order; 'a' occurs three times
@@ -74,12 +74,12 @@ def test_chips_cover_words_occurrences_phrases_and_the_negative_prompt(run):
 
 def test_mask_at_every_slider_step_is_the_node_mask(run):
     words, negative, normalize = "cat, red sofa, dog", "blurry", "shared"
-    payload = run(words, negative, normalize=normalize)["ui"]["daam_preview"][0]
+    payload = run(words, negative, normalize=normalize).ui["daam_preview"][0]
     decoded = decode(payload)
     order = [index_of(payload, k) for k in ("cat", "red sofa", "dog")] + [index_of(payload, "blurry", "negative")]
     checked = 0
     for step in (0, 1, 40, 73, 100):
-        masks = run(words, negative, threshold=step / 100, normalize=normalize)["result"][2]  # [B * 4, H, W]
+        masks = run(words, negative, threshold=step / 100, normalize=normalize).result[2]  # [B * 4, H, W]
         for b, (_, levels) in enumerate(decoded):
             for j, e in enumerate(order):
                 node = masks[b * len(order) + j].numpy()
@@ -91,8 +91,8 @@ def test_mask_at_every_slider_step_is_the_node_mask(run):
 
 def test_maps_are_the_raw_maps_at_latent_size_and_time_buckets_differ(run, pack):
     out = run("cat, dog")
-    payload = out["ui"]["daam_preview"][0]
-    trace = out["result"][3].trace
+    payload = out.ui["daam_preview"][0]
+    trace = out.result[3].trace
     keys = [x["key"] for x in payload["entries"] if x["prompt"] == "positive"]
     for b, (maps, _) in enumerate(decode(payload)):
         ref = trace.word_maps(keys, image=b, size=trace.latent_hw, normalize="none", missing="zeros").numpy()

@@ -26,7 +26,7 @@ def shapes_folder(tmp_path_factory, comfy_host):
 @pytest.fixture(scope="module")
 def loaded(pack, shapes_folder):
     folder, _ = shapes_folder
-    return pack.DAAMShapesLoader().load(str(folder))
+    return pack.DAAMShapesLoader.execute(str(folder))
 
 
 def test_unet_matches_diffusers(shapes_folder, loaded):
@@ -78,16 +78,16 @@ def test_sampling_with_daam_on_the_loaded_model(pack, loaded):
     neg = host_nodes.CLIPTextEncode().encode(clip, "")[0]
     latent = {"samples": torch.zeros(1, 3, 32, 32)}
     (stock,) = host_nodes.KSampler().sample(model, 1, 3, 4.0, "euler", "normal", pos, neg, latent)
-    daam_latent, traced = pack.DAAMKSampler().sample(model, 1, 3, 4.0, "euler", "normal", pos, neg, latent)
+    daam_latent, traced = pack.DAAMKSampler.execute(model, 1, 3, 4.0, "euler", "normal", pos, neg, latent)
     assert_same_image(stock["samples"], daam_latent["samples"], "shapes model KSampler (DAAM) latent")
     images = host_nodes.VAEDecode().decode(vae, daam_latent)[0]
-    heat, over, masks, _ = pack.DAAMHeatmaps().heatmaps(traced, clip, daam_latent, text, "", "circle, square",
-                                                        images=images)["result"]
+    heat, over, masks, _ = pack.DAAMHeatmaps.execute(traced, clip, daam_latent, text, "", "circle, square",
+                                                        images=images).result
     assert images.shape == (1, 256, 256, 3)
     assert heat.shape == (2, 256, 256, 3) and masks.shape == (2, 256, 256)
     assert not torch.equal(masks[0], masks[1]), "masks of 'circle' and 'square' are the same"
     # without images the size comes from the model's latent format: 8 pixels a cell, as its VAE decodes
-    no_images = pack.DAAMHeatmaps().heatmaps(traced, clip, daam_latent, text, "", "circle, square")["result"]
+    no_images = pack.DAAMHeatmaps.execute(traced, clip, daam_latent, text, "", "circle, square").result
     assert no_images[2].shape == (2, 256, 256) and torch.equal(no_images[2], masks)
 
 

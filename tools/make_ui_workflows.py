@@ -93,7 +93,8 @@ def node_size(class_type: str, inputs: list, widgets: list, info: dict) -> tuple
         return NODE_SIZES[class_type]
     multiline = sum(1 for _, spec in ordered_inputs(info)
                     if spec[0] == "STRING" and len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("multiline"))
-    return NODE_WIDTH, 80 + 30 * (len(inputs) + len(widgets)) + 100 * multiline  # Nodes 2.0 draws taller
+    rows = max(len(inputs), len(info["output"])) + len(widgets)  # slots share rows with the outputs
+    return NODE_WIDTH, 80 + 30 * rows + 100 * multiline  # Nodes 2.0 draws taller
 
 
 def to_ui(api: dict, object_info: dict, description: tuple[str, str] | None = None) -> dict:

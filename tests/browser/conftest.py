@@ -13,7 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.browser import CHROMIUM_FLAGS, ComfyPage, start_server
+from helpers.browser import CHROMIUM_FLAGS, ComfyPage, frontend_root, start_server
+
+# The frontend every test in tests/browser/ runs on: the host's own (its pinned comfyui-frontend-package) and the
+# newest on PyPI, served with --front-end-root. ComfyUI 0.3.64's 1.27.10 has its own test in test_preview_ui.py.
+FRONTEND_PARAMS = ["host", "1.58.1"]
 
 def _missing(reason: str):
     if os.environ.get("DAAM_REQUIRE_BROWSER") == "1":
@@ -47,17 +51,29 @@ def artifacts(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module", params=FRONTEND_PARAMS)
+def frontend(request) -> str | None:
+    """None for the host's own frontend, else the comfyui-frontend-package version served."""
+    if request.param == "host":
+        return None
+    if frontend_root(request.param) is None:
+        _missing(f"the {request.param} frontend is not set up")
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(comfyui_dir, sd15_checkpoint, tmp_path_factory, browser):
-    with start_server(comfyui_dir, tmp_path_factory.mktemp("comfyui-ui"), sd15_checkpoint) as client:
+def server(comfyui_dir, sd15_checkpoint, tmp_path_factory, browser, frontend):
+    root = frontend_root(frontend) if frontend else None
+    with start_server(comfyui_dir, tmp_path_factory.mktemp("comfyui-ui"), sd15_checkpoint,
+                      front_end_root=root) as client:
         yield client
 
 
 @pytest.fixture
-def comfy_page(browser, server, artifacts, request):
+def comfy_page(browser, server, artifacts, request, frontend):
     context = browser.new_context(viewport={"width": 1600, "height": 1000})
     page = context.new_page()
-    cp = ComfyPage(page, server, artifacts)
+    cp = ComfyPage(page, server, artifacts, frontend)
     yield cp
     if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
         cp.screenshot(f"FAILED-{request.node.name}")

@@ -130,6 +130,26 @@ def run_shapes(cp):
     return heat_id, entry, preview
 
 
+def linked_prompt_rows(cp, node_id: int) -> dict:
+    """What the frontend has for DAAM Heatmaps' prompt texts: per input its type, whether it is linked and its
+    slot's height on the node, and where the first unlinked widget ('words') starts."""
+    return cp.page.evaluate("""id => { const n = app.graph.getNodeById(id);
+        const row = name => { const i = n.inputs.findIndex(s => s.name === name), s = n.inputs[i];
+            return {type: s.type, linked: s.link != null, widget: s.widget?.name ?? null,
+                    y: n.getInputPos(i)[1] - n.pos[1]}; };
+        return {positive: row("positive"), negative: row("negative"),
+                words: n.widgets.find(w => w.name === "words").y, height: n.size[1]}; }""", node_id)
+
+
+def assert_linked_prompts_are_input_rows(rows: dict):
+    """Linked, positive and negative are one input row each, right above the widgets: not the multiline text box's
+    height of blank node that frontend 1.58 keeps for a linked DOM widget (174 px each on the shapes demo)."""
+    for name in ("positive", "negative"):
+        assert rows[name]["linked"] and rows[name]["type"] == "STRING" and rows[name]["widget"] == name, rows
+    assert 0 < rows["negative"]["y"] - rows["positive"]["y"] <= 30, rows
+    assert 0 < rows["words"] - rows["negative"]["y"] <= 30, rows
+
+
 # -- the shapes demo: every interaction ---------------------------------------------------------------------------
 
 def test_shapes_preview_hover_chips_threshold_time_and_write_back(comfy_page, server, artifacts):
@@ -195,6 +215,16 @@ def test_shapes_preview_hover_chips_threshold_time_and_write_back(comfy_page, se
     iou = (produced & previewed).sum() / max((produced | previewed).sum(), 1)
     assert iou >= 0.99, iou
     assert np.array_equal(produced, previewed)  # in fact exact: the browser reads the engine's own threshold levels
+    assert cp.pack_errors() == []
+
+
+def test_linked_prompt_texts_draw_as_inputs(comfy_page, artifacts):
+    cp = comfy_page.open()
+    cp.load(workflow(SHAPES))
+    heat_id = cp.node("DAAMHeatmaps")
+    cp.focus(heat_id)
+    assert_linked_prompts_are_input_rows(linked_prompt_rows(cp, heat_id))
+    cp.screenshot("heatmaps-linked-prompts")
     assert cp.pack_errors() == []
 
 
@@ -293,6 +323,7 @@ def test_preview_on_the_frontend_of_comfyui_0_3_64(browser, comfyui_dir, tmp_pat
             cp = ComfyPage(context.new_page(), client, artifacts).open()
             assert cp.page.evaluate("window.__COMFYUI_FRONTEND_VERSION__") == "1.27.10"
             heat_id, entry, preview = run_shapes(cp)
+            assert_linked_prompts_are_input_rows(linked_prompt_rows(cp, heat_id))
             (image,) = output_images(client, entry, "daam/shapes_image")
             assert preview.hover(*colour_centroid(image, 0))[0][0] == "circle"
             assert preview.hover(*colour_centroid(image, 2))[0][0] == "square"

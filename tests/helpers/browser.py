@@ -20,11 +20,20 @@ SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.VueNodes.Enabled": False, "C
             "Comfy.Workflow.ShowMissingModelsWarning": False, "Comfy.Workflow.ShowMissingNodesWarning": False}
 
 
+# comfyui-frontend-package versions tools/setup_browser.sh unpacks, and the variable that names each one's folder
+FRONTENDS = {"1.27.10": "DAAM_FRONTEND_1_27", "1.58.1": "DAAM_FRONTEND_1_58"}
+
+
+def frontend_root(version: str) -> Path | None:
+    """The static folder of comfyui-frontend-package ``version`` (one of FRONTENDS), if set up."""
+    cache = Path(os.environ.get("DAAM_CACHE") or Path.home() / ".cache" / "comfyui-daam")
+    path = Path(os.environ.get(FRONTENDS[version]) or cache / "frontends" / version / "static")
+    return path if (path / "index.html").is_file() else None
+
+
 def frontend_1_27() -> Path | None:
     """The static folder of comfyui-frontend-package 1.27.10 (ComfyUI 0.3.64's pin), if set up."""
-    cache = Path(os.environ.get("DAAM_CACHE") or Path.home() / ".cache" / "comfyui-daam")
-    path = Path(os.environ.get("DAAM_FRONTEND_1_27") or cache / "frontends" / "1.27.10" / "static")
-    return path if (path / "index.html").is_file() else None
+    return frontend_root("1.27.10")
 
 
 def start_server(comfyui_dir, work: Path, checkpoint: Path | None, front_end_root: Path | None = None):
@@ -48,8 +57,10 @@ def start_server(comfyui_dir, work: Path, checkpoint: Path | None, front_end_roo
 class ComfyPage:
     """One browser tab on the ComfyUI frontend, with the console and failed requests recorded."""
 
-    def __init__(self, page, client, artifacts: Path):
-        self.page, self.client, self.artifacts = page, client, artifacts
+    def __init__(self, page, client, artifacts: Path, frontend: str | None = None):
+        """``frontend``: the version served with --front-end-root (None: the host's own), checked on open and
+        added to screenshot names."""
+        self.page, self.client, self.artifacts, self.frontend = page, client, artifacts, frontend
         self.console: list[dict] = []
         self.failed: list[str] = []
         page.on("console", lambda m: self.console.append({"type": m.type, "text": m.text,
@@ -63,6 +74,8 @@ class ComfyPage:
         self.page.goto(self.client.base_url + "/")
         self.page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager",
                                     timeout=90_000)
+        if self.frontend is not None:
+            assert self.page.evaluate("window.__COMFYUI_FRONTEND_VERSION__") == self.frontend
         # the pack's extension is imported before the app finishes setting up; give the import its time
         self.page.wait_for_function("() => app.extensions.some(e => e.name === 'comfyui-daam.preview')",
                                     timeout=30_000)
@@ -92,8 +105,8 @@ class ComfyPage:
 
     def close_dialogs(self):
         """Close what the frontend pops up on a first visit (templates, release notes): Escape, as a person would."""
-        for _ in range(5):
-            if not self.page.locator(".p-dialog-mask").count():
+        for _ in range(5):  # PrimeVue's mask up to 1.3x; 1.58 marks its overlay with a test id
+            if not self.page.locator('.p-dialog-mask, [data-testid="dialog-overlay"]').count():
                 return
             self.page.keyboard.press("Escape")
             self.page.wait_for_timeout(400)
@@ -144,6 +157,6 @@ class ComfyPage:
         self.page.wait_for_timeout(600)
 
     def screenshot(self, name: str, locator=None) -> Path:
-        path = self.artifacts / f"{name}.png"
+        path = self.artifacts / (f"{name}-frontend-{self.frontend}.png" if self.frontend else f"{name}.png")
         (locator or self.page).screenshot(path=str(path))
         return path

@@ -13,6 +13,8 @@ const NODE = "DAAMHeatmaps";
 const PALETTE = ["#ff3b30", "#2f7bff", "#34c759", "#ffcc00", "#af52de", "#ff9500", "#00c7be", "#ff2d55",
   "#a2845e", "#5ac8fa"];
 const MIN_HEIGHT = 400;
+const PROMPT_TEXTS = ["positive", "negative"];  // multiline text widgets, usually linked from a string node
+const ROW = 20;  // LiteGraph's NODE_WIDGET_HEIGHT
 
 function hexRgb(hex) {
   const n = parseInt(hex.slice(1), 16);
@@ -372,6 +374,39 @@ class DaamPreview {
   }
 }
 
+// Frontends from about 1.5x keep a linked widget's row ("connection suppressed") at the widget's own height and
+// draw no label for DOM widgets: a linked multiline prompt became ~200 px of blank node with an unlabelled dot.
+// Linked, the prompt widgets take one row, labelled like any input; unlinked they are the usual text boxes.
+function linked(node, widget) {
+  const slot = node.inputs?.find((i) => i.widget?.name === widget.name);
+  return slot != null && slot.link != null;
+}
+
+function compactWhenLinked(node) {
+  for (const name of PROMPT_TEXTS) {
+    const w = node.widgets?.find((x) => x.name === name);
+    if (!w || typeof w.computeLayoutSize !== "function") continue;
+    const own = w.computeLayoutSize.bind(w);
+    w.computeLayoutSize = (n) => linked(node, w) ? { minHeight: ROW, maxHeight: ROW, minWidth: 0 } : own(n);
+  }
+  const onDrawForeground = node.onDrawForeground;
+  node.onDrawForeground = function (ctx) {
+    const r = onDrawForeground?.apply(this, arguments);
+    if (this.flags?.collapsed) return r;
+    for (const name of PROMPT_TEXTS) {
+      const w = this.widgets?.find((x) => x.name === name);
+      if (!w || w.y == null || !linked(this, w)) continue;
+      ctx.save();
+      ctx.fillStyle = globalThis.LiteGraph?.NODE_TEXT_COLOR ?? "#aaa";
+      ctx.font = `${globalThis.LiteGraph?.NODE_SUBTEXT_SIZE ?? 12}px Arial`;
+      ctx.textAlign = "left";
+      ctx.fillText(w.label ?? name, 20, w.y + ROW * 0.5 + 5);
+      ctx.restore();
+    }
+    return r;
+  };
+}
+
 app.registerExtension({
   name: "comfyui-daam.preview",
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -383,6 +418,7 @@ app.registerExtension({
       this.daamPreview = preview;
       this.addDOMWidget("daam_preview", "daam_preview", preview.root, {
         serialize: false, hideOnZoom: false, getMinHeight: () => MIN_HEIGHT });
+      compactWhenLinked(this);
       return r;
     };
     const onExecuted = nodeType.prototype.onExecuted;
