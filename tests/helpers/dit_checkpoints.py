@@ -143,6 +143,16 @@ def build_flux2(seed: int = 0, context_dim: int = 64):
     return _patcher(detected_config(shapes, hidden_size=256, num_heads=2, context_in_dim=context_dim), seed)
 
 
+def build_qwen_image(seed: int = 0, layers: int = 2, context_dim: int = 64):
+    """A Qwen-Image-shaped ``ModelPatcher`` (``model_base.QwenImage``): the host detects the input channels and the
+    block count from the keys and fixes 24 heads of 128 and a 3584-wide text input, so those are set after
+    detection (2 heads of 128: its RoPE axes 16 + 56 + 56 need 128 per head)."""
+    shapes = {"txt_norm.weight": (context_dim,), "img_in.weight": (256, 64)}
+    shapes.update({f"transformer_blocks.{i}.attn.to_q.weight": (256, 256) for i in range(layers)})
+    return _patcher(detected_config(shapes, num_attention_heads=2, attention_head_dim=128,
+                                    joint_attention_dim=context_dim), seed)
+
+
 def conditioning(tokens: int, context_dim: int = 64, pooled_dim: int = 32, seed: int = 0, batch: int = 1,
                  **extra):
     """A hand-made CONDITIONING ``[[cross_attn [B, tokens, context_dim], {"pooled_output": [B, pooled_dim]}]]``."""
