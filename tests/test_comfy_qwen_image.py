@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from helpers.dit_checkpoints import qwen_kept_positions
 from helpers.images import assert_same_image
 
 pytestmark = pytest.mark.host
@@ -34,29 +35,10 @@ def tok(comfy_host):
     return QwenImageTokenizer()
 
 
-def kept_positions(tok, text):
-    """The token positions the host's encoder keeps: ``QwenImageTEModel.encode_token_weights`` run on the host's
-    tokens, with an encoder in place of Qwen2.5-VL whose hidden state at each position is that position's index
-    (the cut is the host's code; only the language model is not run)."""
-    from comfy.text_encoders.qwen_image import QwenImageTEModel
-
-    tokens = tok.tokenize_with_weights(text, return_word_ids=True)
-
-    class Positions:
-        def encode_token_weights(self, pairs):
-            n = sum(len(c) for c in pairs)
-            return torch.arange(n, dtype=torch.float64).view(1, n, 1), None, {"attention_mask": torch.ones(1, n)}
-
-    te = object.__new__(QwenImageTEModel)  # no weights: only its cut runs
-    te.__dict__.update(clip_name="qwen25_7b", clip="qwen25_7b", qwen25_7b=Positions())
-    out, _, _ = QwenImageTEModel.encode_token_weights(te, tokens)
-    return tokens, [int(p) for p in out[0, :, 0]]
-
-
 def cond(tok, text, seed, batch=1, **extra):
     from helpers.dit_checkpoints import conditioning
 
-    return conditioning(len(kept_positions(tok, text)[1]), seed=seed, batch=batch, **extra)
+    return conditioning(len(qwen_kept_positions(tok, text)[1]), seed=seed, batch=batch, **extra)
 
 
 def ksample(model, positive, negative, batch=1, h=6, w=8, seed=1, steps=1, cfg=3.0):
@@ -180,7 +162,7 @@ def test_planted_attention_is_recovered(pack, model, tok):
     from daam_core.engine import metrics
     from daam_core.hosts.comfy.dit import conditioning_layout
 
-    count = len(kept_positions(tok, POS)[1])
+    count = len(qwen_kept_positions(tok, POS)[1])
     dog = conditioning_layout(tok, POS, count).positions("dog")[0]
     grid = (8, 12)  # a 16 x 24 latent in 2 x 2 patches
     region = torch.zeros(grid, dtype=torch.bool)
@@ -206,7 +188,7 @@ def test_word_positions_are_the_host_encoded_tokens(tok, text):
     from daam_core.hosts.comfy.dit import conditioning_layout
 
     hf = tok.qwen25_7b.tokenizer
-    tokens, kept = kept_positions(tok, text)
+    tokens, kept = qwen_kept_positions(tok, text)
     ids = [t for chunk in tokens["qwen25_7b"] for t, _, _ in chunk]
     layout = conditioning_layout(tok, text, len(kept))
     assert layout.length == len(kept) and layout.ids == tuple(ids[p] for p in kept)
@@ -229,7 +211,7 @@ def test_first_word_sharing_a_template_token(tok):
     from daam_core.hosts.comfy.dit import conditioning_layout
 
     hf = tok.qwen25_7b.tokenizer
-    tokens, kept = kept_positions(tok, "\n\ncat")
+    tokens, kept = qwen_kept_positions(tok, "\n\ncat")
     layout = conditioning_layout(tok, "\n\ncat", len(kept))
     pieces = hf.convert_ids_to_tokens(list(layout.ids))
     assert pieces[:4] == ["<|im_start|>", "user", "ĊĊĊ", "cat"]
