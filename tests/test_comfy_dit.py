@@ -244,6 +244,22 @@ def planter(daam_override, spans, region, strength=30.0):
     return plant
 
 
+def planted_masks(pack, model, tok, count, key, sample):
+    """Masks of "dog, cat" ``[2, 128, 192]`` and the planted region at that size, for a 16 x 24 latent sampled by
+    ``sample(traced_model)`` with the text key ``key`` planted (text first: ``count`` tokens, then the image)."""
+    region = torch.zeros((8, 12), dtype=torch.bool)  # a 16 x 24 latent in 2 x 2 patches
+    region[2:6, 3:9] = True
+    traced_model = pack.DAAMTraceModel().trace(model)[0]
+    to = traced_model.model_options["transformer_options"]
+    to["optimized_attention_override"] = planter(to["optimized_attention_override"],
+                                                 {"length": count + region.numel(), "image": count, "key": key},
+                                                 region.flatten())
+    samples = sample(traced_model)
+    masks = pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, NEG, "dog, cat")["result"][2]
+    assert masks.shape == (2, 128, 192)
+    return masks, region.repeat_interleave(16, 0).repeat_interleave(16, 1)
+
+
 @pytest.mark.parametrize("family", ("sd3", "flux-dev"))
 def test_planted_attention_is_recovered(pack, models, tokenizers, family):
     from daam_core.engine import metrics
@@ -253,19 +269,8 @@ def test_planted_attention_is_recovered(pack, models, tokenizers, family):
     count = token_count(tok, POS)
     layout = conditioning_layout(tok, POS, count)
     dog = layout.positions("dog", segments="clip" if family == "sd3" else None)[0]  # SD3: the CLIP one
-    grid = (8, 12)  # a 16 x 24 latent in 2 x 2 patches
-    region = torch.zeros(grid, dtype=torch.bool)
-    region[2:6, 3:9] = True
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
-    to = traced_model.model_options["transformer_options"]
-    to["optimized_attention_override"] = planter(to["optimized_attention_override"],
-                                                 {"length": count + region.numel(), "image": count, "key": dog},
-                                                 region.flatten())
-    samples = ksample(traced_model, cond(family, tokenizers, POS, 1), cond(family, tokenizers, NEG, 2), h=16, w=24)
-    out = pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, NEG, "dog, cat")
-    masks = out["result"][2]  # [words, 128, 192]
-    truth = region.repeat_interleave(16, 0).repeat_interleave(16, 1)
-    assert masks.shape == (2, 128, 192)
+    masks, truth = planted_masks(pack, model, tok, count, dog, lambda m: ksample(
+        m, cond(family, tokenizers, POS, 1), cond(family, tokenizers, NEG, 2), h=16, w=24))
     assert metrics.iou(masks[0] > 0.5, truth) >= 0.9, f"{family}: the mask of 'dog' misses its planted region"
     assert metrics.iou(masks[1] > 0.5, truth) < 0.5, f"{family}: the mask of 'cat' took 'dog's planted region"
 

@@ -138,45 +138,16 @@ def test_recorded_probabilities_equal_fp64_reference(pack, model, tok, refs):
         assert rec.layers[name].kind == "joint"
 
 
-def planter(daam_override, spans, region, strength=30.0):
-    """An override above DAAM's: the text key ``spans['key']`` dominates the image queries in ``region`` and
-    vanishes for the others, in every joint call ([B, H, L, D])."""
-
-    def plant(func, *args, **kwargs):
-        q, k = args[0], args[1]
-        if k.shape[2] == spans["length"]:
-            q, k = q.clone(), k.clone()
-            u = torch.zeros(q.shape[-1], dtype=q.dtype)
-            u[0] = strength
-            img = q[:, :, spans["image"]:spans["image"] + region.numel()]
-            img[:, :, region] = u
-            img[:, :, ~region] = -u
-            k[:, :, spans["key"]] = u
-            args = (q, k) + args[2:]
-        return daam_override(func, *args, **kwargs)
-
-    return plant
-
-
 def test_planted_attention_is_recovered(pack, model, tok):
+    from test_comfy_dit import planted_masks  # the text key dominates a region's image queries
+
     from daam_core.engine import metrics
     from daam_core.hosts.comfy.dit import conditioning_layout
 
     count = len(qwen_kept_positions(tok, POS)[1])
     dog = conditioning_layout(tok, POS, count).positions("dog")[0]
-    grid = (8, 12)  # a 16 x 24 latent in 2 x 2 patches
-    region = torch.zeros(grid, dtype=torch.bool)
-    region[2:6, 3:9] = True
-    traced_model = pack.DAAMTraceModel().trace(model)[0]
-    to = traced_model.model_options["transformer_options"]
-    to["optimized_attention_override"] = planter(to["optimized_attention_override"],
-                                                 {"length": count + region.numel(), "image": count, "key": dog},
-                                                 region.flatten())
-    samples = ksample(traced_model, cond(tok, POS, 1), cond(tok, NEG, 2), h=16, w=24)
-    out = pack.DAAMHeatmaps().heatmaps(traced_model, tok, {"samples": samples}, POS, NEG, "dog, cat")
-    masks = out["result"][2]
-    truth = region.repeat_interleave(16, 0).repeat_interleave(16, 1)
-    assert masks.shape == (2, 128, 192)
+    masks, truth = planted_masks(pack, model, tok, count, dog,
+                                 lambda m: ksample(m, cond(tok, POS, 1), cond(tok, NEG, 2), h=16, w=24))
     assert metrics.iou(masks[0] > 0.5, truth) >= 0.9
     assert metrics.iou(masks[1] > 0.5, truth) < 0.5
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numbers
 
 from ....text.layout import Segment, TokenLayout, Word
-from ....text.pieces import WORD_START
+from ....text.pieces import WORD_START, _byte_decoder
 from .base import DiTSpec, JointFamily, register
 
 KEY = "qwen25_7b"
@@ -70,28 +70,13 @@ def _template_end(ids) -> int:
     return end % len(ids) if ids else 0
 
 
-def _byte_table() -> dict[str, int]:
-    """Byte-level BPE's printable stand-ins for the 256 bytes (GPT-2's table): character -> byte."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
-
-
-_BYTES = _byte_table()
-
-
 def _token_bytes(hf, ids: list[int]) -> list[bytes]:
     """The UTF-8 bytes each token stands for: added tokens (``<|im_start|>``) their text, the rest byte-level."""
     added = {int(k): v.content for k, v in getattr(hf, "added_tokens_decoder", {}).items()}
+    table = _byte_decoder()  # byte-level BPE's printable stand-ins -> bytes
     out = []
     for i, piece in zip(ids, hf.convert_ids_to_tokens(ids)):
-        out.append(added[i].encode() if i in added else bytes(_BYTES[c] for c in piece))
+        out.append(added[i].encode() if i in added else bytes(table[c] for c in piece))
     return out
 
 
