@@ -152,7 +152,7 @@ def test_planted_attention_is_recovered(pack, model, tok):
     assert metrics.iou(masks[1] > 0.5, truth) < 0.5
 
 
-@pytest.mark.parametrize("text", [POS, "\n\ncat sits, dog", "  dog and the café cat ", "dog"])
+@pytest.mark.parametrize("text", [POS, "\n\ncat sits, dog", "  dog and the café cat ", "dog", "a 🐱 sleeps 🐶"])
 def test_word_positions_are_the_host_encoded_tokens(tok, text):
     """Words sit at the positions the host's encoder keeps of the templated prompt (template tokens are no word);
     first and last words included, also when the first shares a token with the template's newline."""

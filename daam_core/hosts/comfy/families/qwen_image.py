@@ -80,6 +80,13 @@ def _token_bytes(hf, ids: list[int]) -> list[bytes]:
     return out
 
 
+def _char_start(data: bytes, i: int) -> int:
+    """The first UTF-8 character start at or after byte ``i``."""
+    while i < len(data) and data[i] & 0xC0 == 0x80:
+        i += 1
+    return i
+
+
 def chat_layout(chunks, hf, text: str, template: str) -> TokenLayout:
     """The layout of the conditioning the host keeps of a chat-templated prompt.
 
@@ -132,7 +139,8 @@ def chat_layout(chunks, hf, text: str, template: str) -> TokenLayout:
             pieces.append(b.decode("utf-8", "replace"))
             continue
         s, e = spans[hit]
-        part = whole[max(a, lo):min(z, hi)].decode("utf-8", "replace")  # the prompt's characters only
+        # the prompt's characters that start in this token (a character split across tokens is the first one's)
+        part = whole[_char_start(whole, max(a, lo)):_char_start(whole, min(z, hi))].decode("utf-8", "replace")
         starts = a <= s  # the token holds the word's first byte
         pieces.append(WORD_START + part.strip() if starts else part)
         word_of.append(hit)
