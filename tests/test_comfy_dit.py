@@ -475,28 +475,34 @@ def on_pytorch_attention(inner=None):
     return override
 
 
-@pytest.mark.parametrize("family", ("sd35", "flux-dev"))
-def test_pytorch_attention_host_gets_the_same_image_and_sums(pack, models, tokenizers, family):
+def assert_fused_kernel_is_the_host(pack, model, sample):
+    """``sample(model)`` on ComfyUI's ``attention_pytorch``: traced and untraced images identical, the fused kernel
+    used, the sums those of the default CPU attention; returns the block names."""
     import importlib
 
     joint = importlib.import_module(pack.__name__.split(".")[0] + ".daam_core.engine.joint")  # the pack's own copy
 
-    model = models[family]
-    pos, neg = cond(family, tokenizers, POS, 1, batch=2), cond(family, tokenizers, NEG, 2, batch=2)
-    plain = ksample(with_override(model, on_pytorch_attention()), pos, neg, batch=2)
+    plain = sample(with_override(model, on_pytorch_attention()))
     traced_model = pack.DAAMTraceModel().trace(model)[0]
     to = traced_model.model_options["transformer_options"]
     to["optimized_attention_override"] = on_pytorch_attention(to["optimized_attention_override"])
-    fast = ksample(traced_model, pos, neg, batch=2)
+    fast = sample(traced_model)
     assert_same_image(plain, fast, "traced sampling on the fused kernel")
     assert any(joint._verdicts.values())  # the fused kernel was proven equal to the host's call and used
     slow_model = pack.DAAMTraceModel().trace(model)[0]  # the default CPU attention: normaliser computed chunked
-    slow = ksample(slow_model, pos, neg, batch=2)
+    slow = sample(slow_model)
     a = pack.session_of(traced_model).find(fast).recorded
     b = pack.session_of(slow_model).find(slow).recorded
     assert set(a.sums) == set(b.sums)
     for name in a.sums:  # the same probabilities up to the two attention functions' rounding
         torch.testing.assert_close(a.sums[name], b.sums[name], atol=1e-4, rtol=0)
+    return set(a.sums)
+
+
+@pytest.mark.parametrize("family", ("sd35", "flux-dev"))
+def test_pytorch_attention_host_gets_the_same_image_and_sums(pack, models, tokenizers, family):
+    pos, neg = cond(family, tokenizers, POS, 1, batch=2), cond(family, tokenizers, NEG, 2, batch=2)
+    assert assert_fused_kernel_is_the_host(pack, models[family], lambda m: ksample(m, pos, neg, batch=2))
 
 
 def test_override_replaced_after_daam_is_named(pack, models, tokenizers):
