@@ -7,9 +7,10 @@ image: they take part in the softmax and are never mapped.
 
 The text is Qwen2.5-VL's: the host's tokenizer wraps the prompt in a chat template and tokenizes the templated
 string in one piece, and the encoder drops the template's head (the system turn and ``<|im_start|>user\\n``); what
-stays is the prompt and the template's tail. Words are found by character offsets of the templated string, so a
-token the prompt shares with the template (a prompt that starts with a newline) belongs to the prompt's first
-word, and template tokens belong to no word. A prompt encoded with images (TextEncodeQwenImageEdit's vision
+stays is the prompt and the template's tail. Words are found by byte offsets of the templated string: a token
+belongs to the word whose characters it holds, template tokens to none. A token shared with the template (a
+prompt that starts with a newline merges with the template's; the host's cut then keeps ``<|im_start|>user``)
+holds only whitespace of the prompt and belongs to no word. A prompt encoded with images (TextEncodeQwenImageEdit's vision
 tokens) has a conditioning longer than its text and is refused by the length check.
 """
 
