@@ -244,6 +244,22 @@ def planter(daam_override, spans, region, strength=30.0):
     return plant
 
 
+def planted_masks(pack, model, tok, count, key, sample):
+    """Masks of "dog, cat" ``[2, 128, 192]`` and the planted region at that size, for a 16 x 24 latent sampled by
+    ``sample(traced_model)`` with the text key ``key`` planted (text first: ``count`` tokens, then the image)."""
+    region = torch.zeros((8, 12), dtype=torch.bool)  # a 16 x 24 latent in 2 x 2 patches
+    region[2:6, 3:9] = True
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
+    to = traced_model.model_options["transformer_options"]
+    to["optimized_attention_override"] = planter(to["optimized_attention_override"],
+                                                 {"length": count + region.numel(), "image": count, "key": key},
+                                                 region.flatten())
+    samples = sample(traced_model)
+    masks = pack.DAAMHeatmaps.execute(traced_model, tok, {"samples": samples}, POS, NEG, "dog, cat").result[2]
+    assert masks.shape == (2, 128, 192)
+    return masks, region.repeat_interleave(16, 0).repeat_interleave(16, 1)
+
+
 @pytest.mark.parametrize("family", ("sd3", "flux-dev"))
 def test_planted_attention_is_recovered(pack, models, tokenizers, family):
     from daam_core.engine import metrics
@@ -253,19 +269,8 @@ def test_planted_attention_is_recovered(pack, models, tokenizers, family):
     count = token_count(tok, POS)
     layout = conditioning_layout(tok, POS, count)
     dog = layout.positions("dog", segments="clip" if family == "sd3" else None)[0]  # SD3: the CLIP one
-    grid = (8, 12)  # a 16 x 24 latent in 2 x 2 patches
-    region = torch.zeros(grid, dtype=torch.bool)
-    region[2:6, 3:9] = True
-    traced_model = pack.DAAMTraceModel.execute(model)[0]
-    to = traced_model.model_options["transformer_options"]
-    to["optimized_attention_override"] = planter(to["optimized_attention_override"],
-                                                 {"length": count + region.numel(), "image": count, "key": dog},
-                                                 region.flatten())
-    samples = ksample(traced_model, cond(family, tokenizers, POS, 1), cond(family, tokenizers, NEG, 2), h=16, w=24)
-    out = pack.DAAMHeatmaps.execute(traced_model, tok, {"samples": samples}, POS, NEG, "dog, cat")
-    masks = out.result[2]  # [words, 128, 192]
-    truth = region.repeat_interleave(16, 0).repeat_interleave(16, 1)
-    assert masks.shape == (2, 128, 192)
+    masks, truth = planted_masks(pack, model, tok, count, dog, lambda m: ksample(
+        m, cond(family, tokenizers, POS, 1), cond(family, tokenizers, NEG, 2), h=16, w=24))
     assert metrics.iou(masks[0] > 0.5, truth) >= 0.9, f"{family}: the mask of 'dog' misses its planted region"
     assert metrics.iou(masks[1] > 0.5, truth) < 0.5, f"{family}: the mask of 'cat' took 'dog's planted region"
 
@@ -416,7 +421,7 @@ def test_untraceable_family_is_a_node_error_naming_it(pack, comfy_host):
     model = build_flux2()
     assert type(model.model.model_config) is sm.Flux2
     with pytest.raises(ValueError, match="cannot trace this model family: 'flux2'.*Flux2.*DAAM traces .*Flux.1 "
-                                         "\\(dev, schnell, Kontext\\), Chroma and Wan 2.1 / 2.2"):
+                                         "\\(dev, schnell, Kontext\\), Chroma, Wan 2.1 / 2.2 .* and Qwen-Image"):
         pack.DAAMTraceModel.execute(model)
     latent = {"samples": torch.zeros(1, 128, 4, 4)}
     with pytest.raises(ValueError, match="cannot trace this model family"):
@@ -470,28 +475,34 @@ def on_pytorch_attention(inner=None):
     return override
 
 
-@pytest.mark.parametrize("family", ("sd35", "flux-dev"))
-def test_pytorch_attention_host_gets_the_same_image_and_sums(pack, models, tokenizers, family):
+def assert_fused_kernel_is_the_host(pack, model, sample):
+    """``sample(model)`` on ComfyUI's ``attention_pytorch``: traced and untraced images identical, the fused kernel
+    used, the sums those of the default CPU attention; returns the block names."""
     import importlib
 
     joint = importlib.import_module(pack.__name__.split(".")[0] + ".daam_core.engine.joint")  # the pack's own copy
 
-    model = models[family]
-    pos, neg = cond(family, tokenizers, POS, 1, batch=2), cond(family, tokenizers, NEG, 2, batch=2)
-    plain = ksample(with_override(model, on_pytorch_attention()), pos, neg, batch=2)
+    plain = sample(with_override(model, on_pytorch_attention()))
     traced_model = pack.DAAMTraceModel.execute(model)[0]
     to = traced_model.model_options["transformer_options"]
     to["optimized_attention_override"] = on_pytorch_attention(to["optimized_attention_override"])
-    fast = ksample(traced_model, pos, neg, batch=2)
+    fast = sample(traced_model)
     assert_same_image(plain, fast, "traced sampling on the fused kernel")
     assert any(joint._verdicts.values())  # the fused kernel was proven equal to the host's call and used
     slow_model = pack.DAAMTraceModel.execute(model)[0]  # the default CPU attention: normaliser computed chunked
-    slow = ksample(slow_model, pos, neg, batch=2)
+    slow = sample(slow_model)
     a = pack.session_of(traced_model).find(fast).recorded
     b = pack.session_of(slow_model).find(slow).recorded
     assert set(a.sums) == set(b.sums)
     for name in a.sums:  # the same probabilities up to the two attention functions' rounding
         torch.testing.assert_close(a.sums[name], b.sums[name], atol=1e-4, rtol=0)
+    return set(a.sums)
+
+
+@pytest.mark.parametrize("family", ("sd35", "flux-dev"))
+def test_pytorch_attention_host_gets_the_same_image_and_sums(pack, models, tokenizers, family):
+    pos, neg = cond(family, tokenizers, POS, 1, batch=2), cond(family, tokenizers, NEG, 2, batch=2)
+    assert assert_fused_kernel_is_the_host(pack, models[family], lambda m: ksample(m, pos, neg, batch=2))
 
 
 def test_override_replaced_after_daam_is_named(pack, models, tokenizers):

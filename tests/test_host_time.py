@@ -25,8 +25,9 @@ def families(comfy_host, sd15_checkpoint):
     from comfy.text_encoders.flux import FluxTokenizer
     from comfy.text_encoders.pixart_t5 import PixArtTokenizer
     from comfy.text_encoders.sd3_clip import SD3Tokenizer
-    from helpers.dit_checkpoints import (WAN_TEXT_DIM, build_chroma, build_flux, build_sd3, build_wan, conditioning,
-                                         tiny_umt5_tokenizer)
+    from comfy.text_encoders.qwen_image import QwenImageTokenizer
+    from helpers.dit_checkpoints import (WAN_TEXT_DIM, build_chroma, build_flux, build_qwen_image, build_sd3,
+                                         build_wan, conditioning, qwen_kept_positions, tiny_umt5_tokenizer)
 
     import nodes as host_nodes
 
@@ -46,6 +47,11 @@ def families(comfy_host, sd15_checkpoint):
         return conditioning(sum(len(c) for c in wan_tok.tokenize_with_weights(text)["umt5xxl"]),
                             context_dim=WAN_TEXT_DIM, seed=seed)
 
+    qwen_tok = QwenImageTokenizer()
+
+    def qwen_cond(text, seed):
+        return conditioning(len(qwen_kept_positions(qwen_tok, text)[1]), seed=seed)
+
     return {
         "sd15": dict(model=model, clip=clip, channels=4, pos=host_nodes.CLIPTextEncode().encode(clip, POS)[0],
                      neg=host_nodes.CLIPTextEncode().encode(clip, NEG)[0]),
@@ -57,13 +63,15 @@ def families(comfy_host, sd15_checkpoint):
                        pos=dit_cond(chroma_tok, POS, 1, False), neg=dit_cond(chroma_tok, NEG, 2, False)),
         "wan": dict(model=build_wan(seed=7), clip=wan_tok, channels=16, frames=3, pos=wan_cond(POS, 1),
                     neg=wan_cond(NEG, 2)),
+        "qwen_image": dict(model=build_qwen_image(seed=8), clip=qwen_tok, channels=16, frames=1,  # one-frame 5-D
+                           pos=qwen_cond(POS, 1), neg=qwen_cond(NEG, 2)),
     }
 
 
 def sample(f, model, cfg=3.0, steps=STEPS):
     import comfy.sample
 
-    latent = torch.zeros(1, f["channels"], *(f["frames"],) if "frames" in f else (), 6, 8)  # Wan: a video latent
+    latent = torch.zeros(1, f["channels"], *(f["frames"],) if "frames" in f else (), 6, 8)  # Wan, Qwen-Image: 5-D
     noise = comfy.sample.prepare_noise(latent, 1)
     return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", f["pos"], f["neg"], latent, denoise=1.0,
                                seed=1, disable_pbar=True)
@@ -83,7 +91,7 @@ def recording(pack, model, samples):
     return pack.session_of(model).find(samples).recorded
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan", "qwen_image"])
 def test_time_buckets_split_the_steps_evenly(pack, families, family):
     f = families[family]
     traced = pack.DAAMTraceModel.execute(f["model"], time_buckets=4)[0]
@@ -97,7 +105,7 @@ def test_time_buckets_split_the_steps_evenly(pack, families, family):
         torch.testing.assert_close(rec.time_sums[name].sum(0), rec.sums[name])
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan", "qwen_image"])
 @pytest.mark.parametrize("window", [(0.0, 0.5), (0.5, 1.0), (0.6, 1.0), (0.25, 0.6)])
 def test_time_window_covers_the_steps_of_the_hosts_own_percent(pack, families, family, window):
     f = families[family]
@@ -124,7 +132,7 @@ def test_buckets_and_window_together(pack, families, family):
         assert calls == [per_step * sum(1 for i in expected if i * 4 // STEPS == b) for b in range(4)]
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan", "qwen_image"])
 def test_negative_words_at_cfg_1_are_a_clear_error(pack, families, family):
     f = families[family]
     traced = pack.DAAMTraceModel.execute(f["model"])[0]

@@ -143,6 +143,36 @@ def build_flux2(seed: int = 0, context_dim: int = 64):
     return _patcher(detected_config(shapes, hidden_size=256, num_heads=2, context_in_dim=context_dim), seed)
 
 
+def build_qwen_image(seed: int = 0, layers: int = 2, context_dim: int = 64):
+    """A Qwen-Image-shaped ``ModelPatcher`` (``model_base.QwenImage``): the host detects the input channels and the
+    block count from the keys and fixes 24 heads of 128 and a 3584-wide text input, so those are set after
+    detection (2 heads of 128: its RoPE axes 16 + 56 + 56 need 128 per head)."""
+    shapes = {"txt_norm.weight": (context_dim,), "img_in.weight": (256, 64)}
+    shapes.update({f"transformer_blocks.{i}.attn.to_q.weight": (256, 256) for i in range(layers)})
+    return _patcher(detected_config(shapes, num_attention_heads=2, attention_head_dim=128,
+                                    joint_attention_dim=context_dim), seed)
+
+
+def qwen_kept_positions(tokenizer, text: str):
+    """``(tokens, positions)``: the host's ``QwenImageTokenizer`` tokens of ``text`` and the positions its encoder
+    keeps. ``QwenImageTEModel.encode_token_weights`` runs on them with an encoder in place of Qwen2.5-VL whose
+    hidden state at each position is that position's index: the cut is the host's code, the language model
+    (7B; no small config of its vision tower exists) is not run."""
+    from comfy.text_encoders.qwen_image import QwenImageTEModel
+
+    tokens = tokenizer.tokenize_with_weights(text, return_word_ids=True)
+
+    class Positions:
+        def encode_token_weights(self, pairs):
+            n = sum(len(c) for c in pairs)
+            return torch.arange(n, dtype=torch.float64).view(1, n, 1), None, {"attention_mask": torch.ones(1, n)}
+
+    te = object.__new__(QwenImageTEModel)  # no weights: only its cut runs
+    te.__dict__.update(clip_name="qwen25_7b", clip="qwen25_7b", qwen25_7b=Positions())
+    out, _, _ = QwenImageTEModel.encode_token_weights(te, tokens)
+    return tokens, [int(p) for p in out[0, :, 0]]
+
+
 def conditioning(tokens: int, context_dim: int = 64, pooled_dim: int = 32, seed: int = 0, batch: int = 1,
                  **extra):
     """A hand-made CONDITIONING ``[[cross_attn [B, tokens, context_dim], {"pooled_output": [B, pooled_dim]}]]``."""

@@ -189,12 +189,17 @@ def text_segments(tokenizer, tokens: dict, encoders=None, family=None) -> list[l
         ``segment`` names the encoder (``"clip"``, ``"t5"``), ``key`` the ``tokens`` entry it is read from, in
         sequence order.
     """
-    families = [family] if family is not None else FAMILIES
-    out = []
-    for f in families:
+    return [c for _, c in _candidates(tokenizer, tokens, encoders, family)]
+
+
+def _candidates(tokenizer, tokens, encoders, family):
+    """``(family, segments)`` of :func:`text_segments`."""
+    out, seen = [], []
+    for f in [family] if family is not None else FAMILIES:
         for c in f.text_segments(tokenizer, tokens, encoders):
-            if c and c not in out:
-                out.append(c)
+            if c and c not in seen:
+                seen.append(c)
+                out.append((f, c))
     return out
 
 
@@ -239,12 +244,15 @@ def conditioning_layout(tokenizer, text: str, count: int, encoders=None, family=
     from .tokens import layout_from_comfy_t5, layout_from_comfy_tokens
 
     tokens = tokenizer.tokenize_with_weights(text, return_word_ids=True)
-    candidates = text_segments(tokenizer, tokens, encoders, family)
-    segments = next((c for c in candidates if sum(n for _, _, n in c) == count), None)
+    candidates = _candidates(tokenizer, tokens, encoders, family)
+    owner, segments = next(((f, c) for f, c in candidates if sum(n for _, _, n in c) == count), (None, None))
     if segments is None:
-        found = " or ".join("+".join(f"{s} {n}" for s, _, n in c) for c in candidates)
+        found = " or ".join("+".join(f"{s} {n}" for s, _, n in c) for _, c in candidates)
         raise ValueError(f"the text encodes to {found} tokens but the sampler's conditioning has {count}: give DAAM "
                          f"the same text and CLIP that encoded the conditioning")
+    own = owner.layout(tokenizer, tokens, text, segments)
+    if own is not None:
+        return own
     parts = []
     for kind, key, n in segments:
         hf = _hf_tokenizer(tokenizer, key)

@@ -82,7 +82,8 @@ class JointFamily:
         separate cross-attention whose keys are the text conditioning alone and whose queries are the image (or
         video) tokens; any other call (self-attention, an image-prompt attention) is not recorded.
     video : bool
-        The model denoises video latents ``[B, C, frames, H, W]``; each frame gets maps of its own.
+        The model's latents are 5-D ``[B, C, frames, H, W]`` (a video, or Qwen-Image's one frame); each frame gets
+        maps of its own.
     """
 
     name = ""
@@ -128,6 +129,11 @@ class JointFamily:
         """Candidate layouts of the conditioning's token axis, most likely first: lists of ``(segment, key,
         length)``, ``key`` the entry of ``tokenizer.tokenize_with_weights(...)`` the segment is read from."""
         raise NotImplementedError
+
+    def layout(self, tokenizer, tokens: dict, text: str, segments: list[tuple[str, str, int]]):
+        """The prompt's :class:`~daam_core.text.layout.TokenLayout` over the conditioning when the family builds it
+        itself (a templated text the encoder cuts); None: one layout per segment from its encoder's tokens."""
+        return None
 
     def no_negative_reason(self) -> str | None:
         """Why negative words have no maps at the usual settings, or None."""
