@@ -154,6 +154,8 @@ class Recording:
         With ``RecordFilter.time_buckets`` K > 1: the sums per K-th of the sampling (they add up to ``sums``).
     time_calls : dict layer -> list of K int
         Recorded calls per layer and time bucket.
+    extras : dict
+        The refinements' sums (:meth:`daam_core.engine.refine.RefineSums.finish`); empty unless asked for.
     """
 
     sums: dict[str, torch.Tensor]
@@ -166,6 +168,7 @@ class Recording:
     warnings: list[str] = field(default_factory=list)
     time_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     time_calls: dict[str, list[int]] = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -229,6 +232,7 @@ class CrossAttentionRecorder:
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._time_calls: dict[str, list[int]] = {}
         self._started = False
+        self.extra = None  # optional refine.RefineSums: self-attention and per-head sums, set by the adapter
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -264,6 +268,8 @@ class CrossAttentionRecorder:
         self._time_calls = {}
         self._call = _Call()
         self._started = True
+        if self.extra is not None:
+            self.extra.begin()
 
     def set_call(self, rows: Sequence[int | None], progress: "Moment | float") -> None:
         """Describe the next model call.
@@ -303,7 +309,8 @@ class CrossAttentionRecorder:
                         streams=list(self.streams), token_counts=list(self.token_counts),
                         latent_hw=self.grid.latent_hw, branches=tuple(self.filter.branches),
                         warnings=list(self.warnings), time_sums=dict(self.sums) if timed else {},
-                        time_calls={n: list(c) for n, c in self._time_calls.items()} if timed else {})
+                        time_calls={n: list(c) for n, c in self._time_calls.items()} if timed else {},
+                        extras=self.extra.finish() if self.extra is not None else {})
         self._time_calls = {}
         self.sums = {}
         self.layers = {}
@@ -392,6 +399,8 @@ class CrossAttentionRecorder:
         if kh.shape[-1] != qh.shape[-1] or qh.shape[1] % kh.shape[1]:
             raise ValueError(f"{name}: keys {tuple(kh.shape)} do not match queries {tuple(qh.shape)}")
         self._accumulate(name, qh, kh, (0, kh.shape[2]), scale)
+        if self.extra is not None and name in self.calls:
+            self.extra.record_heads(self, name, qh, kh, scale)
 
     def _accumulate(self, name: str, q: torch.Tensor, k: torch.Tensor, text: tuple[int, int],
                     scale: float | None, mask: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> None:
