@@ -39,7 +39,8 @@ class RefineRecording:
     max_queries : int
         The largest resolution (``h * w``) whose self-attention is kept.
     head_sums : bool
-        Keep per-head cross-attention sums (UNet cross-attention; not joint attention).
+        Keep per-head cross-attention sums (UNet cross-attention; not joint attention), of every head whatever
+        ``RecordFilter.heads`` says.
     """
 
     self_attention: bool = False
