@@ -11,6 +11,13 @@ Baselines: the whole image and a centred disc. Ablations (real scenes): layer re
 aggregation (two-token phrases), threshold 0.2-0.6, and the timestep of the pass; on generated images: layers,
 threshold and the window of sampling steps recorded. Head/dependent overlap (mIoD, mIoH) of colour-noun
 pairs as in the paper. Ends with one JSON line.
+
+    python bench/attribution.py --refine --seeds 1234,1235,1236   # plain DAAM against the refinements
+
+``--refine`` (issue 24) traces every image once with self-attention and per-head sums
+(:mod:`daam_core.engine.refine`), scores plain DAAM and each refinement (self-attention propagation ``k`` steps,
+head weighting by concentration, their combinations) on the same traces, per seed, and reports the mean and the
+spread (min-max over seeds) of each score; the whole-image baseline is scored against the same objects.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from daam_core import trace  # noqa: E402
 from daam_core.engine import masks as mask_ops  # noqa: E402
 from daam_core.engine import metrics, render  # noqa: E402
+from daam_core.engine.refine import RefineRecording  # noqa: E402
 from daam_core.shapes import model as shapes_model, scenes  # noqa: E402
 
 
@@ -84,12 +92,12 @@ def baselines(scene) -> dict:
     return out
 
 
-def real_scene_traces(pipe, items, strength: float, seed: int):
+def real_scene_traces(pipe, items, strength: float, seed: int, refine: RefineRecording | None = None):
     i2i = img2img_of(pipe)
     steps = max(1, round(1 / strength))
     traces = []
     for s in items:
-        with trace(i2i) as tc:
+        with trace(i2i, refine=refine) as tc:
             i2i(s.caption, image=to_pil(s.image), strength=1 / steps, num_inference_steps=steps, guidance_scale=1.0,
                 generator=torch.Generator().manual_seed(seed), output_type="np")
         traces.append(tc.result())
@@ -144,11 +152,12 @@ def head_dependent(traces, items, tau=0.4) -> dict:
     return metrics.head_dependent_overlap(pairs)
 
 
-def generate(pipe, items, seed: int, steps: int, guidance: float, time_window=(0.0, 1.0)):
+def generate(pipe, items, seed: int, steps: int, guidance: float, time_window=(0.0, 1.0),
+             refine: RefineRecording | None = None):
     """Draw each caption (traced); per item ``(trace, {colour: (shape, mask)} found, drawn right)``."""
     out = []
     for i, s in enumerate(items):
-        with trace(pipe, time_window=time_window) as tc:
+        with trace(pipe, time_window=time_window, refine=refine) as tc:
             img = pipe(s.caption, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
                        generator=torch.Generator().manual_seed(seed + i)).images[0]
         img = render.to_uint8(img)
@@ -189,9 +198,11 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--quick", action="store_true", help="no ablations")
+    ap.add_argument("--refine", action="store_true", help="compare plain DAAM with the refinements (issue 24)")
+    ap.add_argument("--seeds", default="1234,1235,1236", help="with --refine: comma-separated seeds")
     args = ap.parse_args(argv)
     with torch.no_grad():  # not set_grad_enabled(False): main() is also called inside the test process
-        result = run(args)
+        result = run_refine(args) if args.refine else run(args)
     print(json.dumps(result))
     return 0
 
@@ -235,6 +246,89 @@ def run(args) -> dict:
         result["generated_ablations"] = gab
     result["seconds"] = round(time.time() - t0, 1)
     return result
+
+
+# -- issue 24: refinements of the word maps, scored against plain DAAM ------------------------------------------
+REFINE_VARIANTS = {
+    "plain": {},
+    "propagate:1": {"propagate": 1},
+    "propagate:2": {"propagate": 2},
+    "propagate:4": {"propagate": 4},
+    "propagate:8": {"propagate": 8},
+    "heads:0.5": {"head_power": 0.5},
+    "heads:1": {"head_power": 1.0},
+    "heads:2": {"head_power": 2.0},
+    "propagate:2+heads:1": {"propagate": 2, "head_power": 1.0},
+    "propagate:4+heads:1": {"propagate": 4, "head_power": 1.0},
+    "propagate:4+heads:2": {"propagate": 4, "head_power": 2.0},
+}
+REFINE_KEYS = ("noun_1", "noun_2", "noun_2_wrong", "color_1", "color_2", "whole_1", "whole_2")
+
+
+def whole_baseline(res: dict, scene, mask_of) -> None:
+    """The whole image as every word's mask, scored against the same objects (per object count)."""
+    n = len(scene.objects)
+    for o in scene.objects:
+        gt = torch.from_numpy(np.asarray(mask_of(o)))
+        res[f"whole_{n}"].append(metrics.iou(torch.ones_like(gt, dtype=torch.float32), gt))
+
+
+def refine_scores(pairs, tau: float = 0.4) -> dict:
+    """Per variant the mean scores over ``pairs`` of ``(trace, scene, mask_of)``."""
+    out = {}
+    for name, opts in REFINE_VARIANTS.items():
+        res = {**empty_scores(), "whole_1": [], "whole_2": []}
+        for tr, s, mask_of in pairs:
+            score_objects(res, tr, s, mask_of, tau, **opts)
+            if name == "plain":
+                whole_baseline(res, s, mask_of)
+        out[name] = mean_scores(res)
+    base = {k: v for k, v in out["plain"].items() if k.startswith("whole_")}
+    for name in out:
+        out[name].update(base)
+    return out
+
+
+def run_refine(args) -> dict:
+    """Every variant of :data:`REFINE_VARIANTS` on rendered and generated scenes, per seed; mean and spread."""
+    t0 = time.time()
+    pipe = load_pipeline(args)
+    opts = RefineRecording(self_attention=True, head_sums=True)
+    per_seed = {"real": [], "generated": []}
+    drawn_right = []
+    for seed in (int(x) for x in args.seeds.split(",")):
+        items = test_scenes(args.scenes, args.scenes, seed)
+        traces = real_scene_traces(pipe, items, 0.25, seed, refine=opts)
+        per_seed["real"].append(refine_scores([(tr, s, lambda o: o.mask) for tr, s in zip(traces, items)]))
+        gen = test_scenes(args.generated, args.generated, seed + 1)
+        drawn = generate(pipe, gen, seed, args.steps, args.guidance, refine=opts)
+        pairs = [(tr, s, (lambda f: lambda o: f[o.color][1])(found)) for (tr, found, ok), s in zip(drawn, gen) if ok]
+        per_seed["generated"].append(refine_scores(pairs))
+        drawn_right.append(sum(ok for _, _, ok in drawn) / len(gen))
+    summary = {}
+    for kind, seeds in per_seed.items():
+        summary[kind] = {}
+        for name in REFINE_VARIANTS:
+            row = {}
+            for key in REFINE_KEYS:
+                vals = [s[name][key] for s in seeds if key in s[name]]
+                if vals:
+                    row[key] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals))}
+            summary[kind][name] = row
+    return {"bench": "attribution-refine", "seeds": args.seeds, "scenes": args.scenes, "generated": args.generated,
+            "drawn_right": drawn_right, "summary": summary, "per_seed": per_seed,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def refine_table(result: dict) -> str:
+    """The markdown table of a ``--refine`` result: mean (min-max over seeds)."""
+    lines = ["| scenes | variant | " + " | ".join(REFINE_KEYS) + " |", "|---|---|" + "---|" * len(REFINE_KEYS)]
+    for kind, rows in result["summary"].items():
+        for name, row in rows.items():
+            cells = [f"{row[k]['mean']:.3f} ({row[k]['min']:.3f}-{row[k]['max']:.3f})" if k in row else ""
+                     for k in REFINE_KEYS]
+            lines.append(f"| {kind} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -108,3 +108,24 @@ def test_clear_errors(sd_folder, tmp_path, capsys):
     assert rc == 2 and "safetensors" in err
     rc, _, err = run(["generate", "--model", sd_folder, "--prompt", "  ", "--out", tmp_path / "z"], capsys)
     assert rc == 2 and "prompt is empty" in err
+
+
+@pytest.mark.skipif(not shapes_model.available(), reason="no shapes model shipped")
+def test_refined_maps_from_demo_and_analyze(tmp_path, capsys):
+    """--propagate / --head-power record their sums while drawing, the image is the plain demo's, and analyze
+    gives the same refined masks from the saved trace; a plain trace refuses them with a clear error."""
+    plain, refined = tmp_path / "plain", tmp_path / "refined"
+    assert run(["demo", "--out", plain, "--steps", 4], capsys)[0] == 0
+    rc, stdout, err = run(["demo", "--out", refined, "--steps", 4, "--propagate", 2, "--head-power", 1], capsys)
+    assert rc == 0, err
+    assert np.array_equal(read_gray(plain / "image-0.png"), read_gray(refined / "image-0.png"))
+    trace = AttentionTrace.load(refined / "trace.safetensors")
+    assert set(trace.self_sums) == {"16x16", "8x8"} and set(trace.head_sums) == set(trace.sums)
+    rc, _, err = run(["analyze", refined / "trace.safetensors", "--words", "circle", "--out", tmp_path / "a",
+                      "--propagate", 2, "--head-power", 1], capsys)
+    assert rc == 0, err
+    assert np.array_equal(read_gray(tmp_path / "a" / "mask-0-circle.png"), read_gray(refined / "mask-0-circle.png"))
+    assert not np.array_equal(read_gray(plain / "mask-0-circle.png"), read_gray(refined / "mask-0-circle.png"))
+    rc, _, err = run(["analyze", plain / "trace.safetensors", "--words", "circle", "--out", tmp_path / "b",
+                      "--propagate", 1], capsys)
+    assert rc == 2 and "self-attention sums" in err

@@ -25,6 +25,7 @@ from ..engine.aggregate import COMBINE_MODES, NORMALIZE_MODES
 from ..engine.io import TraceFormatError
 from ..engine.masks import THRESHOLD_MODES
 from ..engine.outputs import WordsError, check_words, write_outputs
+from ..engine.refine import DEFAULT_MAX_QUERIES, RefineRecording
 from ..engine.trace import load_trace
 from ..text.query import WordNotFoundError, split_words
 from . import study
@@ -79,7 +80,9 @@ def generate(pipe, args, out: Path) -> dict:
     pipe.set_progress_bar_config(disable=False, desc="sampling")
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     t0 = time.perf_counter()
-    with trace(pipe) as tc:
+    refine = RefineRecording(self_attention=args.propagate > 0, max_queries=args.self_attention_max,
+                             head_sums=args.head_power != 0)
+    with trace(pipe, refine=refine) as tc:
         call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gen,
                     height=args.height, width=args.width, num_images_per_prompt=args.num_images, output_type="np")
         if args.syntax == "plain":
@@ -98,11 +101,13 @@ def generate(pipe, args, out: Path) -> dict:
                        guidance=args.guidance, syntax=args.syntax, model=str(getattr(args, "model", "demo")))
     if not words:
         words = [w.text for w in result.layout(0).words][:6]
+    refined = dict(propagate=args.propagate, head_power=args.head_power)
     summary = write_outputs(result, words, out, images, threshold=args.threshold, mode=args.mode, cmap=args.cmap,
-                            alpha=args.alpha)
+                            alpha=args.alpha, **refined)
     if args.negative and args.negative_words:
         write_outputs(result, split_words(args.negative_words), out, images, branch="uncond",
-                      threshold=args.threshold, mode=args.mode, cmap=args.cmap, alpha=args.alpha, save_trace=False)
+                      threshold=args.threshold, mode=args.mode, cmap=args.cmap, alpha=args.alpha, save_trace=False,
+                      **refined)
     summary["seconds"] = round(elapsed, 3)
     return summary
 
@@ -148,6 +153,10 @@ def cmd_analyze(args) -> dict:
         trace = load_trace(args.trace)
     except (TraceFormatError, FileNotFoundError) as e:
         raise CliError(str(e)) from None
+    if args.propagate and not trace.self_sums:
+        raise CliError("--propagate needs a trace with self-attention sums: generate it with --propagate")
+    if args.head_power and not trace.head_sums:
+        raise CliError("--head-power needs a trace with per-head sums: generate it with --head-power")
     out = Path(args.out)
     branch = "uncond" if args.negative else "cond"
     words = split_words(args.words)
@@ -167,13 +176,14 @@ def cmd_analyze(args) -> dict:
         images = pics
     summary = write_outputs(trace, words, out, images, branch=branch, threshold=args.threshold, mode=args.mode,
                             combine=args.combine, normalize=args.normalize, cmap=args.cmap, alpha=args.alpha,
-                            save_trace=False)
+                            save_trace=False, propagate=args.propagate, head_power=args.head_power)
     if args.iou:
         pair = split_words(args.iou)
         if len(pair) != 2:
             raise CliError("--iou takes two words separated by a comma, e.g. --iou cat,dog")
         check_words(trace, pair, branch)
-        maps = trace.word_maps(pair, branch=branch, combine=args.combine, normalize=args.normalize)
+        maps = trace.word_maps(pair, branch=branch, combine=args.combine, normalize=args.normalize,
+                               propagate=args.propagate, head_power=args.head_power)
         m = mask_ops.threshold(maps, args.threshold, args.mode)
         summary["iou"] = {f"{pair[0]}|{pair[1]}": [metrics.iou(m[b, 0], m[b, 1]) for b in range(m.shape[0])]}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -186,6 +196,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=THRESHOLD_MODES, default="relative", help="threshold mode")
     p.add_argument("--cmap", choices=render.COLORMAPS, default="jet", help="colour map of heat maps")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    p.add_argument("--propagate", type=int, default=0, help="self-attention propagation steps k (map <- A^k map; "
+                   "0 = plain DAAM); generate/demo then record self-attention sums (see docs/benchmarks.md)")
+    p.add_argument("--head-power", type=float, default=0.0, help="weight each attention head by its map's "
+                   "concentration to this power (0 = plain DAAM); generate/demo then record per-head sums")
 
 
 def _sampling(p: argparse.ArgumentParser, prompt_default: str | None, words_default: str | None) -> None:
@@ -201,6 +215,9 @@ def _sampling(p: argparse.ArgumentParser, prompt_default: str | None, words_defa
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--self-attention-max", type=int, default=DEFAULT_MAX_QUERIES,
+                   help="with --propagate: the largest layer resolution (h*w queries) whose self-attention is kept "
+                   "(memory 4*N^2 bytes per image and CFG branch)")
     p.add_argument("--syntax", choices=("plain", "comfy", "a1111"), default="plain",
                    help="prompt syntax: plain (as diffusers), comfy ((word:1.2)) or a1111 (also [word], BREAK)")
 

@@ -162,6 +162,8 @@ class Recording:
         Recorded calls per layer and time bucket.
     frames : int
         Frames of a video grid (its layers' queries are the frames stacked); 1 for an image.
+    extras : dict
+        The refinements' sums (:meth:`daam_core.engine.refine.RefineSums.finish`); empty unless asked for.
     """
 
     sums: dict[str, torch.Tensor]
@@ -175,6 +177,7 @@ class Recording:
     time_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     time_calls: dict[str, list[int]] = field(default_factory=dict)
     frames: int = 1
+    extras: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -238,6 +241,7 @@ class AttentionRecorder:
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._time_calls: dict[str, list[int]] = {}
         self._started = False
+        self.extra = None  # optional refine.RefineSums: self-attention and per-head sums, set by the adapter
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -276,6 +280,8 @@ class AttentionRecorder:
         self._time_calls = {}
         self._call = _Call()
         self._started = True
+        if self.extra is not None:
+            self.extra.begin()
 
     def set_call(self, rows: Sequence[int | None], progress: "Moment | float") -> None:
         """Describe the next model call.
@@ -316,7 +322,8 @@ class AttentionRecorder:
                         latent_hw=self.grid.latent_hw, branches=tuple(self.filter.branches),
                         warnings=list(self.warnings), time_sums=dict(self.sums) if timed else {},
                         time_calls={n: list(c) for n, c in self._time_calls.items()} if timed else {},
-                        frames=int(getattr(self.grid, "frames", 1)))
+                        frames=int(getattr(self.grid, "frames", 1)),
+                        extras=self.extra.finish() if self.extra is not None else {})
         self._time_calls = {}
         self.sums = {}
         self.layers = {}
@@ -405,6 +412,8 @@ class AttentionRecorder:
         if kh.shape[-1] != qh.shape[-1] or qh.shape[1] % kh.shape[1]:
             raise ValueError(f"{name}: keys {tuple(kh.shape)} do not match queries {tuple(qh.shape)}")
         self._accumulate(name, qh, kh, (0, kh.shape[2]), scale)
+        if self.extra is not None and name in self.calls:
+            self.extra.record_heads(self, name, qh, kh, scale)
 
     def _accumulate(self, name: str, q: torch.Tensor, k: torch.Tensor, text: tuple[int, int],
                     scale: float | None, mask: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> None:

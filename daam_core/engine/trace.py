@@ -16,7 +16,7 @@ import torch
 
 from ..text.layout import TokenLayout
 from ..text.query import WordNotFoundError, parse_query
-from . import aggregate, masks as mask_ops, render
+from . import aggregate, masks as mask_ops, refine, render
 from .geometry import LayerInfo
 from .io import TraceFormatError, read_trace_file, write_trace_file
 from .recorder import BRANCHES, Recording, Stream
@@ -103,6 +103,13 @@ class AttentionTrace:
     stream_rows : tuple of int
         The row of the sums each stream reads; empty: stream ``i`` reads row ``i``. Streams share a row when
         several images show one recorded frame (:meth:`repeat_images`).
+    self_sums : dict resolution -> Tensor ``[streams, N, N]``
+        Head-summed self-attention probabilities per layer resolution (``"16x16"``), for ``propagate`` in
+        :meth:`word_maps`; empty unless recorded (:class:`~daam_core.engine.refine.RefineRecording`).
+    self_calls : dict resolution -> int
+        Self-attention calls summed into each.
+    head_sums : dict layer -> Tensor ``[streams, heads, N_layer, T_max]``
+        Per-head cross-attention sums, for ``head_power`` in :meth:`word_maps`; empty unless recorded.
     """
 
     sums: dict[str, torch.Tensor]
@@ -118,6 +125,9 @@ class AttentionTrace:
     time_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     time_calls: dict[str, list[int]] = field(default_factory=dict)
     stream_rows: tuple[int, ...] = ()
+    self_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    self_calls: dict[str, int] = field(default_factory=dict)
+    head_sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_recorder(cls, recorded: Recording, layouts: Sequence[TokenLayout], image_hw: tuple[int, int],
@@ -129,12 +139,16 @@ class AttentionTrace:
         ``[S*F, h*w, T]``, a reshape), so every map, mask and picture comes per frame.
         """
         sums, time_sums = recorded.sums, recorded.time_sums
+        extras = recorded.extras or {}
+        self_sums, head_sums = extras.get("self_sums", {}), extras.get("head_sums", {})
         check_finite(sums)
         if device is not None:
             sums = {k: v.to(device) for k, v in sums.items()}
             time_sums = {k: v.to(device) for k, v in time_sums.items()}
+            self_sums = {k: v.to(device) for k, v in self_sums.items()}
+            head_sums = {k: v.to(device) for k, v in head_sums.items()}
         layers, streams, frames = dict(recorded.layers), list(recorded.streams), int(recorded.frames)
-        if frames > 1:
+        if frames > 1:  # the refinements are not recorded on video models (their sessions refuse them)
             sums = {k: _frames_apart(v, frames) for k, v in sums.items()}
             time_sums = {k: _frames_apart(v, frames) for k, v in time_sums.items()}
             layers = {k: replace(v, hw=(v.hw[0] // frames, v.hw[1])) for k, v in layers.items()}
@@ -144,7 +158,8 @@ class AttentionTrace:
                    layouts=list(layouts), latent_hw=tuple(recorded.latent_hw), image_hw=tuple(image_hw),
                    meta=dict(meta or {}), warnings=list(recorded.warnings),
                    recorded_branches=tuple(recorded.branches), time_sums=dict(time_sums),
-                   time_calls={k: list(v) for k, v in recorded.time_calls.items()})
+                   time_calls={k: list(v) for k, v in recorded.time_calls.items()}, self_sums=dict(self_sums),
+                   self_calls=dict(extras.get("self_calls", {})), head_sums=dict(head_sums))
 
     # -- time ----------------------------------------------------------------------------------
     @property
@@ -232,16 +247,28 @@ class AttentionTrace:
     # -- maps ----------------------------------------------------------------------------------
     def token_maps(self, positions: Sequence[int], image: int = 0, branch: str = "cond", *,
                    layers=None, factors=None, parts=None, size: tuple[int, int] | None = None, locations=None,
-                   upsample: str = "bicubic") -> torch.Tensor:
-        """Maps ``[P, h, w]`` of token positions (mean head-summed probability per layer call)."""
+                   upsample: str = "bicubic", propagate: int = 0, head_power: float = 0.0) -> torch.Tensor:
+        """Maps ``[P, h, w]`` of token positions (mean head-summed probability per layer call); ``propagate`` and
+        ``head_power`` as in :meth:`word_maps`."""
         stream = self.stream_index(image, branch)
         t = self.layouts[self.streams[stream].prompt].length
         bad = [p for p in positions if not 0 <= p < t]
         if bad:
             raise ValueError(f"token positions {bad} are outside the prompt's {t} positions")
         names = self.select_layers(layers, factors, parts if parts is not None else locations)
-        maps = aggregate.token_maps({n: self.sums[n] for n in names}, {n: self.layers[n].hw for n in names},
-                                    self.calls, self._row(stream), positions, self.latent_hw, upsample)
+        if propagate < 0:
+            raise ValueError(f"propagate must be >= 0 self-attention steps, got {propagate}")
+        if propagate and not self.self_sums:
+            raise ValueError("propagation needs self-attention sums: trace with self-attention recorded "
+                             "(refine=RefineRecording(self_attention=True))")
+        if propagate or head_power:
+            maps = refine.token_maps({n: self.sums[n] for n in names}, {n: self.layers[n].hw for n in names},
+                                     self.calls, self._row(stream), positions, self.latent_hw, upsample,
+                                     self_sums=self.self_sums, steps=propagate, head_sums=self.head_sums,
+                                     head_power=head_power)
+        else:
+            maps = aggregate.token_maps({n: self.sums[n] for n in names}, {n: self.layers[n].hw for n in names},
+                                        self.calls, self._row(stream), positions, self.latent_hw, upsample)
         if size is not None:
             maps = aggregate.resize_maps(maps, size, upsample)
         return maps
@@ -249,7 +276,8 @@ class AttentionTrace:
     def word_maps(self, words: Sequence[str] | str, image: int | None = None, branch: str = "cond", *,
                   combine: str = "mean", normalize: str = "minmax", size: tuple[int, int] | None = None,
                   layers=None, factors=None, parts=None, upsample: str = "bicubic", locations=None,
-                  missing: str = "error", segments: str | None = None) -> torch.Tensor:
+                  missing: str = "error", segments: str | None = None, propagate: int = 0,
+                  head_power: float = 0.0) -> torch.Tensor:
         """Heat maps of words or phrases.
 
         Parameters
@@ -273,6 +301,12 @@ class AttentionTrace:
         segments : {"both", "clip", "t5"}, optional
             Which text encoders' positions a word uses where the conditioning joins several (SD3: CLIP then
             T5); default both (all of the word's keys).
+        propagate : int
+            Self-attention propagation steps ``k`` (``map <- A^k map`` per layer resolution, ``A`` the row-normalised
+            self-attention sum); 0 = plain DAAM. Needs self-attention sums (:attr:`self_sums`).
+        head_power : float
+            Weight each head of each layer by its map's concentration to this power
+            (:func:`~daam_core.engine.refine.head_weights`); 0 = plain DAAM. Needs :attr:`head_sums`.
 
         Returns
         -------
@@ -304,7 +338,7 @@ class AttentionTrace:
             if flat:
                 maps = self.token_maps(flat, i, branch, layers=layers, factors=factors,
                                        parts=parts if parts is not None else locations,
-                                       upsample=upsample)
+                                       upsample=upsample, propagate=propagate, head_power=head_power)
                 index = {p: j for j, p in enumerate(flat)}
                 per_word = aggregate.combine_tokens(maps, [[index[p] for p in g] or [0] for g in groups], combine)
                 per_word = aggregate.finish_maps(per_word, size, normalize, upsample)
@@ -373,6 +407,10 @@ def save_trace(trace: AttentionTrace, path):
     if timed:  # optional: files without them (older ones, or traced without time buckets) load the same
         meta["time_calls"] = {n: list(trace.time_calls[n]) for n in timed}
         tensors.update({f"time_sums/{names.index(n)}": trace.time_sums[n] for n in timed})
+    if trace.self_sums:  # optional, as the time sums
+        meta["self_calls"] = {k: int(trace.self_calls.get(k, 0)) for k in trace.self_sums}
+        tensors.update({f"self_sums/{k}": v for k, v in trace.self_sums.items()})
+    tensors.update({f"head_sums/{names.index(n)}": trace.head_sums[n] for n in names if n in trace.head_sums})
     return write_trace_file(path, tensors, meta)
 
 
@@ -396,6 +434,9 @@ def load_trace(path) -> AttentionTrace:
     sums = {n: tensors[f"sums/{i}"] for i, n in enumerate(names)}
     time_calls = {n: [int(c) for c in v] for n, v in meta.get("time_calls", {}).items()}
     time_sums = {n: tensors[f"time_sums/{names.index(n)}"] for n in time_calls}
+    self_calls = {k: int(v) for k, v in meta.get("self_calls", {}).items()}
+    self_sums = {k: tensors[f"self_sums/{k}"] for k in self_calls}
+    head_sums = {n: tensors[f"head_sums/{i}"] for i, n in enumerate(names) if f"head_sums/{i}" in tensors}
     return AttentionTrace(
         sums=sums, layers=layers, calls={k: int(v) for k, v in meta["calls"].items()},
         streams=[Stream(**s) for s in meta["streams"]],
@@ -403,4 +444,5 @@ def load_trace(path) -> AttentionTrace:
         latent_hw=tuple(meta["latent_hw"]), image_hw=tuple(meta["image_hw"]),
         meta=meta.get("meta", {}), warnings=list(meta.get("warnings", [])),
         recorded_branches=tuple(meta.get("recorded_branches", BRANCHES)), time_sums=time_sums, time_calls=time_calls,
-        stream_rows=tuple(int(r) for r in meta.get("stream_rows", ())))
+        stream_rows=tuple(int(r) for r in meta.get("stream_rows", ())),
+        self_sums=self_sums, self_calls=self_calls, head_sums=head_sums)

@@ -11,6 +11,7 @@ import torch
 
 from ...engine.geometry import UNET_PARTS
 from ...engine.recorder import RecordFilter
+from ...engine.refine import DEFAULT_MAX_QUERIES, RefineRecording, RefineSums
 from ...engine.trace import AttentionTrace
 from ...text.layout import TokenLayout
 from ..contract import parse_blocks
@@ -19,21 +20,57 @@ from .families import dit_spec
 from .session import TraceSession, session_of
 from .tokens import layout_from_comfy_tokens
 
-__all__ = ["new_session", "record_filter", "check_heads", "check_blocks", "comfy_layout", "check_text", "build_trace",
-           "heatmap_trace", "session_of", "vae_factor"]
+__all__ = ["new_session", "refine_recording", "refined_word_maps", "record_filter", "check_heads", "check_blocks",
+           "comfy_layout", "check_text", "build_trace", "heatmap_trace", "session_of", "vae_factor"]
 
 
 # -- before sampling: what to record ----------------------------------------------------------------------------
-def new_session(model, filter: RecordFilter) -> TraceSession:
+def new_session(model, filter: RecordFilter, refine: RefineRecording | None = None) -> TraceSession:
     """The tracing session for ``model``'s family: UNet cross-attention, or SD3/Flux joint attention.
+
+    ``refine`` (UNets): also record self-attention sums and/or per-head sums (:mod:`daam_core.engine.refine`).
+    Self-attention sums need the session's ``attn1_patch`` installed on the clone beside its ``attn2_patch``
+    (``m.set_model_attn1_patch(session.attn1_patch)``); per-head sums need nothing more.
 
     Raises
     ------
     ValueError
-        For a family DAAM cannot trace, naming it.
+        For a family DAAM cannot trace, naming it; refinements asked of a joint-attention model.
     """
     spec = dit_spec(getattr(model, "model", None))
-    return TraceSession(filter) if spec is None else DiTTraceSession(filter, spec)
+    if spec is not None:
+        if refine is not None and refine.any:
+            raise ValueError(f"self-attention propagation and head weighting are for UNet models; {spec.label} uses "
+                             "joint attention: turn off record_self_attention and record_head_sums")
+        return DiTTraceSession(filter, spec)
+    session = TraceSession(filter)
+    if refine is not None and refine.any:
+        session.recorder.extra = RefineSums(refine)
+    return session
+
+
+def refine_recording(self_attention: bool, head_sums: bool,
+                     max_queries: int = DEFAULT_MAX_QUERIES) -> RefineRecording | None:
+    """What 'DAAM Trace Model' records for the refinements its heat-map nodes may ask: self-attention sums (for
+    ``propagate_steps``) at the resolutions of at most ``max_queries`` latent cells, per-head sums (for
+    ``head_power``); None for plain DAAM (nothing extra is recorded)."""
+    if max_queries < 1:
+        raise ValueError(f"self_attention_max must be >= 1, got {max_queries}")
+    opts = RefineRecording(self_attention=bool(self_attention), max_queries=int(max_queries),
+                           head_sums=bool(head_sums))
+    return opts if opts.any else None
+
+
+def refined_word_maps(trace: AttentionTrace, words, *, propagate_steps: int = 0, head_power: float = 0.0,
+                      **kwargs) -> torch.Tensor:
+    """``trace.word_maps(words, propagate=..., head_power=..., **kwargs)`` with errors that name the node inputs
+    when the trace lacks the sums a refinement needs."""
+    if propagate_steps and not trace.self_sums:
+        raise ValueError("propagate_steps needs self-attention sums: turn on record_self_attention in "
+                         "'DAAM Trace Model' (UNet models; resolutions up to its self_attention_max are recorded)")
+    if head_power and not trace.head_sums:
+        raise ValueError("head_power needs per-head sums: turn on record_head_sums in 'DAAM Trace Model' (UNet models)")
+    return trace.word_maps(words, propagate=propagate_steps, head_power=head_power, **kwargs)
 
 
 def record_filter(model, *, factors, parts, parts_choices: dict, parts_label: str, resolutions_label: str,

@@ -10,6 +10,8 @@ touched, so the model given to the node and every other clone of it run exactly 
   the sampling's sigmas gives its step; the window is the model sampling's ``percent_to_sigma``, as the host's
   timestep-range conditioning reads it (:mod:`daam_core.hosts.contract`).
 - ``attn2_patch``: marks that the next attention call is the cross-attention of a block.
+- ``attn1_patch`` (only with self-attention sums, :mod:`daam_core.engine.refine`): marks that the next attention
+  call is the self-attention of a block; the override hands its q and k to ``recorder.extra.record_self``.
 - ``optimized_attention_override``: computes the output with the host's function (or the override
   another node installed before, which it wraps), then records q and k.
 
@@ -79,6 +81,7 @@ class TraceSession:
         self.records: list[SamplingRecord] = []
         self.lock = threading.Lock()
         self._pending: tuple[str, str, int] | None = None  # (layer, location, context length)
+        self._pending_self: str | None = None  # location of a marked self-attention call (attn1_patch)
         self._uuid_stream: dict = {}
         self._latent_hw: tuple[int, int] = (0, 0)
         self._latent_size: tuple[int, ...] = (0, 0)  # the latent's shape after batch and channels
@@ -115,6 +118,7 @@ class TraceSession:
                 self.recorder.finish()  # forget partial sums after an error or a cancel
                 self._uuid_stream = {}
                 self._pending = None
+                self._pending_self = None
 
     def _start(self, guider, noise: torch.Tensor, sigmas: torch.Tensor | None = None) -> None:
         conds = getattr(guider, "conds", {}) or {}
@@ -170,6 +174,9 @@ class TraceSession:
         keep = [i for i, s in enumerate(recorded.streams) if s.branch == "cond"]
         recorded.sums = {k: v[keep] for k, v in recorded.sums.items()}
         recorded.time_sums = {k: v[:, keep] for k, v in recorded.time_sums.items()}
+        for kind in ("self_sums", "head_sums"):  # the refinements' sums, [streams, ...] as the plain ones
+            if kind in recorded.extras:
+                recorded.extras[kind] = {k: v[keep] for k, v in recorded.extras[kind].items()}
         recorded.streams = [recorded.streams[i] for i in keep]
         recorded.token_counts = recorded.token_counts[:1]
         recorded.branches = tuple(b for b in recorded.branches if b == "cond")
@@ -216,6 +223,14 @@ class TraceSession:
             self._marks += 1
         return n, context, value
 
+    def attn1_patch(self, n, context, value, extra_options):
+        """Marks the block's self-attention call for the self-attention sums (install it only when they are
+        recorded: ``recorder.extra`` with ``self_attention``)."""
+        if self.recorder.active and self.recorder.extra is not None:
+            block = extra_options.get("block") or ("?", 0)
+            self._pending_self = LOCATION.get(block[0], "down")
+        return n, context, value
+
     def attention_override(self, previous):
         """An ``optimized_attention_override`` that records cross-attention and defers to ``previous``.
 
@@ -226,6 +241,8 @@ class TraceSession:
 
         def override(func, *args, **kwargs):
             out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+            if self._pending_self is not None and self._record_self(args, kwargs):
+                return out
             pending = self._pending
             if pending is not None:
                 q, k, _, heads = args[:4]
@@ -241,6 +258,18 @@ class TraceSession:
             return out
 
         return override
+
+    def _record_self(self, args, kwargs) -> bool:
+        """The marked self-attention call's q and k to the self-attention sums; False (mark dropped) when this call
+        is not it (keys not as many as queries: another node replaced the block's self-attention)."""
+        part, self._pending_self = self._pending_self, None
+        q, k, _, heads = args[:4]
+        if kwargs.get("skip_reshape", False):  # [B, H, N, d] -> [B, N, H * d]
+            q, k = q.transpose(1, 2).flatten(2), k.transpose(1, 2).flatten(2)
+        if q.shape[1] != k.shape[1]:
+            return False
+        self.recorder.extra.record_self(self.recorder, part, q, k, heads, scale=kwargs.get("scale"))
+        return True
 
     # -- results -----------------------------------------------------------------------------
     def find(self, samples: torch.Tensor | None) -> SamplingRecord:

@@ -4,7 +4,8 @@ What is installed while the context is open, and removed on exit (also on error 
 - on every cross-attention module of the UNet, forward hooks that keep the query and key the module's own
   processor computed (outputs of ``to_q``/``to_k``, or ``to_kv`` when projections are fused) and record the
   probabilities after the processor returns. No processor is replaced, so the output and the arguments every
-  processor receives are the host's, bit for bit; self-attention is not touched;
+  processor receives are the host's, bit for bit; self-attention is only watched when its sums are asked for
+  (``refine``: the same hooks on the ``attn1`` modules, :class:`SelfAttentionObserver`);
 - a forward pre-hook on the UNet that tells the recorder the latent size, which batch rows are
   conditional/unconditional for which image, and where the call sits in the sampling: its step in the
   scheduler's timesteps, and the time window read as diffusers' ``control_guidance_start`` / ``_end`` read
@@ -21,6 +22,7 @@ import torch
 
 from ...engine.geometry import UNET_PARTS, UNetGrid
 from ...engine.recorder import AttentionRecorder, RecordFilter
+from ...engine.refine import RefineRecording, RefineSums
 from ...engine.trace import AttentionTrace
 from ...text.layout import TokenLayout
 from ...text.tokenize import tokenize
@@ -107,6 +109,25 @@ class CrossAttentionObserver:
         return None
 
 
+class SelfAttentionObserver(CrossAttentionObserver):
+    """The same hooks on a self-attention module (``attn1``): its q and k go to the recorder's self-attention
+    sums (:meth:`daam_core.engine.refine.RefineSums.record_self`)."""
+
+    def _record(self, module, args, output):
+        q, k = self.q, self.k
+        self.q = self.k = None
+        extra = self.recorder.extra
+        if q is None or k is None or extra is None or not self.recorder.active:
+            return None  # a processor that skips the projections leaves nothing to read: no sums, no error
+        attn = self.module
+        if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+            heads = attn.heads
+            q = attn.norm_q(q.unflatten(-1, (heads, -1))).flatten(-2) if attn.norm_q is not None else q
+            k = attn.norm_k(k.unflatten(-1, (heads, -1))).flatten(-2) if attn.norm_k is not None else k
+        extra.record_self(self.recorder, self.part, q, k, attn.heads, scale=attn.scale)
+        return None
+
+
 def _as_list(x, n: int | None = None) -> list[str]:
     if x is None:
         return [""] * (n or 1)
@@ -130,12 +151,15 @@ class DiffusersTrace:
         Layers, heads, time window and branches to record.
     keep_on_device : bool
         Keep the finished sums on the model's device instead of moving them to the CPU.
+    refine : RefineRecording, optional
+        Also record self-attention sums and/or per-head sums (:mod:`daam_core.engine.refine`).
     """
 
     required = ("unet", "tokenizer", "encode_prompt")
     parts = UNET_PARTS  # the network parts a filter may name
 
-    def __init__(self, pipe, filter: RecordFilter | None = None, keep_on_device: bool = False):
+    def __init__(self, pipe, filter: RecordFilter | None = None, keep_on_device: bool = False,
+                 refine: RefineRecording | None = None):
         (filter or RecordFilter()).check_parts(self.parts)
         for attr in self.required:
             if not hasattr(pipe, attr):
@@ -144,6 +168,8 @@ class DiffusersTrace:
                                 "txt2img/img2img/inpaint)")
         self.pipe = pipe
         self.recorder = AttentionRecorder(filter)
+        if refine is not None and refine.any:
+            self.recorder.extra = RefineSums(refine)
         self.keep_on_device = keep_on_device
         self.traces: list[AttentionTrace] = []
         self._handles: list = []
@@ -182,6 +208,9 @@ class DiffusersTrace:
 
         if isinstance(module, Attention) and module.is_cross_attention:
             return CrossAttentionObserver(module, self.recorder, name)
+        extra = self.recorder.extra
+        if isinstance(module, Attention) and extra is not None and extra.options.self_attention:
+            return SelfAttentionObserver(module, self.recorder, name)
         return None
 
     def _wrap_encode(self, original_encode):

@@ -7,6 +7,7 @@ from typing import Sequence
 
 from ...engine.recorder import RecordFilter
 from ..contract import parse_blocks
+from ...engine.refine import RefineRecording
 from .adapter import DiffusersTrace
 from .joint import JointTrace
 
@@ -15,7 +16,7 @@ def trace(pipe, *, factors: Sequence[int] | None = None, parts: Sequence[str] | 
           layers: Sequence[str] | None = None, heads: Sequence[int] | None = None,
           time_window: tuple[float, float] = (0.0, 1.0), negative: bool = True,
           keep_on_device: bool = False, blocks: str | None = None, time_buckets: int = 1,
-          locations: Sequence[str] | None = None) -> DiffusersTrace:
+          locations: Sequence[str] | None = None, refine: RefineRecording | None = None) -> DiffusersTrace:
     """Trace the cross-attention (UNets) or joint attention (SD3, Flux) of a diffusers pipeline.
 
     Parameters
@@ -41,6 +42,9 @@ def trace(pipe, *, factors: Sequence[int] | None = None, parts: Sequence[str] | 
         Transformer block ranges, e.g. ``"double:0-9, single:10-37"`` (a part without a range is kept whole).
     time_buckets : int
         K > 1 also keeps one sum per K-th of the steps (``AttentionTrace.time_sums``).
+    refine : RefineRecording, optional
+        UNets: also keep self-attention sums (for ``word_maps(propagate=k)``) and/or per-head sums (for
+        ``word_maps(head_power=g)``); see :mod:`daam_core.engine.refine`. Joint-attention models: not supported.
 
     Returns
     -------
@@ -54,5 +58,8 @@ def trace(pipe, *, factors: Sequence[int] | None = None, parts: Sequence[str] | 
                      branches=("cond", "uncond") if negative else ("cond",),
                      blocks=parse_blocks(blocks) if blocks else None, time_buckets=int(time_buckets))
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+        if refine is not None and refine.any:
+            raise ValueError("self-attention and per-head sums are recorded for UNet pipelines only (SD1.x/2.x, "
+                             "SDXL); this pipeline uses joint attention")
         return JointTrace(pipe, f, keep_on_device=keep_on_device)
-    return DiffusersTrace(pipe, f, keep_on_device=keep_on_device)
+    return DiffusersTrace(pipe, f, keep_on_device=keep_on_device, refine=refine)
