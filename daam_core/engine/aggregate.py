@@ -7,7 +7,7 @@ layer x head x token.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,9 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int], mode: str = "bicubic"
 
 
 def token_maps(sums: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int]], calls: Mapping[str, int],
-               stream: int, positions: Sequence[int], size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+               stream: int, positions: Sequence[int], size: tuple[int, int], mode: str = "bicubic", *,
+               layer_maps: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+               resolution_maps: Callable[[tuple[int, int], torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Average head-summed attention of chosen token positions over layers and steps.
 
     Parameters
@@ -59,6 +61,12 @@ def token_maps(sums: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int,
         Token positions, ``P`` of them.
     size : (int, int)
         Common size ``(h, w)`` every layer is upsampled to.
+    layer_maps : callable, optional
+        ``(layer, sum, positions) -> [P, N_layer]``: a layer's maps in place of its head-summed ones (the
+        refinements' head weighting, :mod:`daam_core.engine.refine`).
+    resolution_maps : callable, optional
+        ``((h, w), maps [P, h * w]) -> [P, h * w]``: applied to each resolution's sum before upsampling (the
+        refinements' self-attention propagation).
 
     Returns
     -------
@@ -71,16 +79,18 @@ def token_maps(sums: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int,
     total_calls = 0
     for name, acc in sums.items():
         h, w = shapes[name]
-        part = acc[stream].index_select(1, pos.to(acc.device))  # [N, P]
-        part = part.t().reshape(len(pos), h, w)
+        idx = pos.to(acc.device)
+        part = layer_maps(name, acc, idx) if layer_maps is not None else acc[stream].index_select(1, idx).t()
         if (h, w) in by_shape:
             by_shape[(h, w)] += part
         else:
             by_shape[(h, w)] = part.clone()
         total_calls += calls.get(name, 0)
     out = None
-    for part in by_shape.values():
-        up = resize_maps(part, size, mode)
+    for (h, w), part in by_shape.items():
+        if resolution_maps is not None:
+            part = resolution_maps((h, w), part)
+        up = resize_maps(part.reshape(len(pos), h, w), size, mode)
         out = up if out is None else out + up
     return out / max(total_calls, 1)
 

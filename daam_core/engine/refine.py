@@ -228,31 +228,20 @@ def token_maps(sums: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int,
     sum (``head_power != 0``, from ``head_sums``), each resolution's sum is propagated ``steps`` times with that
     resolution's self-attention (``self_sums``; a resolution without one is left as it is), then upsampled and
     summed as in plain DAAM."""
-    if not sums:
-        raise ValueError("no cross-attention layer was recorded for this selection")
-    pos = torch.as_tensor(list(positions), dtype=torch.long)
-    by_shape: dict[tuple[int, int], torch.Tensor] = {}
-    total_calls = 0
-    for name, acc in sums.items():
-        h, w = shapes[name]
-        if head_power != 0.0:
-            if head_sums is None or name not in head_sums:
-                raise ValueError(f"head weighting needs per-head sums, and layer {name} has none: trace with "
-                                 "head sums recorded (refine=RefineRecording(head_sums=True))")
-            hm = head_sums[name][stream].index_select(-1, pos.to(acc.device)).permute(2, 0, 1)  # [P, H, N]
-            part = (head_weights(hm, head_power).unsqueeze(-1) * hm).sum(1)  # [P, N]
-        else:
-            part = acc[stream].index_select(1, pos.to(acc.device)).t()  # [P, N]
-        if (h, w) in by_shape:
-            by_shape[(h, w)] += part
-        else:
-            by_shape[(h, w)] = part.clone()
-        total_calls += calls.get(name, 0)
-    out = None
-    for (h, w), part in by_shape.items():
-        key = resolution_key((h, w))
+    def layer_maps(name: str, acc: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if head_power == 0.0:
+            return acc[stream].index_select(1, pos).t()
+        if head_sums is None or name not in head_sums:
+            raise ValueError(f"head weighting needs per-head sums, and layer {name} has none: trace with "
+                             "head sums recorded (refine=RefineRecording(head_sums=True))")
+        hm = head_sums[name][stream].index_select(-1, pos).permute(2, 0, 1)  # [P, H, N]
+        return (head_weights(hm, head_power).unsqueeze(-1) * hm).sum(1)  # [P, N]
+
+    def resolution_maps(hw: tuple[int, int], part: torch.Tensor) -> torch.Tensor:
+        key = resolution_key(hw)
         if steps > 0 and self_sums and key in self_sums:
-            part = propagate(part, propagation_matrix(self_sums[key][stream]), steps)
-        up = aggregate.resize_maps(part.reshape(len(pos), h, w), size, mode)
-        out = up if out is None else out + up
-    return out / max(total_calls, 1)
+            return propagate(part, propagation_matrix(self_sums[key][stream]), steps)
+        return part
+
+    return aggregate.token_maps(sums, shapes, calls, stream, positions, size, mode, layer_maps=layer_maps,
+                                resolution_maps=resolution_maps)
