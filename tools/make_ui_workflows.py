@@ -259,8 +259,9 @@ def main(argv=None) -> int:
         print(f"wrote {out.relative_to(REPO)} ({len(ui['nodes'])} nodes, {len(ui['links'])} links)")
         shot = args.thumbnails / f"thumbnail-{api_path.stem}.png" if args.thumbnails else None
         if shot is not None:
-            if not shot.is_file():
-                raise SystemExit(f"no {shot}: run the browser tests with DAAM_OUT_ARTIFACTS set first")
+            if not shot.is_file():  # the browser tests shoot the workflows they can run (no DiT checkpoints)
+                print(f"no {shot.name} in {args.thumbnails}: {api_path.stem} keeps its card (or has none)")
+                continue
             thumbnail(shot, out.with_suffix(".jpg"), api_path.stem)
             print(f"wrote {out.with_suffix('.jpg').relative_to(REPO)}")
     return 0
