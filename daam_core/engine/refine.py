@@ -108,6 +108,16 @@ class RefineSums:
             self._targets[key] = hit
         return hit
 
+    def _recorded(self, rec, q: torch.Tensor, k: torch.Tensor):
+        """``(q, k, streams as an index, the same on the host)`` of the call's recorded batch rows, None when no row
+        is recorded."""
+        rows, targets, streams = self._streams(rec, q.device)
+        if not streams:
+            return None
+        if rows is not None:
+            q, k = q.index_select(0, rows), k.index_select(0, rows)
+        return q, k, targets, streams
+
     # -- self-attention --------------------------------------------------------------------------
     def record_self(self, rec, part: str, q: torch.Tensor, k: torch.Tensor, heads: int,
                     scale: float | None = None) -> None:
@@ -135,11 +145,10 @@ class RefineSums:
             self._where[n] = where
         if where is None:
             return
-        rows, targets, streams = self._streams(rec, q.device)
-        if not streams:
+        got = self._recorded(rec, q, k)
+        if got is None:
             return
-        if rows is not None:
-            q, k = q.index_select(0, rows), k.index_select(0, rows)
+        q, k, targets, _ = got
         qh = q.unflatten(-1, (heads, -1)).transpose(1, 2).float()  # [B, H, N, d]
         kh = k.unflatten(-1, (-1, qh.shape[-1])).transpose(1, 2).float()
         if kh.shape[1] != heads:
@@ -164,11 +173,10 @@ class RefineSums:
         are folded back, as the recorder folds them; other extra keys only normalise."""
         if not self.options.head_sums:
             return
-        rows, _, streams = self._streams(rec, q.device)
-        if not streams:
+        got = self._recorded(rec, q, k)
+        if got is None:
             return
-        if rows is not None:
-            q, k = q.index_select(0, rows), k.index_select(0, rows)
+        q, k, _, streams = got
         heads = q.shape[1]
         kf = k.float()
         if kf.shape[1] != heads:
