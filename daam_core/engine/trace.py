@@ -255,7 +255,7 @@ class AttentionTrace:
         bad = [p for p in positions if not 0 <= p < t]
         if bad:
             raise ValueError(f"token positions {bad} are outside the prompt's {t} positions")
-        names = self.select_layers(layers, factors, parts if parts is not None else locations)
+        names = self.select_layers(layers, factors, parts, locations=locations)
         if propagate < 0:
             raise ValueError(f"propagate must be >= 0 self-attention steps, got {propagate}")
         if propagate and not self.self_sums:
@@ -336,9 +336,9 @@ class AttentionTrace:
                     found.append(False)
             flat = sorted({p for g in groups for p in g})
             if flat:
-                maps = self.token_maps(flat, i, branch, layers=layers, factors=factors,
-                                       parts=parts if parts is not None else locations,
-                                       upsample=upsample, propagate=propagate, head_power=head_power)
+                maps = self.token_maps(flat, i, branch, layers=layers, factors=factors, parts=parts,
+                                       locations=locations, upsample=upsample, propagate=propagate,
+                                       head_power=head_power)
                 index = {p: j for j, p in enumerate(flat)}
                 per_word = aggregate.combine_tokens(maps, [[index[p] for p in g] or [0] for g in groups], combine)
                 per_word = aggregate.finish_maps(per_word, size, normalize, upsample)

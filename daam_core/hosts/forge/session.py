@@ -81,12 +81,11 @@ class ForgeSession:
     latent_hw : (int, int)
         Latent height and width of this pass.
     predictor : object, optional
-        Forge's ``KModel.predictor`` (``timestep(sigma)``), for the time window.
+        Forge's ``KModel.predictor`` (its ``percent_to_sigma``), for the time window.
     """
 
     def __init__(self, filter: RecordFilter, layouts: Sequence[TokenLayout], cond_prompt: Sequence[int],
-                 uncond_prompt: Sequence[int] | None, latent_hw: tuple[int, int], predictor=None,
-                 num_timesteps: int = 1000):
+                 uncond_prompt: Sequence[int] | None, latent_hw: tuple[int, int], predictor=None):
         self.recorder = AttentionRecorder(filter)
         self.layouts = list(layouts)
         self.n_images = len(cond_prompt)
@@ -98,7 +97,6 @@ class ForgeSession:
         self.has_uncond = uncond_prompt is not None
         self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
         self.predictor = predictor
-        self.num_timesteps = num_timesteps
         if filter.time_buckets > 1:
             raise ValueError("DAAM on Forge has no time buckets: its attention patches see no step table")
         self._clock = None
