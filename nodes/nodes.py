@@ -22,7 +22,8 @@ from ..daam_core.engine.aggregate import COMBINE_MODES, NORMALIZE_MODES
 from ..daam_core.engine.io import TraceFormatError
 from ..daam_core.engine.recorder import RecordFilter
 from ..daam_core.engine.trace import AttentionTrace, load_trace, save_trace
-from ..daam_core.hosts.comfy.maps import build_trace, heatmap_trace, record_filter
+from ..daam_core.engine.refine import DEFAULT_MAX_QUERIES
+from ..daam_core.hosts.comfy.maps import build_trace, heatmap_trace, record_filter, refine_recording, refined_word_maps
 from ..daam_core.hosts.comfy.graph import attention_replacers_after
 from ..daam_core.hosts.comfy.session import session_of
 from ..daam_core.text.layout import SEGMENT_CHOICES
@@ -34,6 +35,11 @@ from .tracing import patch_model
 __all__ = ["NODES", "build_trace", "session_of"]
 
 CATEGORY = "DAAM"
+PROPAGATE_MAX, HEAD_POWER_MAX = 16, 8.0
+PROPAGATE_TIP = ("Sharpen the maps by spreading them k times through the image's own self-attention (a pixel "
+                 "takes the mean map of the pixels it attends to); 0 = plain DAAM.")
+HEAD_POWER_TIP = ("Weight each head by how concentrated its map is, to the power g; 0 = every head alike (plain "
+                  "DAAM).")
 Maps = io.Custom("DAAM_MAPS")  # DaamMaps between DAAM nodes
 BRANCH = {"positive": "cond", "negative": "uncond"}
 TRACE_FOLDER = "daam"
@@ -50,13 +56,16 @@ class DaamMaps:
     normalize: str = "minmax"
     combine: str = "mean"
     segments: str = "both"
+    propagate_steps: int = 0  # refinements the maps were made with (0: plain DAAM)
+    head_power: float = 0.0
 
 def maps_for(trace: AttentionTrace, words: list[str], branch: str, **kwargs) -> torch.Tensor:
-    """``[B, W, H, W]`` maps with errors that name the word and list the prompt's words."""
+    """``[B, W, H, W]`` maps with errors that name the word and list the prompt's words; ``propagate_steps`` and
+    ``head_power`` refine them (errors name the DAAM Trace Model input they need)."""
     if not words:
         raise ValueError("no words given: type words or phrases of the prompt, separated by commas")
     try:
-        return trace.word_maps(words, branch=branch, **kwargs)
+        return refined_word_maps(trace, words, branch=branch, **kwargs)
     except WordNotFoundError as e:
         raise ValueError(f"DAAM: {e}") from None
 
@@ -106,6 +115,16 @@ class DAAMTraceModel(io.ComfyNode):
                                 tooltip="SD3/Flux only: block ranges to record, e.g. 'double:0-9, single:20-37' "
                                 "(Flux) or 'joint:4-12' (SD3), inclusive; a part not named is kept whole. Empty = "
                                 "every block."),
+                io.Boolean.Input("record_self_attention", default=False, optional=True,
+                                 tooltip="UNet models: also keep the image self-attention (summed over heads and "
+                                 "steps) at the small resolutions, so DAAM Heatmaps / DAAM Mask can sharpen maps "
+                                 "with propagate_steps. Costs 4 bytes x (h*w)^2 per resolution and branch."),
+                io.Int.Input("self_attention_max", default=DEFAULT_MAX_QUERIES, min=16, max=16384, optional=True,
+                             tooltip="The largest resolution (latent cells h*w) whose self-attention is kept: 1024 = "
+                             "32x32 (4 MiB per branch)."),
+                io.Boolean.Input("record_head_sums", default=False, optional=True,
+                                 tooltip="UNet models: also keep each head's sums, so the heat-map nodes can weight "
+                                 "heads by how localised their maps are (head_power). Costs heads x the plain sums."),
             ],
             outputs=[io.Model.Output("traced", display_name="model",
                                      tooltip="A traced clone: give it to any sampler and to the DAAM Heatmaps node.")],
@@ -114,7 +133,8 @@ class DAAMTraceModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, resolutions="all", unet_parts="all", start_percent=0.0, end_percent=1.0, heads="",
-                record_negative=True, time_buckets=1, blocks=""):
+                record_negative=True, time_buckets=1, blocks="", record_self_attention=False,
+                self_attention_max=DEFAULT_MAX_QUERIES, record_head_sums=False):
         try:
             head_list = tuple(int(h) for h in split_words(heads)) or None
         except ValueError:
@@ -128,7 +148,8 @@ class DAAMTraceModel(io.ComfyNode):
                           parts_choices=cls.PARTS, parts_label=unet_parts, resolutions_label=resolutions,
                           heads=head_list, start=start_percent, end=end_percent, negative=record_negative,
                           time_buckets=time_buckets, blocks=blocks)
-        patched, _ = patch_model(model, f)
+        refine = refine_recording(record_self_attention, record_head_sums, self_attention_max)
+        patched, _ = patch_model(model, f, refine)
         hidden = cls.hidden  # None when called outside a prompt
         warnings = attention_replacers_after(hidden.prompt, hidden.unique_id) if hidden is not None else []
         for w in warnings:
@@ -226,6 +247,10 @@ class DAAMHeatmaps(io.ComfyNode):
                                tooltip="SD3 only, where a word has positions in the CLIP and the T5 part of the "
                                "conditioning: use both (default), or only clip or t5. Other models have one part "
                                "(both = it)."),
+                io.Int.Input("propagate_steps", default=0, min=0, max=PROPAGATE_MAX, optional=True,
+                             tooltip=PROPAGATE_TIP + " Needs record_self_attention in DAAM Trace Model."),
+                io.Float.Input("head_power", default=0.0, min=0.0, max=HEAD_POWER_MAX, step=0.5, optional=True,
+                               tooltip=HEAD_POWER_TIP + " Needs record_head_sums in DAAM Trace Model."),
             ],
             outputs=[
                 io.Image.Output("heatmaps", display_name="heatmaps",
@@ -240,19 +265,21 @@ class DAAMHeatmaps(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, samples, positive, negative, words, negative_words="", threshold=0.4,
-                normalize="minmax", combine="mean", colormap="jet", alpha=0.5, images=None, segments="both"):
+                normalize="minmax", combine="mean", colormap="jet", alpha=0.5, images=None, segments="both",
+                propagate_steps=0, head_power=0.0):
         if clip is None:
             raise ValueError("a CLIP is needed to read the prompt's tokens")
         pos_words, neg_words = split_words(words), split_words(negative_words)
         if not pos_words and not neg_words:
             raise ValueError("no words given: type words or phrases of the prompt, separated by commas")
         trace = heatmap_trace(model, clip, samples, positive, negative, neg_words, images)
+        how = dict(normalize=normalize, combine=combine, segments=segments, propagate_steps=propagate_steps,
+                   head_power=head_power)
         parts = []
         if pos_words:
-            parts.append(maps_for(trace, pos_words, "cond", normalize=normalize, combine=combine, segments=segments))
+            parts.append(maps_for(trace, pos_words, "cond", **how))
         if neg_words:
-            parts.append(maps_for(trace, neg_words, "uncond", normalize=normalize, combine=combine,
-                                  segments=segments))
+            parts.append(maps_for(trace, neg_words, "uncond", **how))
         maps = torch.cat(parts, dim=1)  # [B, W, H, W]
         masks = mask_ops.threshold(maps, threshold, "relative")
         heat = torch.stack([torch.from_numpy(render.colorize(m.detach(), colormap)) for m in flat(maps)])
@@ -264,8 +291,9 @@ class DAAMHeatmaps(io.ComfyNode):
             over = heat
         ui = {"daam_preview": [build_payload(trace, pos_words, neg_words, threshold=threshold, normalize=normalize,
                                              combine=combine, alpha=alpha, segments=segments,
-                                             images=preview(images, "daam_preview") if images is not None else None)]}
-        return io.NodeOutput(heat, over, flat(masks), DaamMaps(trace, images, normalize, combine, segments), ui=ui)
+                                             images=preview(images, "daam_preview") if images is not None else None,
+                                             propagate_steps=propagate_steps, head_power=head_power)]}
+        return io.NodeOutput(heat, over, flat(masks), DaamMaps(trace, images, **how), ui=ui)
 
 
 def preview(images: torch.Tensor, prefix: str) -> list[dict]:
@@ -310,6 +338,10 @@ class DAAMMask(io.ComfyNode):
                 io.Int.Input("grow_px", default=0, min=-256, max=256,
                              tooltip="Grow (positive) or shrink (negative) the mask, in pixels."),
                 io.Int.Input("feather_px", default=0, min=0, max=256, tooltip="Soften the edge, in pixels."),
+                io.Int.Input("propagate_steps", default=-1, min=-1, max=PROPAGATE_MAX, optional=True,
+                             tooltip="-1 = as the maps were made (DAAM Heatmaps). " + PROPAGATE_TIP),
+                io.Float.Input("head_power", default=-1.0, min=-1.0, max=HEAD_POWER_MAX, step=0.5, optional=True,
+                               tooltip="-1 = as the maps were made (DAAM Heatmaps). " + HEAD_POWER_TIP),
             ],
             outputs=[io.Mask.Output("mask", display_name="mask",
                                     tooltip="One [batch, H, W] mask per image, for inpainting and compositing nodes.")],
@@ -317,10 +349,12 @@ class DAAMMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, maps, words, prompt="positive", operation="union", threshold_mode="relative", threshold=0.4,
-                open_px=0, close_px=0, grow_px=0, feather_px=0):
+                open_px=0, close_px=0, grow_px=0, feather_px=0, propagate_steps=-1, head_power=-1.0):
         word_list = split_words(words)
         m = maps_for(maps.trace, word_list, BRANCH[prompt], normalize=maps.normalize, combine=maps.combine,
-                     segments=maps.segments)
+                     segments=maps.segments,
+                     propagate_steps=maps.propagate_steps if propagate_steps < 0 else propagate_steps,
+                     head_power=maps.head_power if head_power < 0 else head_power)
         binary = mask_ops.threshold(m, threshold, threshold_mode)
         combined = mask_ops.combine([binary[:, j] for j in range(binary.shape[1])], operation)
         return io.NodeOutput(mask_ops.refine(combined, open_px=open_px, close_px=close_px, grow_px=grow_px,

@@ -11,7 +11,11 @@ occurrence ``dog#2`` of a repeated word, and every phrase the node was asked for
   it in the mask, computed with :func:`masks.threshold` on the very maps the node's MASK output is cut from.
   The browser's mask at slider step ``i`` is ``levels > i``: exactly the MASK of the next run at that threshold;
 - ``time`` (when the model was traced with time buckets): the same maps per part of the sampling (uint8, each
-  part scaled by its largest value over all words), for the time scrub.
+  part scaled by its largest value over all words), for the time scrub; plain DAAM (the refinements' sums are
+  kept for the whole sampling only);
+- ``other`` (when the trace holds the refinements' sums): ``maps`` and ``levels`` of the other refinement
+  setting, so the preview switches between plain and refined maps without a new run: plain DAAM when the node
+  refined its maps, else the refinements the trace allows at :data:`DEFAULT_REFINE` (``refine`` says which).
 
 Binary arrays travel as base64 (``levels`` and ``time`` zlib-compressed), row-major, little-endian.
 """
@@ -30,6 +34,7 @@ from ..daam_core.engine import masks as mask_ops
 from ..daam_core.engine.aggregate import finish_maps
 from ..daam_core.engine.trace import AttentionTrace
 
+DEFAULT_REFINE = {"propagate_steps": 4, "head_power": 2.0}  # the shown alternative (best one-object fit, docs/benchmarks.md)
 THRESHOLD_STEPS = 100  # the slider's thresholds are i / 100, i = 0..100 (the node's widget step is 0.01)
 PAYLOAD_VERSION = 1
 _EDGE_PUNCT = re.compile(r"^[^\w]+|[^\w]+$")
@@ -111,20 +116,41 @@ def _time_maps(trace: AttentionTrace, entries: list[Entry], combine: str, image:
 
 
 def _latent_maps(trace: AttentionTrace, entries: list[Entry], combine: str, image: int,
-                 segments: str | None = None) -> list[torch.Tensor]:
+                 segments: str | None = None, propagate_steps: int = 0, head_power: float = 0.0
+                 ) -> list[torch.Tensor]:
     """Per prompt (positive, then negative) the ``[E_p, h, w]`` unnormalised maps of its entries at the latent."""
     parts = []
     for prompt, branch in (("positive", "cond"), ("negative", "uncond")):
         keys = [e.key for e in entries if e.prompt == prompt]
         if keys:
             parts.append(trace.word_maps(keys, image=image, branch=branch, combine=combine, normalize="none",
-                                         size=trace.latent_hw, missing="zeros", segments=segments))
+                                         size=trace.latent_hw, missing="zeros", segments=segments,
+                                         propagate=propagate_steps, head_power=head_power))
     return parts or [torch.zeros(0, *trace.latent_hw)]
+
+
+def other_refinement(trace: AttentionTrace, propagate_steps: int, head_power: float) -> dict | None:
+    """The refinement setting the preview offers besides the node's: plain DAAM after refined maps, else
+    :data:`DEFAULT_REFINE` for the sums the trace holds; None when the trace holds none."""
+    if propagate_steps or head_power:
+        return {"propagate_steps": 0, "head_power": 0.0}
+    other = {"propagate_steps": DEFAULT_REFINE["propagate_steps"] if trace.self_sums else 0,
+             "head_power": DEFAULT_REFINE["head_power"] if trace.head_sums else 0.0}
+    return other if other["propagate_steps"] or other["head_power"] else None
+
+
+def _maps_and_levels(trace, entries, combine, image, segments, normalize, image_hw, **refine) -> dict:
+    parts = _latent_maps(trace, entries, combine, image, segments, **refine)  # once; the full-size maps from it
+    low = torch.cat(parts).float().contiguous()
+    full = torch.cat([finish_maps(p, image_hw, normalize) for p in parts])
+    levels = mask_ops.threshold_levels(full, THRESHOLD_STEPS)  # one pass for all 101 thresholds
+    return {"maps": _b64(low.numpy().astype("<f4").tobytes()),
+            "levels": _b64(levels.cpu().numpy().tobytes(), compress=True)}
 
 
 def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[str], *, threshold: float,
                   normalize: str, combine: str, images: list[dict] | None = None, alpha: float = 0.5,
-                  segments: str | None = None) -> dict:
+                  segments: str | None = None, propagate_steps: int = 0, head_power: float = 0.0) -> dict:
     """The ``daam_preview`` payload of one DAAM Heatmaps run.
 
     Parameters
@@ -140,6 +166,8 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
         Per batch image, the ``/view`` reference (filename, subfolder, type) of the decoded image.
     segments : {"both", "clip", "t5"}, optional
         The node's choice of text segments (SD3), so the chips' maps are the node's.
+    propagate_steps, head_power
+        The node's refinements (0: plain DAAM); the other setting (:func:`other_refinement`) travels as ``other``.
     """
     layouts = [("positive", "cond")] + ([("negative", "uncond")] if "uncond" in trace.branches() else [])
     entries: list[Entry] = []
@@ -149,13 +177,12 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
     latent_hw, image_hw = tuple(trace.latent_hw), tuple(trace.image_hw)
     per_image = []
     time_meta = None
+    mine = {"propagate_steps": int(propagate_steps), "head_power": float(head_power)}
+    other = other_refinement(trace, *mine.values())
     for b in range(trace.num_images):
-        parts = _latent_maps(trace, entries, combine, b, segments)  # computed once; the full-size maps from it
-        low = torch.cat(parts).float().contiguous()
-        full = torch.cat([finish_maps(p, image_hw, normalize) for p in parts])
-        levels = mask_ops.threshold_levels(full, THRESHOLD_STEPS)  # one pass for all 101 thresholds
-        item = {"maps": _b64(low.numpy().astype("<f4").tobytes()),
-                "levels": _b64(levels.cpu().numpy().tobytes(), compress=True)}
+        item = _maps_and_levels(trace, entries, combine, b, segments, normalize, image_hw, **mine)
+        if other is not None:
+            item["other"] = _maps_and_levels(trace, entries, combine, b, segments, normalize, image_hw, **other)
         stack = _time_maps(trace, entries, combine, b, segments)  # [K, E, h, w]
         if stack is not None:
             peak = stack.reshape(stack.shape[0], -1).max(-1)[:, None, None, None]
@@ -178,6 +205,7 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
         "combine": combine,
         "segments": segments or "both",
         "alpha": float(alpha),
+        "refine": {"node": mine, "other": other},
         "time": time_meta,
         "images": per_image,
     }

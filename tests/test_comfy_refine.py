@@ -25,16 +25,12 @@ def softmax64_heads(q, k, heads):
 def test_self_attention_sums_on_comfy_are_exact_and_the_image_identical(pack, sd15):  # noqa: F811
     model, clip, _ = sd15
     pos, neg = encode(clip, POS), encode(clip, NEG)
-    root = pack.__name__.split(".")[0]
-    maps = importlib.import_module(f"{root}.daam_core.hosts.comfy.maps")
-    recorder_m = importlib.import_module(f"{root}.daam_core.engine.recorder")
-    geometry = importlib.import_module(f"{root}.daam_core.engine.geometry")
+    geometry = importlib.import_module(f"{pack.__name__.split('.')[0]}.daam_core.engine.geometry")
     plain = ksample(model, pos, neg, cfg=1.0)  # cfg 1: only the positive branch runs, one row per call
-    traced = pack.DAAMTraceModel.execute(model)[0]
+    traced = pack.DAAMTraceModel.execute(model, record_self_attention=True, record_head_sums=True)[0]
     session = pack.session_of(traced)
-    session.recorder.extra = maps.new_session(model, recorder_m.RecordFilter(),
-                                              maps.refine_recording(True, True)).recorder.extra
-    traced.set_model_attn1_patch(session.attn1_patch)
+    assert "attn1_patch" in traced.model_options["transformer_options"]["patches"]
+    assert "attn1_patch" not in model.model_options.get("transformer_options", {}).get("patches", {})
     store = []
     hooks = []
     for name, m in model.model.diffusion_model.named_modules():
@@ -63,3 +59,68 @@ def test_self_attention_sums_on_comfy_are_exact_and_the_image_identical(pack, sd
         assert err <= 1e-5 * w.abs().max().item(), (key, err)
     for name in record.sums:
         assert torch.allclose(head_sums[name].sum(1), record.sums[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def refined_run(pack, sd15):  # noqa: F811
+    """One sampling at cfg 5 (positive and negative branches) traced with both refinements' sums."""
+    model, clip, _ = sd15
+    pos, neg = encode(clip, POS), encode(clip, NEG)
+    plain = ksample(model, pos, neg)
+    traced = pack.DAAMTraceModel.execute(model, record_self_attention=True, record_head_sums=True)[0]
+    samples = ksample(traced, pos, neg)
+    assert_same_image(plain, samples)
+
+    def heatmaps(words, **kwargs):
+        return pack.DAAMHeatmaps.execute(traced, clip, {"samples": samples}, POS, NEG, words, **kwargs)
+
+    return heatmaps
+
+
+def test_heatmaps_and_mask_refine_by_their_inputs(pack, refined_run):
+    masks_m = importlib.import_module(f"{pack.__name__.split('.')[0]}.daam_core.engine.masks")
+    words = ["cat", "dog", "sofa"]
+    plain = refined_run("cat, dog, sofa")
+    refined = refined_run("cat, dog, sofa", negative_words="blurry", propagate_steps=3, head_power=2.0)
+    trace = refined.result[3].trace
+    assert trace.self_sums and trace.head_sums
+    want = trace.word_maps(words, propagate=3, head_power=2.0)  # [B, W, H, W]
+    want_neg = trace.word_maps(["blurry"], branch="uncond", propagate=3, head_power=2.0)
+    got = refined.result[2].view(1, 4, *want.shape[2:])
+    assert torch.equal(got, masks_m.threshold(torch.cat([want, want_neg], 1), 0.4, "relative"))
+    assert not torch.equal(plain.result[2], refined.result[2][:3])  # the refinement changes the masks
+    assert torch.equal(plain.result[2].view(1, 3, *want.shape[2:]),
+                       masks_m.threshold(trace.word_maps(words), 0.4, "relative"))
+    # DAAM Mask: -1 keeps the maps' refinement, 0 / 0 is plain DAAM, any other value switches without sampling
+    maps = refined.result[3]
+    assert (maps.propagate_steps, maps.head_power) == (3, 2.0)
+    assert torch.equal(pack.DAAMMask.execute(maps, "cat").result[0], got[:, 0])
+    assert torch.equal(pack.DAAMMask.execute(maps, "cat", propagate_steps=0, head_power=0.0).result[0],
+                       plain.result[2][:1])
+    one = pack.DAAMMask.execute(plain.result[3], "dog", propagate_steps=1, head_power=-1.0).result[0]
+    assert torch.equal(one, masks_m.threshold(trace.word_maps(["dog"], propagate=1), 0.4, "relative")[:, 0])
+
+
+def test_refinement_without_its_sums_names_the_input_to_turn_on(pack, sd15):  # noqa: F811
+    model, clip, _ = sd15
+    pos, neg = encode(clip, POS), encode(clip, NEG)
+    traced = pack.DAAMTraceModel.execute(model, record_head_sums=True)[0]
+    samples = ksample(traced, pos, neg)
+    run = lambda **kw: pack.DAAMHeatmaps.execute(traced, clip, {"samples": samples}, POS, NEG, "cat", **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="propagate_steps needs self-attention sums: turn on record_self_attention"):
+        run(propagate_steps=2)
+    maps = run(head_power=1.0).result[3]  # per-head sums were recorded: head weighting works
+    with pytest.raises(ValueError, match="record_self_attention"):
+        pack.DAAMMask.execute(maps, "cat", propagate_steps=1)
+    plain = pack.DAAMTraceModel.execute(model)[0]
+    samples = ksample(plain, pos, neg)
+    with pytest.raises(ValueError, match="head_power needs per-head sums: turn on record_head_sums"):
+        pack.DAAMHeatmaps.execute(plain, clip, {"samples": samples}, POS, NEG, "cat", head_power=2.0)
+
+
+def test_refinements_of_a_joint_attention_model_are_refused_clearly(pack, comfy_host):
+    from helpers.dit_checkpoints import build_flux
+
+    with pytest.raises(ValueError, match="for UNet models; Flux.1 uses joint attention: turn off "
+                                         "record_self_attention and record_head_sums"):
+        pack.DAAMTraceModel.execute(build_flux(), record_self_attention=True)

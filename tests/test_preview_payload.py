@@ -105,3 +105,72 @@ def test_maps_are_the_raw_maps_at_latent_size_and_time_buckets_differ(run, pack)
     assert timed.reshape(4, -1).max(-1).tolist() == [255] * 4  # each part of the sampling scaled to its own peak
     assert timed[:, cat].max() > 0
     assert not np.array_equal(timed[0, cat], timed[3, cat])  # early and late differ
+
+
+@pytest.fixture(scope="module")
+def refined_run(pack, sd15_checkpoint):
+    """As ``run``, traced with the refinements' sums (self-attention and per-head)."""
+    import comfy.sample
+    import comfy.sd
+    import nodes as host_nodes
+
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint), output_vae=True,
+                                                              output_clip=True)
+    traced = pack.DAAMTraceModel.execute(model, time_buckets=2, record_self_attention=True,
+                                         record_head_sums=True)[0]
+    pos = host_nodes.CLIPTextEncode().encode(clip, POS)[0]
+    neg = host_nodes.CLIPTextEncode().encode(clip, NEG)[0]
+    latent = torch.zeros(1, 4, 6, 8)
+    samples = comfy.sample.sample(traced, comfy.sample.prepare_noise(latent, 5), 3, 5.0, "euler", "normal", pos,
+                                  neg, latent, denoise=1.0, seed=5, disable_pbar=True)
+
+    def heatmaps(words, negative_words="", threshold=0.4, **kwargs):
+        return pack.DAAMHeatmaps.execute(traced, clip, {"samples": samples}, POS, NEG, words,
+                                         negative_words=negative_words, threshold=threshold, **kwargs)
+
+    return heatmaps
+
+
+def decode_other(payload):
+    h, w = payload["map_hw"]
+    hh, ww = payload["image_hw"]
+    e = len(payload["entries"])
+    return [(np.frombuffer(base64.b64decode(item["other"]["maps"]), "<f4").reshape(e, h, w),
+             np.frombuffer(zlib.decompress(base64.b64decode(item["other"]["levels"])), np.uint8).reshape(e, hh, ww))
+            for item in payload["images"]]
+
+
+@pytest.mark.parametrize("node_refine", [{}, {"propagate_steps": 2, "head_power": 1.0}])
+def test_preview_switches_refinement_and_each_mask_is_the_node_mask(refined_run, pack, node_refine):
+    """The payload holds the node's maps and the other refinement setting's; at every slider step the mask of
+    either is the MASK the node outputs with that setting."""
+    words, negative = "cat, red sofa, dog", "blurry"
+    payload = refined_run(words, negative, **node_refine).ui["daam_preview"][0]
+    mine = {"propagate_steps": node_refine.get("propagate_steps", 0),
+            "head_power": node_refine.get("head_power", 0.0)}
+    other = {"propagate_steps": 0, "head_power": 0.0} if node_refine else {"propagate_steps": 4, "head_power": 2.0}
+    assert payload["refine"] == {"node": mine, "other": other}
+    order = [index_of(payload, k) for k in ("cat", "red sofa", "dog")] + [index_of(payload, "blurry", "negative")]
+    checked = 0
+    for setting, decoded in ((mine, decode(payload)), (other, decode_other(payload))):
+        out = refined_run(words, negative, **setting)
+        trace = out.result[3].trace
+        keys = [x["key"] for x in payload["entries"] if x["prompt"] == "positive"]
+        ref = trace.word_maps(keys, image=0, size=trace.latent_hw, normalize="none", missing="zeros",
+                              propagate=setting["propagate_steps"], head_power=setting["head_power"]).numpy()
+        assert np.array_equal(decoded[0][0][:len(keys)], ref)
+        for step in (0, 25, 40, 77):
+            masks = refined_run(words, negative, threshold=step / 100, **setting).result[2]
+            for j, e in enumerate(order):
+                node = masks[j].numpy()
+                assert np.array_equal(node, (decoded[0][1][e] > step).astype(np.float32)), (setting, step, e)
+                checked += int(0 < node.mean() < 1)
+    assert checked > 10
+    plain, refined = decode(payload)[0][0], decode_other(payload)[0][0]
+    assert not np.array_equal(plain, refined)
+
+
+def test_plain_trace_offers_no_other_refinement(run):
+    payload = run("cat").ui["daam_preview"][0]
+    assert payload["refine"] == {"node": {"propagate_steps": 0, "head_power": 0.0}, "other": None}
+    assert all("other" not in item for item in payload["images"])

@@ -222,10 +222,19 @@ def propagation_matrix(self_sum: torch.Tensor) -> torch.Tensor:
 
 
 def propagate(maps: torch.Tensor, a: torch.Tensor, steps: int) -> torch.Tensor:
-    """``maps [P, N] <- (A^steps maps^T)^T``: each pixel's value becomes the mean over the pixels it attends to."""
-    for _ in range(steps):
-        maps = maps @ a.t()
-    return maps
+    """``maps [P, N] <- (A^steps maps^T)^T``: each pixel's value becomes the mean over the pixels it attends to.
+
+    One matrix-vector product per map, so a map's values do not depend on which other maps are propagated with it
+    (a ``[P, N] @ [N, N]`` product rounds differently for different ``P``, and a mask cut from the map would then
+    depend on the other words asked)."""
+    if steps == 0 or maps.shape[0] == 0:
+        return maps
+    rows = []
+    for m in maps:
+        for _ in range(steps):
+            m = a @ m
+        rows.append(m)
+    return torch.stack(rows)
 
 
 def token_maps(sums: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int]], calls: Mapping[str, int],

@@ -218,6 +218,37 @@ def test_shapes_preview_hover_chips_threshold_time_and_write_back(comfy_page, se
     assert cp.pack_errors() == []
 
 
+def test_preview_switches_to_refined_maps_and_the_next_run_outputs_them(comfy_page, server, artifacts):
+    """The demo traces with self-attention and head sums: the preview switches between plain and refined maps
+    without a new run, and writing the refined view back makes the next run's MASK the previewed mask."""
+    cp = comfy_page.open()
+    heat_id, _, preview = run_shapes(cp)
+    trace_id = cp.node("DAAMTraceModel")
+    assert cp.widget(trace_id, "record_self_attention") is True and cp.widget(trace_id, "record_head_sums") is True
+    button = preview.root.locator("button.daam-refine")
+    assert button.is_visible() and button.inner_text().strip() == "plain"
+    preview.select_only(["circle"])
+    preview.slide("threshold", 40)  # the slider shows the mask
+    plain = preview.mask()
+    button.click()
+    assert button.inner_text().strip() == "refined (propagate 4, heads 2)"
+    refined = preview.mask()
+    assert refined.sum() > 0 and not np.array_equal(plain, refined)
+    cp.screenshot("preview-shapes-refined", preview.root)
+    preview.root.locator("button.daam-apply").click()
+    assert (cp.widget(heat_id, "propagate_steps"), cp.widget(heat_id, "head_power")) == (4, 2)
+    again = cp.run()
+    (mask,) = output_images(server, again, "daam/shapes_word_masks")
+    assert np.array_equal(mask[..., 0] > 0.5, refined)  # the engine's own levels of the refined maps
+    preview.wait_loaded()
+    assert button.inner_text().strip() == "refined (propagate 4, heads 2)"  # now the node's own maps
+    button.click()
+    assert button.inner_text().strip() == "plain"
+    preview.slide("threshold", 40)
+    assert np.array_equal(preview.mask(), plain)
+    assert cp.pack_errors() == []
+
+
 def test_linked_prompt_texts_draw_as_inputs(comfy_page, artifacts):
     cp = comfy_page.open()
     cp.load(workflow(SHAPES))

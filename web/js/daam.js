@@ -85,6 +85,13 @@ function ensureStyle() {
   document.head.append(el("style", { id: "daam-preview-style", textContent: STYLE }));
 }
 
+function describeRefine(r) {
+  const parts = [];
+  if (r.propagate_steps > 0) parts.push(`propagate ${r.propagate_steps}`);
+  if (r.head_power > 0) parts.push(`heads ${r.head_power}`);
+  return parts.join(", ");
+}
+
 class DaamPreview {
   constructor(node) {
     ensureStyle();
@@ -92,6 +99,7 @@ class DaamPreview {
     this.data = null;
     this.image = 0;
     this.bucket = 0; // 0: the whole sampling; k: time bucket k
+    this.variant = 0; // 0: the node's maps; 1: the payload's other refinement setting (plain <-> refined)
     this.mode = "overlay";
     this.cache = new Map();
     this.chips = el("div", { className: "daam-chips" });
@@ -105,6 +113,8 @@ class DaamPreview {
     this.modeButton = el("button", { className: "daam-action daam-mode", textContent: "mask" });
     this.apply = el("button", { className: "daam-action daam-apply", textContent: "use for next run",
       title: "Write the selected words and this threshold into the node's widgets: the next run's MASK is the mask shown" });
+    this.refineButton = el("button", { className: "daam-action daam-refine", style: "display:none",
+      title: "Switch between plain DAAM maps and maps refined by the recorded self-attention / head sums (no new run)" });
     this.time = el("input", { type: "range", min: 0, max: 0, step: 1, value: 0, className: "daam-time" });
     this.timeText = el("span", { className: "daam-time-value" });
     this.timeRow = el("div", { className: "daam-row", style: "display:none" }, [el("span", { textContent: "time" }), this.time, this.timeText]);
@@ -112,11 +122,12 @@ class DaamPreview {
     this.root = el("div", { className: "daam-preview" }, [
       this.chips, this.imageRow, this.area,
       el("div", { className: "daam-row" }, [el("span", { textContent: "threshold" }), this.threshold, this.thresholdText,
-        this.modeButton, this.apply]),
+        this.modeButton, this.refineButton, this.apply]),
       this.timeRow, this.hover]);
     this.threshold.oninput = () => { this.mode = "mask"; this.draw(); };
     this.modeButton.onclick = () => { this.mode = this.mode === "mask" ? "overlay" : "mask"; this.draw(); };
     this.apply.onclick = () => this.writeBack();
+    this.refineButton.onclick = () => { this.variant = 1 - this.variant; this.cache.clear(); this.draw(); };
     this.time.oninput = () => { this.bucket = Number(this.time.value); this.draw(); };
     this.canvas.onmousemove = (e) => this.onHover(e);
     this.canvas.onmouseleave = () => { this.hover.textContent = ""; };
@@ -127,14 +138,17 @@ class DaamPreview {
   async load(payload) {
     const [h, w] = payload.map_hw, [H, W] = payload.image_hw, n = payload.entries.length;
     const images = [];
+    const decode = async (v) => {
+      const raw = bytesOf(v.maps);
+      return { maps: new Float32Array(raw.buffer, raw.byteOffset, raw.byteLength / 4), levels: await inflate(v.levels) };
+    };
     for (const item of payload.images) {
-      const raw = bytesOf(item.maps);
-      const maps = new Float32Array(raw.buffer, raw.byteOffset, raw.byteLength / 4);
-      const levels = await inflate(item.levels);
+      const variants = [await decode(item)];
+      if (item.other) variants.push(await decode(item.other));
       const time = item.time ? await inflate(item.time) : null;
       let picture = null;
       if (item.image) picture = await this.fetchImage(item.image, W, H);
-      images.push({ maps, levels, time, picture });
+      images.push({ variants, time, picture });
     }
     this.data = { ...payload, h, w, H, W, n, decoded: images,
       selected: payload.entries.map(() => false), colour: payload.entries.map(() => null) };
@@ -142,6 +156,7 @@ class DaamPreview {
     this.cache.clear();
     this.image = Math.min(this.image, images.length - 1);
     this.bucket = 0;
+    this.variant = 0;
     this.mode = "overlay";
     this.threshold.value = String(Math.round(payload.threshold * payload.threshold_steps));
     this.threshold.max = String(payload.threshold_steps);
@@ -162,6 +177,17 @@ class DaamPreview {
     return g.getImageData(0, 0, W, H).data;
   }
 
+  // The maps and mask levels shown: the node's, or the payload's other refinement setting.
+  shownVariant(img) {
+    return img.variants[Math.min(this.variant, img.variants.length - 1)];
+  }
+
+  // The refinement setting shown, as the node's widgets take it.
+  shownRefine() {
+    const r = this.data.refine;
+    return r && this.variant && r.other ? r.other : (r ? r.node : { propagate_steps: 0, head_power: 0 });
+  }
+
   // Entry `i`'s map of the current image and time bucket at map size, unnormalised (comparable across words).
   rawOf(i) {
     const d = this.data, img = d.decoded[this.image], size = d.h * d.w;
@@ -169,12 +195,12 @@ class DaamPreview {
       const off = ((this.bucket - 1) * d.n + i) * size;
       return Float32Array.from(img.time.subarray(off, off + size), (v) => v / 255);
     }
-    return img.maps.subarray(i * size, (i + 1) * size);
+    return this.shownVariant(img).maps.subarray(i * size, (i + 1) * size);
   }
 
   // Entry `i`'s overlay at image size, normalised as the node normalises ('none' is shown like 'shared').
   mapOf(i) {
-    const d = this.data, key = `${this.image}:${this.bucket}:${i}`;
+    const d = this.data, key = `${this.image}:${this.bucket}:${this.variant}:${i}`;
     let m = this.cache.get(key);
     if (!m) {
       const raw = this.rawOf(i), low = new Float32Array(raw.length);
@@ -217,6 +243,7 @@ class DaamPreview {
       return chip;
     }));
     this.styleChips();
+    this.refineButton.style.display = d.refine && d.refine.other ? "" : "none";
     const k = d.time ? d.time.buckets : 0;
     this.timeRow.style.display = k ? "" : "none";
     this.time.max = String(k);
@@ -278,8 +305,12 @@ class DaamPreview {
     const { H, W } = d, step = Number(this.threshold.value);
     this.thresholdText.textContent = (step / d.threshold_steps).toFixed(2);
     this.modeButton.textContent = this.mode === "mask" ? "overlay" : "mask";
+    const r = this.shownRefine(), refined = r.propagate_steps > 0 || r.head_power > 0;
+    this.refineButton.textContent = refined ? `refined (${describeRefine(r)})` : "plain";
+    this.refineButton.classList.toggle("daam-on", refined);
     this.timeText.textContent = this.bucket === 0 ? "all steps"
-      : `${Math.round(d.time.edges[this.bucket - 1] * 100)}-${Math.round(d.time.edges[this.bucket] * 100)}%`;
+      : `${Math.round(d.time.edges[this.bucket - 1] * 100)}-${Math.round(d.time.edges[this.bucket] * 100)}%`
+        + (refined ? " (plain)" : "");
     if (this.canvas.width !== W || this.canvas.height !== H) { this.canvas.width = W; this.canvas.height = H; }
     const g = this.canvas.getContext("2d");
     const out = g.createImageData(W, H), px = out.data, img = d.decoded[this.image];
@@ -289,7 +320,7 @@ class DaamPreview {
       // the MASK the node outputs at this threshold, one colour per word: `levels > step` (see nodes/preview.py)
       for (let p = 0; p < W * H; p++) px[p * 4 + 3] = 255;
       for (const i of shown) {
-        const lv = img.levels.subarray(i * W * H, (i + 1) * W * H), [r, gr, b] = hexRgb(d.colour[i]);
+        const lv = this.shownVariant(img).levels.subarray(i * W * H, (i + 1) * W * H), [r, gr, b] = hexRgb(d.colour[i]);
         for (let p = 0; p < W * H; p++) if (lv[p] > step) { px[p * 4] = r; px[p * 4 + 1] = gr; px[p * 4 + 2] = b; }
         labels.push([i, this.centroid(lv, step)]);
       }
@@ -369,6 +400,11 @@ class DaamPreview {
     set("words", pick("positive"));
     set("negative_words", pick("negative"));
     set("threshold", Number(this.threshold.value) / d.threshold_steps);
+    if (d.refine) {
+      const r = this.shownRefine();
+      set("propagate_steps", r.propagate_steps);
+      set("head_power", r.head_power);
+    }
     this.node.setDirtyCanvas?.(true, true);
     app.graph?.setDirtyCanvas?.(true, true);
   }
