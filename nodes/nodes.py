@@ -23,7 +23,8 @@ from ..daam_core.engine.io import TraceFormatError
 from ..daam_core.engine.recorder import RecordFilter
 from ..daam_core.engine.trace import AttentionTrace, load_trace, save_trace
 from ..daam_core.engine.refine import DEFAULT_MAX_QUERIES
-from ..daam_core.hosts.comfy.maps import build_trace, heatmap_trace, record_filter, refine_recording, refined_word_maps
+from ..daam_core.hosts.comfy.maps import (MAP_SOURCES, build_trace, heatmap_trace, record_filter, refine_recording,
+                                          refined_word_maps)
 from ..daam_core.hosts.comfy.graph import attention_replacers_after
 from ..daam_core.hosts.comfy.session import session_of
 from ..daam_core.text.layout import SEGMENT_CHOICES
@@ -40,6 +41,9 @@ PROPAGATE_TIP = ("Sharpen the maps by spreading them k times through the image's
                  "takes the mean map of the pixels it attends to); 0 = plain DAAM.")
 HEAD_POWER_TIP = ("Weight each head by how concentrated its map is, to the power g; 0 = every head alike (plain "
                   "DAAM).")
+MAP_SOURCE_TIP = ("attention: DAAM's attention from image to text. output similarity (joint-attention models): "
+                  "how alike each image token's attention output is to the word's tokens' (ConceptAttention-style).")
+AS_MAPS = "as maps"
 Maps = io.Custom("DAAM_MAPS")  # DaamMaps between DAAM nodes
 BRANCH = {"positive": "cond", "negative": "uncond"}
 TRACE_FOLDER = "daam"
@@ -58,6 +62,7 @@ class DaamMaps:
     segments: str = "both"
     propagate_steps: int = 0  # refinements the maps were made with (0: plain DAAM)
     head_power: float = 0.0
+    map_source: str = "attention"
 
 def maps_for(trace: AttentionTrace, words: list[str], branch: str, **kwargs) -> torch.Tensor:
     """``[B, W, H, W]`` maps with errors that name the word and list the prompt's words; ``propagate_steps`` and
@@ -125,6 +130,11 @@ class DAAMTraceModel(io.ComfyNode):
                 io.Boolean.Input("record_head_sums", default=False, optional=True,
                                  tooltip="UNet models: also keep each head's sums, so the heat-map nodes can weight "
                                  "heads by how localised their maps are (head_power). Costs heads x the plain sums."),
+                io.Boolean.Input("record_output_similarity", default=False, optional=True,
+                                 tooltip="Joint-attention models (SD3, Flux, Chroma, Qwen-Image, ...): also keep how "
+                                 "similar each image token's attention output is to each prompt token's "
+                                 "(ConceptAttention-style), for map_source 'output similarity'. Costs as much as "
+                                 "the plain sums; the image is unchanged."),
             ],
             outputs=[io.Model.Output("traced", display_name="model",
                                      tooltip="A traced clone: give it to any sampler and to the DAAM Heatmaps node.")],
@@ -134,7 +144,7 @@ class DAAMTraceModel(io.ComfyNode):
     @classmethod
     def execute(cls, model, resolutions="all", unet_parts="all", start_percent=0.0, end_percent=1.0, heads="",
                 record_negative=True, time_buckets=1, blocks="", record_self_attention=False,
-                self_attention_max=DEFAULT_MAX_QUERIES, record_head_sums=False):
+                self_attention_max=DEFAULT_MAX_QUERIES, record_head_sums=False, record_output_similarity=False):
         try:
             head_list = tuple(int(h) for h in split_words(heads)) or None
         except ValueError:
@@ -148,7 +158,8 @@ class DAAMTraceModel(io.ComfyNode):
                           parts_choices=cls.PARTS, parts_label=unet_parts, resolutions_label=resolutions,
                           heads=head_list, start=start_percent, end=end_percent, negative=record_negative,
                           time_buckets=time_buckets, blocks=blocks)
-        refine = refine_recording(record_self_attention, record_head_sums, self_attention_max)
+        refine = refine_recording(record_self_attention, record_head_sums, self_attention_max,
+                                  record_output_similarity)
         patched, _ = patch_model(model, f, refine)
         hidden = cls.hidden  # None when called outside a prompt
         warnings = attention_replacers_after(hidden.prompt, hidden.unique_id) if hidden is not None else []
@@ -251,6 +262,8 @@ class DAAMHeatmaps(io.ComfyNode):
                              tooltip=PROPAGATE_TIP + " Needs record_self_attention in DAAM Trace Model."),
                 io.Float.Input("head_power", default=0.0, min=0.0, max=HEAD_POWER_MAX, step=0.5, optional=True,
                                tooltip=HEAD_POWER_TIP + " Needs record_head_sums in DAAM Trace Model."),
+                io.Combo.Input("map_source", options=list(MAP_SOURCES), default="attention", optional=True,
+                               tooltip=MAP_SOURCE_TIP + " Needs record_output_similarity in DAAM Trace Model."),
             ],
             outputs=[
                 io.Image.Output("heatmaps", display_name="heatmaps",
@@ -266,7 +279,7 @@ class DAAMHeatmaps(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, samples, positive, negative, words, negative_words="", threshold=0.4,
                 normalize="minmax", combine="mean", colormap="jet", alpha=0.5, images=None, segments="both",
-                propagate_steps=0, head_power=0.0):
+                propagate_steps=0, head_power=0.0, map_source="attention"):
         if clip is None:
             raise ValueError("a CLIP is needed to read the prompt's tokens")
         pos_words, neg_words = split_words(words), split_words(negative_words)
@@ -274,7 +287,7 @@ class DAAMHeatmaps(io.ComfyNode):
             raise ValueError("no words given: type words or phrases of the prompt, separated by commas")
         trace = heatmap_trace(model, clip, samples, positive, negative, neg_words, images)
         how = dict(normalize=normalize, combine=combine, segments=segments, propagate_steps=propagate_steps,
-                   head_power=head_power)
+                   head_power=head_power, map_source=map_source)
         parts = []
         if pos_words:
             parts.append(maps_for(trace, pos_words, "cond", **how))
@@ -292,7 +305,8 @@ class DAAMHeatmaps(io.ComfyNode):
         ui = {"daam_preview": [build_payload(trace, pos_words, neg_words, threshold=threshold, normalize=normalize,
                                              combine=combine, alpha=alpha, segments=segments,
                                              images=preview(images, "daam_preview") if images is not None else None,
-                                             propagate_steps=propagate_steps, head_power=head_power)]}
+                                             propagate_steps=propagate_steps, head_power=head_power,
+                                             map_source=map_source)]}
         return io.NodeOutput(heat, over, flat(masks), DaamMaps(trace, images, **how), ui=ui)
 
 
@@ -342,6 +356,8 @@ class DAAMMask(io.ComfyNode):
                              tooltip="-1 = as the maps were made (DAAM Heatmaps). " + PROPAGATE_TIP),
                 io.Float.Input("head_power", default=-1.0, min=-1.0, max=HEAD_POWER_MAX, step=0.5, optional=True,
                                tooltip="-1 = as the maps were made (DAAM Heatmaps). " + HEAD_POWER_TIP),
+                io.Combo.Input("map_source", options=[AS_MAPS, *MAP_SOURCES], default=AS_MAPS, optional=True,
+                               tooltip="'as maps' = as the maps were made (DAAM Heatmaps). " + MAP_SOURCE_TIP),
             ],
             outputs=[io.Mask.Output("mask", display_name="mask",
                                     tooltip="One [batch, H, W] mask per image, for inpainting and compositing nodes.")],
@@ -349,12 +365,14 @@ class DAAMMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, maps, words, prompt="positive", operation="union", threshold_mode="relative", threshold=0.4,
-                open_px=0, close_px=0, grow_px=0, feather_px=0, propagate_steps=-1, head_power=-1.0):
+                open_px=0, close_px=0, grow_px=0, feather_px=0, propagate_steps=-1, head_power=-1.0,
+                map_source=AS_MAPS):
         word_list = split_words(words)
         m = maps_for(maps.trace, word_list, BRANCH[prompt], normalize=maps.normalize, combine=maps.combine,
                      segments=maps.segments,
                      propagate_steps=maps.propagate_steps if propagate_steps < 0 else propagate_steps,
-                     head_power=maps.head_power if head_power < 0 else head_power)
+                     head_power=maps.head_power if head_power < 0 else head_power,
+                     map_source=maps.map_source if map_source == AS_MAPS else map_source)
         binary = mask_ops.threshold(m, threshold, threshold_mode)
         combined = mask_ops.combine([binary[:, j] for j in range(binary.shape[1])], operation)
         return io.NodeOutput(mask_ops.refine(combined, open_px=open_px, close_px=close_px, grow_px=grow_px,

@@ -15,7 +15,8 @@ occurrence ``dog#2`` of a repeated word, and every phrase the node was asked for
   kept for the whole sampling only);
 - ``other`` (when the trace holds the refinements' sums): ``maps`` and ``levels`` of the other refinement
   setting, so the preview switches between plain and refined maps without a new run: plain DAAM when the node
-  refined its maps, else the refinements the trace allows at :data:`DEFAULT_REFINE` (``refine`` says which).
+  refined its maps, else output similarity where it was recorded (joint attention), else the refinements the
+  trace allows at :data:`DEFAULT_REFINE` (``refine`` says which).
 
 Binary arrays travel as base64 (``levels`` and ``time`` zlib-compressed), row-major, little-endian.
 """
@@ -33,8 +34,10 @@ import torch
 from ..daam_core.engine import masks as mask_ops
 from ..daam_core.engine.aggregate import finish_maps
 from ..daam_core.engine.trace import AttentionTrace
+from ..daam_core.hosts.comfy.maps import refined_word_maps
 
 DEFAULT_REFINE = {"propagate_steps": 4, "head_power": 2.0}  # the shown alternative (best one-object fit, docs/benchmarks.md)
+PLAIN = {"propagate_steps": 0, "head_power": 0.0, "map_source": "attention"}
 THRESHOLD_STEPS = 100  # the slider's thresholds are i / 100, i = 0..100 (the node's widget step is 0.01)
 PAYLOAD_VERSION = 1
 _EDGE_PUNCT = re.compile(r"^[^\w]+|[^\w]+$")
@@ -116,27 +119,31 @@ def _time_maps(trace: AttentionTrace, entries: list[Entry], combine: str, image:
 
 
 def _latent_maps(trace: AttentionTrace, entries: list[Entry], combine: str, image: int,
-                 segments: str | None = None, propagate_steps: int = 0, head_power: float = 0.0
-                 ) -> list[torch.Tensor]:
+                 segments: str | None = None, propagate_steps: int = 0, head_power: float = 0.0,
+                 map_source: str = "attention") -> list[torch.Tensor]:
     """Per prompt (positive, then negative) the ``[E_p, h, w]`` unnormalised maps of its entries at the latent."""
     parts = []
     for prompt, branch in (("positive", "cond"), ("negative", "uncond")):
         keys = [e.key for e in entries if e.prompt == prompt]
         if keys:
-            parts.append(trace.word_maps(keys, image=image, branch=branch, combine=combine, normalize="none",
-                                         size=trace.latent_hw, missing="zeros", segments=segments,
-                                         propagate=propagate_steps, head_power=head_power))
+            parts.append(refined_word_maps(trace, keys, image=image, branch=branch, combine=combine,
+                                           normalize="none", size=trace.latent_hw, missing="zeros", segments=segments,
+                                           propagate_steps=propagate_steps, head_power=head_power,
+                                           map_source=map_source))
     return parts or [torch.zeros(0, *trace.latent_hw)]
 
 
-def other_refinement(trace: AttentionTrace, propagate_steps: int, head_power: float) -> dict | None:
-    """The refinement setting the preview offers besides the node's: plain DAAM after refined maps, else
-    :data:`DEFAULT_REFINE` for the sums the trace holds; None when the trace holds none."""
-    if propagate_steps or head_power:
-        return {"propagate_steps": 0, "head_power": 0.0}
-    other = {"propagate_steps": DEFAULT_REFINE["propagate_steps"] if trace.self_sums else 0,
+def other_refinement(trace: AttentionTrace, node: dict) -> dict | None:
+    """The refinement setting the preview offers besides the node's (``node``, keys as :data:`PLAIN`): plain DAAM
+    after refined maps, else output similarity where the trace holds it, else :data:`DEFAULT_REFINE` for the sums
+    the trace holds; None when it holds none."""
+    if node != PLAIN:
+        return dict(PLAIN)
+    if trace.output_sums:
+        return {**PLAIN, "map_source": "output similarity"}
+    other = {**PLAIN, "propagate_steps": DEFAULT_REFINE["propagate_steps"] if trace.self_sums else 0,
              "head_power": DEFAULT_REFINE["head_power"] if trace.head_sums else 0.0}
-    return other if other["propagate_steps"] or other["head_power"] else None
+    return other if other != PLAIN else None
 
 
 def _maps_and_levels(trace, entries, combine, image, segments, normalize, image_hw, **refine) -> dict:
@@ -150,7 +157,8 @@ def _maps_and_levels(trace, entries, combine, image, segments, normalize, image_
 
 def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[str], *, threshold: float,
                   normalize: str, combine: str, images: list[dict] | None = None, alpha: float = 0.5,
-                  segments: str | None = None, propagate_steps: int = 0, head_power: float = 0.0) -> dict:
+                  segments: str | None = None, propagate_steps: int = 0, head_power: float = 0.0,
+                  map_source: str = "attention") -> dict:
     """The ``daam_preview`` payload of one DAAM Heatmaps run.
 
     Parameters
@@ -166,8 +174,9 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
         Per batch image, the ``/view`` reference (filename, subfolder, type) of the decoded image.
     segments : {"both", "clip", "t5"}, optional
         The node's choice of text segments (SD3), so the chips' maps are the node's.
-    propagate_steps, head_power
-        The node's refinements (0: plain DAAM); the other setting (:func:`other_refinement`) travels as ``other``.
+    propagate_steps, head_power, map_source
+        The node's refinements (0, 0, "attention": plain DAAM); the other setting (:func:`other_refinement`)
+        travels as ``other``.
     """
     layouts = [("positive", "cond")] + ([("negative", "uncond")] if "uncond" in trace.branches() else [])
     entries: list[Entry] = []
@@ -177,8 +186,8 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
     latent_hw, image_hw = tuple(trace.latent_hw), tuple(trace.image_hw)
     per_image = []
     time_meta = None
-    mine = {"propagate_steps": int(propagate_steps), "head_power": float(head_power)}
-    other = other_refinement(trace, *mine.values())
+    mine = {"propagate_steps": int(propagate_steps), "head_power": float(head_power), "map_source": map_source}
+    other = other_refinement(trace, mine)
     for b in range(trace.num_images):
         item = _maps_and_levels(trace, entries, combine, b, segments, normalize, image_hw, **mine)
         if other is not None:

@@ -8,8 +8,10 @@ Flux tokenizers give for the prompt, so word positions come from the real tokeni
 
 from __future__ import annotations
 
+import base64
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers.images import assert_same_image
@@ -212,6 +214,113 @@ def test_recorded_probabilities_equal_fp64_reference(pack, models, tokenizers, f
         assert rec.layers[name].kind == "joint" and rec.layers[name].hw == (3, 4)
     if family == "sd35":  # block 0's image-only attention ran too and was not taken for a joint call
         assert sum(1 for c in store if c["k"].shape[1] == n_img) > 0
+
+
+def output_collector(store):
+    """An override (run before DAAM's) that keeps every attention call's output, mask and batch kinds."""
+
+    def collect(func, *args, **kwargs):
+        out = func(*args, **kwargs)
+        flat = out.transpose(1, 2).flatten(2) if kwargs.get("skip_output_reshape", False) else out
+        options = kwargs.get("transformer_options") or {}
+        store.append(dict(out=flat.detach().clone(), mask=kwargs.get("mask"),
+                          kinds=list(options.get("cond_or_uncond", [])),
+                          block=(options.get("block_type"), options.get("block_index"))))
+        return out
+
+    return collect
+
+
+def reference_output_sums(calls, lengths, n_img, n_ref, n_streams, stream_of, t_max, names):
+    """fp64 ``softmax_t(o_i . o_t / sqrt(C))`` of each joint call's outputs (image rows x text columns), text columns a
+    query's mask blocks left out, copies of a shorter prompt folded, summed per layer. ``names``: the layer
+    name of each joint call in order (the calls whose output holds text besides the image and references)."""
+    out = {}
+    joint = [c for c in calls if c["out"].shape[1] - n_img - n_ref > 0]
+    assert len(joint) == len(names)
+    for c, name in zip(joint, names):
+        o = c["out"].double()
+        text = o.shape[1] - n_img - n_ref
+        logits = o[:, text:text + n_img] @ o[:, :text].transpose(1, 2) / math.sqrt(o.shape[-1])  # [B, N, text]
+        if c["mask"] is not None:
+            m = c["mask"]
+            m = m if m.ndim == 4 else m[:, None] if m.ndim == 3 else m[None, None]
+            rows = m[:, 0, text:text + n_img, :text] if m.shape[2] > 1 else m[:, 0, :, :text]
+            blocked = ~rows if rows.dtype == torch.bool else torch.isneginf(rows)
+            logits = logits.masked_fill(blocked, float("-inf"))
+        p = logits.softmax(-1)
+        acc = out.setdefault(name, torch.zeros(n_streams, n_img, t_max, dtype=torch.float64))
+        chunk = o.shape[0] // len(c["kinds"])
+        for j, kind in enumerate(c["kinds"]):
+            t = lengths[kind]
+            for i in range(chunk):
+                acc[stream_of(kind, i), :, :t] += p[j * chunk + i].view(n_img, text // t, t).sum(1)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES + ("flux-kontext",))
+def test_output_similarity_sums_equal_fp64_reference(pack, models, tokenizers, family):
+    """ConceptAttention-style sums from the host's own attention outputs: two images, a negative prompt of another
+    length, the image bit for bit the untraced one."""
+    model = models["flux-dev" if family == "flux-kontext" else family]
+    base = "flux-dev" if family == "flux-kontext" else family
+    extra = {"reference_latents": [torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(5))]} \
+        if family == "flux-kontext" else {}
+    long_pos = POS + ", " + ", ".join(["a small wooden house"] * 60)  # > 256 T5 tokens: longer than the negative
+    pos = cond(base, tokenizers, long_pos, 1, batch=1, **extra)
+    neg = cond(base, tokenizers, NEG, 2, batch=1, **extra)
+    plain = ksample(model, pos, neg, batch=2)
+    store = []
+    traced_model = pack.DAAMTraceModel.execute(with_override(model, output_collector(store)),
+                                               record_output_similarity=True)[0]
+    samples = ksample(traced_model, pos, neg, batch=2)
+    assert_same_image(plain, samples, f"{family} traced with output similarity")
+    rec = pack.session_of(traced_model).find(samples).recorded
+    got = rec.extras["output_sums"]
+    lengths = {0: pos[0][0].shape[1], 1: neg[0][0].shape[1]}
+    assert lengths[0] != lengths[1]
+    n_ref = 2 * 3 if family == "flux-kontext" else 0
+    net = model.model.diffusion_model  # the layer names in call order, from the host's network
+    if base.startswith("sd3"):
+        order = [f"joint.{i}" for i in range(len(net.joint_blocks))]
+    else:
+        order = [f"double.{i}" for i in range(len(net.double_blocks))] + \
+            [f"single.{i}" for i in range(len(net.single_blocks))]
+    joint_calls = sum(1 for c in store if c["out"].shape[1] - 12 - n_ref > 0)
+    names = (order * (joint_calls // len(order)))
+    expected = reference_output_sums(store, lengths, 12, n_ref, 4, lambda kind, i: kind * 2 + i,
+                                     max(lengths.values()), names)
+    assert set(got) == set(expected) == set(order)
+    for name, ref in expected.items():
+        assert rec.extras["output_calls"][name] == rec.calls[name]
+        torch.testing.assert_close(got[name].double(), ref, atol=1e-5, rtol=0)
+    trace = pack.DAAMHeatmaps.execute(traced_model, tokenizer_of(family, tokenizers), {"samples": samples}, long_pos,
+                                      NEG, "dog", map_source="output similarity")
+    maps = trace.result[3]
+    assert maps.map_source == "output similarity"
+    assert not torch.equal(maps.trace.word_maps("dog", source="output"), maps.trace.word_maps("dog"))
+    # the preview of plain maps offers the output-similarity maps, with the node's own numbers
+    (payload,) = pack.DAAMHeatmaps.execute(traced_model, tokenizer_of(family, tokenizers), {"samples": samples},
+                                           long_pos, NEG, "dog").ui["daam_preview"]
+    assert payload["refine"]["other"] == {"propagate_steps": 0, "head_power": 0.0, "map_source": "output similarity"}
+    keys = [e["key"] for e in payload["entries"] if e["prompt"] == "positive"]
+    h, w = payload["map_hw"]
+    other = np.frombuffer(base64.b64decode(payload["images"][1]["other"]["maps"]), "<f4").reshape(-1, h, w)
+    ref = maps.trace.word_maps(keys, image=1, size=maps.trace.latent_hw, normalize="none", missing="zeros",
+                               source="output").numpy()
+    assert np.array_equal(other[:len(keys)], ref)
+
+
+def test_output_similarity_is_refused_where_there_is_no_joint_attention(pack, sd15_model_for_refusal):
+    with pytest.raises(ValueError, match="output similarity is for joint-attention models"):
+        pack.DAAMTraceModel.execute(sd15_model_for_refusal, record_output_similarity=True)
+
+
+@pytest.fixture(scope="module")
+def sd15_model_for_refusal(comfy_host, sd15_checkpoint):
+    import comfy.sd
+
+    return comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint), output_vae=False, output_clip=False)[0]
 
 
 # -- planted attention ------------------------------------------------------------------------------------------

@@ -212,3 +212,27 @@ def test_pytorch_attention_host_gets_the_same_image_and_sums(pack, model, tok):
     pos, neg = cond(tok, POS, 1, batch=2), cond(tok, NEG, 2, batch=2)
     blocks = assert_fused_kernel_is_the_host(pack, model, lambda m: ksample(m, pos, neg, batch=2))
     assert blocks == {"double.0", "double.1"}
+
+
+@pytest.mark.parametrize("refs", (0, 1))
+def test_output_similarity_sums_equal_fp64_reference(pack, model, tok, refs):
+    """Output-similarity sums (ConceptAttention-style) from the host's outputs, over a masked joint call."""
+    from test_comfy_dit import output_collector, reference_output_sums
+
+    extra = {"reference_latents": [torch.randn(1, 16, 1, 4, 6, generator=torch.Generator().manual_seed(5))]} \
+        if refs else {}
+    pos, neg = cond(tok, POS, 1, **extra), cond(tok, NEG, 2, **extra)
+    plain = ksample(model, pos, neg, batch=2)
+    store = []
+    traced_model = pack.DAAMTraceModel.execute(with_override(model, output_collector(store)),
+                                               record_output_similarity=True)[0]
+    samples = ksample(traced_model, pos, neg, batch=2)
+    assert_same_image(plain, samples, "Qwen-Image traced with output similarity")
+    rec = pack.session_of(traced_model).find(samples).recorded
+    lengths = {0: pos[0][0].shape[1], 1: neg[0][0].shape[1]}
+    names = [f"double.{c['block'][1]}" for c in store]
+    expected = reference_output_sums(store, lengths, 3 * 4, 2 * 3 * refs, 4, lambda kind, i: kind * 2 + i,
+                                     max(lengths.values()), names)
+    assert set(rec.extras["output_sums"]) == set(expected) == {"double.0", "double.1"}
+    for name, ref in expected.items():
+        torch.testing.assert_close(rec.extras["output_sums"][name].double(), ref, atol=1e-5, rtol=0)

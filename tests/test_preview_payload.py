@@ -147,8 +147,9 @@ def test_preview_switches_refinement_and_each_mask_is_the_node_mask(refined_run,
     words, negative = "cat, red sofa, dog", "blurry"
     payload = refined_run(words, negative, **node_refine).ui["daam_preview"][0]
     mine = {"propagate_steps": node_refine.get("propagate_steps", 0),
-            "head_power": node_refine.get("head_power", 0.0)}
-    other = {"propagate_steps": 0, "head_power": 0.0} if node_refine else {"propagate_steps": 4, "head_power": 2.0}
+            "head_power": node_refine.get("head_power", 0.0), "map_source": "attention"}
+    other = {"propagate_steps": 0, "head_power": 0.0, "map_source": "attention"} if node_refine else \
+        {"propagate_steps": 4, "head_power": 2.0, "map_source": "attention"}
     assert payload["refine"] == {"node": mine, "other": other}
     order = [index_of(payload, k) for k in ("cat", "red sofa", "dog")] + [index_of(payload, "blurry", "negative")]
     checked = 0
@@ -172,5 +173,6 @@ def test_preview_switches_refinement_and_each_mask_is_the_node_mask(refined_run,
 
 def test_plain_trace_offers_no_other_refinement(run):
     payload = run("cat").ui["daam_preview"][0]
-    assert payload["refine"] == {"node": {"propagate_steps": 0, "head_power": 0.0}, "other": None}
+    assert payload["refine"] == {"node": {"propagate_steps": 0, "head_power": 0.0, "map_source": "attention"},
+                                 "other": None}
     assert all("other" not in item for item in payload["images"])

@@ -1,6 +1,6 @@
 """Training-free refinements of DAAM word maps, recorded beside the cross-attention sums.
 
-Two optional running sums, both flat in the number of steps and both recorded by the adapter's hooks:
+Optional running sums, all flat in the number of steps and all recorded by the adapter's hooks:
 
 - **self-attention sums** ``[streams, N, N]`` per layer *resolution* (the layers of one resolution share one sum):
   head-summed image self-attention probabilities, recorded only where ``N <= max_queries``. Word maps are then
@@ -9,8 +9,14 @@ Two optional running sums, both flat in the number of steps and both recorded by
 - **per-head sums** ``[streams, heads, N, T]`` per cross-attention layer, so that each head can be weighted by how
   concentrated its own map is (:func:`head_weights`). Memory: ``heads`` times the plain sums
   (:func:`head_sum_bytes`).
+- **output-similarity sums** ``[streams, N, T]`` per joint-attention layer (SD3, Flux and the other families that
+  attend over text and image together): the softmax over the prompt's text tokens of ``o_i . o_t / sqrt(C)``, the
+  scaled dot products of the attention's *outputs* (``C`` channels: heads concatenated, before the output
+  projection) of image token ``i`` and text token ``t``; ConceptAttention's output-space maps (Helbling et al., ICML 2025) with the prompt's own
+  tokens as the concepts, so no token is added and the image is untouched. Text keys the host masks out for the
+  image queries are left out. Memory: as the plain sums.
 
-Both are exact: the self-attention sum is the softmax of the module's own ``q k^T * scale`` (fp32, every head,
+All are exact: the self-attention sum is the softmax of the module's own ``q k^T * scale`` (fp32, every head,
 every recorded call), and the per-head sums add up over heads to the plain sums. Nothing here changes what the
 host computes; the hooks only read q and k.
 """
@@ -41,11 +47,14 @@ class RefineRecording:
     head_sums : bool
         Keep per-head cross-attention sums (UNet cross-attention; not joint attention), of every head whatever
         ``RecordFilter.heads`` says.
+    output_similarity : bool
+        Keep output-similarity sums (joint attention only; see the module's notes).
     """
 
     self_attention: bool = False
     max_queries: int = DEFAULT_MAX_QUERIES
     head_sums: bool = False
+    output_similarity: bool = False
 
     def __post_init__(self):
         if self.max_queries < 1:
@@ -53,6 +62,11 @@ class RefineRecording:
 
     @property
     def any(self) -> bool:
+        return self.self_attention or self.head_sums or self.output_similarity
+
+    @property
+    def unet_only(self) -> bool:
+        """Asks for sums only UNet cross-attention has (self-attention, per-head)."""
         return self.self_attention or self.head_sums
 
 
@@ -83,16 +97,20 @@ class RefineSums:
     self_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     self_calls: dict[str, int] = field(default_factory=dict)
     head_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    output_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    output_calls: dict[str, int] = field(default_factory=dict)
     _where: dict[int, tuple | None] = field(default_factory=dict)
     _targets: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def begin(self) -> None:
         self.self_sums, self.self_calls, self.head_sums = {}, {}, {}
+        self.output_sums, self.output_calls = {}, {}
         self._where.clear()
         self._targets.clear()
 
     def finish(self) -> dict:
-        out = {"self_sums": self.self_sums, "self_calls": self.self_calls, "head_sums": self.head_sums}
+        out = {"self_sums": self.self_sums, "self_calls": self.self_calls, "head_sums": self.head_sums,
+               "output_sums": self.output_sums, "output_calls": self.output_calls}
         self.begin()
         return out
 
@@ -165,6 +183,61 @@ class RefineSums:
             p = torch.softmax(torch.matmul(qh[:, :, a:b], kt).mul_(s), dim=-1).sum(1)  # [B, b-a, N]
             acc[:, a:b].index_add_(0, targets, p)
         self.self_calls[where] = self.self_calls.get(where, 0) + 1
+
+    # -- output similarity (joint attention) ------------------------------------------------------
+    def record_output(self, rec, name: str, part: str, out: torch.Tensor, text: tuple[int, int],
+                      image: tuple[int, int], mask: torch.Tensor | None = None) -> None:
+        """Add one joint-attention call's output-similarity probabilities ``softmax_t(o_i . o_t / sqrt(C))``.
+
+        Parameters
+        ----------
+        out : Tensor ``[B, L, C]``
+            The call's attention output (heads concatenated, ``C = heads * d``), as the host returned it.
+        text, image : (int, int)
+            ``[start, stop)`` of the text and of the generated image on the sequence axis.
+        mask : Tensor, optional
+            The call's mask (:func:`~daam_core.engine.joint.mask_4d` forms): text keys that the first image query
+            may not attend (False or -inf) are left out of the softmax.
+
+        Skipped unless the recorder records this layer in this call (its time window, parts and blocks). Copies
+        of a prompt's tokens (conditionings of different lengths batched together) are folded back as the
+        recorder folds them.
+        """
+        if not (self.options.output_similarity and rec.wants(name, part) and rec._wants_block(name, part)):
+            return
+        rows, targets, streams = self._streams(rec, out.device)
+        if not streams:
+            return
+        if rows is not None:
+            out = out.index_select(0, rows)
+        (t0, t1), (i0, i1) = text, image
+        o = out.float()
+        logits = torch.matmul(o[:, i0:i1], o[:, t0:t1].transpose(1, 2)).mul_(o.shape[-1] ** -0.5)  # [B, N, Tc]
+        if mask is not None:
+            from .joint import mask_4d
+
+            m4 = mask_4d(mask)
+            m = m4[:, 0, i0 if m4.shape[2] > 1 else 0, t0:t1]  # [B or 1, Tc]: what the first image query may attend
+            if m.shape[0] > 1 and rows is not None:
+                m = m.index_select(0, rows)
+            blocked = ~m if m.dtype == torch.bool else torch.isneginf(m)
+            logits = logits.masked_fill(blocked.unsqueeze(1), float("-inf"))
+        p = torch.softmax(logits, dim=-1)
+        t_call = p.shape[-1]
+        acc = self.output_sums.get(name)
+        if acc is None:
+            acc = self.output_sums[name] = torch.zeros(len(rec.streams), p.shape[1], max(rec.token_counts),
+                                                       dtype=torch.float32, device=out.device)
+        for j, stream in enumerate(streams):
+            t = rec.token_counts[rec.streams[stream].prompt]
+            if t_call < t:
+                continue
+            fold = t_call // t if t_call % t == 0 else 1
+            part_p = p[j, :, :t * fold]
+            if fold > 1:
+                part_p = part_p.reshape(p.shape[1], fold, t).sum(1)
+            acc[stream, :, :t] += part_p
+        self.output_calls[name] = self.output_calls.get(name, 0) + 1
 
     # -- per-head cross-attention ----------------------------------------------------------------
     def record_heads(self, rec, name: str, q: torch.Tensor, k: torch.Tensor, scale: float | None) -> None:

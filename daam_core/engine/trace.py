@@ -110,6 +110,11 @@ class AttentionTrace:
         Self-attention calls summed into each.
     head_sums : dict layer -> Tensor ``[streams, heads, N_layer, T_max]``
         Per-head cross-attention sums, for ``head_power`` in :meth:`word_maps`; empty unless recorded.
+    output_sums : dict layer -> Tensor ``[streams, N_layer, T_max]``
+        Joint attention's output-similarity sums (:mod:`~daam_core.engine.refine`), for ``source="output"`` in
+        :meth:`word_maps`; empty unless recorded.
+    output_calls : dict layer -> int
+        Calls summed into each.
     """
 
     sums: dict[str, torch.Tensor]
@@ -128,6 +133,8 @@ class AttentionTrace:
     self_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     self_calls: dict[str, int] = field(default_factory=dict)
     head_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    output_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    output_calls: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_recorder(cls, recorded: Recording, layouts: Sequence[TokenLayout], image_hw: tuple[int, int],
@@ -141,15 +148,18 @@ class AttentionTrace:
         sums, time_sums = recorded.sums, recorded.time_sums
         extras = recorded.extras or {}
         self_sums, head_sums = extras.get("self_sums", {}), extras.get("head_sums", {})
+        output_sums = extras.get("output_sums", {})
         check_finite(sums)
         if device is not None:
             sums = {k: v.to(device) for k, v in sums.items()}
             time_sums = {k: v.to(device) for k, v in time_sums.items()}
             self_sums = {k: v.to(device) for k, v in self_sums.items()}
             head_sums = {k: v.to(device) for k, v in head_sums.items()}
+            output_sums = {k: v.to(device) for k, v in output_sums.items()}
         layers, streams, frames = dict(recorded.layers), list(recorded.streams), int(recorded.frames)
-        if frames > 1:  # the refinements are not recorded on video models (their sessions refuse them)
+        if frames > 1:  # self-attention and per-head sums are not recorded on video models (sessions refuse them)
             sums = {k: _frames_apart(v, frames) for k, v in sums.items()}
+            output_sums = {k: _frames_apart(v, frames) for k, v in output_sums.items()}
             time_sums = {k: _frames_apart(v, frames) for k, v in time_sums.items()}
             layers = {k: replace(v, hw=(v.hw[0] // frames, v.hw[1])) for k, v in layers.items()}
             streams = [Stream(s.image * frames + f, s.branch, s.prompt) for s in streams for f in range(frames)]
@@ -159,7 +169,8 @@ class AttentionTrace:
                    meta=dict(meta or {}), warnings=list(recorded.warnings),
                    recorded_branches=tuple(recorded.branches), time_sums=dict(time_sums),
                    time_calls={k: list(v) for k, v in recorded.time_calls.items()}, self_sums=dict(self_sums),
-                   self_calls=dict(extras.get("self_calls", {})), head_sums=dict(head_sums))
+                   self_calls=dict(extras.get("self_calls", {})), head_sums=dict(head_sums),
+                   output_sums=dict(output_sums), output_calls=dict(extras.get("output_calls", {})))
 
     # -- time ----------------------------------------------------------------------------------
     @property
@@ -247,9 +258,10 @@ class AttentionTrace:
     # -- maps ----------------------------------------------------------------------------------
     def token_maps(self, positions: Sequence[int], image: int = 0, branch: str = "cond", *,
                    layers=None, factors=None, parts=None, size: tuple[int, int] | None = None, locations=None,
-                   upsample: str = "bicubic", propagate: int = 0, head_power: float = 0.0) -> torch.Tensor:
-        """Maps ``[P, h, w]`` of token positions (mean head-summed probability per layer call); ``propagate`` and
-        ``head_power`` as in :meth:`word_maps`."""
+                   upsample: str = "bicubic", propagate: int = 0, head_power: float = 0.0,
+                   source: str = "attention") -> torch.Tensor:
+        """Maps ``[P, h, w]`` of token positions (mean head-summed probability per layer call); ``propagate``,
+        ``head_power`` and ``source`` as in :meth:`word_maps`."""
         stream = self.stream_index(image, branch)
         t = self.layouts[self.streams[stream].prompt].length
         bad = [p for p in positions if not 0 <= p < t]
@@ -261,14 +273,26 @@ class AttentionTrace:
         if propagate and not self.self_sums:
             raise ValueError("propagation needs self-attention sums: trace with self-attention recorded "
                              "(refine=RefineRecording(self_attention=True))")
+        sums, calls = self.sums, self.calls
+        if source == "output":
+            if not self.output_sums:
+                raise ValueError("output-similarity maps need output-similarity sums: trace a joint-attention model "
+                                 "with them recorded (refine=RefineRecording(output_similarity=True))")
+            if propagate or head_power:
+                raise ValueError("propagate and head_power refine attention maps (UNets); they do not apply to "
+                                 "source='output'")
+            names = [n for n in names if n in self.output_sums]
+            sums, calls = self.output_sums, self.output_calls
+        elif source != "attention":
+            raise ValueError(f"source must be 'attention' or 'output', got {source!r}")
         if propagate or head_power:
             maps = refine.token_maps({n: self.sums[n] for n in names}, {n: self.layers[n].hw for n in names},
                                      self.calls, self._row(stream), positions, self.latent_hw, upsample,
                                      self_sums=self.self_sums, steps=propagate, head_sums=self.head_sums,
                                      head_power=head_power)
         else:
-            maps = aggregate.token_maps({n: self.sums[n] for n in names}, {n: self.layers[n].hw for n in names},
-                                        self.calls, self._row(stream), positions, self.latent_hw, upsample)
+            maps = aggregate.token_maps({n: sums[n] for n in names}, {n: self.layers[n].hw for n in names},
+                                        calls, self._row(stream), positions, self.latent_hw, upsample)
         if size is not None:
             maps = aggregate.resize_maps(maps, size, upsample)
         return maps
@@ -277,7 +301,7 @@ class AttentionTrace:
                   combine: str = "mean", normalize: str = "minmax", size: tuple[int, int] | None = None,
                   layers=None, factors=None, parts=None, upsample: str = "bicubic", locations=None,
                   missing: str = "error", segments: str | None = None, propagate: int = 0,
-                  head_power: float = 0.0) -> torch.Tensor:
+                  head_power: float = 0.0, source: str = "attention") -> torch.Tensor:
         """Heat maps of words or phrases.
 
         Parameters
@@ -307,6 +331,9 @@ class AttentionTrace:
         head_power : float
             Weight each head of each layer by its map's concentration to this power
             (:func:`~daam_core.engine.refine.head_weights`); 0 = plain DAAM. Needs :attr:`head_sums`.
+        source : {"attention", "output"}
+            ``"attention"``: DAAM's attention probabilities; ``"output"``: joint attention's output-similarity
+            maps (ConceptAttention-style, :mod:`~daam_core.engine.refine`). Needs :attr:`output_sums`.
 
         Returns
         -------
@@ -338,7 +365,7 @@ class AttentionTrace:
             if flat:
                 maps = self.token_maps(flat, i, branch, layers=layers, factors=factors, parts=parts,
                                        locations=locations, upsample=upsample, propagate=propagate,
-                                       head_power=head_power)
+                                       head_power=head_power, source=source)
                 index = {p: j for j, p in enumerate(flat)}
                 per_word = aggregate.combine_tokens(maps, [[index[p] for p in g] or [0] for g in groups], combine)
                 per_word = aggregate.finish_maps(per_word, size, normalize, upsample)
@@ -411,6 +438,9 @@ def save_trace(trace: AttentionTrace, path):
         meta["self_calls"] = {k: int(trace.self_calls.get(k, 0)) for k in trace.self_sums}
         tensors.update({f"self_sums/{k}": v for k, v in trace.self_sums.items()})
     tensors.update({f"head_sums/{names.index(n)}": trace.head_sums[n] for n in names if n in trace.head_sums})
+    if trace.output_sums:
+        meta["output_calls"] = {n: int(trace.output_calls.get(n, 0)) for n in names if n in trace.output_sums}
+        tensors.update({f"output_sums/{names.index(n)}": trace.output_sums[n] for n in meta["output_calls"]})
     return write_trace_file(path, tensors, meta)
 
 
@@ -437,6 +467,8 @@ def load_trace(path) -> AttentionTrace:
     self_calls = {k: int(v) for k, v in meta.get("self_calls", {}).items()}
     self_sums = {k: tensors[f"self_sums/{k}"] for k in self_calls}
     head_sums = {n: tensors[f"head_sums/{i}"] for i, n in enumerate(names) if f"head_sums/{i}" in tensors}
+    output_calls = {n: int(c) for n, c in meta.get("output_calls", {}).items()}
+    output_sums = {n: tensors[f"output_sums/{names.index(n)}"] for n in output_calls}
     return AttentionTrace(
         sums=sums, layers=layers, calls={k: int(v) for k, v in meta["calls"].items()},
         streams=[Stream(**s) for s in meta["streams"]],
@@ -445,4 +477,5 @@ def load_trace(path) -> AttentionTrace:
         meta=meta.get("meta", {}), warnings=list(meta.get("warnings", [])),
         recorded_branches=tuple(meta.get("recorded_branches", BRANCHES)), time_sums=time_sums, time_calls=time_calls,
         stream_rows=tuple(int(r) for r in meta.get("stream_rows", ())),
-        self_sums=self_sums, self_calls=self_calls, head_sums=head_sums)
+        self_sums=self_sums, self_calls=self_calls, head_sums=head_sums, output_sums=output_sums,
+        output_calls=output_calls)

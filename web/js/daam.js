@@ -87,6 +87,7 @@ function ensureStyle() {
 
 function describeRefine(r) {
   const parts = [];
+  if (r.map_source && r.map_source !== "attention") parts.push(r.map_source);
   if (r.propagate_steps > 0) parts.push(`propagate ${r.propagate_steps}`);
   if (r.head_power > 0) parts.push(`heads ${r.head_power}`);
   return parts.join(", ");
@@ -114,7 +115,7 @@ class DaamPreview {
     this.apply = el("button", { className: "daam-action daam-apply", textContent: "use for next run",
       title: "Write the selected words and this threshold into the node's widgets: the next run's MASK is the mask shown" });
     this.refineButton = el("button", { className: "daam-action daam-refine", style: "display:none",
-      title: "Switch between plain DAAM maps and maps refined by the recorded self-attention / head sums (no new run)" });
+      title: "Switch between plain DAAM maps and the refined maps the trace allows (self-attention, head weights or output similarity), without a new run" });
     this.time = el("input", { type: "range", min: 0, max: 0, step: 1, value: 0, className: "daam-time" });
     this.timeText = el("span", { className: "daam-time-value" });
     this.timeRow = el("div", { className: "daam-row", style: "display:none" }, [el("span", { textContent: "time" }), this.time, this.timeText]);
@@ -185,7 +186,7 @@ class DaamPreview {
   // The refinement setting shown, as the node's widgets take it.
   shownRefine() {
     const r = this.data.refine;
-    return r && this.variant && r.other ? r.other : (r ? r.node : { propagate_steps: 0, head_power: 0 });
+    return r && this.variant && r.other ? r.other : (r ? r.node : { propagate_steps: 0, head_power: 0, map_source: "attention" });
   }
 
   // Entry `i`'s map of the current image and time bucket at map size, unnormalised (comparable across words).
@@ -305,7 +306,8 @@ class DaamPreview {
     const { H, W } = d, step = Number(this.threshold.value);
     this.thresholdText.textContent = (step / d.threshold_steps).toFixed(2);
     this.modeButton.textContent = this.mode === "mask" ? "overlay" : "mask";
-    const r = this.shownRefine(), refined = r.propagate_steps > 0 || r.head_power > 0;
+    const r = this.shownRefine();
+    const refined = r.propagate_steps > 0 || r.head_power > 0 || (r.map_source || "attention") !== "attention";
     this.refineButton.textContent = refined ? `refined (${describeRefine(r)})` : "plain";
     this.refineButton.classList.toggle("daam-on", refined);
     this.timeText.textContent = this.bucket === 0 ? "all steps"
@@ -404,6 +406,7 @@ class DaamPreview {
       const r = this.shownRefine();
       set("propagate_steps", r.propagate_steps);
       set("head_power", r.head_power);
+      set("map_source", r.map_source || "attention");
     }
     this.node.setDirtyCanvas?.(true, true);
     app.graph?.setDirtyCanvas?.(true, true);

@@ -122,12 +122,17 @@ class DiTTraceSession(TraceSession):
                 def finish(o):  # the kernel's [B, H, L, D] as attention_pytorch returns it: [B, L, H * D]
                     return o.transpose(1, 2).reshape(b, -1, heads * o.shape[-1])
 
-                return self.recorder.attend_joint(call["name"], call["part"], q, k, v, heads, text=call["text"],
-                                                  image=call["image"], reference=lambda: func(*args, **kwargs),
-                                                  finish=finish, scale=kwargs.get("scale"), mask=kwargs.get("mask"))
-            out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
-            self.recorder.record_joint(call["name"], call["part"], q, k, call["heads"], text=call["text"],
-                                       image=call["image"], scale=kwargs.get("scale"), mask=kwargs.get("mask"))
+                out = self.recorder.attend_joint(call["name"], call["part"], q, k, v, heads, text=call["text"],
+                                                 image=call["image"], reference=lambda: func(*args, **kwargs),
+                                                 finish=finish, scale=kwargs.get("scale"), mask=kwargs.get("mask"))
+            else:
+                out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+                self.recorder.record_joint(call["name"], call["part"], q, k, call["heads"], text=call["text"],
+                                           image=call["image"], scale=kwargs.get("scale"), mask=kwargs.get("mask"))
+            if self.recorder.extra is not None:  # output-similarity sums (RefineRecording.output_similarity)
+                flat = out.transpose(1, 2).flatten(2) if kwargs.get("skip_output_reshape", False) else out
+                self.recorder.extra.record_output(self.recorder, call["name"], call["part"], flat, call["text"],
+                                                  call["image"], mask=kwargs.get("mask"))
             return out
 
         return override

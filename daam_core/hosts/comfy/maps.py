@@ -39,38 +39,55 @@ def new_session(model, filter: RecordFilter, refine: RefineRecording | None = No
     """
     spec = dit_spec(getattr(model, "model", None))
     if spec is not None:
-        if refine is not None and refine.any:
+        if refine is not None and refine.unet_only:
             raise ValueError(f"self-attention propagation and head weighting are for UNet models; {spec.label} uses "
                              "joint attention: turn off record_self_attention and record_head_sums")
-        return DiTTraceSession(filter, spec)
-    session = TraceSession(filter)
+        if refine is not None and refine.output_similarity and spec.family.attention != "joint":
+            raise ValueError(f"output similarity needs joint attention over text and image; {spec.label} has a "
+                             "separate cross-attention (no text outputs): turn off record_output_similarity")
+        session = DiTTraceSession(filter, spec)
+    else:
+        if refine is not None and refine.output_similarity:
+            raise ValueError("output similarity is for joint-attention models (SD3, Flux, ...); a UNet's "
+                             "cross-attention has no text outputs: turn off record_output_similarity")
+        session = TraceSession(filter)
     if refine is not None and refine.any:
         session.recorder.extra = RefineSums(refine)
     return session
 
 
-def refine_recording(self_attention: bool, head_sums: bool,
-                     max_queries: int = DEFAULT_MAX_QUERIES) -> RefineRecording | None:
+def refine_recording(self_attention: bool, head_sums: bool, max_queries: int = DEFAULT_MAX_QUERIES,
+                     output_similarity: bool = False) -> RefineRecording | None:
     """What 'DAAM Trace Model' records for the refinements its heat-map nodes may ask: self-attention sums (for
     ``propagate_steps``) at the resolutions of at most ``max_queries`` latent cells, per-head sums (for
-    ``head_power``); None for plain DAAM (nothing extra is recorded)."""
+    ``head_power``), output-similarity sums (for ``map_source``); None for plain DAAM (nothing extra is
+    recorded)."""
     if max_queries < 1:
         raise ValueError(f"self_attention_max must be >= 1, got {max_queries}")
     opts = RefineRecording(self_attention=bool(self_attention), max_queries=int(max_queries),
-                           head_sums=bool(head_sums))
+                           head_sums=bool(head_sums), output_similarity=bool(output_similarity))
     return opts if opts.any else None
 
 
+MAP_SOURCES = {"attention": "attention", "output similarity": "output"}  # node label -> word_maps(source=...)
+
+
 def refined_word_maps(trace: AttentionTrace, words, *, propagate_steps: int = 0, head_power: float = 0.0,
-                      **kwargs) -> torch.Tensor:
-    """``trace.word_maps(words, propagate=..., head_power=..., **kwargs)`` with errors that name the node inputs
-    when the trace lacks the sums a refinement needs."""
+                      map_source: str = "attention", **kwargs) -> torch.Tensor:
+    """``trace.word_maps(words, propagate=..., head_power=..., source=..., **kwargs)`` with errors that name the
+    node inputs when the trace lacks the sums a refinement needs."""
+    source = MAP_SOURCES.get(map_source)
+    if source is None:
+        raise ValueError(f"unknown map_source {map_source!r}; use one of {list(MAP_SOURCES)}")
     if propagate_steps and not trace.self_sums:
         raise ValueError("propagate_steps needs self-attention sums: turn on record_self_attention in "
                          "'DAAM Trace Model' (UNet models; resolutions up to its self_attention_max are recorded)")
     if head_power and not trace.head_sums:
         raise ValueError("head_power needs per-head sums: turn on record_head_sums in 'DAAM Trace Model' (UNet models)")
-    return trace.word_maps(words, propagate=propagate_steps, head_power=head_power, **kwargs)
+    if source == "output" and not trace.output_sums:
+        raise ValueError("map_source 'output similarity' needs output-similarity sums: turn on "
+                         "record_output_similarity in 'DAAM Trace Model' (joint-attention models: SD3, Flux, ...)")
+    return trace.word_maps(words, propagate=propagate_steps, head_power=head_power, source=source, **kwargs)
 
 
 def record_filter(model, *, factors, parts, parts_choices: dict, parts_label: str, resolutions_label: str,

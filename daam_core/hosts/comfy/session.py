@@ -174,7 +174,7 @@ class TraceSession:
         keep = [i for i, s in enumerate(recorded.streams) if s.branch == "cond"]
         recorded.sums = {k: v[keep] for k, v in recorded.sums.items()}
         recorded.time_sums = {k: v[:, keep] for k, v in recorded.time_sums.items()}
-        for kind in ("self_sums", "head_sums"):  # the refinements' sums, [streams, ...] as the plain ones
+        for kind in ("self_sums", "head_sums", "output_sums"):  # refinement sums: [streams, ...] as the plain ones
             if kind in recorded.extras:
                 recorded.extras[kind] = {k: v[keep] for k, v in recorded.extras[kind].items()}
         recorded.streams = [recorded.streams[i] for i in keep]

@@ -57,6 +57,9 @@ def trace(pipe, *, factors: Sequence[int] | None = None, parts: Sequence[str] | 
                      start=float(time_window[0]), end=float(time_window[1]),
                      branches=("cond", "uncond") if negative else ("cond",),
                      blocks=parse_blocks(blocks) if blocks else None, time_buckets=int(time_buckets))
+    if refine is not None and refine.output_similarity:
+        raise ValueError("output-similarity sums are recorded on ComfyUI's joint-attention models; the diffusers "
+                         "adapter does not record them: leave RefineRecording.output_similarity off")
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
         if refine is not None and refine.any:
             raise ValueError("self-attention and per-head sums are recorded for UNet pipelines only (SD1.x/2.x, "
