@@ -250,3 +250,86 @@ def test_unsupported_transformer_is_named(flux):
 
     with pytest.raises(TypeError, match="Other is not supported"):
         trace(Pipe())
+
+
+class OutputSpy(AttentionSpy):
+    """As :class:`AttentionSpy`, but keeps the attention function's *output* (heads concatenated) and sums the fp64
+    output-similarity reference ``softmax_t(o_i . o_t / sqrt(C))`` per module, masked text keys left out."""
+
+    def __init__(self, pipe, monkeypatch, family, ranges, length=None):
+        super().__init__(pipe, monkeypatch, family, ranges, length)
+        monkeypatch.undo()  # replace the q/k spies by output spies
+        if family == "flux":
+            import diffusers.models.transformers.transformer_flux as tf
+
+            original = tf.dispatch_attention_fn
+
+            def spy(query, key, value, attn_mask=None, **kw):
+                out = original(query, key, value, attn_mask=attn_mask, **kw)
+                if self.current is not None:  # [B, L, H, D]
+                    self.add_out(out.flatten(2), attn_mask)
+                return out
+
+            monkeypatch.setattr(tf, "dispatch_attention_fn", spy)
+        else:
+            import torch.nn.functional as F
+
+            original = F.scaled_dot_product_attention
+
+            def spy(query, key, value, *args, **kw):
+                out = original(query, key, value, *args, **kw)
+                if self.current is not None and key.shape[2] == self.length:  # [B, H, L, D]
+                    self.add_out(out.transpose(1, 2).flatten(2), None)
+                return out
+
+            monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+
+    def add_out(self, o, mask):
+        (t0, t1), (i0, i1) = self.ranges
+        o = o.double()
+        logits = o[:, i0:i1] @ o[:, t0:t1].transpose(1, 2) / o.shape[-1] ** 0.5
+        if mask is not None:  # boolean, True = attend: the text keys the image queries may not attend
+            logits = logits.masked_fill(~mask[:, 0, i0:i1, t0:t1], float("-inf"))
+        self.calls.setdefault(self.current, []).append(torch.softmax(logits, dim=-1))
+
+
+@pytest.mark.parametrize("family", ("flux", "sd35"))
+def test_output_similarity_sums_exact_and_image_identical(flux, sd35, monkeypatch, family):
+    from daam_core.engine.refine import RefineRecording
+
+    if family == "flux":
+        pipe, n_img = flux, (32 // 4) * (32 // 4)
+        length = T5_LEN + n_img
+        mask = torch.ones(1, 1, length, length, dtype=torch.bool)
+        mask[..., 10:T5_LEN] = False
+        kw = dict(height=32, width=32, negative_prompt="blurry photo", true_cfg_scale=2.0,
+                  joint_attention_kwargs={"attention_mask": mask})
+        ranges = ((0, T5_LEN), (T5_LEN, length))
+    else:
+        pipe, n_img = sd35, (32 // 4) * (48 // 4)
+        length = n_img + 77 + T5_LEN
+        kw = dict(negative_prompt="blurry photo", guidance_scale=5.0)
+        ranges = ((n_img, length), (0, n_img))
+    plain = run(pipe, **kw)
+    with trace(pipe, refine=RefineRecording(output_similarity=True)) as tc:
+        with OutputSpy(pipe, monkeypatch, "flux" if family == "flux" else "sd3", ranges, length=length) as spy:
+            traced = run(pipe, **kw)
+    assert_same_image(plain, traced, f"{family} traced with output similarity")
+    res = tc.result()
+    assert set(res.output_sums) == set(joint_modules(pipe)) == set(spy.calls)
+    for name, calls in spy.calls.items():
+        if family == "flux":  # each step: the prompt's call, then the negative's
+            want = [sum(calls[0::2])[0], sum(calls[1::2])[0]]
+        else:  # one call per step, rows [uncond, cond]
+            total = sum(calls)
+            want = [total[1], total[0]]
+        for stream, ref in enumerate(want):
+            got = res.output_sums[name][stream, :, :ref.shape[-1]].double()
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        assert res.output_calls[name] == res.calls[name]
+    if family == "flux":
+        assert all(v[:, :, 10:].abs().max() == 0 for v in res.output_sums.values())  # masked text keys: nothing
+    maps = res.word_maps(["dog", "car"], image=0, source="output")
+    assert maps.shape[0] == 2 and not torch.equal(maps, res.word_maps(["dog", "car"], image=0))
+    with pytest.raises(ValueError, match="for UNet pipelines only"):
+        trace(pipe, refine=RefineRecording(head_sums=True))

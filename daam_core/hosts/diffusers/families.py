@@ -61,6 +61,12 @@ class JointFamily:
         """The generated image's patch grid at the first transformer call of a sampling."""
         raise NotImplementedError
 
+    def joint_out(self, module, kept: dict, output, text: tuple[int, int], image: tuple[int, int]) -> torch.Tensor:
+        """The call's attention output ``[B, L, C]`` before the output projections (heads concatenated), laid out
+        as :meth:`joint_qk`'s spans: from ``kept["out_image"]`` / ``kept["out_text"]`` (inputs of ``to_out[0]`` /
+        ``to_add_out``) or the module's own ``output`` where the processor returns it unprojected."""
+        raise NotImplementedError
+
 
 def missing(name: str, module, what: str) -> RuntimeError:
     return RuntimeError(
@@ -109,6 +115,16 @@ class SD3(JointFamily):
         q, k, n = torch.cat([q_img, q_txt], dim=2), torch.cat([k_img, k_txt], dim=2), q_img.shape[2]
         return q, k, (n, q.shape[2]), (0, n), None  # JointAttnProcessor2_0 attends without a mask
 
+    def joint_out(self, module, kept, output, text, image):
+        name = kept.get("__name__", "a joint attention")
+        if "out_image" not in kept:
+            raise missing(name, module, "attention output (the input of to_out[0])")
+        # the last block (context_pre_only) projects no text: the processor returns its text output as it is
+        txt = kept["out_text"] if "out_text" in kept else output[1] if isinstance(output, tuple) else None
+        if txt is None:
+            raise missing(name, module, "text attention output (the input of to_add_out)")
+        return torch.cat([kept["out_image"], txt], dim=1)  # [image | text]
+
     def grid(self, transformer, hidden, kwargs):
         h, w = hidden.shape[-2:]
         return PatchGrid((int(h), int(w)), transformer.config.patch_size, self.parts)
@@ -148,6 +164,14 @@ class Flux(JointFamily):
             q = apply_rotary_emb(q, rotary, sequence_dim=1)
             k = apply_rotary_emb(k, rotary, sequence_dim=1)
         return q.transpose(1, 2), k.transpose(1, 2), (0, text), (text, text + image), kwargs.get("attention_mask")
+
+    def joint_out(self, module, kept, output, text, image):
+        if getattr(module, "added_kv_proj_dim", None) is None:  # single-stream: returned unprojected
+            return output
+        name = kept.get("__name__", "a joint attention")
+        if "out_image" not in kept or "out_text" not in kept:
+            raise missing(name, module, "attention outputs (the inputs of to_out[0] and to_add_out)")
+        return torch.cat([kept["out_text"], kept["out_image"]], dim=1)  # [text | image (| references)]
 
     def grid(self, transformer, hidden, kwargs):
         """From the generated latent's image ids ``[N, 3]`` (id 0, row, col; reference latents of Kontext carry

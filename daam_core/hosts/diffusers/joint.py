@@ -33,6 +33,12 @@ def _last(keep: dict, key: str):
     return hook
 
 
+def _input(keep: dict, key: str):
+    def hook(module, args):
+        keep[key] = args[0]
+    return hook
+
+
 class JointObserver:
     """Forward hooks on one joint-attention module; records after the module's processor returned.
 
@@ -70,6 +76,13 @@ class JointObserver:
             sub = getattr(m, attr, None)
             if isinstance(sub, torch.nn.Module):
                 handles.append(sub.register_forward_hook(_last(self.kept, attr)))
+        extra = self.recorder.extra
+        if extra is not None and extra.options.output_similarity:  # the outputs before their projections
+            outs = getattr(m, "to_out", None)
+            for key, sub in (("out_image", outs[0] if isinstance(outs, torch.nn.ModuleList) else None),
+                             ("out_text", getattr(m, "to_add_out", None))):
+                if isinstance(sub, torch.nn.Module):
+                    handles.append(sub.register_forward_pre_hook(_input(self.kept, key)))
         handles.append(m.register_forward_hook(self._record))
         return handles
 
@@ -88,6 +101,10 @@ class JointObserver:
         q, k, text, image, mask = self.family.joint_qk(self.module, kept, kwargs, self.seq.text, self.seq.image)
         # the processors call SDPA / dispatch_attention_fn without a scale: the default D ** -0.5
         self.recorder.record_joint(self.name, self.part, q, k, q.shape[1], text=text, image=image, mask=mask)
+        extra = self.recorder.extra
+        if extra is not None and extra.options.output_similarity:
+            out = self.family.joint_out(self.module, kept, output, text, image)
+            extra.record_output(self.recorder, self.name, self.part, out, text, image, mask=mask)
         return None
 
 
@@ -102,9 +119,12 @@ class JointTrace(DiffusersTrace):
 
     required = ("transformer", "tokenizer", "encode_prompt")
 
-    def __init__(self, pipe, filter=None, keep_on_device: bool = False):
+    def __init__(self, pipe, filter=None, keep_on_device: bool = False, refine=None):
         self.family = family_of(getattr(pipe, "transformer", None))
-        super().__init__(pipe, filter, keep_on_device)
+        if refine is not None and refine.unet_only:
+            raise ValueError("self-attention and per-head sums are recorded for UNet pipelines only (SD1.x/2.x, "
+                             "SDXL); this pipeline uses joint attention (output_similarity is recorded)")
+        super().__init__(pipe, filter, keep_on_device, refine=refine)
         self._seq = _Sequence()
 
     @property

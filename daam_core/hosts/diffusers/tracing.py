@@ -44,7 +44,8 @@ def trace(pipe, *, factors: Sequence[int] | None = None, parts: Sequence[str] | 
         K > 1 also keeps one sum per K-th of the steps (``AttentionTrace.time_sums``).
     refine : RefineRecording, optional
         UNets: also keep self-attention sums (for ``word_maps(propagate=k)``) and/or per-head sums (for
-        ``word_maps(head_power=g)``); see :mod:`daam_core.engine.refine`. Joint-attention models: not supported.
+        ``word_maps(head_power=g)``); joint-attention pipelines (SD3, Flux): output-similarity sums (for
+        ``word_maps(source="output")``); see :mod:`daam_core.engine.refine`.
 
     Returns
     -------
@@ -57,12 +58,9 @@ def trace(pipe, *, factors: Sequence[int] | None = None, parts: Sequence[str] | 
                      start=float(time_window[0]), end=float(time_window[1]),
                      branches=("cond", "uncond") if negative else ("cond",),
                      blocks=parse_blocks(blocks) if blocks else None, time_buckets=int(time_buckets))
-    if refine is not None and refine.output_similarity:
-        raise ValueError("output-similarity sums are recorded on ComfyUI's joint-attention models; the diffusers "
-                         "adapter does not record them: leave RefineRecording.output_similarity off")
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
-        if refine is not None and refine.any:
-            raise ValueError("self-attention and per-head sums are recorded for UNet pipelines only (SD1.x/2.x, "
-                             "SDXL); this pipeline uses joint attention")
-        return JointTrace(pipe, f, keep_on_device=keep_on_device)
+        return JointTrace(pipe, f, keep_on_device=keep_on_device, refine=refine)
+    if refine is not None and refine.output_similarity:
+        raise ValueError("output-similarity sums are for joint-attention pipelines (SD3, Flux); a UNet's "
+                         "cross-attention has no text outputs: leave RefineRecording.output_similarity off")
     return DiffusersTrace(pipe, f, keep_on_device=keep_on_device, refine=refine)
