@@ -9,6 +9,7 @@ T5 of width 32/64 with ComfyUI's T5 SentencePiece tokenizer (``comfy/text_encode
 (``dispatch_attention_fn`` for Flux, after RoPE; SDPA for SD3) and applies the softmax over the whole joint sequence.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -333,3 +334,32 @@ def test_output_similarity_sums_exact_and_image_identical(flux, sd35, monkeypatc
     assert maps.shape[0] == 2 and not torch.equal(maps, res.word_maps(["dog", "car"], image=0))
     with pytest.raises(ValueError, match="for UNet pipelines only"):
         trace(pipe, refine=RefineRecording(head_sums=True))
+
+
+def test_output_similarity_trace_saved_loaded_and_analyzed_by_the_cli(flux, tmp_path, capsys):
+    """A saved trace keeps the output-similarity sums; ``daam analyze --source output`` cuts the masks of those
+    maps (the ones ``word_maps(source="output")`` gives), and refuses a trace without them."""
+    import cv2
+
+    from daam_core import AttentionTrace, cli
+    from daam_core.engine import masks as mask_ops
+    from daam_core.engine.refine import RefineRecording
+
+    with trace(flux, refine=RefineRecording(output_similarity=True)) as tc:
+        run(flux, steps=1, height=32, width=32)
+    res = tc.result()
+    path = tmp_path / "flux.safetensors"
+    res.save(path)
+    loaded = AttentionTrace.load(path)
+    assert set(loaded.output_sums) == set(res.output_sums) and loaded.output_calls == res.output_calls
+    assert all(torch.equal(loaded.output_sums[n], res.output_sums[n]) for n in res.output_sums)
+    assert cli.main(["analyze", str(path), "--words", "dog", "--source", "output", "--out", str(tmp_path / "a")]) == 0
+    mask = cv2.imread(str(tmp_path / "a" / "mask-0-dog.png"), cv2.IMREAD_GRAYSCALE) > 127
+    want = mask_ops.threshold(loaded.word_maps("dog", source="output"), 0.4, "relative")[0, 0].numpy() > 0.5
+    assert np.array_equal(mask, want)
+    with trace(flux) as tc:
+        run(flux, steps=1, height=32, width=32)
+    tc.result().save(tmp_path / "plain.safetensors")
+    rc = cli.main(["analyze", str(tmp_path / "plain.safetensors"), "--words", "dog", "--source", "output",
+                   "--out", str(tmp_path / "b")])
+    assert rc == 2 and "output-similarity sums" in capsys.readouterr().err

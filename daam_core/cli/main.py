@@ -157,6 +157,10 @@ def cmd_analyze(args) -> dict:
         raise CliError("--propagate needs a trace with self-attention sums: generate it with --propagate")
     if args.head_power and not trace.head_sums:
         raise CliError("--head-power needs a trace with per-head sums: generate it with --head-power")
+    if args.source == "output" and not trace.output_sums:
+        raise CliError("--source output needs a trace with output-similarity sums (a joint-attention model traced "
+                       "with them: ComfyUI's record_output_similarity, or trace(pipe, refine=RefineRecording("
+                       "output_similarity=True)))")
     out = Path(args.out)
     branch = "uncond" if args.negative else "cond"
     words = split_words(args.words)
@@ -176,14 +180,15 @@ def cmd_analyze(args) -> dict:
         images = pics
     summary = write_outputs(trace, words, out, images, branch=branch, threshold=args.threshold, mode=args.mode,
                             combine=args.combine, normalize=args.normalize, cmap=args.cmap, alpha=args.alpha,
-                            save_trace=False, propagate=args.propagate, head_power=args.head_power)
+                            save_trace=False, propagate=args.propagate, head_power=args.head_power,
+                            source=args.source)
     if args.iou:
         pair = split_words(args.iou)
         if len(pair) != 2:
             raise CliError("--iou takes two words separated by a comma, e.g. --iou cat,dog")
         check_words(trace, pair, branch)
         maps = trace.word_maps(pair, branch=branch, combine=args.combine, normalize=args.normalize,
-                               propagate=args.propagate, head_power=args.head_power)
+                               propagate=args.propagate, head_power=args.head_power, source=args.source)
         m = mask_ops.threshold(maps, args.threshold, args.mode)
         summary["iou"] = {f"{pair[0]}|{pair[1]}": [metrics.iou(m[b, 0], m[b, 1]) for b in range(m.shape[0])]}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -247,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--iou", help="two words whose mask IoU to report, e.g. cat,dog")
     a.add_argument("--combine", choices=COMBINE_MODES, default="mean", help="how a word's tokens are combined")
     a.add_argument("--normalize", choices=NORMALIZE_MODES, default="minmax", help="map normalisation")
+    a.add_argument("--source", choices=("attention", "output"), default="attention",
+                   help="attention: DAAM's maps; output: joint-attention models' output-similarity maps "
+                   "(ConceptAttention-style; the trace must hold them)")
     _common(a)
     study.add_parsers(sub)
     return parser
