@@ -142,6 +142,11 @@ def ours(pipeline: Path, steps: str, pairs: int, size: int, guidance: float, see
     return results, maps
 
 
+def per_step(traced: list[float], plain: list[float], steps: int) -> dict:
+    """Spread of the per-pair tracing cost per step, CPU ms: ``(traced_i - plain_i) / steps``."""
+    return C.spread([round(1e3 * (t - p) / steps, 3) for t, p in zip(traced, plain)])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", default="10,20,40")
@@ -179,10 +184,18 @@ def main():
             # tracing cost per denoising step, CPU ms: (traced - plain) medians / steps
             "reference_cpu_ms_per_step": round(1e3 * (r["daam_cpu_median_s"] - r["plain_cpu_median_s"]) / steps, 2),
             "ours_cpu_ms_per_step": round(1e3 * (o["default"]["cpu_median_s"] - o["plain_cpu_median_s"]) / steps, 2),
+            # the same from each pair's own difference (traced - plain of one repetition): median and spread
+            "reference_cpu_ms_per_step_pairs": per_step(r["cpu_daam_s"], r["cpu_plain_s"], steps),
+            "ours_cpu_ms_per_step_pairs": per_step(o["default"]["cpu_times_s"], o["plain_cpu_times_s"], steps),
             "reference_maps_cpu_s": r["maps_cpu_s_median"], "ours_maps_cpu_s": o["default"]["maps_cpu_s_median"],
             "target_ours_at_most_reference": o["default"]["cpu_ratio_spread"]["median"]
             <= r["cpu_ratio_spread"]["median"],
         }
+        ref_ms = entry["reference_cpu_ms_per_step_pairs"]["median"]
+        entry["ours_over_reference_per_step"] = round(entry["ours_cpu_ms_per_step_pairs"]["median"] / ref_ms, 3) \
+            if ref_ms > 0 else None
+        entry["target_half_of_reference_per_step"] = entry["ours_cpu_ms_per_step_pairs"]["q3"] <= 0.5 * \
+            entry["reference_cpu_ms_per_step_pairs"]["q1"]  # shown only when the spreads say so, not the medians
         if "matched" in o:
             entry["ours_matched_cpu_ratio"] = o["matched"]["cpu_ratio_spread"]
         if corr:
