@@ -199,7 +199,8 @@ class RefineSums:
             The call's mask (:func:`~daam_core.engine.joint.mask_4d` forms): text keys that the first image query
             may not attend (False or -inf) are left out of the softmax.
 
-        Skipped unless the recorder records this layer in this call (its time window, parts and blocks). Copies
+        Skipped unless the recorder records this layer in this call (its time window, parts and blocks; its
+        ``heads`` do not apply: an output holds every head). Work memory: the ``[B, N, Tc]`` logits. Copies
         of a prompt's tokens (conditionings of different lengths batched together) are folded back as the
         recorder folds them.
         """
