@@ -110,6 +110,7 @@ class DiTTraceSession(TraceSession):
             if call is None:
                 return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
             q, k, v = (heads_first(x, call["heads"], call["skip_reshape"], call["dim_head"]) for x in args[:3])
+            mask = args[4] if len(args) > 4 else kwargs.get("mask")  # Lumina's layers pass it by position
             if call["cross"]:
                 out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
                 self.recorder.record(call["name"], call["part"], q, k, call["heads"], scale=kwargs.get("scale"))
@@ -124,10 +125,10 @@ class DiTTraceSession(TraceSession):
 
                 return self.recorder.attend_joint(call["name"], call["part"], q, k, v, heads, text=call["text"],
                                                   image=call["image"], reference=lambda: func(*args, **kwargs),
-                                                  finish=finish, scale=kwargs.get("scale"), mask=kwargs.get("mask"))
+                                                  finish=finish, scale=kwargs.get("scale"), mask=mask)
             out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
             self.recorder.record_joint(call["name"], call["part"], q, k, call["heads"], text=call["text"],
-                                       image=call["image"], scale=kwargs.get("scale"), mask=kwargs.get("mask"))
+                                       image=call["image"], scale=kwargs.get("scale"), mask=mask)
             return out
 
         return override
