@@ -94,6 +94,18 @@ def test_tiny_models_are_the_host_classes(models):
         assert spec.heads == model.diffusion_model.n_heads and spec.patch == 2
 
 
+def test_families_are_in_the_supported_list_and_refuse_other_networks(models):
+    """Both entries are listed; each claims only its own NextDiT (Z-Image's modulation or not)."""
+    from daam_core.hosts.comfy.families import supported
+
+    text = supported()
+    assert "Lumina 2" in text and "Z-Image" in text
+    z = models["z_image"].model
+    assert family_of("lumina2").describe(z, z.diffusion_model, z.model_config.unet_config) is None
+    lumina = models["lumina2"].model
+    assert family_of("z_image").describe(lumina, lumina.diffusion_model, lumina.model_config.unet_config) is None
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_traced_image_is_identical_also_under_another_override(pack, models, tokenizers, family):
     model, tok = models[family], tokenizers[family]
@@ -220,3 +232,175 @@ def test_recorded_probabilities_equal_fp64_reference(pack, models, tokenizers, f
         worst = max(worst, float((rec.sums[name].double() - ref).abs().max()))
         assert rec.layers[name].kind == "joint" and rec.layers[name].hw == (3, 4)
     print(f"{family}: max abs difference to fp64 {worst:.2e}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_masked_caption_reaches_only_the_context_refiner(pack, models, tokenizers, family):
+    """A conditioning whose encoder masked its tail (``attention_mask`` with zeros, as the host's encoders return
+    after a pad token; an all-ones mask is dropped by ``model_base.Lumina2.extra_conds``): ComfyUI hands the mask to
+    the context refiner alone and runs the main layers unmasked, so the recorder takes the main layers' softmax as
+    the host computes it, masked tokens included. The host runs such a mask only at one image per call, and Z-Image
+    only for a caption of a whole number of pads (its ``[B, T]`` mask meets the padded caption's keys): this test
+    stays inside that."""
+    model, tok = models[family], tokenizers[family]
+    n = 32 if family == "z_image" else token_count(tok, POS)
+    mask = torch.ones(1, n, dtype=torch.long)
+    mask[:, n - 3:] = 0
+    from helpers.dit_checkpoints import conditioning
+
+    pos, neg = conditioning(n, seed=1, attention_mask=mask), cond(tok, NEG, 2)
+    net = model.model.diffusion_model
+    plain = ksample(model, pos, neg)
+    probe = NetworkProbe(net)
+    try:
+        traced_model = pack.DAAMTraceModel.execute(with_override(model, probe.override))[0]
+        samples = ksample(traced_model, pos, neg)
+    finally:
+        probe.close()
+    assert_same_image(plain, samples, f"{family} traced sampling of a masked caption")
+    masked = [c for c in probe.calls if c["mask"] is not None]
+    assert all(c["layer"] is None and c["k"].shape[2] == c["caption"] for c in masked)  # 0.3.75: the context refiner
+    rec = pack.session_of(traced_model).find(samples).recorded
+    expected = reference_sums(probe.calls, {0: n, 1: neg[0][0].shape[1]}, 12, 2, 1)
+    assert set(rec.sums) == set(expected) == {"layer.0", "layer.1"}
+    for name, ref in expected.items():
+        torch.testing.assert_close(rec.sums[name].double(), ref, atol=1e-5, rtol=0)
+
+
+def padded_count(model, count):
+    """The caption's key count on a main layer: ``count`` up to the network's pad multiple."""
+    pad = model.model.diffusion_model.pad_tokens_multiple or 1
+    return -(-count // pad) * pad
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_planted_attention_is_recovered(pack, models, tokenizers, family):
+    from test_comfy_dit import planted_masks  # the text key dominates a region's image queries
+
+    from daam_core.engine import metrics
+    from daam_core.hosts.comfy.dit import conditioning_layout
+
+    model, tok = models[family], tokenizers[family]
+    count = token_count(tok, POS)
+    dog = conditioning_layout(tok, POS, count, family=family_of(family)).positions("dog")[0]
+    keys = padded_count(model, count)  # a 16 x 24 latent has 96 patches: no image pads at 32
+    masks, truth = planted_masks(pack, model, tok, keys, dog,
+                                 lambda m: ksample(m, cond(tok, POS, 1), cond(tok, NEG, 2), h=16, w=24))
+    assert metrics.iou(masks[0] > 0.5, truth) >= 0.9
+    assert metrics.iou(masks[1] > 0.5, truth) < 0.5
+
+
+@pytest.mark.parametrize("text", [POS, "\n\ncat sits, dog", "  dog and the café cat ", "dog", "a 🐱 sleeps 🐶"])
+def test_z_image_words_are_the_host_encoded_tokens(tokenizers, text):
+    """Z-Image's encoder keeps every token of the templated prompt: words sit at the positions of the host's
+    tokens, template tokens (and whitespace-only tokens) belong to no word."""
+    from daam_core.hosts.comfy.dit import conditioning_layout
+
+    tok = tokenizers["z_image"]
+    hf = tok.qwen3_4b.tokenizer
+    ids = [t for chunk in tok.tokenize_with_weights(text)["qwen3_4b"] for t, _ in chunk]
+    assert hf.decode(ids) == tok.llama_template.format(text)
+    layout = conditioning_layout(tok, text, len(ids), family=family_of("z_image"))
+    assert layout.length == len(ids) and layout.ids == tuple(ids)
+    words = text.split()
+    assert [w.text for w in layout.words] == words
+    content = {p for w in layout.words for p in w.positions}
+    for p in range(layout.length):
+        if p not in content:
+            piece = hf.decode([ids[p]])
+            assert not piece.strip() or piece in tok.llama_template, piece
+    for w in words:
+        decoded = hf.decode([ids[p] for p in layout.positions(w)])
+        assert w.lower() in decoded.lower(), (w, decoded)
+    assert layout.positions(words[0])[0] == min(content) and layout.positions(words[-1])[-1] == max(content)
+
+
+def test_lumina2_words_skip_the_system_prompt(tokenizers, comfy_host):
+    """``CLIP Text Encode for Lumina2`` encodes ``"<system prompt> <Prompt Start> <prompt>"`` (the host node's own
+    system prompts): given that text, only the prompt's words are words, at the host's token positions after BOS,
+    with their weights; a plain prompt (``CLIP Text Encode``) keeps every word."""
+    from comfy_extras.nodes_lumina2 import CLIPTextEncodeLumina2
+
+    from daam_core.hosts.comfy.dit import conditioning_layout
+
+    tok = tokenizers["lumina2"]
+    spiece = tok.gemma2_2b.tokenizer.tokenizer  # sentencepiece.SentencePieceProcessor
+    user = "a (cat:1.3) and a dog on a red sofa"
+    for system in CLIPTextEncodeLumina2.SYSTEM_PROMPT.values():
+        text = f"{system} <Prompt Start> {user}"
+        entries = [e for chunk in tok.tokenize_with_weights(text)["gemma2_2b"] for e in chunk]
+        layout = conditioning_layout(tok, text, len(entries), family=family_of("lumina2"))
+        assert entries[0][0] == spiece.bos_id() and layout.word_of[0] == -1
+        assert [w.text for w in layout.words] == ["a", "cat", "and", "a", "dog", "on", "a", "red", "sofa"]
+        head = len(spiece.encode(f"{system} <Prompt Start>", add_bos=False)) + 1  # BOS and the template's tokens
+        assert min(p for w in layout.words for p in w.positions) == head
+        assert all(k == -1 for k in layout.word_of[:head])
+        (sofa,) = [w for w in layout.words if w.text == "sofa"]
+        assert spiece.decode([entries[p][0] for p in sofa.positions]) == "sofa"
+        assert [entries[p][1] for p in layout.positions("cat")] == pytest.approx([1.3] * len(layout.positions("cat")))
+        with pytest.raises(Exception, match="not|no"):
+            layout.positions("assistant")
+    entries = [e for chunk in tok.tokenize_with_weights(POS)["gemma2_2b"] for e in chunk]
+    plain = conditioning_layout(tok, POS, len(entries), family=family_of("lumina2"))
+    assert [w.text for w in plain.words] == POS.split() and [g.name for g in plain.segments] == ["gemma"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_negative_prompt_has_maps_with_true_cfg(pack, models, tokenizers, family):
+    model, tok = models[family], tokenizers[family]
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
+    samples = ksample(traced_model, cond(tok, POS, 1, batch=2), cond(tok, NEG, 2, batch=2), batch=2)
+    maps = pack.DAAMHeatmaps.execute(traced_model, tok, {"samples": samples}, POS, NEG, "dog",
+                                        negative_words="blurry").result[3]
+    neg = maps.trace.word_maps("blurry", branch="uncond")
+    assert neg.shape == (2, 1, 48, 64) and torch.isfinite(neg).all() and neg.amax() == 1
+    assert not torch.equal(neg[:, 0], maps.trace.word_maps("dog")[:, 0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pytorch_attention_host_gets_the_same_image_and_sums(pack, models, tokenizers, family):
+    """On ComfyUI's ``attention_pytorch`` DAAM's fused kernel replaces a main layer's call only where proven equal
+    to it: the image is the host's, the sums the CPU attention's."""
+    from test_comfy_dit import assert_fused_kernel_is_the_host
+
+    tok = tokenizers[family]
+    pos, neg = cond(tok, POS, 1, batch=2), cond(tok, NEG, 2, batch=2)
+    blocks = assert_fused_kernel_is_the_host(pack, models[family], lambda m: ksample(m, pos, neg, batch=2))
+    assert blocks == {"layer.0", "layer.1"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_with_the_host_text_encoder_and_nodes(pack, models, family, comfy_host):
+    """The host's own encoder code (tiny configs) through the host's nodes: Z-Image by ``CLIP Text Encode``, Lumina 2
+    by ``CLIP Text Encode for Lumina2`` (system prompt). The conditioning is as long as the host's tokens, the
+    words are found there, and DAAM Heatmaps re-encodes the text with that CLIP to prove it is the sampler's."""
+    import nodes as host_nodes
+    from comfy_extras.nodes_lumina2 import CLIPTextEncodeLumina2
+    from helpers.lumina_models import build_tiny_lumina2_clip, build_tiny_z_image_clip
+
+    model = models[family]
+    user = "a (cat:1.3) and a dog on a red sofa" if family == "lumina2" else POS
+    if family == "z_image":
+        clip = build_tiny_z_image_clip(seed=21)
+        pos, text = host_nodes.CLIPTextEncode().encode(clip, user)[0], user
+        key = "qwen3_4b"
+    else:
+        clip = build_tiny_lumina2_clip(seed=22)
+        pos = CLIPTextEncodeLumina2.execute(clip, user, "superior").result[0]
+        text = f"{CLIPTextEncodeLumina2.SYSTEM_PROMPT['superior']} <Prompt Start> {user}"
+        key = "gemma2_2b"
+    neg = host_nodes.CLIPTextEncode().encode(clip, NEG)[0]
+    ids = [t for chunk in clip.tokenize(text)[key] for t, _ in chunk]
+    assert pos[0][0].shape[1] == len(ids)  # the encoder keeps every token
+    plain = ksample(model, pos, neg, batch=2)
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
+    samples = ksample(traced_model, pos, neg, batch=2)
+    assert_same_image(plain, samples, f"{family} traced sampling of the host's conditioning")
+    _, _, masks, maps = pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, text, NEG,
+                                                     "dog, sofa").result
+    layout = maps.trace.layout(0)
+    assert [w.text for w in layout.words] == (["a", "cat", "and", "a", "dog", "on", "a", "red", "sofa"]
+                                              if family == "lumina2" else POS.split())
+    assert masks.shape == (4, 48, 64) and all(0 < m.float().mean() < 1 for m in masks)
+    with pytest.raises(ValueError, match="not the text the sampler's positive conditioning was encoded from"):
+        pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, text.replace("dog", "cat"), NEG, "dog")

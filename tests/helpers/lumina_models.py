@@ -62,3 +62,40 @@ def tiny_gemma_tokenizer():
                                    eos_id=1, bos_id=2, unk_id=3, num_threads=1, hard_vocab_limit=False,
                                    minloglevel=2)
     return LuminaTokenizer(tokenizer_data={"spiece_model": torch.ByteTensor(list(model.getvalue()))})
+
+
+QWEN3_TINY = {"hidden_size": CONTEXT_DIM, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 1,
+              "num_key_value_heads": 1}
+GEMMA2_TINY = {"hidden_size": CONTEXT_DIM, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 1,
+               "num_key_value_heads": 1, "vocab_size": 90}
+
+
+def _clip(tokenizer, te, key: str, config: dict, seed: int, tokenizer_data=None):
+    import comfy.sd
+    import comfy.supported_models_base
+
+    from helpers.dit_checkpoints import _fill
+
+    options = {f"{key}_model_config": config, "dtype": torch.float32}
+    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(tokenizer, te), model_options=options,
+                         tokenizer_data=tokenizer_data or {})
+    _fill(clip.cond_stage_model, seed)
+    return clip
+
+
+def build_tiny_z_image_clip(seed: int = 0):
+    """A ``comfy.sd.CLIP`` of Z-Image's target (``ZImageTokenizer`` with its shipped Qwen3 vocabulary, the host's
+    ``Qwen3_4B`` encoder code at 3 layers of width 64 (it reads the second to last), seeded weights): its conditioning is ``[1, tokens, 64]``."""
+    from comfy.text_encoders import z_image
+
+    return _clip(z_image.ZImageTokenizer, z_image.te(), "qwen3_4b", QWEN3_TINY, seed)
+
+
+def build_tiny_lumina2_clip(seed: int = 0):
+    """A ``comfy.sd.CLIP`` of Lumina 2's target (``LuminaTokenizer`` around :func:`tiny_gemma_tokenizer`'s model,
+    the host's ``Gemma2_2B`` encoder code at 3 layers of width 64 (it reads the second to last) over its 90-piece vocabulary, seeded weights)."""
+    from comfy.text_encoders import lumina2
+
+    spiece = tiny_gemma_tokenizer().gemma2_2b.tokenizer.serialize_model()
+    return _clip(lumina2.LuminaTokenizer, lumina2.te(), "gemma2_2b", GEMMA2_TINY, seed,
+                 tokenizer_data={"spiece_model": spiece})
