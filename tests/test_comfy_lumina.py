@@ -340,6 +340,8 @@ def test_lumina2_words_skip_the_system_prompt(tokenizers, comfy_host):
         assert [entries[p][1] for p in layout.positions("cat")] == pytest.approx([1.3] * len(layout.positions("cat")))
         with pytest.raises(Exception, match="not|no"):
             layout.positions("assistant")
+        assert family_of("lumina2").encoded_text(tok, user, len(entries)) == text  # the node's text put back
+        assert family_of("lumina2").encoded_text(tok, user, len(entries) + 1) == user  # no system prompt fits
     entries = [e for chunk in tok.tokenize_with_weights(POS)["gemma2_2b"] for e in chunk]
     plain = conditioning_layout(tok, POS, len(entries), family=family_of("lumina2"))
     assert [w.text for w in plain.words] == POS.split() and [g.name for g in plain.segments] == ["gemma"]
@@ -404,3 +406,10 @@ def test_with_the_host_text_encoder_and_nodes(pack, models, family, comfy_host):
     assert masks.shape == (4, 48, 64) and all(0 < m.float().mean() < 1 for m in masks)
     with pytest.raises(ValueError, match="not the text the sampler's positive conditioning was encoded from"):
         pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, text.replace("dog", "cat"), NEG, "dog")
+    if family == "lumina2":  # the prompt alone: the node's system prompt is put back, the words are the same
+        _, _, alone, maps = pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, user, NEG,
+                                                         "dog, sofa").result
+        assert maps.trace.layout(0) == layout and torch.equal(alone, masks)
+        with pytest.raises(ValueError, match="not the text the sampler's positive conditioning was encoded from"):
+            pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, user.replace("dog", "cat"), NEG,
+                                         "dog")

@@ -16,8 +16,9 @@ attention mask reaches only the context refiner): the recorder applies the mask 
 Words: Z-Image's Qwen3 tokenizer (ComfyUI's ``qwen25_tokenizer`` files) wraps the prompt in a chat template and
 the encoder keeps every token of it; template tokens belong to no word. Lumina 2's Gemma tokenizer (a
 SentencePiece model that travels in the text-encoder file) puts BOS first; ``CLIP Text Encode for Lumina2``
-encodes ``"<system prompt> <Prompt Start> <prompt>"``: given that whole text, the system prompt and the marker
-belong to no word.
+encodes ``"<system prompt> <Prompt Start> <prompt>"``. DAAM takes the prompt alone (the node's system prompt whose
+text has the conditioning's token count is put back, :meth:`Lumina2.encoded_text`) or that whole text; the system
+prompt and the marker belong to no word.
 """
 
 from __future__ import annotations
@@ -85,6 +86,14 @@ class Lumina2(_NextDiT):
         key = next((k for k in self.keys if k in tokens), None)
         return [[("gemma", key, flat_length(tokens[key]))]] if key else []
 
+    def encoded_text(self, tokenizer, text, count):
+        """``text``, or the text ``CLIP Text Encode for Lumina2`` encodes for it (one of the host node's system
+        prompts, then the marker) when that alone has ``count`` tokens."""
+        if PROMPT_START in text or _count(tokenizer, text) == count:
+            return text
+        fits = [t for t in (f"{s} {PROMPT_START} {text}" for s in _system_prompts()) if _count(tokenizer, t) == count]
+        return fits[0] if len(fits) == 1 else text  # none, or not one: the length check names the mismatch
+
     def layout(self, tokenizer, tokens, text, segments):
         from ..tokens import SentencePieceView, layout_from_comfy_tokens
 
@@ -104,6 +113,20 @@ class Lumina2(_NextDiT):
         if tuple(whole.ids[:len(system)]) != tuple(system):
             return whole  # the template does not tokenize as a prefix: keep every word
         return drop_words_before(whole, len(system))
+
+
+def _system_prompts() -> list[str]:
+    """The system prompts of the host's ``CLIPTextEncodeLumina2`` node (none on a host without it)."""
+    try:
+        from comfy_extras.nodes_lumina2 import CLIPTextEncodeLumina2
+    except ImportError:
+        return []
+    return [str(s) for s in getattr(CLIPTextEncodeLumina2, "SYSTEM_PROMPT", {}).values()]
+
+
+def _count(tokenizer, text: str) -> int:
+    """Tokens of ``text`` on the conditioning (one encoder)."""
+    return sum(flat_length(v) for v in tokenizer.tokenize_with_weights(text).values())
 
 
 def key_tokens(chunks) -> list[int]:
