@@ -104,6 +104,11 @@ def test_families_are_in_the_supported_list_and_refuse_other_networks(models):
     assert family_of("lumina2").describe(z, z.diffusion_model, z.model_config.unet_config) is None
     lumina = models["lumina2"].model
     assert family_of("z_image").describe(lumina, lumina.diffusion_model, lumina.model_config.unet_config) is None
+    # newer hosts' NextDiT variants with inputs of their own on the sequence or the modulation stay refused
+    newbie = {**lumina.model_config.unet_config, "clip_text_dim": 1024}
+    assert family_of("lumina2").describe(lumina, lumina.diffusion_model, newbie) is None
+    omni = {**z.model_config.unet_config, "siglip_feat_dim": 1152}
+    assert family_of("z_image").describe(z, z.diffusion_model, omni) is None
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -315,20 +320,23 @@ def test_z_image_words_are_the_host_encoded_tokens(tokenizers, text):
     assert layout.positions(words[0])[0] == min(content) and layout.positions(words[-1])[-1] == max(content)
 
 
-def test_lumina2_words_skip_the_system_prompt(tokenizers, comfy_host):
+@pytest.mark.parametrize("key", ("gemma2_2b", "gemma3_4b"))
+def test_lumina2_words_skip_the_system_prompt(tokenizers, comfy_host, key):
     """``CLIP Text Encode for Lumina2`` encodes ``"<system prompt> <Prompt Start> <prompt>"`` (the host node's own
     system prompts): given that text, only the prompt's words are words, at the host's token positions after BOS,
-    with their weights; a plain prompt (``CLIP Text Encode``) keeps every word."""
+    with their weights; a plain prompt (``CLIP Text Encode``) keeps every word. Also through the host's tokenizer
+    for a Gemma 3 encoder (``NTokenizer``), which Lumina 2's CLIP loader gives for one."""
     from comfy_extras.nodes_lumina2 import CLIPTextEncodeLumina2
+    from helpers.lumina_models import tiny_gemma_tokenizer
 
     from daam_core.hosts.comfy.dit import conditioning_layout
 
-    tok = tokenizers["lumina2"]
-    spiece = tok.gemma2_2b.tokenizer.tokenizer  # sentencepiece.SentencePieceProcessor
+    tok = tokenizers["lumina2"] if key == "gemma2_2b" else tiny_gemma_tokenizer(gemma3=True)
+    spiece = getattr(tok, key).tokenizer.tokenizer  # sentencepiece.SentencePieceProcessor
     user = "a (cat:1.3) and a dog on a red sofa"
     for system in CLIPTextEncodeLumina2.SYSTEM_PROMPT.values():
         text = f"{system} <Prompt Start> {user}"
-        entries = [e for chunk in tok.tokenize_with_weights(text)["gemma2_2b"] for e in chunk]
+        entries = [e for chunk in tok.tokenize_with_weights(text)[key] for e in chunk]
         layout = conditioning_layout(tok, text, len(entries), family=family_of("lumina2"))
         assert entries[0][0] == spiece.bos_id() and layout.word_of[0] == -1
         assert [w.text for w in layout.words] == ["a", "cat", "and", "a", "dog", "on", "a", "red", "sofa"]
@@ -342,7 +350,7 @@ def test_lumina2_words_skip_the_system_prompt(tokenizers, comfy_host):
             layout.positions("assistant")
         assert family_of("lumina2").encoded_text(tok, user, len(entries)) == text  # the node's text put back
         assert family_of("lumina2").encoded_text(tok, user, len(entries) + 1) == user  # no system prompt fits
-    entries = [e for chunk in tok.tokenize_with_weights(POS)["gemma2_2b"] for e in chunk]
+    entries = [e for chunk in tok.tokenize_with_weights(POS)[key] for e in chunk]
     plain = conditioning_layout(tok, POS, len(entries), family=family_of("lumina2"))
     assert [w.text for w in plain.words] == POS.split() and [g.name for g in plain.segments] == ["gemma"]
 

@@ -24,6 +24,7 @@ def _config(width: int, layers: int, z_image: bool, **cut):
 
     shapes = {"cap_embedder.1.weight": (width, CONTEXT_DIM)}
     shapes.update({f"layers.{i}.attention.qkv.weight": (3 * width, width) for i in range(layers)})
+    shapes["noise_refiner.0.attention.k_norm.weight"] = (128 if z_image else 96,)  # newer hosts look for it
     if z_image:
         shapes["cap_pad_token"] = (1, width)
     state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
@@ -46,12 +47,12 @@ def build_lumina2(seed: int = 0, layers: int = 2):
     return _patcher(_config(2304, layers, False, dim=384, n_heads=4, n_kv_heads=2), seed)
 
 
-def tiny_gemma_tokenizer():
-    """The host's ``LuminaTokenizer`` (Gemma 2 through ``SPieceTokenizer``, BOS first) around a small SentencePiece
-    model trained here with Gemma's special ids (pad 0, EOS 1, BOS 2, unk 3); the real one travels in the
-    text-encoder file, which the tests cannot have."""
+def tiny_gemma_tokenizer(gemma3: bool = False):
+    """The host's ``LuminaTokenizer`` (Gemma 2 through ``SPieceTokenizer``, BOS first; ``gemma3``: its
+    ``NTokenizer`` for a Gemma 3 encoder) around a small SentencePiece model trained here with Gemma's special ids
+    (pad 0, EOS 1, BOS 2, unk 3); the real one travels in the text-encoder file, which the tests cannot have."""
     import sentencepiece as spm
-    from comfy.text_encoders.lumina2 import LuminaTokenizer
+    from comfy.text_encoders.lumina2 import LuminaTokenizer, NTokenizer
 
     corpus = ["a cat and a dog on a red sofa", "blurry, low quality", "a small wooden house",
               "a golden dragon flies over the sea", "You are an assistant designed to generate superior images with "
@@ -61,7 +62,8 @@ def tiny_gemma_tokenizer():
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=90, pad_id=0,
                                    eos_id=1, bos_id=2, unk_id=3, num_threads=1, hard_vocab_limit=False,
                                    minloglevel=2)
-    return LuminaTokenizer(tokenizer_data={"spiece_model": torch.ByteTensor(list(model.getvalue()))})
+    cls = NTokenizer if gemma3 else LuminaTokenizer
+    return cls(tokenizer_data={"spiece_model": torch.ByteTensor(list(model.getvalue()))})
 
 
 QWEN3_TINY = {"hidden_size": CONTEXT_DIM, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 1,

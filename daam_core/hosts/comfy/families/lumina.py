@@ -11,7 +11,8 @@ as ``[B, H, L, D]`` (``skip_reshape``).
 Z-Image pads the caption and the image each up to a multiple of 32 tokens with learned pad tokens (``cap_pad_token``,
 ``x_pad_token``): the sequence is ``[caption, caption pads, image, image pads]``, the pads take part in the softmax
 and are never mapped. The main layers get no mask (ComfyUI passes ``mask=None`` to them; the text encoder's
-attention mask reaches only the context refiner): the recorder applies the mask the call carries, which is none.
+attention mask, kept only when it has zeros, reaches the context refiner alone on 0.3.75 and no call on newer
+hosts): the recorder applies the mask the call carries, which is none.
 
 Words: Z-Image's Qwen3 tokenizer (ComfyUI's ``qwen25_tokenizer`` files) wraps the prompt in a chat template and
 the encoder keeps every token of it; template tokens belong to no word. Lumina 2's Gemma tokenizer (a
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ....text.layout import Segment, TokenLayout, Word
+from ....text.layout import Segment, TokenLayout
 from .base import DiTSpec, JointFamily, flat_length, register
 from .qwen_image import chat_layout
 
@@ -50,6 +51,8 @@ class _NextDiT(JointFamily):
     def describe(self, model, net, config):
         if config.get("image_model", "lumina2") != "lumina2" or bool(config.get("z_image_modulation")) != self.z_image:
             return None
+        if config.get("clip_text_dim") or config.get("siglip_feat_dim"):
+            return None  # newer hosts' NewBie (a pooled CLIP input) and Z-Image Omni (SigLIP tokens, references)
         return LuminaSpec(self, patch=int(net.patch_size), heads=int(net.n_heads), blocks=(("layer", len(net.layers)),),
                           pad=int(getattr(net, "pad_tokens_multiple", None) or 1))
 
@@ -97,7 +100,7 @@ class Lumina2(_NextDiT):
     def layout(self, tokenizer, tokens, text, segments):
         from ..tokens import SentencePieceView, layout_from_comfy_tokens
 
-        ((_, key, n),) = segments
+        ((_, key, _),) = segments
         spiece = getattr(getattr(tokenizer, key, None), "tokenizer", None)
         if not hasattr(getattr(spiece, "tokenizer", None), "id_to_piece"):
             raise ValueError(f"DAAM: this CLIP's tokenizer ({type(tokenizer).__name__}) has no Gemma SentencePiece "
@@ -130,8 +133,10 @@ def _count(tokenizer, text: str) -> int:
 
 
 def key_tokens(chunks) -> list[int]:
-    """Token ids of a ``tokenize_with_weights`` entry."""
-    return [int(e[0]) for c in chunks for e in c]
+    """Token ids of a ``tokenize_with_weights`` entry (-1 for an embedding vector)."""
+    from ..tokens import _as_id
+
+    return [_as_id(e[0]) for c in chunks for e in c]
 
 
 def drop_words_before(layout: TokenLayout, stop: int) -> TokenLayout:
