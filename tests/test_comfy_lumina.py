@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 from helpers.images import assert_same_image
+from test_comfy_dit import ksample, with_override  # 4-D latents, an override installed as another node does
 
 pytestmark = pytest.mark.host
 
@@ -60,21 +61,6 @@ def cond(tok, text, seed, batch=1, **extra):
     return conditioning(token_count(tok, text), seed=seed, batch=batch, **extra)
 
 
-def ksample(model, positive, negative, batch=1, h=6, w=8, seed=1, steps=1, cfg=3.0):
-    import comfy.sample
-
-    latent = torch.zeros(batch, 16, h, w)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent, denoise=1.0,
-                               seed=seed, disable_pbar=True)
-
-
-def with_override(model, override):
-    other = model.clone()
-    other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
-    return other
-
-
 def test_tiny_models_are_the_host_classes(models):
     import comfy.model_base as mb
     import comfy.supported_models as sm
@@ -113,26 +99,13 @@ def test_families_are_in_the_supported_list_and_refuse_other_networks(models):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_traced_image_is_identical_also_under_another_override(pack, models, tokenizers, family):
-    model, tok = models[family], tokenizers[family]
+    from helpers.images import assert_tracing_keeps_the_host_image
+
+    tok = tokenizers[family]
     pos, neg = cond(tok, POS, 1, batch=2), cond(tok, NEG, 2, batch=2)
-    plain = ksample(model, pos, neg, batch=2)
-    traced_model = pack.DAAMTraceModel.execute(model)[0]
-    traced = ksample(traced_model, pos, neg, batch=2)
-    assert_same_image(plain, traced, f"{family} traced sampling")
-    assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
+    traced_model = assert_tracing_keeps_the_host_image(pack, models[family], lambda m: ksample(m, pos, neg, batch=2),
+                                                       family)
     assert set(pack.session_of(traced_model).records[-1].recorded.sums) == {"layer.0", "layer.1"}
-
-    seen = []
-
-    def other(func, *args, **kwargs):
-        seen.append(1)
-        return func(*args, **kwargs) * 0.5
-
-    expected = ksample(with_override(model, other), pos, neg, batch=2)
-    n = len(seen)
-    got = ksample(pack.DAAMTraceModel.execute(with_override(model, other))[0], pos, neg, batch=2)
-    assert_same_image(expected, got, f"{family} traced sampling under another override")
-    assert len(seen) == 2 * n and not torch.equal(expected, plain)
 
 
 class NetworkProbe:
