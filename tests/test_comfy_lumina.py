@@ -245,6 +245,50 @@ def test_a_masked_caption_reaches_only_the_context_refiner(pack, models, tokeniz
         torch.testing.assert_close(rec.sums[name].double(), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_mask_given_to_a_main_layer_is_applied_as_the_host_applies_it(pack, models, tokenizers, family):
+    """ComfyUI's Lumina layers pass the mask by position (``optimized_attention_masked(q, k, v, heads, mask,
+    ...)``). A node above DAAM that hands the main layers an additive ``[L, L]`` mask there (some text keys shut,
+    the rest jittered) changes the host's attention, and the recorded sums follow the same masked softmax."""
+    model, tok = models[family], tokenizers[family]
+    pos, neg = cond(tok, POS, 1), cond(tok, NEG, 2)
+    net = model.model.diffusion_model
+    image_keys = padded_count(model, 12)
+    gen = torch.Generator().manual_seed(3)
+
+    def masker(daam):
+        def override(func, *args, **kwargs):
+            length = args[1].shape[2]
+            if len(args) > 4 and length > image_keys and args[0].shape[2] == length and length - image_keys in masks:
+                args = args[:4] + (masks[length - image_keys],) + args[5:]
+            return daam(func, *args, **kwargs)
+
+        return override
+
+    masks = {}
+    for n in (token_count(tok, POS), token_count(tok, NEG)):
+        caption = padded_count(model, n)
+        m = torch.randn(caption + image_keys, caption + image_keys, generator=gen) * 0.5
+        m[:, 1:3] = -math.inf
+        masks[caption] = m
+    probe = NetworkProbe(net)
+    try:
+        traced_model = pack.DAAMTraceModel.execute(with_override(model, probe.override))[0]
+        to = traced_model.model_options["transformer_options"]
+        to["optimized_attention_override"] = masker(to["optimized_attention_override"])
+        samples = ksample(traced_model, pos, neg, batch=2)
+    finally:
+        probe.close()
+    main = [c for c in probe.calls if c["layer"] is not None]
+    assert main and all(c["mask"] is not None for c in main)
+    assert not any(c["mask"] is not None for c in probe.calls if c["layer"] is None)
+    rec = pack.session_of(traced_model).find(samples).recorded
+    expected = reference_sums(probe.calls, {0: pos[0][0].shape[1], 1: neg[0][0].shape[1]}, 12, 4, 2)
+    for name, ref in expected.items():
+        assert torch.all(ref[:, :, 1:3] == 0)  # the shut keys
+        torch.testing.assert_close(rec.sums[name].double(), ref, atol=1e-5, rtol=0)
+
+
 def padded_count(model, count):
     """The caption's key count on a main layer: ``count`` up to the network's pad multiple."""
     pad = model.model.diffusion_model.pad_tokens_multiple or 1

@@ -113,7 +113,8 @@ def chat_layout(chunks, hf, text: str, template: str, keep_from: int | None = No
     flat = [e for c in chunks for e in c]
     ids = [e[0] for e in flat]
     if not all(isinstance(i, numbers.Integral) for i in ids):
-        raise ValueError("DAAM maps Qwen-Image prompts encoded without images; this prompt's tokens hold an image")
+        raise ValueError("DAAM maps chat-templated prompts of plain text; this prompt's tokens hold an image or an "
+                         "embedding (Qwen-Image-Edit's vision tokens, an embedding: file)")
     ids = [int(i) for i in ids]
     raw = _token_bytes(hf, ids)
     whole = b"".join(raw)
