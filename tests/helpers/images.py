@@ -54,3 +54,33 @@ def assert_close_image(plain, traced, atol: float, what: str = "traced image") -
     assert_real_image(traced, what)
     diff = float(np.abs(_array(plain).astype(np.float64) - _array(traced).astype(np.float64)).max())
     assert diff <= atol, f"{what} differs from the untraced one by {diff:.3g} > {atol}"
+
+
+def assert_tracing_keeps_the_host_image(pack, model, sample, what: str):
+    """``sample(m)`` (a sampling of ComfyUI MODEL ``m``) gives the same image traced by DAAM Trace Model as
+    untraced, also when another node's attention override (one that halves every attention output) sits below
+    DAAM's and is called as often as without DAAM; no module's ``forward`` is replaced. Returns the first traced
+    MODEL, after its sampling."""
+    import torch
+
+    def with_override(m, override):
+        other = m.clone()
+        other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+        return other
+
+    plain = sample(model)
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
+    assert_same_image(plain, sample(traced_model), f"{what} traced sampling")
+    assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
+    seen = []
+
+    def other(func, *args, **kwargs):
+        seen.append(1)
+        return func(*args, **kwargs) * 0.5
+
+    expected = sample(with_override(model, other))
+    n = len(seen)
+    got = sample(pack.DAAMTraceModel.execute(with_override(model, other))[0])
+    assert_same_image(expected, got, f"{what} traced sampling under another override")
+    assert len(seen) == 2 * n and not torch.equal(expected, plain)
+    return traced_model

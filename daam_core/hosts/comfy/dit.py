@@ -110,6 +110,7 @@ class DiTTraceSession(TraceSession):
             if call is None:
                 return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
             q, k, v = (heads_first(x, call["heads"], call["skip_reshape"], call["dim_head"]) for x in args[:3])
+            mask = args[4] if len(args) > 4 else kwargs.get("mask")  # Lumina's layers pass it by position
             if call["cross"]:
                 out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
                 self.recorder.record(call["name"], call["part"], q, k, call["heads"], scale=kwargs.get("scale"))
@@ -124,15 +125,15 @@ class DiTTraceSession(TraceSession):
 
                 out = self.recorder.attend_joint(call["name"], call["part"], q, k, v, heads, text=call["text"],
                                                  image=call["image"], reference=lambda: func(*args, **kwargs),
-                                                 finish=finish, scale=kwargs.get("scale"), mask=kwargs.get("mask"))
+                                                 finish=finish, scale=kwargs.get("scale"), mask=mask)
             else:
                 out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
                 self.recorder.record_joint(call["name"], call["part"], q, k, call["heads"], text=call["text"],
-                                           image=call["image"], scale=kwargs.get("scale"), mask=kwargs.get("mask"))
+                                           image=call["image"], scale=kwargs.get("scale"), mask=mask)
             if self.recorder.extra is not None:  # output-similarity sums (RefineRecording.output_similarity)
                 flat = out.transpose(1, 2).flatten(2) if kwargs.get("skip_output_reshape", False) else out
                 self.recorder.extra.record_output(self.recorder, call["name"], call["part"], flat, call["text"],
-                                                  call["image"], mask=kwargs.get("mask"))
+                                                  call["image"], mask=mask)
             return out
 
         return override

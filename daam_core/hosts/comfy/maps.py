@@ -286,6 +286,8 @@ def build_trace(model, clip, samples, positive: str, negative: str, images=None)
         texts.append(("negative", negative, neg_count, record.conditionings[1]))
     layouts = []
     for which, text, count, cond in texts:
+        if isinstance(session, DiTTraceSession):  # a host node may have wrapped the prompt (a system prompt)
+            text = session.spec.family.encoded_text(tokenizer, text, count)
         layout = layout_of(text, count)
         if layout.length != count:
             raise ValueError(f"the {which} text has {layout.length} tokens but the sampler's {which} conditioning "

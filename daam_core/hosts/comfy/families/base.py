@@ -135,6 +135,11 @@ class JointFamily:
         itself (a templated text the encoder cuts); None: one layout per segment from its encoder's tokens."""
         return None
 
+    def encoded_text(self, tokenizer, text: str, count: int) -> str:
+        """The text the host's encoder read for a prompt given as ``text`` whose conditioning has ``count`` tokens,
+        when a host text node wraps the prompt in text of its own (a system prompt); default ``text`` itself."""
+        return text
+
     def no_negative_reason(self) -> str | None:
         """Why negative words have no maps at the usual settings, or None."""
         return None

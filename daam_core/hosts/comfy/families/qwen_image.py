@@ -88,7 +88,7 @@ def _char_start(data: bytes, i: int) -> int:
     return i
 
 
-def chat_layout(chunks, hf, text: str, template: str) -> TokenLayout:
+def chat_layout(chunks, hf, text: str, template: str, keep_from: int | None = None) -> TokenLayout:
     """The layout of the conditioning the host keeps of a chat-templated prompt.
 
     Parameters
@@ -101,16 +101,20 @@ def chat_layout(chunks, hf, text: str, template: str) -> TokenLayout:
         The prompt.
     template : str
         The host's template (``llama_template``); its ``{}`` is the prompt.
+    keep_from : int, optional
+        The first token the host's encoder keeps; default Qwen-Image's cut (:func:`_template_end`), 0 for an
+        encoder that keeps the whole templated text (Z-Image).
 
     Returns
     -------
     TokenLayout
-        Positions ``[template end, tokens)``; one ``"qwen"`` segment, words matched on their decoded text.
+        Positions ``[keep_from, tokens)``; one ``"qwen"`` segment, words matched on their decoded text.
     """
     flat = [e for c in chunks for e in c]
     ids = [e[0] for e in flat]
     if not all(isinstance(i, numbers.Integral) for i in ids):
-        raise ValueError("DAAM maps Qwen-Image prompts encoded without images; this prompt's tokens hold an image")
+        raise ValueError("DAAM maps chat-templated prompts of plain text; this prompt's tokens hold an image or an "
+                         "embedding (Qwen-Image-Edit's vision tokens, an embedding: file)")
     ids = [int(i) for i in ids]
     raw = _token_bytes(hf, ids)
     whole = b"".join(raw)
@@ -145,7 +149,7 @@ def chat_layout(chunks, hf, text: str, template: str) -> TokenLayout:
         starts = a <= s  # the token holds the word's first byte
         pieces.append(WORD_START + part.strip() if starts else part)
         word_of.append(hit)
-    cut = _template_end(ids)
+    cut = _template_end(ids) if keep_from is None else keep_from
     kept = word_of[cut:]
     number = {w: i for i, w in enumerate(sorted(set(kept) - {-1}))}  # words the host encoded, in order
     words = tuple(Word(whole[slice(*spans[w])].decode("utf-8", "replace"), i,
