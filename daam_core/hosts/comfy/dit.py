@@ -110,9 +110,11 @@ class DiTTraceSession(TraceSession):
             if call is None:
                 return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
             q, k, v = (heads_first(x, call["heads"], call["skip_reshape"], call["dim_head"]) for x in args[:3])
-            if call["cross"]:
+            if call["cross"]:  # a text mask (LTXV's padding) comes positional (optimized_attention_masked) or named
                 out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
-                self.recorder.record(call["name"], call["part"], q, k, call["heads"], scale=kwargs.get("scale"))
+                mask = kwargs.get("mask", args[4] if len(args) > 4 else None)
+                self.recorder.record(call["name"], call["part"], q, k, call["heads"], scale=kwargs.get("scale"),
+                                     mask=mask)
                 return out
             if previous is None and getattr(func, "__name__", "") == "attention_pytorch" \
                     and not kwargs.get("skip_output_reshape", False) and not kwargs.get("enable_gqa", False) \
