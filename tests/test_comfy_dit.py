@@ -421,7 +421,7 @@ def test_untraceable_family_is_a_node_error_naming_it(pack, comfy_host):
     model = build_flux2()
     assert type(model.model.model_config) is sm.Flux2
     with pytest.raises(ValueError, match="cannot trace this model family: 'flux2'.*Flux2.*DAAM traces .*Flux.1 "
-                                         "\\(dev, schnell, Kontext\\), Chroma, Wan 2.1 / 2.2 .* and Qwen-Image"):
+                                         "\\(dev, schnell, Kontext\\), Chroma, Wan 2.1 / 2.2 .*Qwen-Image"):
         pack.DAAMTraceModel.execute(model)
     latent = {"samples": torch.zeros(1, 128, 4, 4)}
     with pytest.raises(ValueError, match="cannot trace this model family"):
