@@ -676,6 +676,8 @@ class AttentionRecorder:
         if self._layer(name, part, "joint", i1 - i0, qh.shape[1]) is None:
             return
         m4 = joint.mask_4d(mask)
+        if m4 is not None and m4.shape[2] == 1:  # one key mask for every query (HunyuanVideo's): a broadcast view
+            m4 = m4.expand(m4.shape[0], m4.shape[1], length, m4.shape[3])
         self._accumulate(name, qh[:, :, i0:i1], kh, (t0, t1), scale,
                          mask=None if m4 is None else m4[:, :, i0:i1],
                          lse=None if lse is None else lse[:, :, i0:i1])
