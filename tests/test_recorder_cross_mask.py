@@ -56,3 +56,26 @@ def test_a_mask_that_fits_no_call_is_an_error_naming_it():
     q, k = torch.randn(1, 96, 16), torch.randn(1, 9, 16)
     with pytest.raises(ValueError, match=r"block.0: attention mask \(1, 1, 1, 7\) does not fit 96 queries over 9"):
         rec.record("block.0", "block", q, k, 2, mask=torch.zeros(1, 1, 1, 7))
+
+
+@pytest.mark.parametrize("image_first", [True, False])
+def test_a_joint_key_mask_of_one_row_reaches_every_query_chunk(image_first):
+    """HunyuanVideo hands every joint call one ``[1, 1, L]`` additive row over the keys; with the image rows after
+    the text, or cut into several chunks of queries, each chunk gets that row."""
+    torch.manual_seed(5)
+    heads, d, t, n = 2, 8, 7, 96
+    rec = AttentionRecorder()
+    rec.joint_chunk_elements = heads * t * 10  # chunks of at most 10 queries
+    rec.begin((8, 12), cfg_streams(1, range(1), 1), [t, t])
+    rec.set_call(cfg_rows(1, cfg=False), progress=0.5)
+    q, k = torch.randn(1, t + n, heads * d), torch.randn(1, t + n, heads * d)
+    text, image = ((n, n + t), (0, n)) if image_first else ((0, t), (t, t + n))
+    keep = torch.ones(t + n, dtype=torch.bool)
+    keep[text[1] - 2:text[1]] = False  # the text's last two tokens are padding
+    row = ((keep.float() - 1) * torch.finfo(torch.float32).max).view(1, 1, t + n)
+    rec.record_joint("double.0", "double", q, k, heads, text=text, image=image, mask=row)
+    got = rec.finish().sums["double.0"]
+    p = masked_softmax64(q, k, heads, row[0])[0].sum(0)  # [L, L]
+    want = p[image[0]:image[1], text[0]:text[1]]
+    assert (got[0].double() - want).abs().max().item() <= 1e-5
+    assert got[0, :, t - 2:].abs().max() == 0
