@@ -290,7 +290,8 @@ def test_word_positions_follow_the_host_t5_tokenizer(clip, comfy_host):
     assert pieces(layout.positions("house#30")) == "▁house"
     short = t5_tokens(clip, NEG)
     assert len(short) == 128 and short[-1][0] == 0 == hf.pad_token_id  # padded with T5's pad id
-    assert pieces(conditioning_layout(clip.tokenizer, NEG, 128, family=ltxv).positions("quality"), short) == "▁quality"
+    quality = conditioning_layout(clip.tokenizer, NEG, 128, family=ltxv).positions("quality")
+    assert pieces(quality, short) == "▁quality"
     assert [("t5", "t5xxl", 128)] in text_segments(clip.tokenizer, clip.tokenizer.tokenize_with_weights(NEG))
 
 

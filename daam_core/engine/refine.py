@@ -171,8 +171,9 @@ class RefineSums:
     def record_heads(self, rec, name: str, q: torch.Tensor, k: torch.Tensor, scale: float | None,
                      mask: torch.Tensor | None = None) -> None:
         """Add one cross-attention call's per-head probabilities (``q [B, H, N, d]``, ``k [B, Hk, T, d]``, all
-        keys, ``mask [B or 1, H or 1, N, T]`` additive or boolean; the recorder has already checked the call). Keys past a prompt's tokens that are whole copies of it
-        are folded back, as the recorder folds them; other extra keys only normalise."""
+        keys, ``mask [B or 1, H or 1, N, T]`` additive or boolean; the recorder has already checked the call). Keys
+        past a prompt's tokens that are whole copies of it are folded back, as the recorder folds them; other extra
+        keys only normalise."""
         if not self.options.head_sums:
             return
         got = self._recorded(rec, q, k)
