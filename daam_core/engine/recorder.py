@@ -379,7 +379,7 @@ class AttentionRecorder:
     scratch_allocations: int = 0  # work buffers made so far (a warmed-up call makes none)
 
     def record(self, name: str, part: str, q: torch.Tensor, k: torch.Tensor, heads: int,
-               scale: float | None = None) -> None:
+               scale: float | None = None, mask: torch.Tensor | None = None) -> None:
         """Accumulate one cross-attention call.
 
         Parameters
@@ -397,6 +397,9 @@ class AttentionRecorder:
             Number of query heads.
         scale : float, optional
             Softmax scale, default ``d ** -0.5``.
+        mask : Tensor, optional
+            The host's additive or boolean (True = attend) mask over the keys (a padded text's): ``[T]``-wide rows
+            as ComfyUI takes them, ``[N or 1, T]``, ``[B, N or 1, T]`` or ``[B or 1, H or 1, N or 1, T]``.
 
         Notes
         -----
@@ -411,9 +414,15 @@ class AttentionRecorder:
         kh = joint.heads_first(k, head_dim=qh.shape[-1])
         if kh.shape[-1] != qh.shape[-1] or qh.shape[1] % kh.shape[1]:
             raise ValueError(f"{name}: keys {tuple(kh.shape)} do not match queries {tuple(qh.shape)}")
-        self._accumulate(name, qh, kh, (0, kh.shape[2]), scale)
+        m4 = joint.mask_4d(mask)
+        if m4 is not None:  # one row for every query: a broadcast view, never copied here
+            if m4.shape[-1] != kh.shape[2] or m4.shape[2] not in (1, qh.shape[2]):
+                raise ValueError(f"{name}: attention mask {tuple(mask.shape)} does not fit {qh.shape[2]} queries "
+                                 f"over {kh.shape[2]} keys")
+            m4 = m4.expand(m4.shape[0], m4.shape[1], qh.shape[2], m4.shape[3])
+        self._accumulate(name, qh, kh, (0, kh.shape[2]), scale, mask=m4)
         if self.extra is not None and name in self.calls:
-            self.extra.record_heads(self, name, qh, kh, scale)
+            self.extra.record_heads(self, name, qh, kh, scale, mask=m4)
 
     def _accumulate(self, name: str, q: torch.Tensor, k: torch.Tensor, text: tuple[int, int],
                     scale: float | None, mask: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> None:
@@ -667,6 +676,8 @@ class AttentionRecorder:
         if self._layer(name, part, "joint", i1 - i0, qh.shape[1]) is None:
             return
         m4 = joint.mask_4d(mask)
+        if m4 is not None and m4.shape[2] == 1:  # one key mask for every query (HunyuanVideo's): a broadcast view
+            m4 = m4.expand(m4.shape[0], m4.shape[1], length, m4.shape[3])
         self._accumulate(name, qh[:, :, i0:i1], kh, (t0, t1), scale,
                          mask=None if m4 is None else m4[:, :, i0:i1],
                          lse=None if lse is None else lse[:, :, i0:i1])

@@ -23,6 +23,7 @@ host computes; the hooks only read q and k.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -241,10 +242,12 @@ class RefineSums:
         self.output_calls[name] = self.output_calls.get(name, 0) + 1
 
     # -- per-head cross-attention ----------------------------------------------------------------
-    def record_heads(self, rec, name: str, q: torch.Tensor, k: torch.Tensor, scale: float | None) -> None:
+    def record_heads(self, rec, name: str, q: torch.Tensor, k: torch.Tensor, scale: float | None,
+                     mask: torch.Tensor | None = None) -> None:
         """Add one cross-attention call's per-head probabilities (``q [B, H, N, d]``, ``k [B, Hk, T, d]``, all
-        keys; the recorder has already checked the call). Keys past a prompt's tokens that are whole copies of it
-        are folded back, as the recorder folds them; other extra keys only normalise."""
+        keys, ``mask [B or 1, H or 1, N, T]`` additive or boolean; the recorder has already checked the call). Keys
+        past a prompt's tokens that are whole copies of it are folded back, as the recorder folds them; other extra
+        keys only normalise."""
         if not self.options.head_sums:
             return
         got = self._recorded(rec, q, k)
@@ -256,7 +259,12 @@ class RefineSums:
         if kf.shape[1] != heads:
             kf = kf.repeat_interleave(heads // kf.shape[1], dim=1)
         s = scale if scale is not None else q.shape[-1] ** -0.5
-        p = torch.softmax(torch.matmul(q.float(), kf.transpose(-1, -2)).mul_(s), dim=-1)  # [B, H, N, Tc]
+        scores = torch.matmul(q.float(), kf.transpose(-1, -2)).mul_(s)
+        if mask is not None:
+            rows = self._streams(rec, q.device)[0]
+            m = mask.index_select(0, rows) if rows is not None and mask.shape[0] > 1 else mask
+            scores = scores.masked_fill(~m, -math.inf) if m.dtype == torch.bool else scores + m
+        p = torch.softmax(scores, dim=-1)  # [B, H, N, Tc]
         t_call = p.shape[-1]
         acc = self.head_sums.get(name)
         if acc is None:

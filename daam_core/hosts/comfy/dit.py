@@ -70,7 +70,7 @@ class DiTTraceSession(TraceSession):
         try:
             self._set_call(x, t, transformer_options)
             if self.recorder.active:
-                self._call_layout = self._layout_of_call(transformer_options, kwargs.get("ref_latents"))
+                self._call_layout = self._layout_of_call(transformer_options, kwargs)
                 if self._call_layout is None:
                     self.recorder.skip_call()
                 else:
@@ -80,13 +80,14 @@ class DiTTraceSession(TraceSession):
             self.recorder.skip_call()
             self._call_layout = None
 
-    def _layout_of_call(self, options, ref_latents) -> tuple[int, int, int] | None:
+    def _layout_of_call(self, options, conds) -> tuple[int, int, int] | None:
         counts = [self._uuid_length.get(u) for u in options.get("uuids") or []]
         if not counts or None in counts:
             return None  # a conditioning DAAM does not know: its length is unknown
         text = math.lcm(*counts)
-        refs = sum(image_tokens(tuple(r.shape[-2:]), self.spec.patch) for r in (ref_latents or [])) \
+        refs = sum(image_tokens(tuple(r.shape[-2:]), self.spec.patch) for r in (conds.get("ref_latents") or [])) \
             if self.spec.family.reference_latents else 0
+        refs += self.spec.family.trailing_tokens(self.spec, conds)
         n_img = self.recorder.grid.n_image
         if self.spec.family.attention == "cross" and text == n_img:
             self.recorder.warn(f"the text has as many tokens ({text}) as the latent has patches, so its "
@@ -110,10 +111,11 @@ class DiTTraceSession(TraceSession):
             if call is None:
                 return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
             q, k, v = (heads_first(x, call["heads"], call["skip_reshape"], call["dim_head"]) for x in args[:3])
-            mask = args[4] if len(args) > 4 else kwargs.get("mask")  # Lumina's layers pass it by position
+            mask = kwargs.get("mask", args[4] if len(args) > 4 else None)  # by name, or by position (Lumina, LTXV)
             if call["cross"]:
                 out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
-                self.recorder.record(call["name"], call["part"], q, k, call["heads"], scale=kwargs.get("scale"))
+                self.recorder.record(call["name"], call["part"], q, k, call["heads"], scale=kwargs.get("scale"),
+                                     mask=mask)
                 return out
             if previous is None and getattr(func, "__name__", "") == "attention_pytorch" \
                     and not kwargs.get("skip_output_reshape", False) and not kwargs.get("enable_gqa", False) \

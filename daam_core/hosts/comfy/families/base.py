@@ -124,6 +124,12 @@ class JointFamily:
         r = spec.registers
         return (r, r + text), (r + text, r + text + image), r + text + image + refs
 
+    def trailing_tokens(self, spec: DiTSpec, conds: dict) -> int:
+        """Tokens a model call puts at the end of its sequence that are no words (HunyuanImage 2.1's byT5 glyph
+        tokens after ``[image, text]``), from the call's extra conditionings ``conds`` (``apply_model``'s
+        keywords); :meth:`spans` counts them with the reference tokens."""
+        return 0
+
     # -- text ------------------------------------------------------------------------------------
     def text_segments(self, tokenizer, tokens: dict, encoders=None) -> list[list[tuple[str, str, int]]]:
         """Candidate layouts of the conditioning's token axis, most likely first: lists of ``(segment, key,

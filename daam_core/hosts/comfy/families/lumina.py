@@ -77,7 +77,9 @@ class ZImage(_NextDiT):
         hf = getattr(getattr(tokenizer, self.key, None), "tokenizer", None)
         if hf is None:
             raise ValueError(f"DAAM: this CLIP's tokenizer ({type(tokenizer).__name__}) has no Qwen3 tokenizer")
-        return chat_layout(tokens[self.key], hf, text, tokenizer.llama_template, keep_from=0)  # the encoder keeps all
+        n = flat_length(tokens[self.key])
+        return chat_layout(tokens[self.key], hf, text, tokenizer.llama_template, keep=(0, n),  # the encoder keeps all
+                           what="Z-Image")
 
 
 class Lumina2(_NextDiT):

@@ -88,40 +88,44 @@ def _char_start(data: bytes, i: int) -> int:
     return i
 
 
-def chat_layout(chunks, hf, text: str, template: str, keep_from: int | None = None) -> TokenLayout:
+def chat_layout(chunks, hf, text: str, template: str, keep=None, segment: str = "qwen",
+                what: str = "Qwen-Image") -> TokenLayout:
     """The layout of the conditioning the host keeps of a chat-templated prompt.
 
     Parameters
     ----------
     chunks : list of list of (token, weight, word_id)
-        ``QwenImageTokenizer.tokenize_with_weights(text, return_word_ids=True)["qwen25_7b"]``.
-    hf : Qwen2Tokenizer
-        The host's Hugging Face tokenizer.
+        ``QwenImageTokenizer.tokenize_with_weights(text, return_word_ids=True)["qwen25_7b"]`` (or another
+        byte-level BPE tokenizer's entry, e.g. HunyuanVideo's ``"llama"``).
+    hf : PreTrainedTokenizer
+        The host's Hugging Face tokenizer (byte-level BPE: Qwen2, Llama 3).
     text : str
         The prompt.
     template : str
-        The host's template (``llama_template``); its ``{}`` is the prompt.
-    keep_from : int, optional
-        The first token the host's encoder keeps; default Qwen-Image's cut (:func:`_template_end`), 0 for an
-        encoder that keeps the whole templated text (Z-Image).
+        The host's template (``llama_template``); its ``{}`` is the prompt. Tokens before it (a BOS) are allowed.
+    keep : (int, int), optional
+        The tokens ``[start, stop)`` the host's encoder keeps; default Qwen-Image's cut to the end.
+    segment, what : str
+        The segment's name; the model family, for the error.
 
     Returns
     -------
     TokenLayout
-        Positions ``[keep_from, tokens)``; one ``"qwen"`` segment, words matched on their decoded text.
+        Positions ``[start, stop)``; one segment, words matched on their decoded text.
     """
     flat = [e for c in chunks for e in c]
     ids = [e[0] for e in flat]
     if not all(isinstance(i, numbers.Integral) for i in ids):
-        raise ValueError("DAAM maps chat-templated prompts of plain text; this prompt's tokens hold an image or an "
-                         "embedding (Qwen-Image-Edit's vision tokens, an embedding: file)")
+        raise ValueError(f"DAAM maps {what} prompts of plain text; this prompt's tokens hold an image or an "
+                         "embedding (vision tokens, an embedding: file)")
     ids = [int(i) for i in ids]
     raw = _token_bytes(hf, ids)
     whole = b"".join(raw)
     head, _, tail = template.partition("{}")
     head_b, tail_b = head.encode(), tail.encode()
-    if whole.startswith(head_b) and whole.endswith(tail_b) and len(whole) >= len(head_b) + len(tail_b):
-        lo, hi = len(head_b), len(whole) - len(tail_b)
+    at = whole.find(head_b)
+    if at >= 0 and whole.endswith(tail_b) and len(whole) >= at + len(head_b) + len(tail_b):
+        lo, hi = at + len(head_b), len(whole) - len(tail_b)
     else:  # the host kept the text as it was (it starts with a template of its own)
         lo, hi = 0, len(whole)
     prompt = whole[lo:hi]
@@ -149,15 +153,15 @@ def chat_layout(chunks, hf, text: str, template: str, keep_from: int | None = No
         starts = a <= s  # the token holds the word's first byte
         pieces.append(WORD_START + part.strip() if starts else part)
         word_of.append(hit)
-    cut = _template_end(ids) if keep_from is None else keep_from
-    kept = word_of[cut:]
+    cut, stop = keep if keep is not None else (_template_end(ids), len(ids))
+    kept = word_of[cut:stop]
     number = {w: i for i, w in enumerate(sorted(set(kept) - {-1}))}  # words the host encoded, in order
     words = tuple(Word(whole[slice(*spans[w])].decode("utf-8", "replace"), i,
                        tuple(p for p, k in enumerate(kept) if k == w), 1.0) for w, i in number.items())
-    n = len(ids) - cut
-    return TokenLayout(tuple(ids[cut:]), tuple(float(e[1]) for e in flat[cut:]), tuple(pieces[cut:]),
+    n = stop - cut
+    return TokenLayout(tuple(ids[cut:stop]), tuple(float(e[1]) for e in flat[cut:stop]), tuple(pieces[cut:stop]),
                        tuple(number.get(k, -1) for k in kept), words, n, tokenizer=hf,
-                       segments=(Segment("qwen", 0, n, "sentencepiece"),))
+                       segments=(Segment(segment, 0, n, "sentencepiece"),))
 
 
 register(QwenImage())

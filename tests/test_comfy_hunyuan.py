@@ -1,0 +1,366 @@
+"""HunyuanVideo 1.0 and HunyuanImage 2.1 in process against the real ComfyUI host: samplers, ModelPatcher, attention.
+
+The models are the host's own ``hunyuan_video`` network at a small width with seeded random weights, built through
+the host's model detection (``helpers/hunyuan_models.py``). Words come from the host's own tokenizers and templates;
+the conditionings are hand-made tensors of the token count the host's own encoder cut keeps (the 7-8B language
+models are not run). HunyuanVideo latents are ``[B, 16, 3, h, w]`` (three latent frames, patch ``(1, 2, 2)``);
+HunyuanImage 2.1 latents ``[B, 64, h, w]`` (patch 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers.images import assert_same_image
+
+pytestmark = pytest.mark.host
+
+POS = "a video of a (dog:1.2) running in a green park"
+NEG = "blurry, low quality"
+FAMILIES = ("video", "image")
+FRAMES = 3
+
+
+@pytest.fixture(scope="module")
+def models(comfy_host):
+    from helpers.hunyuan_models import build_hunyuan_image, build_hunyuan_video
+
+    return {"video": build_hunyuan_video(seed=1), "image": build_hunyuan_image(seed=2)}
+
+
+@pytest.fixture(scope="module")
+def tokenizers(comfy_host):
+    from comfy.text_encoders.hunyuan_image import HunyuanImageTokenizer
+    from helpers.hunyuan_models import hunyuan_video_tokenizer
+
+    return {"video": hunyuan_video_tokenizer(), "image": HunyuanImageTokenizer()}
+
+
+def kept(family, tokenizer, text):
+    """The host tokenizer's tokens of ``text`` and the positions the host's text encoder keeps."""
+    from helpers.dit_checkpoints import qwen_kept_positions
+    from helpers.hunyuan_models import hunyuan_video_kept_positions
+
+    if family == "video":
+        return hunyuan_video_kept_positions(tokenizer, text)
+    return qwen_kept_positions(tokenizer, text)  # HunyuanImage 2.1's encoder cuts with Qwen-Image's code
+
+
+def cond(family, tokenizer, text, seed, batch=1, **extra):
+    from helpers.hunyuan_models import conditioning
+
+    return conditioning(len(kept(family, tokenizer, text)[1]), seed=seed, batch=batch, pooled=family == "video",
+                        **extra)
+
+
+def latent_of(family, batch, h, w):
+    return torch.zeros(batch, 16, FRAMES, h, w) if family == "video" else torch.zeros(batch, 64, h, w)
+
+
+def ksample(model, family, positive, negative, batch=1, h=6, w=8, seed=1, steps=1, cfg=3.0):
+    import comfy.sample
+
+    latent = latent_of(family, batch, h, w)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent, denoise=1.0,
+                               seed=seed, disable_pbar=True)
+
+
+def with_override(model, override):
+    other = model.clone()
+    other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+    return other
+
+
+def image_tokens(family, h, w):
+    return FRAMES * (h // 2) * (w // 2) if family == "video" else h * w
+
+
+def test_tiny_models_are_what_the_host_detects(models):
+    import comfy.model_detection as md
+    import comfy.supported_models as sm
+
+    from daam_core.hosts.comfy.families import dit_spec
+
+    expected = {"video": sm.HunyuanVideo, "image": sm.HunyuanImage21}
+    for family, model in models.items():
+        assert type(model.model.model_config) is expected[family], family
+        assert type(md.model_config_from_unet(model.model.diffusion_model.state_dict(), "")) is expected[family]
+        spec = dit_spec(model.model)
+        assert spec.family.name == {"video": "hunyuan_video", "image": "hunyuan_image"}[family]
+        assert (spec.patch, spec.heads, spec.blocks, spec.image_first) == (
+            2 if family == "video" else 1, 2, (("double", 1), ("single", 2)), True)
+        assert all(b.flipped_img_txt for b in model.model.diffusion_model.double_blocks)  # [image, text]
+
+
+# -- the output is the host's ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_traced_output_is_identical_also_under_another_override(pack, models, tokenizers, family):
+    model, tok = models[family], tokenizers[family]
+    pos, neg = cond(family, tok, POS, 1, batch=2), cond(family, tok, NEG, 2, batch=2)
+    plain = ksample(model, family, pos, neg, batch=2)
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
+    traced = ksample(traced_model, family, pos, neg, batch=2)
+    assert_same_image(plain, traced, f"{family} traced sampling")
+    assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
+    assert set(pack.session_of(traced_model).records[-1].recorded.sums) == {"double.0", "single.0", "single.1"}
+
+    seen = []
+
+    def other(func, *args, **kwargs):
+        seen.append(1)
+        return func(*args, **kwargs) * 0.5
+
+    expected = ksample(with_override(model, other), family, pos, neg, batch=2)
+    n = len(seen)
+    got = ksample(pack.DAAMTraceModel.execute(with_override(model, other))[0], family, pos, neg, batch=2)
+    assert_same_image(expected, got, f"{family} traced sampling under another override")
+    assert len(seen) == 2 * n and not torch.equal(expected, plain)
+
+
+# -- exactness ------------------------------------------------------------------------------------------------------
+
+def collector(store):
+    """Every attention call's q, k, heads, mask and block options (run before DAAM's)."""
+    def collect(func, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        store.append(dict(q=args[0].detach().clone(), k=args[1].detach().clone(), heads=args[3],
+                          skip=kwargs.get("skip_reshape", False), mask=kwargs.get("mask"),
+                          kinds=list(options.get("cond_or_uncond", [])),
+                          block=(options.get("block_type"), options.get("block_index"))))
+        return func(*args, **kwargs)
+
+    return collect
+
+
+def reference_sums(calls, lengths, n_img, extra, n_streams, stream_of):
+    """fp64 softmax over the whole sequence ``[image, text, extra]`` (plus the call's mask), image rows x text
+    columns, summed over heads, per block the host names. A call is joint when its keys are the image, the call's
+    text and the ``extra[kind]`` tokens (byT5's) after it; the token refiner's attention (text alone) is not."""
+    out = {}
+    for c in calls:
+        t = lengths[c["kinds"][0]]
+        extra_keys = extra.get(c["kinds"][0], 0)
+        q, k = c["q"].double(), c["k"].double()
+        if not c["skip"]:
+            b, L, _ = q.shape
+            q = q.view(b, L, c["heads"], -1).transpose(1, 2)
+            k = k.view(b, k.shape[1], c["heads"], -1).transpose(1, 2)
+        if k.shape[2] != n_img + t + extra_keys or any(lengths[kind] != t for kind in c["kinds"]):
+            continue
+        name = f"{c['block'][0]}.{c['block'][1]}"
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if c["mask"] is not None:
+            scores = scores + c["mask"].double()
+        p = scores.softmax(-1)[:, :, :n_img, n_img:n_img + t].sum(1)  # [B, N, T]
+        acc = out.setdefault(name, torch.zeros(n_streams, n_img, max(lengths.values()), dtype=torch.float64))
+        chunk = q.shape[0] // len(c["kinds"])
+        for j, kind in enumerate(c["kinds"]):
+            for i in range(chunk):
+                acc[stream_of(kind, i), :, :t] += p[j * chunk + i]
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recorded_probabilities_equal_fp64_reference(pack, models, tokenizers, family):
+    """Two outputs; prompts of different lengths (the host runs them in calls of their own), two steps."""
+    from daam_core.engine.trace import AttentionTrace
+
+    model, tok = models[family], tokenizers[family]
+    pos, neg = cond(family, tok, POS, 1), cond(family, tok, NEG, 2)
+    lengths = {0: pos[0][0].shape[1], 1: neg[0][0].shape[1]}
+    assert lengths[0] != lengths[1]
+    store = []
+    traced_model = pack.DAAMTraceModel.execute(with_override(model, collector(store)))[0]
+    samples = ksample(traced_model, family, pos, neg, batch=2, steps=2)
+    rec = pack.session_of(traced_model).find(samples).recorded
+    n_img = image_tokens(family, 6, 8)
+    expected = reference_sums(store, lengths, n_img, {}, 4, lambda kind, i: kind * 2 + i)
+    assert set(rec.sums) == set(expected) == {"double.0", "single.0", "single.1"}
+    for name, ref in expected.items():
+        err = (rec.sums[name].double() - ref).abs().max().item()
+        assert err <= 1e-5, (name, err)
+        assert rec.layers[name].kind == "joint"
+    if family == "video":  # frame after frame: frame f of stream s is rows f*hw .. (f+1)*hw, the trace's image s*F + f
+        trace = AttentionTrace.from_recorder(rec, [], (48, 64))
+        assert trace.num_images == 2 * FRAMES
+        hw = 3 * 4
+        for name, ref in expected.items():
+            per_frame = ref.view(4, FRAMES, hw, -1).reshape(4 * FRAMES, hw, -1)
+            torch.testing.assert_close(trace.sums[name].double(), per_frame, atol=1e-5, rtol=0)
+            assert trace.layers[name].hw == (3, 4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_masked_text_is_recorded_with_the_hosts_mask(pack, models, tokenizers, family):
+    """A conditioning with an attention mask (a padded prompt): the host builds one ``[1, 1, L]`` additive row over
+    the keys and gives it to every block; the recorded sums are the masked softmax and padding gets no weight."""
+    model, tok = models[family], tokenizers[family]
+    n = len(kept(family, tok, POS)[1])
+    mask = torch.ones(1, n, dtype=torch.long)
+    mask[:, n - 3:] = 0  # the last three tokens are padding
+    pos = cond(family, tok, POS, 1, attention_mask=mask)
+    store = []
+    traced_model = pack.DAAMTraceModel.execute(with_override(model, collector(store)))[0]
+    samples = ksample(traced_model, family, pos, [], cfg=1.0)
+    rec = pack.session_of(traced_model).find(samples).recorded
+    n_img = image_tokens(family, 6, 8)
+    joint = [c for c in store if c["k"].shape[-2 if c["skip"] else 1] == n_img + n]
+    assert joint and all(c["mask"] is not None and c["mask"].shape == (1, 1, n_img + n) for c in joint)
+    expected = reference_sums(store, {0: n}, n_img, {}, 1, lambda kind, i: i)
+    for name, ref in expected.items():
+        assert (rec.sums[name].double() - ref).abs().max().item() <= 1e-5, name
+        assert rec.sums[name][..., n - 3:].abs().max() == 0 and ref[..., :n - 3].sum() > 0
+
+
+def test_byt5_glyph_tokens_after_the_text_take_part_and_are_not_mapped(pack, models, tokenizers):
+    """HunyuanImage 2.1 with quoted text: the host's tokenizer adds byT5 tokens, the network appends their mapped
+    states after the text; they are in every softmax and are not words."""
+    model, tok = models["image"], tokenizers["image"]
+    text = 'a sign that says "open" in a green park'
+    tokens = tok.tokenize_with_weights(text)
+    glyphs = sum(len(c) for c in tokens["byt5"])
+    assert glyphs > 0
+    byt5 = torch.randn(1, glyphs, 1472, generator=torch.Generator().manual_seed(3))
+    pos = cond("image", tok, text, 1, conditioning_byt5small=byt5)
+    neg = cond("image", tok, NEG, 2)
+    n = pos[0][0].shape[1]
+    store = []
+    plain = ksample(model, "image", pos, neg)
+    traced_model = pack.DAAMTraceModel.execute(with_override(model, collector(store)))[0]
+    samples = ksample(traced_model, "image", pos, neg)
+    assert_same_image(plain, samples, "HunyuanImage 2.1 with byT5 tokens")
+    rec = pack.session_of(traced_model).find(samples).recorded
+    n_img = image_tokens("image", 6, 8)
+    assert any(c["k"].shape[-2 if c["skip"] else 1] == n_img + n + glyphs for c in store)
+    expected = reference_sums(store, {0: n, 1: neg[0][0].shape[1]}, n_img, {0: glyphs}, 2, lambda kind, i: kind)
+    assert set(rec.sums) == set(expected) == {"double.0", "single.0", "single.1"}
+    for name, ref in expected.items():
+        assert (rec.sums[name].double() - ref).abs().max().item() <= 1e-5, name
+    masks = pack.DAAMHeatmaps.execute(traced_model, tok, {"samples": samples}, text, NEG, "sign, park").result[2]
+    assert masks.shape == (2, 48, 64)  # the words are the Qwen text's; the glyph tokens are no word
+
+
+# -- planted attention ------------------------------------------------------------------------------------------
+
+def planter(daam_override, n_img, text_length, keys, rows, strength=30.0):
+    """An override on top of DAAM's: in every joint call the text keys at ``keys`` dominate the image queries at
+    ``rows`` and vanish for every other image query."""
+
+    def plant(func, *args, **kwargs):
+        q, k = args[0], args[1]  # [B, H, L, D] (skip_reshape)
+        if kwargs.get("skip_reshape") and k.shape[2] == n_img + text_length:
+            q, k = q.clone(), k.clone()
+            u = torch.zeros(q.shape[-1], dtype=q.dtype)
+            u[0] = strength
+            q[:, :, :n_img] = -u
+            q[:, :, rows] = u
+            k[:, :, [n_img + t for t in keys]] = u
+            args = (q, k) + args[2:]
+        return daam_override(func, *args, **kwargs)
+
+    return plant
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_planted_attention_is_recovered(pack, models, tokenizers, family):
+    from daam_core.engine import metrics
+    from daam_core.hosts.comfy.dit import conditioning_layout
+    from daam_core.hosts.comfy.families import dit_spec
+
+    model, tok = models[family], tokenizers[family]
+    tokens, kept_at = kept(family, tok, POS)
+    layout = conditioning_layout(tok, POS, len(kept_at), family=dit_spec(model.model).family)
+    dog = layout.positions("dog")
+    key = "llama" if family == "video" else "qwen25_7b"
+    hf = getattr(tok, key).tokenizer
+    ids = [t[0] for c in tokens[key] for t in c]
+    assert hf.convert_ids_to_tokens([ids[kept_at[p]] for p in dog]) == ["dog"]  # the weighted word, its own piece
+    grid = (8, 12)  # a 16 x 24 latent (frame) in 2 x 2 patches (video), or 8 x 12 cells (image, patch 1)
+    h, w = (16, 24) if family == "video" else (8, 12)
+    region = torch.zeros(grid, dtype=torch.bool)
+    region[2:6, 3:9] = True
+    frame = 1 if family == "video" else 0
+    rows = (torch.nonzero(region.flatten()).flatten() + frame * region.numel()).tolist()
+    n_img = image_tokens(family, h, w)
+    traced_model = pack.DAAMTraceModel.execute(model)[0]
+    to = traced_model.model_options["transformer_options"]
+    to["optimized_attention_override"] = planter(to["optimized_attention_override"], n_img, len(kept_at), dog, rows)
+    pos, neg = cond(family, tok, POS, 1), cond(family, tok, NEG, 2)
+    samples = ksample(traced_model, family, pos, neg, h=h, w=w)
+    frames = FRAMES if family == "video" else 1
+    images = torch.rand(frames, 128, 192, 3, generator=torch.Generator().manual_seed(3))
+    out = pack.DAAMHeatmaps.execute(traced_model, tok, {"samples": samples}, POS, NEG, "dog, park",
+                                    negative_words="blurry", images=images)
+    heat, over, masks, maps = out.result
+    assert masks.shape == (frames * 3, 128, 192) and over.shape == (frames * 3, 128, 192, 3)
+    truth = region.repeat_interleave(128 // grid[0], 0).repeat_interleave(192 // grid[1], 1)
+    assert metrics.iou(masks[3 * frame] > 0.5, truth) >= 0.9, "the mask of 'dog' misses its planted region"
+    assert metrics.iou(masks[3 * frame + 1] > 0.5, truth) < 0.5, "the mask of 'park' took 'dog's planted region"
+    dog_maps = maps.trace.word_maps("dog")
+    assert dog_maps.shape == (frames, 1, 128, 192)
+    assert pack.DAAMMask.execute(maps, "dog")[0].shape == (frames, 128, 192)
+
+
+# -- words, refusals ------------------------------------------------------------------------------------------------
+
+def test_hunyuan_video_word_positions_follow_the_hosts_template_and_cut(tokenizers, comfy_host):
+    """The host's template around the prompt, its cut after the user header's ``\\n\\n`` through ``<|eot_id|>``:
+    every kept position of a word holds that word's piece; template tokens are no word."""
+    from daam_core.hosts.comfy.dit import conditioning_layout
+    from daam_core.hosts.comfy.families import FAMILIES as REGISTRY
+    from daam_core.hosts.comfy.families.hunyuan import video_keep
+
+    tok = tokenizers["video"]
+    family = next(f for f in REGISTRY if f.name == "hunyuan_video")
+    text = "a (cat:1.3) and a dog, " + ", ".join(["a small wooden house"] * 12) + ", a golden dragon"
+    tokens, kept_at = kept("video", tok, text)
+    ids = [t[0] for c in tokens["llama"] for t in c]
+    start, stop = video_keep(ids)
+    assert kept_at == list(range(start, stop)) and ids[stop - 1] == 128009 and ids[start - 1] == 271
+    layout = conditioning_layout(tok, text, len(kept_at), family=family)
+    assert layout.length == len(kept_at) and [s.name for s in layout.segments] == ["llama"]
+    pieces = tok.llama.tokenizer.convert_ids_to_tokens
+    assert "".join(pieces([ids[kept_at[p]] for p in layout.positions("dragon")])) == "Ġdragon"
+    assert "".join(pieces([ids[kept_at[p]] for p in layout.positions("house#12")])) == "Ġhouse"
+    weights = [t[1] for c in tokens["llama"] for t in c]
+    assert all(weights[kept_at[p]] == pytest.approx(1.3) for p in layout.positions("cat"))
+    assert layout.word_of[-1] == -1  # <|eot_id|> is the template's
+    assert [w.text for w in layout.words][:5] == ["a", "cat", "and", "a", "dog,"]
+
+
+def test_hunyuan_video_with_the_venvs_llama_tokenizer_is_a_clear_error_or_maps(comfy_host):
+    """transformers 5 reads ComfyUI's Llama 3 tokenizer without its byte-level pre-tokenizer and drops the spaces:
+    then the words cannot be told apart, and DAAM says why instead of mapping wrong tokens."""
+    from comfy.text_encoders.hunyuan_video import HunyuanVideoTokenizer
+
+    from daam_core.hosts.comfy.dit import conditioning_layout
+    from daam_core.hosts.comfy.families import FAMILIES as REGISTRY
+
+    family = next(f for f in REGISTRY if f.name == "hunyuan_video")
+    tok = HunyuanVideoTokenizer()
+    n = len(kept("video", tok, POS)[1])
+    hf = tok.llama.tokenizer
+    if hf.decode(hf("a b", add_special_tokens=False)["input_ids"]) == "a b":
+        assert conditioning_layout(tok, POS, n, family=family).positions("dog")
+    else:
+        with pytest.raises(ValueError, match="drops the spaces between words"):
+            conditioning_layout(tok, POS, n, family=family)
+
+
+def test_other_models_on_the_hunyuan_network_are_refused_by_name(pack, comfy_host):
+    from helpers.hunyuan_models import build_hunyuan_video
+
+    i2v = build_hunyuan_video(seed=3, in_channels=33)  # HunyuanVideo image-to-video: image tokens in the text
+    with pytest.raises(ValueError, match="cannot trace this model family: 'hunyuan_video' \\(HunyuanVideo.*I2V.*"
+                                         "DAAM traces .*HunyuanVideo \\(1.0 text-to-video\\).*HunyuanImage 2.1"):
+        pack.DAAMTraceModel.execute(i2v)
+    import comfy.supported_models as sm
+
+    v15 = build_hunyuan_video(seed=4, v15=True)  # byT5 and vision tokens before the text
+    assert type(v15.model.model_config) is sm.HunyuanVideo15
+    with pytest.raises(ValueError, match="cannot trace this model family: 'hunyuan_video' \\(HunyuanVideo15"):
+        pack.DAAMTraceModel.execute(v15)
