@@ -2,7 +2,8 @@
 and back.
 
 MASK outputs are plain ``[batch, H, W]`` float masks in [0, 1]; IMAGE outputs are ``[batch, H, W, 3]``.
-Outputs that cover several words are ordered image-major: (image 0, word 0), (image 0, word 1), ...
+Outputs that cover several words are ordered image-major: (image 0, word 0), (image 0, word 1), ...; DAAM
+Heatmaps' ``output_order`` can make them word-major (every image or video frame of word 0, then of word 1, ...).
 """
 
 from __future__ import annotations
@@ -75,9 +76,16 @@ def maps_for(trace: AttentionTrace, words: list[str], branch: str, **kwargs) -> 
         raise ValueError(f"DAAM: {e}") from None
 
 
-def flat(x: torch.Tensor) -> torch.Tensor:
-    """[B, W, ...] -> [B * W, ...] (image-major)."""
+def flat(x: torch.Tensor, order: str = "image-major") -> torch.Tensor:
+    """[B, W, ...] -> [B * W, ...], image-major, or word-major (``[W, B, ...]`` flattened)."""
+    if order == "word-major":
+        x = x.transpose(0, 1)
+    elif order != "image-major":
+        raise ValueError(f"unknown output_order {order!r}; use one of {list(OUTPUT_ORDERS)}")
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+OUTPUT_ORDERS = ("image-major", "word-major")
 
 
 class DAAMTraceModel(io.ComfyNode):
@@ -264,6 +272,10 @@ class DAAMHeatmaps(io.ComfyNode):
                                tooltip=HEAD_POWER_TIP + " Needs record_head_sums in DAAM Trace Model."),
                 io.Combo.Input("map_source", options=list(MAP_SOURCES), default="attention", optional=True,
                                tooltip=MAP_SOURCE_TIP + " Needs record_output_similarity in DAAM Trace Model."),
+                io.Combo.Input("output_order", options=list(OUTPUT_ORDERS), default="image-major", optional=True,
+                               tooltip="Order of the heatmaps / overlays / masks batches when several words are "
+                               "mapped: image-major = each image's words together; word-major = every image (every "
+                               "video frame, in order) of the first word, then of the next: one video per word."),
             ],
             outputs=[
                 io.Image.Output("heatmaps", display_name="heatmaps",
@@ -279,7 +291,7 @@ class DAAMHeatmaps(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, samples, positive, negative, words, negative_words="", threshold=0.4,
                 normalize="minmax", combine="mean", colormap="jet", alpha=0.5, images=None, segments="both",
-                propagate_steps=0, head_power=0.0, map_source="attention"):
+                propagate_steps=0, head_power=0.0, map_source="attention", output_order="image-major"):
         if clip is None:
             raise ValueError("a CLIP is needed to read the prompt's tokens")
         pos_words, neg_words = split_words(words), split_words(negative_words)
@@ -295,11 +307,13 @@ class DAAMHeatmaps(io.ComfyNode):
             parts.append(maps_for(trace, neg_words, "uncond", **how))
         maps = torch.cat(parts, dim=1)  # [B, W, H, W]
         masks = mask_ops.threshold(maps, threshold, "relative")
-        heat = torch.stack([torch.from_numpy(render.colorize(m.detach(), colormap)) for m in flat(maps)])
+        heat = torch.stack([torch.from_numpy(render.colorize(m.detach(), colormap))
+                            for m in flat(maps, output_order)])
         if images is not None:
-            per = [images[b].detach().cpu().numpy() for b in range(maps.shape[0]) for _ in range(maps.shape[1])]
-            over = torch.stack([torch.from_numpy(render.overlay(im, m, alpha, colormap))
-                                for im, m in zip(per, flat(maps))])
+            index = flat(torch.arange(maps.shape[0])[:, None].expand(maps.shape[:2]), output_order)  # image of each
+            over = torch.stack([torch.from_numpy(render.overlay(images[int(b)].detach().cpu().numpy(), m, alpha,
+                                                                colormap))
+                                for b, m in zip(index, flat(maps, output_order))])
         else:
             over = heat
         ui = {"daam_preview": [build_payload(trace, pos_words, neg_words, threshold=threshold, normalize=normalize,
@@ -307,7 +321,7 @@ class DAAMHeatmaps(io.ComfyNode):
                                              images=preview(images, "daam_preview") if images is not None else None,
                                              propagate_steps=propagate_steps, head_power=head_power,
                                              map_source=map_source)]}
-        return io.NodeOutput(heat, over, flat(masks), DaamMaps(trace, images, **how), ui=ui)
+        return io.NodeOutput(heat, over, flat(masks, output_order), DaamMaps(trace, images, **how), ui=ui)
 
 
 def preview(images: torch.Tensor, prefix: str) -> list[dict]:

@@ -275,6 +275,16 @@ def test_decoded_frames_show_the_maps_of_their_latent_frames(pack, models, token
     for j, i in enumerate(latent_of):
         assert torch.equal(masks[2 * j:2 * j + 2], per_latent[2][2 * i:2 * i + 2])
         assert torch.equal(heat[2 * j:2 * j + 2], per_latent[0][2 * i:2 * i + 2])
+    # word-major: every frame of 'dog' in order (one video per word), then of 'park'
+    heat_w, over_w, masks_w, _ = pack.DAAMHeatmaps.execute(traced_model, tokenizer, {"samples": samples}, POS, NEG,
+                                                           "dog, park", images=decoded,
+                                                           output_order="word-major").result
+    frames = 2 * n
+    for word in range(2):
+        for f in range(frames):
+            assert torch.equal(masks_w[word * frames + f], masks[2 * f + word])
+            assert torch.equal(heat_w[word * frames + f], heat[2 * f + word])
+            assert torch.equal(over_w[word * frames + f], over[2 * f + word])
     trace = maps.trace
     assert all(v.shape[0] == 2 * FRAMES * 2 for v in trace.sums.values())  # the latent frames' rows, shared
     path = trace.save(tmp_path / "wan")
