@@ -4,7 +4,9 @@
 
 1. Sampling (CPU): the shipped shapes model (32x32, 20 DPM-Solver++ steps, CFG) and the shared tiny SD1.x pipeline
    at 256x256 (32x32 latent: self-attention at 32x32 and 16x16, 10 steps), untraced, traced plain, traced with
-   self-attention sums, with per-head sums, with both; median wall time of ``--repeats`` runs.
+   self-attention sums, with per-head sums, with both: ``--repeats`` interleaved repetitions in rotated order
+   (``_common.interleaved``, one torch thread), each configuration's ratio to the untraced run of the same
+   repetition in process CPU time and wall time, median and spread.
 2. After sampling: ``word_maps`` of two words, plain and each refinement (median of 20).
 3. Memory: the sums' bytes by formula (:func:`daam_core.engine.refine.self_attention_bytes`, ``head_sum_bytes``),
    checked against the bytes of the tensors a real trace holds (shapes model, tiny pipeline), and the formula for
@@ -26,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common as C  # noqa: E402
 from daam_core import trace  # noqa: E402
 from daam_core.engine import refine  # noqa: E402
 from daam_core.engine.refine import RefineRecording  # noqa: E402
@@ -50,14 +53,23 @@ def sampling(pipe, prompt: str, words, steps: int, size: int, guidance: float, r
         return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
                     output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
 
-    out = {"untraced_s": median_time(draw, repeats)}
     traces = {}
-    for mode, opts in MODES.items():
-        def run(opts=opts, mode=mode):
+
+    def traced(mode, opts):
+        def run():
             with trace(pipe, refine=opts) as tc:
                 draw()
             traces[mode] = tc.result()
-        out[f"{mode}_s"] = median_time(run, repeats)
+        return run
+
+    timing = C.interleaved({"untraced": draw, **{m: traced(m, o) for m, o in MODES.items()}}, repeats,
+                           baseline="untraced")
+    out = {"untraced_s": timing["untraced"]["median_s"], "untraced_cpu_s": timing["untraced"]["cpu_median_s"]}
+    for mode in MODES:
+        t = timing[mode]
+        out[f"{mode}_s"], out[f"{mode}_cpu_s"] = t["median_s"], t["cpu_median_s"]
+        out[f"{mode}_cpu_ratio"], out[f"{mode}_wall_ratio"] = t["cpu_ratio_spread"], t["ratio_spread"]
+    out["loadavg"] = timing["_loadavg_after_each_rep"]
     tr = traces["both"]
     for name, kw in MAPS.items():
         out[f"maps_{name}_ms"] = 1000 * median_time(lambda: tr.word_maps(words, image=0, **kw), 20)
@@ -99,7 +111,7 @@ def main(argv=None) -> int:
     from daam_core.cli.demo_pipeline import tiny_sd_pipeline
     from daam_core.shapes import model as shapes_model
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(1)  # process CPU time then hardly depends on the machine's other load
     result = {"bench": "refine_cost", "threads": torch.get_num_threads()}
     with torch.no_grad():
         if shapes_model.available():
