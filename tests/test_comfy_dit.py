@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers.images import assert_same_image
+from helpers.images import assert_same_image, with_override
 
 pytestmark = pytest.mark.host
 
@@ -87,12 +87,6 @@ def options_snapshot(model):
     to = model.model_options.get("transformer_options", {})
     return (sorted(model.model_options), sorted(to), {k: sorted(v) for k, v in model.wrappers.items()})
 
-
-def with_override(model, override):
-    """A clone with another node's attention override installed (as a third-party node would)."""
-    other = model.clone()
-    other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
-    return other
 
 
 # -- the image is the host's --------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers.images import assert_same_image
+from helpers.images import assert_same_image, with_override
 
 pytestmark = pytest.mark.host
 
@@ -67,11 +67,6 @@ def ksample(model, family, positive, negative, batch=1, h=6, w=8, seed=1, steps=
     return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent, denoise=1.0,
                                seed=seed, disable_pbar=True)
 
-
-def with_override(model, override):
-    other = model.clone()
-    other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
-    return other
 
 
 def image_tokens(family, h, w):

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from helpers.images import assert_same_image
+from helpers.images import assert_same_image, with_override
 
 pytestmark = pytest.mark.host
 
@@ -54,11 +54,6 @@ def ksample(model, positive, negative, batch=1, h=6, w=8, seed=1, steps=1, cfg=3
     return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent, denoise=1.0,
                                seed=seed, disable_pbar=True)
 
-
-def with_override(model, override):
-    other = model.clone()
-    other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
-    return other
 
 
 def test_tiny_model_is_what_the_host_detects_and_its_text_is_masked(model, clip):

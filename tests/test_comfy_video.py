@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from helpers.images import assert_same_image
+from helpers.images import assert_same_image, with_override
 
 pytestmark = pytest.mark.host
 
@@ -66,11 +66,6 @@ def ksample(model, positive, negative, batch=1, h=6, w=8, seed=1, steps=1, cfg=3
 def channels_of(family):
     return 48 if family == "wan22" else 16
 
-
-def with_override(model, override):
-    other = model.clone()
-    other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
-    return other
 
 
 def test_tiny_models_are_what_the_host_detects_from_their_weights(models):

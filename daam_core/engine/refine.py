@@ -225,20 +225,11 @@ class RefineSums:
             blocked = ~m if m.dtype == torch.bool else torch.isneginf(m)
             logits = logits.masked_fill(blocked.unsqueeze(1), float("-inf"))
         p = torch.softmax(logits, dim=-1)
-        t_call = p.shape[-1]
         acc = self.output_sums.get(name)
         if acc is None:
             acc = self.output_sums[name] = torch.zeros(len(rec.streams), p.shape[1], max(rec.token_counts),
                                                        dtype=torch.float32, device=out.device)
-        for j, stream in enumerate(streams):
-            t = rec.token_counts[rec.streams[stream].prompt]
-            if t_call < t:
-                continue
-            fold = t_call // t if t_call % t == 0 else 1
-            part_p = p[j, :, :t * fold]
-            if fold > 1:
-                part_p = part_p.reshape(p.shape[1], fold, t).sum(1)
-            acc[stream, :, :t] += part_p
+        _add_folded(acc, p, rec, streams)
         self.output_calls[name] = self.output_calls.get(name, 0) + 1
 
     # -- per-head cross-attention ----------------------------------------------------------------
@@ -265,20 +256,27 @@ class RefineSums:
             m = mask.index_select(0, rows) if rows is not None and mask.shape[0] > 1 else mask
             scores = scores.masked_fill(~m, -math.inf) if m.dtype == torch.bool else scores + m
         p = torch.softmax(scores, dim=-1)  # [B, H, N, Tc]
-        t_call = p.shape[-1]
         acc = self.head_sums.get(name)
         if acc is None:
             acc = self.head_sums[name] = torch.zeros(len(rec.streams), heads, p.shape[2], max(rec.token_counts),
                                                      dtype=torch.float32, device=q.device)
-        for j, stream in enumerate(streams):
-            t = rec.token_counts[rec.streams[stream].prompt]
-            if t_call < t:
-                continue
-            fold = t_call // t if t_call % t == 0 else 1
-            part = p[j, ..., :t * fold]
-            if fold > 1:
-                part = part.reshape(heads, p.shape[2], fold, t).sum(2)
-            acc[stream, :, :, :t] += part
+        _add_folded(acc, p, rec, streams)
+
+
+def _add_folded(acc: torch.Tensor, p: torch.Tensor, rec, streams: tuple[int, ...]) -> None:
+    """Add probabilities ``p [rows, ..., Tc]`` (row ``j`` of stream ``streams[j]``) into ``acc [streams, ..., T]``:
+    keys past a prompt's tokens that are whole copies of it (conditionings of different lengths batched together)
+    are folded back onto it, as the recorder folds them; other extra keys only normalise."""
+    t_call = p.shape[-1]
+    for j, stream in enumerate(streams):
+        t = rec.token_counts[rec.streams[stream].prompt]
+        if t_call < t:
+            continue
+        fold = t_call // t if t_call % t == 0 else 1
+        part = p[j, ..., :t * fold]
+        if fold > 1:
+            part = part.unflatten(-1, (fold, t)).sum(-2)
+        acc[stream, ..., :t] += part
 
 
 # -- after sampling ---------------------------------------------------------------------------------

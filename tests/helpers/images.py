@@ -56,17 +56,20 @@ def assert_close_image(plain, traced, atol: float, what: str = "traced image") -
     assert diff <= atol, f"{what} differs from the untraced one by {diff:.3g} > {atol}"
 
 
+def with_override(model, override):
+    """A clone of ComfyUI MODEL ``model`` with another node's attention override installed (as a third-party node
+    would install it)."""
+    other = model.clone()
+    other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+    return other
+
+
 def assert_tracing_keeps_the_host_image(pack, model, sample, what: str):
     """``sample(m)`` (a sampling of ComfyUI MODEL ``m``) gives the same image traced by DAAM Trace Model as
     untraced, also when another node's attention override (one that halves every attention output) sits below
     DAAM's and is called as often as without DAAM; no module's ``forward`` is replaced. Returns the first traced
     MODEL, after its sampling."""
     import torch
-
-    def with_override(m, override):
-        other = m.clone()
-        other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
-        return other
 
     plain = sample(model)
     traced_model = pack.DAAMTraceModel.execute(model)[0]
