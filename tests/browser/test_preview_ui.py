@@ -249,6 +249,36 @@ def test_preview_switches_to_refined_maps_and_the_next_run_outputs_them(comfy_pa
     assert cp.pack_errors() == []
 
 
+def test_many_images_are_stepped_through_with_a_slider(comfy_page, server, artifacts):
+    """A batch of more images than the preview has buttons for (a video's frames) gets a slider; each step shows
+    that image's mask, the one the node outputs for it."""
+    cp = comfy_page.open()
+    cp.load(workflow(SHAPES))
+    cp.set_widget(cp.node("EmptyLatentImage"), "batch_size", 10)
+    heat_id = cp.node("DAAMHeatmaps")
+    entry = cp.run()
+    preview = Preview(cp, heat_id)
+    preview.wait_loaded()
+    cp.focus(heat_id)
+    assert preview.root.locator("button.daam-image").count() == 0
+    slider = preview.root.locator("input.daam-frame")
+    assert slider.is_visible() and preview.root.locator(".daam-frame-value").inner_text() == "1 / 10"
+    preview.select_only(["circle"])
+    preview.slide("threshold", 40)
+    masks = [m[..., 0] > 0.5 for m in output_images(server, entry, "daam/shapes_word_masks")]
+    assert len(masks) == 10 * 4  # image-major: 4 words per image, circle first
+    first = preview.mask()
+    assert np.array_equal(first, masks[0])
+    slider.focus()
+    for _ in range(4):
+        slider.press("ArrowRight")
+    assert preview.root.locator(".daam-frame-value").inner_text() == "5 / 10"
+    fifth = preview.mask()
+    assert np.array_equal(fifth, masks[4 * 4]) and not np.array_equal(fifth, first)
+    cp.screenshot("preview-shapes-many-images", preview.root)
+    assert cp.pack_errors() == []
+
+
 def test_linked_prompt_texts_draw_as_inputs(comfy_page, artifacts):
     cp = comfy_page.open()
     cp.load(workflow(SHAPES))

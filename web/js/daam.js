@@ -85,6 +85,8 @@ function ensureStyle() {
   document.head.append(el("style", { id: "daam-preview-style", textContent: STYLE }));
 }
 
+const MAX_IMAGE_BUTTONS = 8; // more images than this (a video's frames) get a slider instead of buttons
+
 function describeRefine(r) {
   const parts = [];
   if (r.map_source && r.map_source !== "attention") parts.push(r.map_source);
@@ -251,11 +253,19 @@ class DaamPreview {
     this.time.value = "0";
     const count = d.decoded.length;
     this.imageRow.style.display = count > 1 ? "" : "none";
-    this.imageRow.replaceChildren(el("span", { textContent: "image" }), ...d.decoded.map((_, b) => {
-      const btn = el("button", { className: "daam-action daam-image", textContent: String(b + 1) });
-      btn.onclick = () => { this.image = b; this.styleImages(); this.draw(); };
-      return btn;
-    }));
+    if (count > MAX_IMAGE_BUTTONS) {
+      // many images (a video's frames): a slider steps through them
+      const slider = el("input", { type: "range", min: 1, max: count, step: 1, value: this.image + 1, className: "daam-frame" });
+      const text = el("span", { className: "daam-frame-value" });
+      slider.oninput = () => { this.image = Number(slider.value) - 1; this.styleImages(); this.draw(); };
+      this.imageRow.replaceChildren(el("span", { textContent: "image" }), slider, text);
+    } else {
+      this.imageRow.replaceChildren(el("span", { textContent: "image" }), ...d.decoded.map((_, b) => {
+        const btn = el("button", { className: "daam-action daam-image", textContent: String(b + 1) });
+        btn.onclick = () => { this.image = b; this.styleImages(); this.draw(); };
+        return btn;
+      }));
+    }
     this.styleImages();
   }
 
@@ -282,6 +292,8 @@ class DaamPreview {
 
   styleImages() {
     [...this.imageRow.querySelectorAll("button")].forEach((b, i) => b.classList.toggle("daam-on", i === this.image));
+    const frame = this.imageRow.querySelector(".daam-frame-value");
+    if (frame) frame.textContent = `${this.image + 1} / ${this.data.decoded.length}`;
   }
 
   // Keep the stage at the image's aspect ratio inside whatever room the node gives.
