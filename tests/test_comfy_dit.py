@@ -446,7 +446,7 @@ def test_untraceable_family_is_a_node_error_naming_it(pack, comfy_host):
     assert type(model.model.model_config) is sm.Omnigen2
     with pytest.raises(ValueError, match="cannot trace this model family: Omnigen2 / OmniGen2Transformer2DModel\\. "
                                          "DAAM traces .*Flux.1 \\(dev, schnell, Kontext\\), Chroma, Wan 2.1 / 2.2 "
-                                         ".*, Qwen-Image .* and Flux.2"):
+                                         ".*, Qwen-Image .*, Flux.2 .* and HiDream"):
         pack.DAAMTraceModel.execute(model)
     latent = {"samples": torch.zeros(1, 16, 4, 4)}
     with pytest.raises(ValueError, match="cannot trace this model family"):

@@ -17,7 +17,7 @@ from .pieces import END_OF_WORD, decode_pieces, encode, pieces_of, piece_units, 
 from .query import WordNotFoundError, parse_query
 
 SCHEMES = ("bpe", "sentencepiece")
-SEGMENT_CHOICES = ("clip", "t5", "both")
+SEGMENT_CHOICES = ("clip", "t5", "both", "llama")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ class Segment:
     Attributes
     ----------
     name : str
-        ``"clip"`` or ``"t5"``.
+        The encoder: ``"clip"``, ``"t5"``, ``"llama"`` (HiDream), or a family's one encoder (``"qwen"``,
+        ``"mistral"``).
     start, stop : int
         ``[start, stop)`` on the token axis.
     scheme : str
@@ -185,9 +186,10 @@ class TokenLayout:
             When the query as written is absent, it is retried without leading/trailing punctuation.
         occurrence : int, optional
             0-based occurrence to return; None gives the positions of all occurrences.
-        segments : {"both", "clip", "t5"}, optional
-            Which encoders' positions to return (SD3: a word has positions in the CLIP and the T5 segment);
-            default both. The n-th occurrence is the n-th in each segment.
+        segments : {"both", "clip", "t5", "llama"}, optional
+            Which encoders' positions to return (SD3: a word has positions in the CLIP and the T5 segment;
+            HiDream: in the T5 and the Llama segments); default both (all). The n-th occurrence is the n-th in
+            each segment.
 
         Returns
         -------

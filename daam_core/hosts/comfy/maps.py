@@ -263,7 +263,8 @@ def build_trace(model, clip, samples, positive: str, negative: str, images=None)
         family = session.spec.family
 
         def layout_of(text, tokens, count):
-            return family.call_layout(conditioning_layout(tokenizer, text, tokens, encoders, family), count)
+            own = conditioning_layout(tokenizer, text, tokens, encoders, family)
+            return family.call_layout(own, count, tokenizer, text, encoders)
     else:
         def layout_of(text, tokens, count):
             return comfy_layout(tokenizer, text)

@@ -8,7 +8,7 @@ message all read the registry.
 """
 
 # registered in this order: the order of the supported list
-from . import sd3, flux, chroma, wan, qwen_image, flux2  # noqa: F401
+from . import sd3, flux, chroma, wan, qwen_image, flux2, hidream  # noqa: F401
 from .base import FAMILIES, DiTSpec, JointFamily, dit_spec, family_name, register, supported
 
 __all__ = ["FAMILIES", "DiTSpec", "JointFamily", "dit_spec", "family_name", "register", "supported"]

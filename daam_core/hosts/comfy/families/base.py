@@ -135,9 +135,11 @@ class JointFamily:
         (:meth:`call_layout` says where the conditioning's tokens are then)."""
         return int(cond["cross_attn"].shape[1])
 
-    def call_layout(self, layout, length: int):
+    def call_layout(self, layout, length: int, tokenizer=None, text: str | None = None, encoders=None):
         """The prompt's layout over a model call's ``length`` text tokens (:meth:`text_length`), from its layout
-        over the conditioning's own tokens: that layout, unless the network pads or extends the text."""
+        over the conditioning's own tokens (``tokenizer``, ``text`` and ``encoders`` as for :meth:`text_segments`,
+        for a family whose calls add text of another encoder): that layout, unless the network pads or extends
+        the text."""
         return layout
 
     def text_segments(self, tokenizer, tokens: dict, encoders=None) -> list[list[tuple[str, str, int]]]:

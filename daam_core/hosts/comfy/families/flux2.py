@@ -39,7 +39,7 @@ class Flux2(Flux1):
     def text_length(self, cond):
         return max(int(cond["cross_attn"].shape[1]), TEXT_TOKENS)
 
-    def call_layout(self, layout, length):
+    def call_layout(self, layout, length, tokenizer=None, text=None, encoders=None):
         return pad_left(layout, length - layout.length, PAD)
 
     def text_segments(self, tokenizer, tokens, encoders=None):

@@ -6,7 +6,8 @@ so a token may hold characters of the template and of the prompt together. Words
 token stands for the UTF-8 bytes it encodes (an added token such as ``<|im_start|>`` or ``[INST]`` for its text),
 the template's head and tail are matched on the concatenated bytes, and a token belongs to the whitespace-separated
 word of the prompt whose bytes it holds; template tokens belong to none. Tokens the tokenizer adds around the text
-(its start token, its padding: word id 0 in ``tokenize_with_weights``) stand for no bytes.
+(its start token, its padding: word id 0 in ``tokenize_with_weights``) stand for no bytes. A weighted part of the
+prompt (``(red:1.2)``; HiDream's Llama keeps weights) is tokenized on its own, so a word also ends where it does.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def templated_layout(chunks, hf, template: str, cut: int = 0, segment: str = "te
     """
     flat = [e for c in chunks for e in c]
     ids = flat_ids(chunks, label)
-    added_by_tokenizer = [len(e) > 2 and e[2] == 0 for e in flat]  # its start token and padding
-    raw = [b"" if edge else b for b, edge in zip(token_bytes(hf, ids), added_by_tokenizer)]
+    groups = [e[2] if len(e) > 2 else 1 for e in flat]  # the host's word ids: 0 its start token and padding
+    raw = [b"" if g == 0 else b for b, g in zip(token_bytes(hf, ids), groups)]
     whole = b"".join(raw)
     head, _, tail = template.partition("{}")
     head_b, tail_b = head.encode(), tail.encode()
@@ -80,14 +81,21 @@ def templated_layout(chunks, hf, template: str, cut: int = 0, segment: str = "te
     else:  # the host kept the text as it was (it starts with a template of its own)
         lo, hi = 0, len(whole)
     prompt = whole[lo:hi]
+    # a weighted part of the prompt ("(red:1.2)") is tokenized on its own (a word id of its own): a word ends there
+    cuts, offset, previous = set(), 0, None
+    for b, g in zip(raw, groups):
+        if b and g != previous:
+            cuts.add(offset - lo)
+            previous = g
+        offset += len(b)
     # whitespace-separated words of the prompt as tokenized, by byte range
     spans, start = [], None
     for j in range(len(prompt) + 1):
         space = j == len(prompt) or chr(prompt[j]).isspace() and prompt[j] < 128
-        if space and start is not None:
+        if start is not None and (space or j in cuts):
             spans.append((lo + start, lo + j))
             start = None
-        elif not space and start is None:
+        if not space and start is None:
             start = j
     specials = hf.convert_ids_to_tokens(ids)
     word_of, pieces, offset = [], [], 0
@@ -107,11 +115,14 @@ def templated_layout(chunks, hf, template: str, cut: int = 0, segment: str = "te
         word_of.append(hit)
     kept = word_of[cut:]
     number = {w: i for i, w in enumerate(sorted(set(kept) - {-1}))}  # words the host encoded, in order
-    words = tuple(Word(whole[slice(*spans[w])].decode("utf-8", "replace"), i,
-                       tuple(p for p, k in enumerate(kept) if k == w), 1.0) for w, i in number.items())
+    words = []
+    for w, i in number.items():
+        positions = tuple(p for p, k in enumerate(kept) if k == w)
+        words.append(Word(whole[slice(*spans[w])].decode("utf-8", "replace"), i, positions,
+                          float(flat[cut + positions[0]][1])))
     n = len(ids) - cut
     return TokenLayout(tuple(ids[cut:]), tuple(float(e[1]) for e in flat[cut:]), tuple(pieces[cut:]),
-                       tuple(number.get(k, -1) for k in kept), words, n, tokenizer=hf,
+                       tuple(number.get(k, -1) for k in kept), tuple(words), n, tokenizer=hf,
                        segments=(Segment(segment, 0, n, "sentencepiece"),))
 
 
