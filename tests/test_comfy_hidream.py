@@ -284,6 +284,28 @@ def test_a_conditioning_without_the_texts_llama_part_is_refused(pack, model, tok
         pack.DAAMHeatmaps.execute(traced_model, tok, {"samples": samples}, POS, "", "dog")
 
 
+def test_encoders_that_are_not_loaded_give_no_words(tok, family):
+    """A HiDream CLIP loaded without T5 encodes 128 zero vectors, one without Llama 3.1 a zero Llama token: given
+    that CLIP's encoders, those positions are no word and the words keep their other positions."""
+    from types import SimpleNamespace
+
+    from daam_core.hosts.comfy.dit import conditioning_layout
+    from daam_core.text.query import WordNotFoundError
+
+    full = layout_of(tok, family, POS)
+    own = conditioning_layout(tok, POS, 128, family=family)
+    no_t5 = family.call_layout(own, full.length, tok, POS, SimpleNamespace(t5xxl=None, llama=object()))
+    assert no_t5.ids == full.ids and no_t5.positions("dog") == full.positions("dog", segments="llama")
+    assert [w.text for w in no_t5.words] == POS.replace("(red:1.2)", "red").split()
+    with pytest.raises(WordNotFoundError):
+        no_t5.positions("dog", segments="t5")
+    no_llama = family.call_layout(own, 128 + 2, tok, POS, SimpleNamespace(t5xxl=object(), llama=None))
+    assert no_llama.length == 130 and no_llama.positions("dog") == full.positions("dog", segments="t5")
+    assert [g.name for g in no_llama.segments] == ["t5", "llama", "llama"]
+    with pytest.raises(ValueError, match="HiDream conditioning holds 2 Llama positions"):
+        family.call_layout(own, 128 + 2, tok, POS)  # without the encoders: the text's Llama tokens are expected
+
+
 def test_pytorch_attention_host_gets_the_same_image_and_sums(pack, model, tok):
     """With ComfyUI's ``attention_pytorch`` DAAM's fused kernel replaces the host's joint call only where proven
     equal to it: the image is the host's, the sums the CPU attention's."""

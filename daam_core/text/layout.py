@@ -447,9 +447,10 @@ def concat_layouts(parts, tokenizer=None) -> TokenLayout:
     Returns
     -------
     TokenLayout
-        Positions offset part after part, ``segments`` naming each part. When every part has the same words
-        (the same prompt tokenized by each encoder), a word keeps one index and gets its positions in every
-        segment; otherwise the parts' words are listed one after the other.
+        Positions offset part after part, ``segments`` naming each part. When every part that has words has the
+        same words (the same prompt tokenized by each encoder; a part of an encoder that was not loaded has
+        none), a word keeps one index and gets its positions in every segment; otherwise the parts' words are
+        listed one after the other.
     """
     parts = list(parts)
     if not parts:
@@ -457,7 +458,7 @@ def concat_layouts(parts, tokenizer=None) -> TokenLayout:
     for name, lay in parts:
         if len(lay.segment_list) != 1:
             raise ValueError(f"segment {name!r}: a concatenated part must itself be a single segment")
-    texts = [tuple(w.text for w in lay.words) for _, lay in parts]
+    texts = [tuple(w.text for w in lay.words) for _, lay in parts if lay.words]
     shared = all(t == texts[0] for t in texts)
     ids, weights, pieces, word_of, segments = [], [], [], [], []
     positions: dict[int, list[int]] = {}

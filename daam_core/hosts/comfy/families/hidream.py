@@ -12,15 +12,15 @@ call is block n.
 The host's T5 tokenizer pads or cuts the prompt to 128 tokens (words past them have no T5 positions); its Llama 3.1
 tokenizer keeps the whole prompt after its start token, padded to 128 with ``<|eot_id|>``, and keeps prompt weights
 (a weighted part is tokenized on its own). Llama's words are found by byte offsets of what it tokenized
-(:mod:`.templated`), T5's by replaying the host's grouping. A conditioning whose Llama part is not the text's
-(an encoder without Llama gives one zero token) does not match its text and is refused by the length check; an
-edit model's image condition (HiDream-E1: the latent doubled in width) gives calls of another length, which are not
-recorded.
+(:mod:`.templated`), T5's by replaying the host's grouping. An encoder loaded without T5 gives 128 zero vectors
+and one without Llama one zero token (twice in each call): given that CLIP, those positions are no word; a
+conditioning whose Llama part is not the text's is refused by the length check. An edit model's image condition
+(HiDream-E1: the latent doubled in width) gives calls of another length, which are not recorded.
 """
 
 from __future__ import annotations
 
-from ....text.layout import concat_layouts
+from ....text.layout import Segment, TokenLayout, concat_layouts
 from .base import DiTSpec, JointFamily, flat_length, register
 from .templated import templated_layout
 
@@ -54,6 +54,12 @@ class HiDream(JointFamily):
         return [[("t5", T5, flat_length(tokens[T5]))]]
 
     def call_layout(self, layout, length, tokenizer=None, text=None, encoders=None):
+        if encoders is not None and getattr(encoders, "t5xxl", True) is None:
+            layout = wordless(layout)  # no T5 loaded: the encoder gives 128 zero vectors
+        if encoders is not None and getattr(encoders, "llama", True) is None and length == layout.length + 2:
+            empty = wordless(TokenLayout((0,), (1.0,), ("<zeros>",), (-1,), (), 1,
+                                         segments=(Segment("llama", 0, 1, "sentencepiece"),)))
+            return concat_layouts([("t5", layout), ("llama", empty), ("llama", empty)])  # one zero Llama token
         hf = getattr(getattr(tokenizer, LLAMA, None), "tokenizer", None)
         if hf is None or text is None:
             raise ValueError(f"DAAM: this CLIP's tokenizer ({type(tokenizer).__name__}) has no Llama tokenizer")
@@ -62,10 +68,15 @@ class HiDream(JointFamily):
         if layout.length + 2 * n != length:
             raise ValueError(f"the text encodes to {layout.length} T5 tokens and {n} Llama tokens, but the sampler's "
                              f"HiDream conditioning holds {length - layout.length} Llama positions ({n} twice "
-                             f"expected): give DAAM the same text and CLIP that encoded the conditioning (T5 and "
-                             f"Llama 3.1 loaded)")
+                             f"expected): give DAAM the same text and CLIP that encoded the conditioning")
         llama = templated_layout(chunks, hf, "{}", segment="llama", label="HiDream")
         return concat_layouts([("t5", layout), ("llama", llama), ("llama", llama)])
+
+
+def wordless(layout: TokenLayout) -> TokenLayout:
+    """``layout``'s positions holding no word (an encoder that is not loaded gives zeros there)."""
+    return TokenLayout(layout.ids, layout.weights, layout.pieces, (-1,) * layout.length, (), layout.chunk_length,
+                       tokenizer=layout.tokenizer, segments=layout.segments)
 
 
 register(HiDream())
