@@ -263,9 +263,9 @@ class DAAMHeatmaps(io.ComfyNode):
                 io.Image.Input("images", optional=True,
                                tooltip="The decoded images, for overlays and the output size."),
                 io.Combo.Input("segments", options=list(SEGMENT_CHOICES), default="both", optional=True,
-                               tooltip="SD3 only, where a word has positions in the CLIP and the T5 part of the "
-                               "conditioning: use both (default), or only clip or t5. Other models have one part "
-                               "(both = it)."),
+                               tooltip="SD3 and HiDream, where a word has positions in several text encoders' "
+                               "parts of the conditioning: use both (default: all), or only clip or t5 (SD3), t5 or "
+                               "llama (HiDream). Other models have one part (both = it)."),
                 io.Int.Input("propagate_steps", default=0, min=0, max=PROPAGATE_MAX, optional=True,
                              tooltip=PROPAGATE_TIP + " Needs record_self_attention in DAAM Trace Model."),
                 io.Float.Input("head_power", default=0.0, min=0.0, max=HEAD_POWER_MAX, step=0.5, optional=True,

@@ -75,7 +75,8 @@ def _occurrences(layout, text: str, segments: str | None = None) -> int:
 def prompt_entries(layout, prompt: str, asked: list[str], segments: str | None = None) -> list[Entry]:
     """The chips of one prompt: its words in order (punctuation stripped), the occurrences of repeated words,
     then the node's own queries that are not among them (phrases, occurrences). With ``segments`` (SD3's
-    ``"clip"`` or ``"t5"``) a word counts where it has positions in those segments."""
+    ``"clip"`` or ``"t5"``, HiDream's ``"t5"`` or ``"llama"``) a word counts where it has positions in those
+    segments."""
     out: list[Entry] = []
     seen: set[str] = set()
 
@@ -172,7 +173,7 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
         The node's settings, so the preview shows what the node computed.
     images : list of dict, optional
         Per batch image, the ``/view`` reference (filename, subfolder, type) of the decoded image.
-    segments : {"both", "clip", "t5"}, optional
+    segments : {"both", "clip", "t5", "llama"}, optional
         The node's choice of text segments (SD3), so the chips' maps are the node's.
     propagate_steps, head_power, map_source
         The node's refinements (0, 0, "attention": plain DAAM); the other setting (:func:`other_refinement`)

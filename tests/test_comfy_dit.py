@@ -514,19 +514,44 @@ def test_layer_names_without_block_options(comfy_host):
     assert flux.layer(3, {"block_type": "single", "block_index": 7}) == ("single.7", "single")
 
 
-def test_untraceable_family_is_a_node_error_naming_it(pack, comfy_host):
+def test_flux2_on_fluxs_code_is_its_own_family(comfy_host):
+    """Flux.2 runs on Flux.1's network code (``global_modulation``): it is traced as Flux.2, not as Flux.1
+    (``test_comfy_flux2.py`` tests it)."""
     import comfy.supported_models as sm
 
+    from daam_core.hosts.comfy.families import dit_spec
     from helpers.dit_checkpoints import build_flux2
 
     if not hasattr(sm, "Flux2"):
-        pytest.skip("this ComfyUI (0.3.64) has no Flux.2, the family that runs on Flux's code but is not traced")
+        pytest.skip("this ComfyUI (0.3.64) has no Flux.2")
     model = build_flux2()
     assert type(model.model.model_config) is sm.Flux2
-    with pytest.raises(ValueError, match="cannot trace this model family: 'flux2'.*Flux2.*DAAM traces .*Flux.1 "
-                                         "\\(dev, schnell, Kontext\\), Chroma, Wan 2.1 / 2.2 .*Qwen-Image"):
+    spec = dit_spec(model.model)
+    assert (spec.family.name, spec.label, spec.patch, spec.blocks) == ("flux2", "Flux.2", 1,
+                                                                        (("double", 1), ("single", 1)))
+
+
+def build_omnigen2(seed: int = 0):
+    """An OmniGen2-shaped ``ModelPatcher`` (the host's ``model_base.Omnigen2``), a family DAAM does not trace: the
+    host detects it from one key and fixes every size, so the sizes are set after detection."""
+    from helpers.dit_checkpoints import _patcher, detected_config
+
+    config = detected_config({"time_caption_embed.timestep_embedder.linear_1.bias": (64,)}, hidden_size=64,
+                             num_layers=1, num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1,
+                             multiple_of=16, axes_dim_rope=[8, 12, 12], axes_lens=[64, 64, 64], text_feat_dim=32)
+    return _patcher(config, seed)
+
+
+def test_untraceable_family_is_a_node_error_naming_it(pack, comfy_host):
+    import comfy.supported_models as sm
+
+    model = build_omnigen2()
+    assert type(model.model.model_config) is sm.Omnigen2
+    with pytest.raises(ValueError, match="cannot trace this model family: Omnigen2 / OmniGen2Transformer2DModel\\. "
+                                         "DAAM traces .*Flux.1 \\(dev, schnell, Kontext\\), Chroma, Wan 2.1 / 2.2 "
+                                         ".*, Qwen-Image .*, Flux.2 .* and HiDream"):
         pack.DAAMTraceModel.execute(model)
-    latent = {"samples": torch.zeros(1, 128, 4, 4)}
+    latent = {"samples": torch.zeros(1, 16, 4, 4)}
     with pytest.raises(ValueError, match="cannot trace this model family"):
         pack.DAAMKSampler.execute(model, 1, 1, 1.0, "euler", "normal", [], [], latent)
 

@@ -3,8 +3,8 @@
 Expected steps come from the host itself: the sampling's sigmas (``comfy.samplers.calculate_sigmas``, what
 KSampler uses) and the model sampling's ``percent_to_sigma`` read the way ``comfy.samplers`` reads a
 timestep-range conditioning (a call at sigma ``s`` runs when ``percent_to_sigma(end) <= s <=
-percent_to_sigma(start)``). SD1.5 is a tiny checkpoint; SD3 (shifted flow), Flux (sigma timesteps), Chroma and
-Wan (video, shifted flow) are the host's own model classes at a small width.
+percent_to_sigma(start)``). SD1.5 is a tiny checkpoint; SD3 (shifted flow), Flux (sigma timesteps), Chroma,
+Wan (video, shifted flow), Qwen-Image, Flux.2 and HiDream are the host's own model classes at a small width.
 """
 
 from __future__ import annotations
@@ -52,6 +52,14 @@ def families(comfy_host, sd15_checkpoint):
     def qwen_cond(text, seed):
         return conditioning(len(qwen_kept_positions(qwen_tok, text)[1]), seed=seed)
 
+    from helpers.flux2_checkpoints import build_tiny_flux2, flux2_tokenizer
+    from helpers.hidream_checkpoints import build_tiny_hidream, hidream_conditioning, hidream_tokenizer
+
+    flux2_tok, hidream_tok = flux2_tokenizer(), hidream_tokenizer()
+
+    def flux2_cond(text, seed):
+        return conditioning(sum(len(c) for c in flux2_tok.tokenize_with_weights(text)["mistral3_24b"]), seed=seed)
+
     return {
         "sd15": dict(model=model, clip=clip, channels=4, pos=host_nodes.CLIPTextEncode().encode(clip, POS)[0],
                      neg=host_nodes.CLIPTextEncode().encode(clip, NEG)[0]),
@@ -65,6 +73,10 @@ def families(comfy_host, sd15_checkpoint):
                     neg=wan_cond(NEG, 2)),
         "qwen_image": dict(model=build_qwen_image(seed=8), clip=qwen_tok, channels=16, frames=1,  # one-frame 5-D
                            pos=qwen_cond(POS, 1), neg=qwen_cond(NEG, 2)),
+        "flux2": dict(model=build_tiny_flux2(seed=9, context_dim=64), clip=flux2_tok, channels=128,
+                      pos=flux2_cond(POS, 1), neg=flux2_cond(NEG, 2)),
+        "hidream": dict(model=build_tiny_hidream(seed=10), clip=hidream_tok, channels=16,
+                        pos=hidream_conditioning(hidream_tok, POS, 1), neg=hidream_conditioning(hidream_tok, NEG, 2)),
     }
 
 
@@ -91,7 +103,7 @@ def recording(pack, model, samples):
     return pack.session_of(model).find(samples).recorded
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan", "qwen_image"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan", "qwen_image", "flux2", "hidream"])
 def test_time_buckets_split_the_steps_evenly(pack, families, family):
     f = families[family]
     traced = pack.DAAMTraceModel.execute(f["model"], time_buckets=4)[0]
@@ -105,7 +117,7 @@ def test_time_buckets_split_the_steps_evenly(pack, families, family):
         torch.testing.assert_close(rec.time_sums[name].sum(0), rec.sums[name])
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan", "qwen_image"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan", "qwen_image", "flux2", "hidream"])
 @pytest.mark.parametrize("window", [(0.0, 0.5), (0.5, 1.0), (0.6, 1.0), (0.25, 0.6)])
 def test_time_window_covers_the_steps_of_the_hosts_own_percent(pack, families, family, window):
     f = families[family]
@@ -132,7 +144,7 @@ def test_buckets_and_window_together(pack, families, family):
         assert calls == [per_step * sum(1 for i in expected if i * 4 // STEPS == b) for b in range(4)]
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan", "qwen_image"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "chroma", "wan", "qwen_image", "flux2", "hidream"])
 def test_negative_words_at_cfg_1_are_a_clear_error(pack, families, family):
     f = families[family]
     traced = pack.DAAMTraceModel.execute(f["model"])[0]

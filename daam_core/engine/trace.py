@@ -322,9 +322,9 @@ class AttentionTrace:
         layers, factors, parts : optional
             Only these recorded layers, layer factors, network parts (:meth:`select_layers`; ``locations`` is
             the former name of ``parts``).
-        segments : {"both", "clip", "t5"}, optional
+        segments : {"both", "clip", "t5", "llama"}, optional
             Which text encoders' positions a word uses where the conditioning joins several (SD3: CLIP then
-            T5); default both (all of the word's keys).
+            T5; HiDream: T5 then Llama twice); default both (all of the word's keys).
         propagate : int
             Self-attention propagation steps ``k`` (``map <- A^k map`` per layer resolution, ``A`` the row-normalised
             self-attention sum); 0 = plain DAAM. Needs self-attention sums (:attr:`self_sums`).

@@ -17,7 +17,7 @@ from .pieces import END_OF_WORD, decode_pieces, encode, pieces_of, piece_units, 
 from .query import WordNotFoundError, parse_query
 
 SCHEMES = ("bpe", "sentencepiece")
-SEGMENT_CHOICES = ("clip", "t5", "both")
+SEGMENT_CHOICES = ("clip", "t5", "both", "llama")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ class Segment:
     Attributes
     ----------
     name : str
-        ``"clip"`` or ``"t5"``.
+        The encoder: ``"clip"``, ``"t5"``, ``"llama"`` (HiDream), or a family's one encoder (``"qwen"``,
+        ``"mistral"``).
     start, stop : int
         ``[start, stop)`` on the token axis.
     scheme : str
@@ -185,9 +186,10 @@ class TokenLayout:
             When the query as written is absent, it is retried without leading/trailing punctuation.
         occurrence : int, optional
             0-based occurrence to return; None gives the positions of all occurrences.
-        segments : {"both", "clip", "t5"}, optional
-            Which encoders' positions to return (SD3: a word has positions in the CLIP and the T5 segment);
-            default both. The n-th occurrence is the n-th in each segment.
+        segments : {"both", "clip", "t5", "llama"}, optional
+            Which encoders' positions to return (SD3: a word has positions in the CLIP and the T5 segment;
+            HiDream: in the T5 and the Llama segments); default both (all). The n-th occurrence is the n-th in
+            each segment.
 
         Returns
         -------
@@ -445,9 +447,10 @@ def concat_layouts(parts, tokenizer=None) -> TokenLayout:
     Returns
     -------
     TokenLayout
-        Positions offset part after part, ``segments`` naming each part. When every part has the same words
-        (the same prompt tokenized by each encoder), a word keeps one index and gets its positions in every
-        segment; otherwise the parts' words are listed one after the other.
+        Positions offset part after part, ``segments`` naming each part. When every part that has words has the
+        same words (the same prompt tokenized by each encoder; a part of an encoder that was not loaded has
+        none), a word keeps one index and gets its positions in every segment; otherwise the parts' words are
+        listed one after the other.
     """
     parts = list(parts)
     if not parts:
@@ -455,7 +458,7 @@ def concat_layouts(parts, tokenizer=None) -> TokenLayout:
     for name, lay in parts:
         if len(lay.segment_list) != 1:
             raise ValueError(f"segment {name!r}: a concatenated part must itself be a single segment")
-    texts = [tuple(w.text for w in lay.words) for _, lay in parts]
+    texts = [tuple(w.text for w in lay.words) for _, lay in parts if lay.words]
     shared = all(t == texts[0] for t in texts)
     ids, weights, pieces, word_of, segments = [], [], [], [], []
     positions: dict[int, list[int]] = {}

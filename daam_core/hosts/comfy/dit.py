@@ -5,7 +5,8 @@ These models run one attention over the text and image tokens together. The hook
 holds for every family; the family entry knows the rest (:class:`~.families.JointFamily`):
 
 - how long the text is on a call: ComfyUI batches conditionings of different lengths by repeating each to their
-  least common multiple, so the call's text length is the ``lcm`` of its rows' conditioning lengths;
+  least common multiple, so the call's text length is the ``lcm`` of its rows' text lengths (a row's is its
+  conditioning's length, or what the family's network makes of it: :meth:`JointFamily.text_length`);
 - which calls are joint: the key length must be exactly what the family's sequence holds (text, image, the
   family's extra tokens); any other attention (SD3.5's image-only ``x_block_self_attn``) is not recorded;
 - where text and image sit on the sequence and the layer's name: :meth:`JointFamily.spans`, :meth:`JointFamily.layer`.
@@ -50,8 +51,11 @@ class DiTTraceSession(TraceSession):
     def _start(self, guider, noise, sigmas=None):
         super()._start(guider, noise, sigmas)
         conds = getattr(guider, "conds", {}) or {}
-        self._uuid_length = {e["uuid"]: int(e["cross_attn"].shape[1]) for entries in conds.values()
+        self._uuid_length = {e["uuid"]: self._text_length(e) for entries in conds.values()
                              for e in entries or [] if e.get("cross_attn") is not None and "uuid" in e}
+
+    def _text_length(self, cond: dict) -> int:
+        return self.spec.family.text_length(cond)
 
     def _grid(self):
         if self.spec.family.video:
@@ -236,7 +240,8 @@ def conditioning_layout(tokenizer, text: str, count: int, encoders=None, family=
     text : str
         The prompt.
     count : int
-        Token count of the sampler's conditioning (its ``cross_attn.shape[1]``).
+        Token count of the sampler's conditioning (its ``cross_attn.shape[1]``); a family whose network pads the
+        text gives the layout over a model call's text with :meth:`~.families.JointFamily.call_layout`.
     encoders : object, optional
         ``clip.cond_stage_model``, see :func:`text_segments`.
     family : JointFamily, optional

@@ -226,10 +226,12 @@ def check_text(clip, text: str, conditioning: torch.Tensor, which: str) -> None:
                          f"cannot be mapped to words)")
 
 
-def vae_factor(model) -> int:
-    """Pixels per latent cell: the latent format's ``spacial_downscale_ratio`` (8 for SD; 1 for pixel space)."""
+def vae_factor(model, default: int | None = None) -> int:
+    """Pixels per latent cell: the latent format's ``spacial_downscale_ratio`` (8 for SD; 1 for pixel space), else
+    ``default`` (a family's :attr:`~.families.JointFamily.pixels_per_cell`), else 8."""
     fmt = model.get_model_object("latent_format") if hasattr(model, "get_model_object") else None
-    return max(1, int(getattr(fmt, "spacial_downscale_ratio", 8) or 8))
+    fallback = default or 8
+    return max(1, int(getattr(fmt, "spacial_downscale_ratio", fallback) or fallback))
 
 
 def decoded_frames(count: int, videos: int, frames: int) -> list[int] | None:
@@ -275,20 +277,23 @@ def build_trace(model, clip, samples, positive: str, negative: str, images=None)
     pos_count, neg_count = record.token_counts
     if isinstance(session, DiTTraceSession):  # the family's encoders, in its order on the token axis
         encoders = getattr(clip, "cond_stage_model", None)
+        family = session.spec.family
 
-        def layout_of(text, count):
-            return conditioning_layout(tokenizer, text, count, encoders, session.spec.family)
+        def layout_of(text, tokens, count):
+            own = conditioning_layout(tokenizer, text, tokens, encoders, family)
+            return family.call_layout(own, count, tokenizer, text, encoders)
     else:
-        def layout_of(text, count):
+        def layout_of(text, tokens, count):
             return comfy_layout(tokenizer, text)
     texts = [("positive", positive, pos_count, record.conditionings[0])]
     if neg_count is not None:
         texts.append(("negative", negative, neg_count, record.conditionings[1]))
     layouts = []
     for which, text, count, cond in texts:
+        tokens = int(cond.shape[1])  # the conditioning's; count: a model call's text (the network may pad it)
         if isinstance(session, DiTTraceSession):  # a host node may have wrapped the prompt (a system prompt)
-            text = session.spec.family.encoded_text(tokenizer, text, count)
-        layout = layout_of(text, count)
+            text = session.spec.family.encoded_text(tokenizer, text, tokens)
+        layout = layout_of(text, tokens, count)
         if layout.length != count:
             raise ValueError(f"the {which} text has {layout.length} tokens but the sampler's {which} conditioning "
                              f"has {count}: give DAAM the same text and CLIP that encoded the conditioning")
@@ -308,7 +313,8 @@ def build_trace(model, clip, samples, positive: str, negative: str, images=None)
                 raise ValueError(f"{images.shape[0]} images given for a sampling of {what}")
         image_hw = (int(images.shape[1]), int(images.shape[2]))
     else:
-        factor = vae_factor(model)
+        family = session.spec.family if isinstance(session, DiTTraceSession) else None
+        factor = vae_factor(model, getattr(family, "pixels_per_cell", None))
         image_hw = (h * factor, w * factor)
     meta = {"positive": positive, "negative": negative, "host": "comfyui"}
     trace = AttentionTrace.from_recorder(record.recorded, layouts, image_hw, meta)

@@ -60,7 +60,7 @@ class SamplingRecord:
 
     recorded: Recording
     latent: torch.Tensor  # output samples, on the CPU, to match the LATENT a heat-map node receives
-    token_counts: tuple[int, int | None]  # positive, negative (None without a negative branch)
+    token_counts: tuple[int, int | None]  # text tokens per call, positive, negative (None without a negative branch)
     conditionings: tuple[torch.Tensor, torch.Tensor | None]  # first cross_attn entry per prompt, [1, T, C] on the CPU
     notes: list[str] = field(default_factory=list)
     attention_marks: int = 0  # cross-attention calls DAAM was told about (attn2 patch)
@@ -141,7 +141,7 @@ class TraceSession:
                 continue
             self._uuid_stream[entries[0]["uuid"]] = (branch, len(streams))
             streams += [Stream(i, branch, len(counts)) for i in range(b)]
-            counts.append(int(entries[0]["cross_attn"].shape[1]))
+            counts.append(self._text_length(entries[0]))
             conds.append(entries[0]["cross_attn"][:1].detach().to("cpu", torch.float32).clone())
         if not streams:
             raise ValueError("DAAM found no text conditioning (cross_attn) in this sampling; connect a CLIP Text Encode "
@@ -152,6 +152,10 @@ class TraceSession:
         self._ran = set()
         self._clock = self._sampling_clock(guider, sigmas)
         self.recorder.begin(self._grid(), streams, counts)
+
+    def _text_length(self, cond: dict) -> int:
+        """Text tokens a model call holds for one conditioning entry (a UNet's: the conditioning's own)."""
+        return int(cond["cross_attn"].shape[1])
 
     def _sampling_clock(self, guider, sigmas) -> SamplingClock | None:
         """Steps and window of this sampling (None when the whole sampling is one sum)."""

@@ -7,7 +7,8 @@ Nothing else changes for a new family: the session, the record filter checks, th
 message all read the registry.
 """
 
-from . import sd3, flux, chroma, wan, qwen_image, lumina, ltxv, hunyuan  # noqa: F401  (registered in this order: the order of the supported list)
+# registered in this order: the order of the supported list
+from . import sd3, flux, chroma, wan, qwen_image, lumina, ltxv, hunyuan, flux2, hidream  # noqa: F401
 from .base import FAMILIES, DiTSpec, JointFamily, dit_spec, family_name, register, supported
 
 __all__ = ["FAMILIES", "DiTSpec", "JointFamily", "dit_spec", "family_name", "register", "supported"]

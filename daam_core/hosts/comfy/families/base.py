@@ -84,6 +84,9 @@ class JointFamily:
     video : bool
         The model's latents are 5-D ``[B, C, frames, H, W]`` (a video, or Qwen-Image's one frame); each frame gets
         maps of its own.
+    pixels_per_cell : int or None
+        Image pixels per latent cell when the host's latent format does not say (``spacial_downscale_ratio``);
+        None: the host's value, else 8.
     """
 
     name = ""
@@ -95,6 +98,7 @@ class JointFamily:
     reference_latents = False
     attention = "joint"
     video = False
+    pixels_per_cell: int | None = None
 
     def describe(self, model, net, config: dict) -> DiTSpec | None:
         """The spec of a model whose network is one of :attr:`networks`; None when it is another family that
@@ -131,6 +135,19 @@ class JointFamily:
         return 0
 
     # -- text ------------------------------------------------------------------------------------
+    def text_length(self, cond: dict) -> int:
+        """Text tokens a model call holds for one conditioning (an entry of the guider's conds: ``cross_attn``
+        and the rest): the conditioning's own length unless the family's network pads or extends it
+        (:meth:`call_layout` says where the conditioning's tokens are then)."""
+        return int(cond["cross_attn"].shape[1])
+
+    def call_layout(self, layout, length: int, tokenizer=None, text: str | None = None, encoders=None):
+        """The prompt's layout over a model call's ``length`` text tokens (:meth:`text_length`), from its layout
+        over the conditioning's own tokens (``tokenizer``, ``text`` and ``encoders`` as for :meth:`text_segments`,
+        for a family whose calls add text of another encoder): that layout, unless the network pads or extends
+        the text."""
+        return layout
+
     def text_segments(self, tokenizer, tokens: dict, encoders=None) -> list[list[tuple[str, str, int]]]:
         """Candidate layouts of the conditioning's token axis, most likely first: lists of ``(segment, key,
         length)``, ``key`` the entry of ``tokenizer.tokenize_with_weights(...)`` the segment is read from."""

@@ -3,8 +3,8 @@
 Calls attend over ``[text, image, reference latents]`` (Kontext-style references follow the generated image and
 are never mapped); double blocks with ``flipped_img_txt`` put the image first. ComfyUI >= 0.3.7x names each
 call's block in ``transformer_options`` (``block_type``, ``block_index``); 0.3.64 does not, and the n-th joint call
-of a model call is the n-th block. The conditioning is T5 alone (CLIP-L gives only the pooled vector). Flux.2,
-Chroma and other models that run on ComfyUI's Flux code are not this family.
+of a model call is the n-th block. The conditioning is T5 alone (CLIP-L gives only the pooled vector). Flux.2
+(:mod:`.flux2`), Chroma and other models that run on ComfyUI's Flux code are not this family.
 """
 
 from __future__ import annotations
@@ -25,10 +25,7 @@ class Flux1(JointFamily):
         if config.get("image_model", "flux") != "flux" or getattr(getattr(net, "params", None), "global_modulation",
                                                                   False):
             return None  # Flux.2 and other models on Flux's code
-        double = list(net.double_blocks)
-        return DiTSpec(self, patch=int(net.patch_size), heads=int(net.num_heads),
-                       blocks=(("double", len(double)), ("single", len(net.single_blocks))),
-                       image_first=bool(double and getattr(double[0], "flipped_img_txt", False)))
+        return flux_spec(self, net)
 
     def text_segments(self, tokenizer, tokens, encoders=None):
         if "t5xxl" in tokens:
@@ -38,6 +35,14 @@ class Flux1(JointFamily):
     def no_negative_reason(self):
         return ("Flux.1's guidance is distilled into the model: there is no negative branch (at cfg 1 the negative "
                 "prompt is never evaluated), so negative words have no maps. Clear negative_words")
+
+
+def flux_spec(family: JointFamily, net) -> DiTSpec:
+    """The spec of a network of ComfyUI's Flux code (``comfy.ldm.flux.model.Flux``): double then single blocks."""
+    double = list(net.double_blocks)
+    return DiTSpec(family, patch=int(net.patch_size), heads=int(net.num_heads),
+                   blocks=(("double", len(double)), ("single", len(net.single_blocks))),
+                   image_first=bool(double and getattr(double[0], "flipped_img_txt", False)))
 
 
 register(Flux1())
