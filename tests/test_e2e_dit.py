@@ -129,14 +129,47 @@ def test_unsupported_options_are_node_errors(server):
     assert server.system_stats()  # the server keeps running
 
 
+DIT_WORKFLOWS = ("sd3_heatmaps", "flux_heatmaps", "wan_video_heatmaps", "chroma_heatmaps", "qwen_image_heatmaps",
+                 "z_image_heatmaps", "lumina2_heatmaps", "hunyuan_image_heatmaps", "hunyuan_video_heatmaps",
+                 "ltxv_video_heatmaps")
+
+
 def test_ui_workflows_match_the_api_ones(server):
-    """The UI files of the SD3, Flux and Wan workflows queue exactly their API workflows."""
+    """The UI files of the DiT workflows (one per family) queue exactly their API workflows."""
     sys.path.insert(0, str(REPO / "tools"))
     from make_ui_workflows import to_api
 
     info = server.object_info()
-    for name in ("sd3_heatmaps", "flux_heatmaps", "wan_video_heatmaps"):
+    for name in DIT_WORKFLOWS:
         ui = json.loads((WORKFLOWS.parent / f"{name}.json").read_text())
         api = json.loads((WORKFLOWS / f"{name}.json").read_text())
         assert {n["type"] for n in ui["nodes"]} - {"Note"} <= set(info)  # a Note describes each workflow
         assert to_api(ui, info) == {k: {"class_type": n["class_type"], "inputs": n["inputs"]} for k, n in api.items()}
+
+
+def test_example_workflows_use_only_the_hosts_inputs_and_options(server):
+    """Every example workflow names inputs this host's nodes have (all of a DAAM node's, every required one of the
+    others), and every combo value is one of the host's options; only model file names may be missing, and those
+    are the CHANGE_ME placeholders that the user replaces."""
+    info = server.object_info()
+    paths = sorted(WORKFLOWS.glob("*.json"))
+    assert {p.stem for p in paths} >= set(DIT_WORKFLOWS)
+    for path in paths:
+        for nid, node in json.loads(path.read_text()).items():
+            where = f"{path.stem} node {nid} ({node['class_type']})"
+            spec = info[node["class_type"]]["input"]
+            required, optional = spec.get("required", {}), spec.get("optional", {})
+            inputs = node["inputs"]
+            assert set(inputs) <= set(required) | set(optional), f"{where}: unknown inputs"
+            expected = set(required) | (set(optional) if node["class_type"].startswith("DAAM") else set())
+            assert expected <= set(inputs), f"{where} leaves out {sorted(expected - set(inputs))}"
+            for name, value in inputs.items():
+                kind, *opts = {**optional, **required}[name]
+                options = kind if isinstance(kind, list) else opts[0].get("options") if kind == "COMBO" else None
+                if options is None or isinstance(value, list):  # not a combo, or a link
+                    continue
+                if value in options:
+                    continue
+                assert isinstance(value, str) and value.startswith("CHANGE_ME"), \
+                    f"{where}: {name}={value!r} is not among the host's options {options[:8]}"
+                assert all(not str(v).startswith("CHANGE_ME") for v in options)  # a placeholder, not a real file

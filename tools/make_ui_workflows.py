@@ -48,6 +48,23 @@ DESCRIPTIONS = {
                       "(set the UNet, CLIP-L, T5-XXL and AE file names; cfg 1, so no negative words)."),
     "wan_video_heatmaps": ("Needs Wan 2.1 files", "A text-to-video sampling and the heat map, overlay and mask of "
                            "'dog' on every frame, saved as animations (set the Wan UNet, umT5 and VAE file names)."),
+    "chroma_heatmaps": ("Needs Chroma files", "Per-word heat maps and masks on Chroma's double and single blocks, "
+                        "and of the negative word 'blurry' (set the Chroma UNet, T5-XXL and AE file names)."),
+    "qwen_image_heatmaps": ("Needs Qwen-Image files", "Per-word heat maps and masks on Qwen-Image's joint blocks, "
+                            "and of the negative word 'blurry' (set the UNet, Qwen2.5-VL and VAE file names)."),
+    "z_image_heatmaps": ("Needs Z-Image files", "Per-word heat maps and masks on Z-Image Turbo's main layers "
+                         "(set the UNet, Qwen3 and AE file names; cfg 1, so no negative words)."),
+    "lumina2_heatmaps": ("Needs Lumina 2 files", "Per-word heat maps and masks on Lumina Image 2.0's main layers; "
+                         "the system prompt of CLIP Text Encode for Lumina2 is no word (set the UNet, Gemma and AE "
+                         "file names)."),
+    "hunyuan_image_heatmaps": ("Needs HunyuanImage 2.1 files", "Per-word heat maps and masks on HunyuanImage 2.1's "
+                               "double and single blocks (set the UNet, Qwen2.5-VL, byT5 and VAE file names)."),
+    "hunyuan_video_heatmaps": ("Needs HunyuanVideo files", "A text-to-video sampling and the heat map, overlay and "
+                               "mask of 'dog' on every frame, saved as animations (set the HunyuanVideo UNet, CLIP-L, "
+                               "llava-llama-3 and VAE file names; cfg 1)."),
+    "ltxv_video_heatmaps": ("Needs LTX-Video files", "A text-to-video sampling and the heat map, overlay and mask of "
+                            "'dog' on every frame, saved as animations (set the LTX-Video checkpoint and T5-XXL file "
+                            "names)."),
 }
 
 
