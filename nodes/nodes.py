@@ -110,8 +110,9 @@ class DAAMTraceModel(io.ComfyNode):
                                tooltip="Which cross-attention layers to record, by their size relative to the latent "
                                "(SD1.5 at 512: latent 64x64, latent/4 = 16x16 maps)."),
                 io.Combo.Input("unet_parts", options=list(cls.PARTS), default="all",
-                               tooltip="Which parts of the network to record: UNet down/mid/up blocks, or Flux's "
-                               "double- or single-stream blocks (SD3 has one kind: all)."),
+                               tooltip="Which parts of the network to record: UNet down/mid/up blocks, or the double- "
+                               "or single-stream blocks of Flux, Flux.2, Chroma, HiDream and HunyuanVideo / "
+                               "HunyuanImage (other transformers have one kind: all)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Start of the recorded part of the sampling (0 = first step), read as "
                                "ComfyUI's own timestep-range percents."),
@@ -125,9 +126,10 @@ class DAAMTraceModel(io.ComfyNode):
                              "sampling's steps (K times the memory), so the DAAM Heatmaps preview can scrub through "
                              "time."),
                 io.String.Input("blocks", default="", optional=True,
-                                tooltip="SD3/Flux only: block ranges to record, e.g. 'double:0-9, single:20-37' "
-                                "(Flux) or 'joint:4-12' (SD3), inclusive; a part not named is kept whole. Empty = "
-                                "every block."),
+                                tooltip="Transformers only: block ranges to record by the model's part names, e.g. "
+                                "'double:0-9, single:20-37' (Flux, Chroma, HiDream, Hunyuan), 'joint:4-12' (SD3), "
+                                "'block:10-20' (Wan, LTXV), 'layer:0-15' (Lumina 2, Z-Image), 'double:0-59' "
+                                "(Qwen-Image); inclusive; a part not named is kept whole. Empty = every block."),
                 io.Boolean.Input("record_self_attention", default=False, optional=True,
                                  tooltip="UNet models: also keep the image self-attention (summed over heads and "
                                  "steps) at the small resolutions, so DAAM Heatmaps / DAAM Mask can sharpen maps "
@@ -261,7 +263,7 @@ class DAAMHeatmaps(io.ComfyNode):
                 io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="Opacity of the heat map in overlays."),
                 io.Image.Input("images", optional=True,
-                               tooltip="The decoded images, for overlays and the output size."),
+                               tooltip="The decoded images (or video frames), for overlays and the output size."),
                 io.Combo.Input("segments", options=list(SEGMENT_CHOICES), default="both", optional=True,
                                tooltip="SD3 and HiDream, where a word has positions in several text encoders' "
                                "parts of the conditioning: use both (default: all), or only clip or t5 (SD3), t5 or "

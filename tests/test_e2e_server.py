@@ -74,7 +74,9 @@ def test_node_interfaces_are_those_of_0_1(server):
     """Every node as the host serves it (V3 schema, registered through comfy_entrypoint) has the V1 nodes' id,
     display name, category, description, inputs (order, type, default, min/max/step, tooltip...) and outputs, as
     recorded from the V1 classes in tests/data/node_interface_v1.json; saved workflows depend on all of it. Inputs
-    added since are optional and come after the recorded ones, so a saved workflow's widget values still line up."""
+    added since are optional and come after the recorded ones, so a saved workflow's widget values still line up;
+    a tooltip reworded for new model families (or a combo option appended, HiDream's `llama` segment) is
+    changed in the file with it."""
     golden = json.loads((REPO / "tests" / "data" / "node_interface_v1.json").read_text())
     info = server.object_info()
     sampler = info["KSampler"]["input"]["required"]  # the host's own lists
