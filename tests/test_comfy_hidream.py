@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from helpers.images import assert_same_image
+from helpers.images import assert_same_image, assert_tracing_keeps_the_host_image, with_override
 
 pytestmark = pytest.mark.host
 
@@ -72,12 +72,6 @@ def ksample(model, positive, negative, batch=1, h=6, w=8, seed=1, steps=1, cfg=3
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent, denoise=1.0,
                                seed=seed, disable_pbar=True)
-
-
-def with_override(model, override):
-    other = model.clone()
-    other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
-    return other
 
 
 def test_tiny_model_is_what_the_host_detects_and_is_traced(model):
@@ -164,25 +158,10 @@ def test_each_calls_text_is_where_the_layout_puts_it(model, tok, family):
 
 def test_traced_image_is_identical_also_under_another_override(pack, model, tok):
     pos, neg = cond(tok, POS, 1, batch=2), cond(tok, NEG, 2, batch=2)
-    plain = ksample(model, pos, neg, batch=2)
-    traced_model = pack.DAAMTraceModel.execute(model)[0]
-    traced = ksample(traced_model, pos, neg, batch=2)
-    assert_same_image(plain, traced, "HiDream traced sampling")
-    assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
+    traced_model = assert_tracing_keeps_the_host_image(pack, model, lambda m: ksample(m, pos, neg, batch=2),
+                                                       "HiDream")
     rec = pack.session_of(traced_model).records[-1]
     assert set(rec.recorded.sums) == {"double.0", "double.1", "single.0"} and rec.token_counts == (384, 384)
-
-    seen = []
-
-    def other(func, *args, **kwargs):
-        seen.append(1)
-        return func(*args, **kwargs) * 0.5
-
-    expected = ksample(with_override(model, other), pos, neg, batch=2)
-    n = len(seen)
-    got = ksample(pack.DAAMTraceModel.execute(with_override(model, other))[0], pos, neg, batch=2)
-    assert_same_image(expected, got, "HiDream traced sampling under another override")
-    assert len(seen) == 2 * n and not torch.equal(expected, plain)
 
 
 def collector(store):
