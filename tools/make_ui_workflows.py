@@ -65,6 +65,12 @@ DESCRIPTIONS = {
     "ltxv_video_heatmaps": ("Needs LTX-Video files", "A text-to-video sampling and the heat map, overlay and mask of "
                             "'dog' on every frame, saved as animations (set the LTX-Video checkpoint and T5-XXL file "
                             "names)."),
+    "flux2_heatmaps": ("Needs Flux.2 files", "Per-word heat maps and masks on Flux.2 dev's double and single "
+                       "blocks; the Mistral system prompt is no word (set the UNet, Mistral Small 3 and VAE file "
+                       "names; guidance distilled, so no negative words)."),
+    "hidream_heatmaps": ("Needs HiDream files", "Per-word heat maps and masks on HiDream-I1's double and single "
+                         "blocks (T5 and Llama 3.1 positions), and of the negative word 'blurry' (set the UNet, "
+                         "CLIP-L, CLIP-G, T5-XXL, Llama 3.1 and AE file names)."),
 }
 
 

@@ -335,11 +335,11 @@ def cpu_sized(cp):
 # Their DiT model files are not in this server's model folders: tests/test_e2e_dit.py runs the SD3 and Flux ones over
 # HTTP with tiny DiT files and checks that all these UI files queue exactly the API workflows, with the host's combo
 # options (the other families' sampling is tested in process: tests/test_comfy_video.py, test_comfy_dit.py,
-# test_comfy_qwen_image.py, test_comfy_lumina.py, test_comfy_hunyuan.py, test_comfy_ltxv.py); here they are
-# loaded and laid out.
+# test_comfy_qwen_image.py, test_comfy_lumina.py, test_comfy_hunyuan.py, test_comfy_ltxv.py, test_comfy_flux2.py,
+# test_comfy_hidream.py); here they are loaded and laid out.
 NEEDS_DIT_FILES = {"sd3_heatmaps", "flux_heatmaps", "wan_video_heatmaps", "chroma_heatmaps", "qwen_image_heatmaps",
                    "z_image_heatmaps", "lumina2_heatmaps", "hunyuan_image_heatmaps", "hunyuan_video_heatmaps",
-                   "ltxv_video_heatmaps"}
+                   "ltxv_video_heatmaps", "flux2_heatmaps", "hidream_heatmaps"}
 
 
 @pytest.mark.parametrize("name", example_names())
