@@ -86,8 +86,7 @@ def test_tiny_models_are_what_the_host_detects(models):
         spec = dit_spec(model.model)
         assert spec.family.name == {"video": "hunyuan_video", "image": "hunyuan_image"}[family]
         assert (spec.patch, spec.heads, spec.blocks, spec.image_first) == (
-            2 if family == "video" else 1, 2, (("double", 1), ("single", 2)), True)
-        assert all(b.flipped_img_txt for b in model.model.diffusion_model.double_blocks)  # [image, text]
+            2 if family == "video" else 1, 2, (("double", 1), ("single", 2)), image_first(model))
 
 
 # -- the output is the host's ---------------------------------------------------------------------------------------
@@ -131,10 +130,24 @@ def collector(store):
     return collect
 
 
-def reference_sums(calls, lengths, n_img, extra, n_streams, stream_of):
-    """fp64 softmax over the whole sequence ``[image, text, extra]`` (plus the call's mask), image rows x text
-    columns, summed over heads, per block the host names. A call is joint when its keys are the image, the call's
-    text and the ``extra[kind]`` tokens (byT5's) after it; the token refiner's attention (text alone) is not."""
+def image_first(model) -> bool:
+    """Where the host's network puts the image: ComfyUI 0.3.7x builds its double blocks ``flipped_img_txt`` and
+    joins ``[image, text, glyphs]``; newer versions have no flag and join ``[text, glyphs, image]``."""
+    return bool(getattr(model.model.diffusion_model.double_blocks[0], "flipped_img_txt", False))
+
+
+def order(first: bool, n_img: int, t: int, extra: int) -> tuple[slice, slice]:
+    """(image, text) positions on the sequence for ``image_first`` or text first (glyphs after the text)."""
+    if first:
+        return slice(0, n_img), slice(n_img, n_img + t)
+    return slice(t + extra, t + extra + n_img), slice(0, t)
+
+
+def reference_sums(calls, lengths, n_img, extra, n_streams, stream_of, first=True):
+    """fp64 softmax over the whole sequence (``[image, text, extra]``, or ``[text, extra, image]`` when not
+    ``first``; plus the call's mask), image rows x text columns, summed over heads, per block the host names. A
+    call is joint when its keys are the image, the call's text and the ``extra[kind]`` tokens (byT5's) after the
+    text; the token refiner's attention (text alone) is not."""
     out = {}
     for c in calls:
         t = lengths[c["kinds"][0]]
@@ -150,7 +163,8 @@ def reference_sums(calls, lengths, n_img, extra, n_streams, stream_of):
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         if c["mask"] is not None:
             scores = scores + c["mask"].double()
-        p = scores.softmax(-1)[:, :, :n_img, n_img:n_img + t].sum(1)  # [B, N, T]
+        rows, cols = order(first, n_img, t, extra_keys)
+        p = scores.softmax(-1)[:, :, rows, cols].sum(1)  # [B, N, T]
         acc = out.setdefault(name, torch.zeros(n_streams, n_img, max(lengths.values()), dtype=torch.float64))
         chunk = q.shape[0] // len(c["kinds"])
         for j, kind in enumerate(c["kinds"]):
@@ -173,7 +187,7 @@ def test_recorded_probabilities_equal_fp64_reference(pack, models, tokenizers, f
     samples = ksample(traced_model, family, pos, neg, batch=2, steps=2)
     rec = pack.session_of(traced_model).find(samples).recorded
     n_img = image_tokens(family, 6, 8)
-    expected = reference_sums(store, lengths, n_img, {}, 4, lambda kind, i: kind * 2 + i)
+    expected = reference_sums(store, lengths, n_img, {}, 4, lambda kind, i: kind * 2 + i, image_first(model))
     assert set(rec.sums) == set(expected) == {"double.0", "single.0", "single.1"}
     for name, ref in expected.items():
         err = (rec.sums[name].double() - ref).abs().max().item()
@@ -205,7 +219,7 @@ def test_a_masked_text_is_recorded_with_the_hosts_mask(pack, models, tokenizers,
     n_img = image_tokens(family, 6, 8)
     joint = [c for c in store if c["k"].shape[-2 if c["skip"] else 1] == n_img + n]
     assert joint and all(c["mask"] is not None and c["mask"].shape == (1, 1, n_img + n) for c in joint)
-    expected = reference_sums(store, {0: n}, n_img, {}, 1, lambda kind, i: i)
+    expected = reference_sums(store, {0: n}, n_img, {}, 1, lambda kind, i: i, image_first(model))
     for name, ref in expected.items():
         assert (rec.sums[name].double() - ref).abs().max().item() <= 1e-5, name
         assert rec.sums[name][..., n - 3:].abs().max() == 0 and ref[..., :n - 3].sum() > 0
@@ -231,7 +245,8 @@ def test_byt5_glyph_tokens_after_the_text_take_part_and_are_not_mapped(pack, mod
     rec = pack.session_of(traced_model).find(samples).recorded
     n_img = image_tokens("image", 6, 8)
     assert any(c["k"].shape[-2 if c["skip"] else 1] == n_img + n + glyphs for c in store)
-    expected = reference_sums(store, {0: n, 1: neg[0][0].shape[1]}, n_img, {0: glyphs}, 2, lambda kind, i: kind)
+    expected = reference_sums(store, {0: n, 1: neg[0][0].shape[1]}, n_img, {0: glyphs}, 2, lambda kind, i: kind,
+                              image_first(model))
     assert set(rec.sums) == set(expected) == {"double.0", "single.0", "single.1"}
     for name, ref in expected.items():
         assert (rec.sums[name].double() - ref).abs().max().item() <= 1e-5, name
@@ -241,9 +256,10 @@ def test_byt5_glyph_tokens_after_the_text_take_part_and_are_not_mapped(pack, mod
 
 # -- planted attention ------------------------------------------------------------------------------------------
 
-def planter(daam_override, n_img, text_length, keys, rows, strength=30.0):
+def planter(daam_override, n_img, text_length, keys, rows, first=True, strength=30.0):
     """An override on top of DAAM's: in every joint call the text keys at ``keys`` dominate the image queries at
-    ``rows`` and vanish for every other image query."""
+    ``rows`` and vanish for every other image query (``first``: the image before the text)."""
+    image, text = order(first, n_img, text_length, 0)
 
     def plant(func, *args, **kwargs):
         q, k = args[0], args[1]  # [B, H, L, D] (skip_reshape)
@@ -251,9 +267,9 @@ def planter(daam_override, n_img, text_length, keys, rows, strength=30.0):
             q, k = q.clone(), k.clone()
             u = torch.zeros(q.shape[-1], dtype=q.dtype)
             u[0] = strength
-            q[:, :, :n_img] = -u
-            q[:, :, rows] = u
-            k[:, :, [n_img + t for t in keys]] = u
+            q[:, :, image] = -u
+            q[:, :, [image.start + r for r in rows]] = u
+            k[:, :, [text.start + t for t in keys]] = u
             args = (q, k) + args[2:]
         return daam_override(func, *args, **kwargs)
 
@@ -283,7 +299,8 @@ def test_planted_attention_is_recovered(pack, models, tokenizers, family):
     n_img = image_tokens(family, h, w)
     traced_model = pack.DAAMTraceModel.execute(model)[0]
     to = traced_model.model_options["transformer_options"]
-    to["optimized_attention_override"] = planter(to["optimized_attention_override"], n_img, len(kept_at), dog, rows)
+    to["optimized_attention_override"] = planter(to["optimized_attention_override"], n_img, len(kept_at), dog, rows,
+                                                 image_first(model))
     pos, neg = cond(family, tok, POS, 1), cond(family, tok, NEG, 2)
     samples = ksample(traced_model, family, pos, neg, h=h, w=w)
     frames = FRAMES if family == "video" else 1

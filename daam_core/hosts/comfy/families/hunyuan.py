@@ -40,8 +40,12 @@ def _spec(family, net, frame_patch: int = 1) -> DiTSpec | None:
     patch = [int(p) for p in net.patch_size][-2:]
     if patch[0] != patch[1]:
         return None
-    return DiTSpec(family, patch=patch[0], heads=int(net.num_heads), image_first=True, frame_patch=frame_patch,
-                   blocks=(("double", len(net.double_blocks)), ("single", len(net.single_blocks))))
+    # ComfyUI 0.3.7x builds the double blocks flipped_img_txt and joins [image, text]; newer versions (0.33) dropped
+    # the flag and join [text, image] in every block
+    double = list(net.double_blocks)
+    image_first = bool(double and getattr(double[0], "flipped_img_txt", False))
+    return DiTSpec(family, patch=patch[0], heads=int(net.num_heads), image_first=image_first,
+                   frame_patch=frame_patch, blocks=(("double", len(double)), ("single", len(net.single_blocks))))
 
 
 def video_keep(ids) -> tuple[int, int]:
@@ -118,6 +122,11 @@ class HunyuanImage21(JointFamily):
     def trailing_tokens(self, spec, conds) -> int:
         byt5 = conds.get("txt_byt5")  # [B, glyph tokens, 1472]; the network appends them after the text
         return int(byt5.shape[1]) if byt5 is not None else 0
+
+    def spans(self, spec, part, text, image, refs):
+        if spec.image_first:  # [image, text, glyphs]
+            return super().spans(spec, part, text, image, refs)
+        return (0, text), (text + refs, text + refs + image), text + refs + image  # [text, glyphs, image]
 
     def text_segments(self, tokenizer, tokens, encoders=None):
         if QWEN_KEY not in tokens or not hasattr(tokenizer, "llama_template"):

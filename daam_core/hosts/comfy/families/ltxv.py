@@ -22,6 +22,7 @@ class LTXV(JointFamily):
     networks = ("comfy.ldm.lightricks.model.LTXVModel",)
     attention = "cross"
     video = True
+    pixels_per_cell = 32  # LTXV's VAE downsamples 32x (newer hosts' latent format says so; 0.3.75's does not)
 
     def describe(self, model, net, config):
         if config.get("image_model", "ltxv") != "ltxv":
