@@ -48,6 +48,15 @@ def _spec(family, net, frame_patch: int = 1) -> DiTSpec | None:
                    frame_patch=frame_patch, blocks=(("double", len(double)), ("single", len(net.single_blocks))))
 
 
+def plain_ids(hf, text: str) -> list[int]:
+    """``text``'s token ids without special tokens: Hugging Face's tokenizer, or ComfyUI's own byte-level BPE
+    (newer hosts; it adds none for Llama 3)."""
+    try:
+        return hf(text, add_special_tokens=False)["input_ids"]
+    except TypeError:
+        return hf(text)["input_ids"]
+
+
 def video_keep(ids) -> tuple[int, int]:
     """The tokens ``[start, stop)`` ``HunyuanVideoClipModel.encode_token_weights`` keeps of a prompt encoded without
     images: from after the user header (and its ``\\n\\n``) through the ``<|eot_id|>`` that closes the turn."""
@@ -90,7 +99,7 @@ class HunyuanVideo(JointFamily):
         hf = getattr(getattr(tokenizer, LLAMA, None), "tokenizer", None)
         if hf is None:
             raise ValueError(f"DAAM: this CLIP's tokenizer ({type(tokenizer).__name__}) has no Llama tokenizer")
-        if hf.decode(hf("a b", add_special_tokens=False)["input_ids"]) != "a b":
+        if hf.decode(plain_ids(hf, "a b")) != "a b":
             raise ValueError(f"DAAM: this host's Llama 3 tokenizer ({type(hf).__name__}) drops the spaces between "
                              f"words (transformers 5 reads ComfyUI's llama_tokenizer without its byte-level "
                              f"pre-tokenizer), so the prompt's words cannot be told apart; use transformers 4")
@@ -118,6 +127,8 @@ class HunyuanImage21(JointFamily):
                 or kind["vision"] or kind["cond_type"]:
             return None
         return _spec(self, net)
+
+    pixels_per_cell = 32  # HunyuanImage 2.1's VAE downsamples 32x (newer hosts' latent format says so)
 
     def trailing_tokens(self, spec, conds) -> int:
         byt5 = conds.get("txt_byt5")  # [B, glyph tokens, 1472]; the network appends them after the text

@@ -18,13 +18,28 @@ from ....text.layout import Segment, TokenLayout, Word
 from ....text.pieces import WORD_START, _byte_decoder
 
 
+def token_pieces(hf, ids: list[int]) -> list[str]:
+    """The tokenizer's own strings of ``ids``: Hugging Face's ``convert_ids_to_tokens``, or for ComfyUI's own
+    byte-level BPE (newer hosts build Flux.2's and HunyuanVideo's tokenizers with it) its public vocabulary."""
+    if hasattr(hf, "convert_ids_to_tokens"):
+        return hf.convert_ids_to_tokens(ids)
+    inverse = {v: k for k, v in hf.get_vocab().items()}
+    return [inverse.get(int(i), "") for i in ids]
+
+
 def token_bytes(hf, ids: list[int]) -> list[bytes]:
-    """The UTF-8 bytes each token stands for: added tokens (``<|im_start|>``) their text, the rest byte-level."""
+    """The UTF-8 bytes each token stands for: added tokens (``<|im_start|>``) their text, the rest byte-level (a
+    special token whose characters are not byte-level stand-ins: its text)."""
     added = {int(k): v.content for k, v in getattr(hf, "added_tokens_decoder", {}).items()}
     table = _byte_decoder()  # byte-level BPE's printable stand-ins -> bytes
     out = []
-    for i, piece in zip(ids, hf.convert_ids_to_tokens(ids)):
-        out.append(added[i].encode() if i in added else bytes(table[c] for c in piece))
+    for i, piece in zip(ids, token_pieces(hf, ids)):
+        if i in added:
+            out.append(added[i].encode())
+        elif all(c in table for c in piece):
+            out.append(bytes(table[c] for c in piece))
+        else:
+            out.append(piece.encode())
     return out
 
 
@@ -99,7 +114,7 @@ def templated_layout(chunks, hf, template: str, cut: int = 0, segment: str = "te
             start = None
         if not space and start is None:
             start = j
-    specials = hf.convert_ids_to_tokens(ids)
+    specials = token_pieces(hf, ids)
     word_of, pieces, offset = [], [], 0
     for b, special in zip(raw, specials):
         a, z = offset, offset + len(b)
