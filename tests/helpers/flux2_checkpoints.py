@@ -152,8 +152,13 @@ def _llama_fast4(path, tokenizer_object=None, **kwargs):
 
 @contextlib.contextmanager
 def host_mistral_tokenizer():
-    """While it is open, the host's Flux.2 tokenizer is built as on transformers 4 (a no-op there)."""
+    """While it is open, the host's Flux.2 tokenizer is built as on transformers 4 (a no-op there, and on hosts
+    that read the Tekken file with their own byte-level BPE, as 0.33 does)."""
     import comfy.text_encoders.flux as flux_te
+
+    if hasattr(flux_te, "from_tekken_json"):
+        yield  # the host's own tokenizer: transformers is not involved
+        return
     import transformers.integrations.mistral as tf_mistral
 
     converter = getattr(tf_mistral, "MistralConverter", None)
