@@ -1,10 +1,12 @@
-"""Tiny random-weight HunyuanVideo 1.0 and HunyuanImage 2.1 models, and the token positions their text encoders keep.
+"""Tiny random-weight HunyuanVideo 1.0 / 1.5 and HunyuanImage 2.1 models, and the token positions their text
+encoders keep.
 
 ``build_hunyuan_video`` / ``build_hunyuan_image`` go through the host's model detection like the builders of
 ``helpers/dit_checkpoints.py``: the keys ``detect_unet_config`` reads (``txt_in.individual_token_refiner...``,
 ``img_in.proj.weight`` whose shape gives the patch, channels and width, ``vector_in.*``, ``guidance_in.*``,
-``byt5_in.*``, the block keys it counts) pick ``supported_models.HunyuanVideo`` / ``HunyuanImage21`` and every field
-of the config. Width 256 gives 2 heads of 128 (the host's RoPE axes 16 + 56 + 56, or 64 + 64, need 128 per head).
+``byt5_in.*``, the block keys it counts) pick ``supported_models.HunyuanVideo`` / ``HunyuanImage21`` (with
+``cond_type_embedding`` and ``vision_in.*``: ``HunyuanVideo15``) and every field of the config. Width 256 gives 2
+heads of 128 (the host's RoPE axes 16 + 56 + 56, or 64 + 64, need 128 per head).
 
 The text encoders are llava-llama-3 (8B) and Qwen2.5-VL (7B); no small config of either is given by the host, so
 ``hunyuan_video_kept_positions`` runs the host's own cut (``HunyuanVideoClipModel.encode_token_weights``) on the
@@ -25,13 +27,14 @@ BYT5_DIM = 1472  # byT5-small glyph encoder width, fixed by the host's ByT5Mappe
 
 
 def _shapes(in_channels: int, patch: tuple[int, ...], context_dim: int, double: int, single: int, vector: bool,
-            guidance: bool, byt5: bool) -> dict:
+            guidance: bool, byt5: bool, out_channels: int | None = None) -> dict:
     """The keys of a ``hunyuan_video``-network checkpoint that ``detect_unet_config`` reads."""
     n = 1
     for p in patch:
         n *= p
     shapes = {"txt_in.individual_token_refiner.blocks.0.norm1.weight": (WIDTH,),
-              "img_in.proj.weight": (WIDTH, in_channels, *patch), "final_layer.linear.weight": (in_channels * n, WIDTH),
+              "img_in.proj.weight": (WIDTH, in_channels, *patch),
+              "final_layer.linear.weight": ((out_channels or in_channels) * n, WIDTH),
               "txt_in.input_embedder.weight": (WIDTH, context_dim)}
     shapes.update({f"double_blocks.{i}.img_attn.qkv.weight": (3 * WIDTH, WIDTH) for i in range(double)})
     shapes.update({f"single_blocks.{i}.linear1.weight": (WIDTH, WIDTH) for i in range(single)})
@@ -44,12 +47,16 @@ def _shapes(in_channels: int, patch: tuple[int, ...], context_dim: int, double: 
     return shapes
 
 
-def build_hunyuan_video(seed: int = 0, double: int = 1, single: int = 2, in_channels: int = 16, v15: bool = False):
+def build_hunyuan_video(seed: int = 0, double: int = 1, single: int = 2, in_channels: int | None = None,
+                       v15: bool = False):
     """A HunyuanVideo 1.0-shaped ``ModelPatcher`` (``model_base.HunyuanVideo``): patch ``(1, 2, 2)``, CLIP-L pooled
     input, guidance embedding; ``in_channels`` 33 is the host's image-to-video model. ``v15``: HunyuanVideo 1.5's
-    keys (byT5 mapper, SigLIP vision input, condition-type embedding; no pooled input)."""
-    shapes = _shapes(in_channels, (1, 2, 2), VIDEO_TEXT_DIM, double, single, vector=not v15, guidance=not v15,
-                     byt5=v15)
+    keys (``model_base.HunyuanVideo15``): patch ``(1, 1, 1)``, 32 latent channels out and 65 in (the latent, the
+    host's image condition and its mask; 98 is the super-resolution model), byT5 mapper, SigLIP vision input,
+    condition-type embedding, no pooled input, no guidance embedding."""
+    in_channels = in_channels or (65 if v15 else 16)
+    shapes = _shapes(in_channels, (1, 1, 1) if v15 else (1, 2, 2), VIDEO_TEXT_DIM, double, single, vector=not v15,
+                     guidance=not v15, byt5=v15, out_channels=32 if v15 else None)
     if v15:
         shapes.update({"cond_type_embedding.weight": (3, WIDTH), "vision_in.proj.0.weight": (1152, 1152)})
     return _patcher(detected_config(shapes), seed)
@@ -82,6 +89,25 @@ def hunyuan_video_kept_positions(tokenizer, text: str):
     torch.nn.Module.__init__(te)
     te.__dict__.update(llama=Positions(), clip_l=Pooled())
     out, _, _ = HunyuanVideoClipModel.encode_token_weights(te, tokens)
+    return tokens, [int(p) for p in out[0, :, 0]]
+
+
+def hunyuan_video15_kept_positions(tokenizer, text: str):
+    """``(tokens, positions)``: the host's ``HunyuanVideo15Tokenizer`` tokens of ``text`` and the positions
+    ``HunyuanImageTEModel.encode_token_weights`` (HunyuanVideo 1.5's text encoder) keeps of its ``"qwen25_7b"``
+    entry, run with an encoder whose hidden state at each position is that position's index."""
+    from comfy.text_encoders.hunyuan_image import HunyuanImageTEModel
+
+    tokens = tokenizer.tokenize_with_weights(text, return_word_ids=True)
+
+    class Positions:
+        def encode_token_weights(self, pairs):
+            n = sum(len(c) for c in pairs)
+            return torch.arange(n, dtype=torch.float64).view(1, n, 1), None, {"attention_mask": torch.ones(1, n)}
+
+    te = object.__new__(HunyuanImageTEModel)  # no weights: only its cut runs
+    te.__dict__.update(clip_name="qwen25_7b", clip="qwen25_7b", qwen25_7b=Positions(), byt5_small=None)
+    out, _, _ = HunyuanImageTEModel.encode_token_weights(te, {k: v for k, v in tokens.items() if k != "byt5"})
     return tokens, [int(p) for p in out[0, :, 0]]
 
 

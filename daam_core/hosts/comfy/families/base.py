@@ -131,7 +131,8 @@ class JointFamily:
     def trailing_tokens(self, spec: DiTSpec, conds: dict) -> int:
         """Tokens a model call puts at the end of its sequence that are no words (HunyuanImage 2.1's byT5 glyph
         tokens after ``[image, text]``), from the call's extra conditionings ``conds`` (``apply_model``'s
-        keywords); :meth:`spans` counts them with the reference tokens."""
+        keywords); :meth:`spans` counts them with the reference tokens (a family that overrides :meth:`spans` may
+        place them elsewhere: HunyuanVideo 1.5's before the text)."""
         return 0
 
     # -- text ------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""HunyuanVideo 1.0 (text-to-video) and HunyuanImage 2.1 on ComfyUI: double-stream blocks, then single-stream
-blocks, on ComfyUI's ``hunyuan_video`` network.
+"""HunyuanVideo 1.0 (text-to-video), HunyuanVideo 1.5 and HunyuanImage 2.1 on ComfyUI: double-stream blocks, then
+single-stream blocks, on ComfyUI's ``hunyuan_video`` network.
 
 Every call attends over ``[image, text]`` (double blocks are built ``flipped_img_txt``, single blocks concatenate
 the image first); ComfyUI names each call's block (``block_type``, ``block_index``). The image tokens are the latent
@@ -13,8 +13,14 @@ offsets of the templated string (:func:`.qwen_image.chat_layout`). CLIP-L gives 
 HunyuanImage 2.1's text is Qwen2.5-VL's, cut as Qwen-Image's; a prompt with quoted text also gets byT5 glyph tokens,
 which follow the text on the sequence (they take part in the softmax and are never mapped).
 
-HunyuanVideo image-to-video (its image tokens in the text, a guiding frame), SkyReels, HunyuanVideo 1.5 (byT5 and
-vision tokens before the text) and the HunyuanImage 2.1 refiner are not these families.
+HunyuanVideo 1.5 (patch ``(1, 1, 1)``, 32 latent channels plus 33 of the host's image condition) has
+HunyuanImage 2.1's text (Qwen2.5-VL with its own template, the same cut); its network puts the byT5 glyph tokens
+and, for image-to-video, the SigLIP vision tokens *before* the text: ``[vision, glyphs, text]``, so a call is
+``[image, vision, glyphs, text]`` (0.3.7x) or ``[vision, glyphs, text, image]`` (0.33). Those tokens take part in
+the softmax and are never mapped.
+
+HunyuanVideo image-to-video (its image tokens in the text, a guiding frame), SkyReels, the HunyuanVideo 1.5
+super-resolution model and the HunyuanImage 2.1 refiner are not these families.
 """
 
 from __future__ import annotations
@@ -152,5 +158,38 @@ class HunyuanImage21(JointFamily):
         return chat_layout(tokens[QWEN_KEY], hf, text, tokenizer.llama_template, what="HunyuanImage 2.1")
 
 
+class HunyuanVideo15(HunyuanImage21):
+    name = "hunyuan_video15"
+    label = "HunyuanVideo 1.5"
+    variants = "text-to-video, image-to-video"
+    video = True
+    pixels_per_cell = 16  # HunyuanVideo 1.5's VAE downsamples 16x (EmptyHunyuanVideo15Latent: height // 16)
+    in_channels = (32 + 32 + 1,)  # noise, the image condition (zeros for text-to-video), its mask; SR: 98
+
+    def describe(self, model, net, config):
+        kind = _net_kind(net)
+        if config.get("image_model", "hunyuan_video") != "hunyuan_video" or kind["dims"] != 3 or kind["vector"] \
+                or not kind["byt5"] or not kind["cond_type"] or kind["in"] not in self.in_channels:
+            return None
+        return _spec(self, net, frame_patch=int(net.patch_size[0]))
+
+    def trailing_tokens(self, spec, conds) -> int:
+        """The glyph (``txt_byt5``) and vision (``clip_fea``) tokens: this network puts them before the text
+        (:meth:`spans`)."""
+        return sum(int(conds[k].shape[1]) for k in ("txt_byt5", "clip_fea") if conds.get(k) is not None)
+
+    def spans(self, spec, part, text, image, refs):
+        if spec.image_first:  # [image, vision, glyphs, text]
+            return (image + refs, image + refs + text), (0, image), image + refs + text
+        return (refs, refs + text), (refs + text, refs + text + image), refs + text + image  # [.., text, image]
+
+    def layout(self, tokenizer, tokens, text, segments):
+        hf = getattr(getattr(tokenizer, QWEN_KEY, None), "tokenizer", None)
+        if hf is None:
+            raise ValueError(f"DAAM: this CLIP's tokenizer ({type(tokenizer).__name__}) has no Qwen2.5 tokenizer")
+        return chat_layout(tokens[QWEN_KEY], hf, text, tokenizer.llama_template, what="HunyuanVideo 1.5")
+
+
 register(HunyuanVideo())
 register(HunyuanImage21())
+register(HunyuanVideo15())
