@@ -131,7 +131,7 @@ def test_unsupported_options_are_node_errors(server):
 
 DIT_WORKFLOWS = ("sd3_heatmaps", "flux_heatmaps", "wan_video_heatmaps", "chroma_heatmaps", "qwen_image_heatmaps",
                  "z_image_heatmaps", "lumina2_heatmaps", "hunyuan_image_heatmaps", "hunyuan_video_heatmaps",
-                 "ltxv_video_heatmaps", "flux2_heatmaps", "hidream_heatmaps")
+                 "hunyuan_video15_heatmaps", "ltxv_video_heatmaps", "flux2_heatmaps", "hidream_heatmaps")
 
 
 def test_ui_workflows_match_the_api_ones(server):

@@ -62,6 +62,10 @@ DESCRIPTIONS = {
     "hunyuan_video_heatmaps": ("Needs HunyuanVideo files", "A text-to-video sampling and the heat map, overlay and "
                                "mask of 'dog' on every frame, saved as animations (set the HunyuanVideo UNet, CLIP-L, "
                                "llava-llama-3 and VAE file names; cfg 1)."),
+    "hunyuan_video15_heatmaps": ("Needs HunyuanVideo 1.5 files", "A text-to-video sampling at real CFG and the heat "
+                                 "map, overlay and mask of 'dog' (and of the negative word 'blurry') on every frame, "
+                                 "saved as animations (set the HunyuanVideo 1.5 UNet, Qwen2.5-VL, byT5 and VAE file "
+                                 "names)."),
     "ltxv_video_heatmaps": ("Needs LTX-Video files", "A text-to-video sampling and the heat map, overlay and mask of "
                             "'dog' on every frame, saved as animations (set the LTX-Video checkpoint and T5-XXL file "
                             "names)."),

@@ -339,7 +339,7 @@ def cpu_sized(cp):
 # test_comfy_hidream.py); here they are loaded and laid out.
 NEEDS_DIT_FILES = {"sd3_heatmaps", "flux_heatmaps", "wan_video_heatmaps", "chroma_heatmaps", "qwen_image_heatmaps",
                    "z_image_heatmaps", "lumina2_heatmaps", "hunyuan_image_heatmaps", "hunyuan_video_heatmaps",
-                   "ltxv_video_heatmaps", "flux2_heatmaps", "hidream_heatmaps"}
+                   "hunyuan_video15_heatmaps", "ltxv_video_heatmaps", "flux2_heatmaps", "hidream_heatmaps"}
 
 
 @pytest.mark.parametrize("name", example_names())
