@@ -169,6 +169,15 @@ class JointFamily:
         return None
 
 
+def host_tokenizer(tokenizer, key: str, what: str):
+    """The tokenizer object the host's CLIP tokenizer keeps for ``key`` (``tokenizer.<key>.tokenizer``: Hugging
+    Face's, or a newer host's own); a ValueError naming ``what`` when the CLIP has none."""
+    hf = getattr(getattr(tokenizer, key, None), "tokenizer", None)
+    if hf is None:
+        raise ValueError(f"DAAM: this CLIP's tokenizer ({type(tokenizer).__name__}) has no {what} tokenizer")
+    return hf
+
+
 def flat_length(chunks) -> int:
     """Tokens of a ``tokenize_with_weights`` entry (a list of chunks)."""
     return sum(len(c) for c in chunks)

@@ -16,7 +16,7 @@ first.
 
 from __future__ import annotations
 
-from .base import DiTSpec, flat_length, register
+from .base import DiTSpec, flat_length, host_tokenizer, register
 from .flux import Flux1, flux_spec
 from .templated import pad_left, templated_layout
 
@@ -48,9 +48,7 @@ class Flux2(Flux1):
         return [[("mistral", KEY, flat_length(tokens[KEY]))]]
 
     def layout(self, tokenizer, tokens, text, segments):
-        hf = getattr(getattr(tokenizer, KEY, None), "tokenizer", None)
-        if hf is None:
-            raise ValueError(f"DAAM: this CLIP's tokenizer ({type(tokenizer).__name__}) has no Mistral tokenizer")
+        hf = host_tokenizer(tokenizer, KEY, "Mistral")
         return templated_layout(tokens[KEY], hf, tokenizer.llama_template, segment="mistral", label="Flux.2")
 
     def no_negative_reason(self):

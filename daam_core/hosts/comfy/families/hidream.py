@@ -21,7 +21,7 @@ conditioning whose Llama part is not the text's is refused by the length check. 
 from __future__ import annotations
 
 from ....text.layout import Segment, TokenLayout, concat_layouts
-from .base import DiTSpec, JointFamily, flat_length, register
+from .base import DiTSpec, JointFamily, flat_length, host_tokenizer, register
 from .templated import templated_layout
 
 T5, LLAMA = "t5xxl", "llama"
@@ -60,9 +60,9 @@ class HiDream(JointFamily):
             empty = wordless(TokenLayout((0,), (1.0,), ("<zeros>",), (-1,), (), 1,
                                          segments=(Segment("llama", 0, 1, "sentencepiece"),)))
             return concat_layouts([("t5", layout), ("llama", empty), ("llama", empty)])  # one zero Llama token
-        hf = getattr(getattr(tokenizer, LLAMA, None), "tokenizer", None)
-        if hf is None or text is None:
-            raise ValueError(f"DAAM: this CLIP's tokenizer ({type(tokenizer).__name__}) has no Llama tokenizer")
+        if text is None:
+            raise ValueError("DAAM: HiDream's layout needs the prompt's text")
+        hf = host_tokenizer(tokenizer, LLAMA, "Llama")
         chunks = tokenizer.tokenize_with_weights(text, return_word_ids=True)[LLAMA]
         n = flat_length(chunks)
         if layout.length + 2 * n != length:

@@ -25,11 +25,10 @@ super-resolution model and the HunyuanImage 2.1 refiner are not these families.
 
 from __future__ import annotations
 
-import numbers
-
-from .base import DiTSpec, JointFamily, register
+from .base import DiTSpec, JointFamily, host_tokenizer, register
 from .qwen_image import KEY as QWEN_KEY
 from .qwen_image import _ids, _template_end, chat_layout
+from .templated import flat_ids
 
 LLAMA = "llama"
 HEADER, USER, HEADER_END, EOT, BLANK = 128006, 882, 128007, 128009, 271  # Llama 3 ids the host's cut reads
@@ -102,19 +101,14 @@ class HunyuanVideo(JointFamily):
         return [[("llama", LLAMA, stop - start)]]
 
     def layout(self, tokenizer, tokens, text, segments):
-        hf = getattr(getattr(tokenizer, LLAMA, None), "tokenizer", None)
-        if hf is None:
-            raise ValueError(f"DAAM: this CLIP's tokenizer ({type(tokenizer).__name__}) has no Llama tokenizer")
+        hf = host_tokenizer(tokenizer, LLAMA, "Llama")
         if hf.decode(plain_ids(hf, "a b")) != "a b":
             raise ValueError(f"DAAM: this host's Llama 3 tokenizer ({type(hf).__name__}) drops the spaces between "
                              f"words (transformers 5 reads ComfyUI's llama_tokenizer without its byte-level "
                              f"pre-tokenizer), so the prompt's words cannot be told apart; use transformers 4")
-        ids = _ids(tokens[LLAMA])
-        if not all(isinstance(i, numbers.Integral) for i in ids):
-            raise ValueError("DAAM maps HunyuanVideo prompts encoded without images; this prompt's tokens hold "
-                             "an image")
-        return chat_layout(tokens[LLAMA], hf, text, tokenizer.llama_template, keep=video_keep([int(i) for i in ids]),
-                           segment="llama", what="HunyuanVideo")
+        keep = video_keep(flat_ids(tokens[LLAMA], self.label))  # token ids, or an error naming an image's
+        return chat_layout(tokens[LLAMA], hf, text, tokenizer.llama_template, keep=keep, segment="llama",
+                           what=self.label)
 
     def no_negative_reason(self):
         return ("HunyuanVideo's guidance is distilled into the model: at cfg 1 the negative prompt is never "
@@ -152,10 +146,8 @@ class HunyuanImage21(JointFamily):
         return [[("qwen", QWEN_KEY, len(ids) - _template_end(ids))]]
 
     def layout(self, tokenizer, tokens, text, segments):
-        hf = getattr(getattr(tokenizer, QWEN_KEY, None), "tokenizer", None)
-        if hf is None:
-            raise ValueError(f"DAAM: this CLIP's tokenizer ({type(tokenizer).__name__}) has no Qwen2.5 tokenizer")
-        return chat_layout(tokens[QWEN_KEY], hf, text, tokenizer.llama_template, what="HunyuanImage 2.1")
+        hf = host_tokenizer(tokenizer, QWEN_KEY, "Qwen2.5")
+        return chat_layout(tokens[QWEN_KEY], hf, text, tokenizer.llama_template, what=self.label)
 
 
 class HunyuanVideo15(HunyuanImage21):
@@ -183,11 +175,6 @@ class HunyuanVideo15(HunyuanImage21):
             return (image + refs, image + refs + text), (0, image), image + refs + text
         return (refs, refs + text), (refs + text, refs + text + image), refs + text + image  # [.., text, image]
 
-    def layout(self, tokenizer, tokens, text, segments):
-        hf = getattr(getattr(tokenizer, QWEN_KEY, None), "tokenizer", None)
-        if hf is None:
-            raise ValueError(f"DAAM: this CLIP's tokenizer ({type(tokenizer).__name__}) has no Qwen2.5 tokenizer")
-        return chat_layout(tokens[QWEN_KEY], hf, text, tokenizer.llama_template, what="HunyuanVideo 1.5")
 
 
 register(HunyuanVideo())

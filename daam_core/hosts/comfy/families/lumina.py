@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 
 from ....text.layout import Segment, TokenLayout
-from .base import DiTSpec, JointFamily, flat_length, register
+from .base import DiTSpec, JointFamily, flat_length, host_tokenizer, register
 from .qwen_image import chat_layout
 
 PROMPT_START = "<Prompt Start>"  # CLIPTextEncodeLumina2: f"{system_prompt} <Prompt Start> {user_prompt}"
@@ -74,9 +74,7 @@ class ZImage(_NextDiT):
         return [[("qwen", self.key, flat_length(tokens[self.key]))]]
 
     def layout(self, tokenizer, tokens, text, segments):
-        hf = getattr(getattr(tokenizer, self.key, None), "tokenizer", None)
-        if hf is None:
-            raise ValueError(f"DAAM: this CLIP's tokenizer ({type(tokenizer).__name__}) has no Qwen3 tokenizer")
+        hf = host_tokenizer(tokenizer, self.key, "Qwen3")
         n = flat_length(tokens[self.key])
         return chat_layout(tokens[self.key], hf, text, tokenizer.llama_template, keep=(0, n),  # the encoder keeps all
                            what="Z-Image")

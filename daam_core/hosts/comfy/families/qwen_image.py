@@ -20,7 +20,7 @@ from __future__ import annotations
 import numbers
 
 from ....text.layout import TokenLayout
-from .base import DiTSpec, JointFamily, register
+from .base import DiTSpec, JointFamily, host_tokenizer, register
 from .templated import flat_ids, templated_layout
 
 KEY = "qwen25_7b"
@@ -49,9 +49,7 @@ class QwenImage(JointFamily):
         return [[("qwen", KEY, len(ids) - _template_end(ids))]]
 
     def layout(self, tokenizer, tokens, text, segments):
-        hf = getattr(getattr(tokenizer, KEY, None), "tokenizer", None)
-        if hf is None:
-            raise ValueError(f"DAAM: this CLIP's tokenizer ({type(tokenizer).__name__}) has no Qwen2.5 tokenizer")
+        hf = host_tokenizer(tokenizer, KEY, "Qwen2.5")
         return chat_layout(tokens[KEY], hf, text, tokenizer.llama_template)
 
 
