@@ -12,7 +12,8 @@ import math
 
 import pytest
 import torch
-from helpers.images import assert_same_image, assert_tracing_keeps_the_host_image, with_override
+from helpers.images import (assert_planted_video_maps, assert_same_image, assert_tracing_keeps_the_host_image,
+                            with_override)
 
 pytestmark = pytest.mark.host
 
@@ -193,8 +194,6 @@ def planter(daam_override, text_length, keys, frame, region, strength=30.0):
 
 
 def test_planted_attention_on_one_frame_is_recovered_per_frame(pack, model, clip):
-    from daam_core.engine import masks as mask_ops
-    from daam_core.engine import metrics
     from daam_core.hosts.comfy.dit import conditioning_layout
     from daam_core.hosts.comfy.families import dit_spec
 
@@ -211,23 +210,7 @@ def test_planted_attention_on_one_frame_is_recovered_per_frame(pack, model, clip
     to["optimized_attention_override"] = planter(to["optimized_attention_override"], len(tokens), dog, 1, region)
     pos, neg = encode(clip, POS), encode(clip, NEG)
     samples = ksample(traced_model, pos, neg, h=8, w=12)
-    images = torch.rand(FRAMES, 128, 192, 3, generator=torch.Generator().manual_seed(3))
-    out = pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, POS, NEG, "dog, park",
-                                    negative_words="blurry", images=images)
-    heat, over, masks, maps = out.result
-    assert masks.shape == (FRAMES * 3, 128, 192) and over.shape == (FRAMES * 3, 128, 192, 3)  # frame x word
-    truth = region.repeat_interleave(16, 0).repeat_interleave(16, 1)
-    assert metrics.iou(masks[3] > 0.5, truth) >= 0.9, "frame 1's mask of 'dog' misses its planted region"
-    assert metrics.iou(masks[4] > 0.5, truth) < 0.5, "frame 1's mask of 'park' took 'dog's planted region"
-    dog_maps = maps.trace.word_maps("dog")  # [frames, 1, H, W]
-    assert dog_maps.shape == (FRAMES, 1, 128, 192)
-    mask = pack.DAAMMask.execute(maps, "dog")[0]
-    assert mask.shape == (FRAMES, 128, 192)
-    assert torch.equal(mask, mask_ops.threshold(dog_maps, 0.4, "relative")[:, 0])
-    (payload,) = out.ui["daam_preview"]
-    assert len(payload["images"]) == FRAMES
-    blurry = maps.trace.word_maps("blurry", branch="uncond")
-    assert blurry.shape == (FRAMES, 1, 128, 192) and torch.isfinite(blurry).all()
+    assert_planted_video_maps(pack, traced_model, clip, samples, POS, NEG, region, FRAMES)
 
 
 def test_decoded_frames_show_the_maps_of_their_latent_frames(pack, model, clip):

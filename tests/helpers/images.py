@@ -87,3 +87,33 @@ def assert_tracing_keeps_the_host_image(pack, model, sample, what: str):
     assert_same_image(expected, got, f"{what} traced sampling under another override")
     assert len(seen) == 2 * n and not torch.equal(expected, plain)
     return traced_model
+
+
+def assert_planted_video_maps(pack, traced_model, clip, samples, pos_text: str, neg_text: str, region, frames: int):
+    """DAAM Heatmaps of "dog, park" (and the negative "blurry") on a video whose text key of "dog" was planted on
+    ``region`` (a boolean latent-frame grid) in frame 1: per-frame MASK / IMAGE batches, 'dog' on its region and
+    'park' off it, DAAM Mask's per-frame mask equal to the maps thresholded, a preview image per frame, finite
+    negative maps. Returns the node's output."""
+    import torch
+
+    from daam_core.engine import masks as mask_ops
+    from daam_core.engine import metrics
+
+    images = torch.rand(frames, 128, 192, 3, generator=torch.Generator().manual_seed(3))
+    out = pack.DAAMHeatmaps.execute(traced_model, clip, {"samples": samples}, pos_text, neg_text, "dog, park",
+                                    negative_words="blurry", images=images)
+    heat, over, masks, maps = out.result
+    assert masks.shape == (frames * 3, 128, 192) and over.shape == (frames * 3, 128, 192, 3)  # frame x word
+    truth = region.repeat_interleave(128 // region.shape[0], 0).repeat_interleave(192 // region.shape[1], 1)
+    assert metrics.iou(masks[3] > 0.5, truth) >= 0.9, "frame 1's mask of 'dog' misses its planted region"
+    assert metrics.iou(masks[4] > 0.5, truth) < 0.5, "frame 1's mask of 'park' took 'dog's planted region"
+    dog_maps = maps.trace.word_maps("dog")  # [frames, 1, H, W]
+    assert dog_maps.shape == (frames, 1, 128, 192)
+    mask = pack.DAAMMask.execute(maps, "dog")[0]
+    assert mask.shape == (frames, 128, 192)
+    assert torch.equal(mask, mask_ops.threshold(dog_maps, 0.4, "relative")[:, 0])
+    (payload,) = out.ui["daam_preview"]
+    assert len(payload["images"]) == frames
+    blurry = maps.trace.word_maps("blurry", branch="uncond")
+    assert blurry.shape == (frames, 1, 128, 192) and torch.isfinite(blurry).all()
+    return out
