@@ -15,9 +15,10 @@ pairs as in the paper. Ends with one JSON line.
     python bench/attribution.py --refine --seeds 1234,1235,1236   # plain DAAM against the refinements
 
 ``--refine`` (issue 24) traces every image once with self-attention and per-head sums
-(:mod:`daam_core.engine.refine`), scores plain DAAM and each refinement (self-attention propagation ``k`` steps,
-head weighting by concentration, their combinations) on the same traces, per seed, and reports the mean and the
-spread (min-max over seeds) of each score; the whole-image baseline is scored against the same objects.
+(:mod:`daam_core.engine.refine`), scores plain DAAM and each refinement (self-attention propagation ``k`` steps at
+each resolution or at the finest one, head weighting by concentration, nouns competing for pixels, their
+combinations) on the same traces, per seed, and reports the mean and the spread (min-max over seeds) of each
+score; the whole-image baseline is scored against the same objects.
 """
 
 from __future__ import annotations
@@ -114,15 +115,19 @@ def empty_scores() -> dict:
 
 
 def score_objects(res: dict, tr, scene, mask_of, tau: float, **select) -> None:
-    """Append the noun and colour IoUs of ``scene``'s objects (ground truth ``mask_of(object)``) to ``res``."""
+    """Append the noun and colour IoUs of ``scene``'s objects (ground truth ``mask_of(object)``) to ``res``.
+
+    The nouns of a scene are mapped together and so are its colours: with ``exclusive=True`` in ``select`` the
+    nouns compete with each other for pixels, and the colours with each other."""
     n = len(scene.objects)
-    for o in scene.objects:
-        maps = tr.word_maps([o.shape, o.color], image=0, **select)
-        res[f"noun_{n}"].append(score(maps[0], mask_of(o), tau))
-        res[f"color_{n}"].append(score(maps[1], mask_of(o), tau))
+    nouns = tr.word_maps([o.shape for o in scene.objects], image=0, **select)
+    colors = tr.word_maps([o.color for o in scene.objects], image=0, **select)
+    for j, o in enumerate(scene.objects):
+        res[f"noun_{n}"].append(score(nouns[j], mask_of(o), tau))
+        res[f"color_{n}"].append(score(colors[j], mask_of(o), tau))
         if n == 2:
             other = next(x for x in scene.objects if x is not o)
-            res["noun_2_wrong"].append(score(maps[0], mask_of(other), tau))
+            res["noun_2_wrong"].append(score(nouns[j], mask_of(other), tau))
             res[f"noun_2_{caption_kind(scene)}"].append(res["noun_2"][-1])
 
 
@@ -251,16 +256,22 @@ def run(args) -> dict:
 # -- issue 24: refinements of the word maps, scored against plain DAAM ------------------------------------------
 REFINE_VARIANTS = {
     "plain": {},
-    "propagate:1": {"propagate": 1},
     "propagate:2": {"propagate": 2},
     "propagate:4": {"propagate": 4},
-    "propagate:8": {"propagate": 8},
-    "heads:0.5": {"head_power": 0.5},
     "heads:1": {"head_power": 1.0},
     "heads:2": {"head_power": 2.0},
-    "propagate:2+heads:1": {"propagate": 2, "head_power": 1.0},
-    "propagate:4+heads:1": {"propagate": 4, "head_power": 1.0},
+    "heads:4": {"head_power": 4.0},
     "propagate:4+heads:2": {"propagate": 4, "head_power": 2.0},
+    "finest:2": {"propagate": 2, "propagate_at": "finest"},
+    "finest:2+heads:4": {"propagate": 2, "propagate_at": "finest", "head_power": 4.0},
+    "exclusive": {"exclusive": True},
+    "heads:4+exclusive": {"head_power": 4.0, "exclusive": True},
+    "propagate:4+heads:2+exclusive": {"propagate": 4, "head_power": 2.0, "exclusive": True},
+    "finest:1+heads:4+exclusive": {"propagate": 1, "propagate_at": "finest", "head_power": 4.0, "exclusive": True},
+    "finest:2+heads:4+exclusive": {"propagate": 2, "propagate_at": "finest", "head_power": 4.0, "exclusive": True},
+    "both:1+heads:4": {"propagate": 1, "propagate_at": "both", "head_power": 4.0},
+    "both:1+heads:4+exclusive": {"propagate": 1, "propagate_at": "both", "head_power": 4.0, "exclusive": True},
+    "both:2+heads:4+exclusive": {"propagate": 2, "propagate_at": "both", "head_power": 4.0, "exclusive": True},
 }
 REFINE_KEYS = ("noun_1", "noun_2", "noun_2_wrong", "color_1", "color_2", "whole_1", "whole_2")
 

@@ -24,8 +24,8 @@ from ..daam_core.engine.io import TraceFormatError
 from ..daam_core.engine.recorder import RecordFilter
 from ..daam_core.engine.trace import AttentionTrace, load_trace, save_trace
 from ..daam_core.engine.refine import DEFAULT_MAX_QUERIES
-from ..daam_core.hosts.comfy.maps import (MAP_SOURCES, build_trace, heatmap_trace, record_filter, refine_recording,
-                                          refined_word_maps)
+from ..daam_core.hosts.comfy.maps import (MAP_SOURCES, PROPAGATE_AT, build_trace, heatmap_trace, record_filter,
+                                          refine_recording, refined_word_maps)
 from ..daam_core.hosts.comfy.graph import attention_replacers_after
 from ..daam_core.hosts.comfy.session import session_of
 from ..daam_core.text.layout import SEGMENT_CHOICES
@@ -44,6 +44,11 @@ HEAD_POWER_TIP = ("Weight each head by how concentrated its map is, to the power
                   "DAAM).")
 MAP_SOURCE_TIP = ("attention: DAAM's attention from image to text. output similarity (joint-attention models): "
                   "how alike each image token's attention output is to the word's tokens' (ConceptAttention-style).")
+PROPAGATE_AT_TIP = ("Where propagate_steps spreads the maps: each resolution = every layer size with its own "
+                    "self-attention; finest resolution = all layers summed at the finest size whose self-attention "
+                    "was recorded and spread there; both = the first, then the second.")
+EXCLUSIVE_TIP = ("The words compete for pixels: each keeps only the pixels where it attends more than the other "
+                 "words, each judged against its own average (masks of 'dog, cat' never overlap).")
 AS_MAPS = "as maps"
 Maps = io.Custom("DAAM_MAPS")  # DaamMaps between DAAM nodes
 BRANCH = {"positive": "cond", "negative": "uncond"}
@@ -64,6 +69,8 @@ class DaamMaps:
     propagate_steps: int = 0  # refinements the maps were made with (0: plain DAAM)
     head_power: float = 0.0
     map_source: str = "attention"
+    propagate_at: str = "each resolution"
+
 
 def maps_for(trace: AttentionTrace, words: list[str], branch: str, **kwargs) -> torch.Tensor:
     """``[B, W, H, W]`` maps with errors that name the word and list the prompt's words; ``propagate_steps`` and
@@ -278,6 +285,9 @@ class DAAMHeatmaps(io.ComfyNode):
                                tooltip="Order of the heatmaps / overlays / masks batches when several words are "
                                "mapped: image-major = each image's words together; word-major = every image (every "
                                "video frame, in order) of the first word, then of the next: one video per word."),
+                io.Combo.Input("propagate_at", options=list(PROPAGATE_AT), default="each resolution", optional=True,
+                               tooltip=PROPAGATE_AT_TIP),
+                io.Boolean.Input("exclusive", default=False, optional=True, tooltip=EXCLUSIVE_TIP + " Per prompt."),
             ],
             outputs=[
                 io.Image.Output("heatmaps", display_name="heatmaps",
@@ -293,7 +303,8 @@ class DAAMHeatmaps(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, samples, positive, negative, words, negative_words="", threshold=0.4,
                 normalize="minmax", combine="mean", colormap="jet", alpha=0.5, images=None, segments="both",
-                propagate_steps=0, head_power=0.0, map_source="attention", output_order="image-major"):
+                propagate_steps=0, head_power=0.0, map_source="attention", output_order="image-major",
+                propagate_at="each resolution", exclusive=False):
         if clip is None:
             raise ValueError("a CLIP is needed to read the prompt's tokens")
         pos_words, neg_words = split_words(words), split_words(negative_words)
@@ -301,12 +312,12 @@ class DAAMHeatmaps(io.ComfyNode):
             raise ValueError("no words given: type words or phrases of the prompt, separated by commas")
         trace = heatmap_trace(model, clip, samples, positive, negative, neg_words, images)
         how = dict(normalize=normalize, combine=combine, segments=segments, propagate_steps=propagate_steps,
-                   head_power=head_power, map_source=map_source)
+                   head_power=head_power, map_source=map_source, propagate_at=propagate_at)
         parts = []
         if pos_words:
-            parts.append(maps_for(trace, pos_words, "cond", **how))
+            parts.append(maps_for(trace, pos_words, "cond", exclusive=exclusive, **how))
         if neg_words:
-            parts.append(maps_for(trace, neg_words, "uncond", **how))
+            parts.append(maps_for(trace, neg_words, "uncond", exclusive=exclusive, **how))
         maps = torch.cat(parts, dim=1)  # [B, W, H, W]
         masks = mask_ops.threshold(maps, threshold, "relative")
         heat = torch.stack([torch.from_numpy(render.colorize(m.detach(), colormap))
@@ -322,7 +333,8 @@ class DAAMHeatmaps(io.ComfyNode):
                                              combine=combine, alpha=alpha, segments=segments,
                                              images=preview(images, "daam_preview") if images is not None else None,
                                              propagate_steps=propagate_steps, head_power=head_power,
-                                             map_source=map_source)]}
+                                             map_source=map_source, propagate_at=propagate_at,
+                                             exclusive=exclusive)]}
         return io.NodeOutput(heat, over, flat(masks, output_order), DaamMaps(trace, images, **how), ui=ui)
 
 
@@ -374,6 +386,13 @@ class DAAMMask(io.ComfyNode):
                                tooltip="-1 = as the maps were made (DAAM Heatmaps). " + HEAD_POWER_TIP),
                 io.Combo.Input("map_source", options=[AS_MAPS, *MAP_SOURCES], default=AS_MAPS, optional=True,
                                tooltip="'as maps' = as the maps were made (DAAM Heatmaps). " + MAP_SOURCE_TIP),
+                io.Combo.Input("propagate_at", options=[AS_MAPS, *PROPAGATE_AT], default=AS_MAPS, optional=True,
+                               tooltip="'as maps' = as the maps were made (DAAM Heatmaps). " + PROPAGATE_AT_TIP),
+                io.String.Input("compete_with", default="", optional=True,
+                                tooltip="Other words of the same prompt that compete with the mask's words for "
+                                "pixels, comma separated (e.g. 'cat, person' for the mask of 'dog'): a pixel is left "
+                                "out where one of them attends more, each judged against its own average. Empty = "
+                                "no competition."),
             ],
             outputs=[io.Mask.Output("mask", display_name="mask",
                                     tooltip="One [batch, H, W] mask per image, for inpainting and compositing nodes.")],
@@ -382,13 +401,15 @@ class DAAMMask(io.ComfyNode):
     @classmethod
     def execute(cls, maps, words, prompt="positive", operation="union", threshold_mode="relative", threshold=0.4,
                 open_px=0, close_px=0, grow_px=0, feather_px=0, propagate_steps=-1, head_power=-1.0,
-                map_source=AS_MAPS):
+                map_source=AS_MAPS, propagate_at=AS_MAPS, compete_with=""):
         word_list = split_words(words)
         m = maps_for(maps.trace, word_list, BRANCH[prompt], normalize=maps.normalize, combine=maps.combine,
                      segments=maps.segments,
                      propagate_steps=maps.propagate_steps if propagate_steps < 0 else propagate_steps,
                      head_power=maps.head_power if head_power < 0 else head_power,
-                     map_source=maps.map_source if map_source == AS_MAPS else map_source)
+                     map_source=maps.map_source if map_source == AS_MAPS else map_source,
+                     propagate_at=maps.propagate_at if propagate_at == AS_MAPS else propagate_at,
+                     rivals=split_words(compete_with))
         binary = mask_ops.threshold(m, threshold, threshold_mode)
         combined = mask_ops.combine([binary[:, j] for j in range(binary.shape[1])], operation)
         return io.NodeOutput(mask_ops.refine(combined, open_px=open_px, close_px=close_px, grow_px=grow_px,

@@ -37,7 +37,8 @@ from ..daam_core.engine.trace import AttentionTrace
 from ..daam_core.hosts.comfy.maps import refined_word_maps
 
 DEFAULT_REFINE = {"propagate_steps": 4, "head_power": 2.0}  # the shown alternative (best one-object fit, docs/benchmarks.md)
-PLAIN = {"propagate_steps": 0, "head_power": 0.0, "map_source": "attention"}
+PLAIN = {"propagate_steps": 0, "head_power": 0.0, "map_source": "attention", "propagate_at": "each resolution",
+         "exclusive": False}
 THRESHOLD_STEPS = 100  # the slider's thresholds are i / 100, i = 0..100 (the node's widget step is 0.01)
 PAYLOAD_VERSION = 1
 _EDGE_PUNCT = re.compile(r"^[^\w]+|[^\w]+$")
@@ -120,17 +121,22 @@ def _time_maps(trace: AttentionTrace, entries: list[Entry], combine: str, image:
 
 
 def _latent_maps(trace: AttentionTrace, entries: list[Entry], combine: str, image: int,
-                 segments: str | None = None, propagate_steps: int = 0, head_power: float = 0.0,
-                 map_source: str = "attention") -> list[torch.Tensor]:
-    """Per prompt (positive, then negative) the ``[E_p, h, w]`` unnormalised maps of its entries at the latent."""
+                 segments: str | None = None, asked: dict | None = None, exclusive: bool = False,
+                 **refine) -> list[torch.Tensor]:
+    """Per prompt (positive, then negative) the ``[E_p, h, w]`` unnormalised maps of its entries at the latent;
+    with ``exclusive`` the node's own words (``asked``: prompt -> words) compete as in the node, the other chips
+    do not."""
     parts = []
     for prompt, branch in (("positive", "cond"), ("negative", "uncond")):
         keys = [e.key for e in entries if e.prompt == prompt]
         if keys:
-            parts.append(refined_word_maps(trace, keys, image=image, branch=branch, combine=combine,
-                                           normalize="none", size=trace.latent_hw, missing="zeros", segments=segments,
-                                           propagate_steps=propagate_steps, head_power=head_power,
-                                           map_source=map_source))
+            how = dict(image=image, branch=branch, combine=combine, normalize="none", size=trace.latent_hw,
+                       missing="zeros", segments=segments, **refine)
+            part = refined_word_maps(trace, keys, **how)
+            own = [k for k in (asked or {}).get(prompt, []) if k in keys]
+            if exclusive and own:
+                part[[keys.index(k) for k in own]] = refined_word_maps(trace, own, exclusive=True, **how)
+            parts.append(part)
     return parts or [torch.zeros(0, *trace.latent_hw)]
 
 
@@ -147,10 +153,17 @@ def other_refinement(trace: AttentionTrace, node: dict) -> dict | None:
     return other if other != PLAIN else None
 
 
-def _maps_and_levels(trace, entries, combine, image, segments, normalize, image_hw, **refine) -> dict:
-    parts = _latent_maps(trace, entries, combine, image, segments, **refine)  # once; the full-size maps from it
+def _maps_and_levels(trace, entries, combine, image, segments, normalize, image_hw, asked, **refine) -> dict:
+    parts = _latent_maps(trace, entries, combine, image, segments, asked, **refine)  # once; full-size maps from it
     low = torch.cat(parts).float().contiguous()
     full = torch.cat([finish_maps(p, image_hw, normalize) for p in parts])
+    if refine.get("exclusive"):  # the node's words compete at image size, as its MASK is cut
+        for prompt, branch in (("positive", "cond"), ("negative", "uncond")):
+            rows = [i for i, e in enumerate(entries) if e.prompt == prompt and e.key in asked.get(prompt, [])]
+            if rows:
+                full[rows] = refined_word_maps(trace, [entries[i].key for i in rows], image=image, branch=branch,
+                                               combine=combine, normalize=normalize, size=image_hw,
+                                               missing="zeros", segments=segments, **refine)
     levels = mask_ops.threshold_levels(full, THRESHOLD_STEPS)  # one pass for all 101 thresholds
     return {"maps": _b64(low.numpy().astype("<f4").tobytes()),
             "levels": _b64(levels.cpu().numpy().tobytes(), compress=True)}
@@ -159,7 +172,8 @@ def _maps_and_levels(trace, entries, combine, image, segments, normalize, image_
 def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[str], *, threshold: float,
                   normalize: str, combine: str, images: list[dict] | None = None, alpha: float = 0.5,
                   segments: str | None = None, propagate_steps: int = 0, head_power: float = 0.0,
-                  map_source: str = "attention") -> dict:
+                  map_source: str = "attention", propagate_at: str = "each resolution",
+                  exclusive: bool = False) -> dict:
     """The ``daam_preview`` payload of one DAAM Heatmaps run.
 
     Parameters
@@ -175,8 +189,8 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
         Per batch image, the ``/view`` reference (filename, subfolder, type) of the decoded image.
     segments : {"both", "clip", "t5", "llama"}, optional
         The node's choice of text segments (SD3), so the chips' maps are the node's.
-    propagate_steps, head_power, map_source
-        The node's refinements (0, 0, "attention": plain DAAM); the other setting (:func:`other_refinement`)
+    propagate_steps, head_power, map_source, propagate_at, exclusive
+        The node's refinements (:data:`PLAIN`: plain DAAM); the other setting (:func:`other_refinement`)
         travels as ``other``.
     """
     layouts = [("positive", "cond")] + ([("negative", "uncond")] if "uncond" in trace.branches() else [])
@@ -187,12 +201,15 @@ def build_payload(trace: AttentionTrace, words: list[str], negative_words: list[
     latent_hw, image_hw = tuple(trace.latent_hw), tuple(trace.image_hw)
     per_image = []
     time_meta = None
-    mine = {"propagate_steps": int(propagate_steps), "head_power": float(head_power), "map_source": map_source}
+    mine = {"propagate_steps": int(propagate_steps), "head_power": float(head_power), "map_source": map_source,
+            "propagate_at": propagate_at, "exclusive": bool(exclusive)}
     other = other_refinement(trace, mine)
+    asked = {"positive": list(words), "negative": list(negative_words)}
     for b in range(trace.num_images):
-        item = _maps_and_levels(trace, entries, combine, b, segments, normalize, image_hw, **mine)
+        item = _maps_and_levels(trace, entries, combine, b, segments, normalize, image_hw, asked, **mine)
         if other is not None:
-            item["other"] = _maps_and_levels(trace, entries, combine, b, segments, normalize, image_hw, **other)
+            item["other"] = _maps_and_levels(trace, entries, combine, b, segments, normalize, image_hw, asked,
+                                             **other)
         stack = _time_maps(trace, entries, combine, b, segments)  # [K, E, h, w]
         if stack is not None:
             peak = stack.reshape(stack.shape[0], -1).max(-1)[:, None, None, None]

@@ -101,6 +101,40 @@ def test_heatmaps_and_mask_refine_by_their_inputs(pack, refined_run):
     assert torch.equal(one, masks_m.threshold(trace.word_maps(["dog"], propagate=1), 0.4, "relative")[:, 0])
 
 
+def test_exclusive_heatmaps_and_competing_mask_words_against_the_owner_rule(pack, refined_run):
+    masks_m = importlib.import_module(f"{pack.__name__.split('.')[0]}.daam_core.engine.masks")
+    how = dict(propagate_steps=2, propagate_at="finest resolution", head_power=4.0)
+    run = refined_run("cat, dog", exclusive=True, **how)
+    maps = run.result[3]
+    trace = maps.trace
+    # the reference: each pixel goes to the word most above its own mean in the plain maps; the refined map
+    # (finest-resolution propagation, head weights) is kept there and scaled back to a maximum of 1
+    plain = trace.word_maps(["cat", "dog"], normalize="none")[0].double()
+    owner = (plain / plain.flatten(1).mean(1)[:, None, None]).argmax(0)
+    refined = trace.word_maps(["cat", "dog"], propagate=2, propagate_at="finest", head_power=4.0)[0]
+    want = []
+    for j in range(2):
+        kept = refined[j] * (owner == j)
+        want.append(masks_m.threshold(kept / kept.max(), 0.4, "relative"))
+    got = run.result[2]  # [words, H, W]: one image
+    assert torch.equal(got, torch.stack(want))
+    assert got[0].sum() > 0 and got[1].sum() > 0 and (got[0] * got[1]).sum() == 0  # never both
+    assert maps.propagate_at == "finest resolution"
+    # DAAM Mask: the cat competing with the dog is the cat of the exclusive heat maps; with nothing to compete
+    # with it is the refined map's mask
+    assert torch.equal(pack.DAAMMask.execute(maps, "cat", compete_with="dog").result[0], got[:1])
+    alone = pack.DAAMMask.execute(maps, "cat").result[0]
+    assert torch.equal(alone, masks_m.threshold(refined[:1], 0.4, "relative"))
+    each = pack.DAAMMask.execute(maps, "cat", propagate_at="each resolution").result[0]
+    assert torch.equal(each, masks_m.threshold(trace.word_maps(["cat"], propagate=2, head_power=4.0)[0], 0.4,
+                                               "relative"))
+    with pytest.raises(ValueError, match="horse"):
+        pack.DAAMMask.execute(maps, "cat", compete_with="horse")
+    plain_run = refined_run("cat, dog")
+    with pytest.raises(ValueError, match="propagate_at"):
+        pack.DAAMMask.execute(plain_run.result[3], "cat", propagate_steps=1, propagate_at="middle")
+
+
 def test_refinement_without_its_sums_names_the_input_to_turn_on(pack, sd15):  # noqa: F811
     model, clip, _ = sd15
     pos, neg = encode(clip, POS), encode(clip, NEG)

@@ -140,16 +140,21 @@ def decode_other(payload):
             for item in payload["images"]]
 
 
-@pytest.mark.parametrize("node_refine", [{}, {"propagate_steps": 2, "head_power": 1.0}])
+PLAIN_SETTING = {"propagate_steps": 0, "head_power": 0.0, "map_source": "attention",
+                 "propagate_at": "each resolution", "exclusive": False}
+
+
+@pytest.mark.parametrize("node_refine", [{}, {"propagate_steps": 2, "head_power": 1.0},
+                                         {"propagate_steps": 2, "head_power": 4.0, "propagate_at": "finest resolution",
+                                          "exclusive": True}])
 def test_preview_switches_refinement_and_each_mask_is_the_node_mask(refined_run, pack, node_refine):
     """The payload holds the node's maps and the other refinement setting's; at every slider step the mask of
-    either is the MASK the node outputs with that setting."""
+    either is the MASK the node outputs with that setting (exclusive: the node's words compete, the other chips
+    do not)."""
     words, negative = "cat, red sofa, dog", "blurry"
     payload = refined_run(words, negative, **node_refine).ui["daam_preview"][0]
-    mine = {"propagate_steps": node_refine.get("propagate_steps", 0),
-            "head_power": node_refine.get("head_power", 0.0), "map_source": "attention"}
-    other = {"propagate_steps": 0, "head_power": 0.0, "map_source": "attention"} if node_refine else \
-        {"propagate_steps": 4, "head_power": 2.0, "map_source": "attention"}
+    mine = {**PLAIN_SETTING, **node_refine}
+    other = dict(PLAIN_SETTING) if node_refine else {**PLAIN_SETTING, "propagate_steps": 4, "head_power": 2.0}
     assert payload["refine"] == {"node": mine, "other": other}
     order = [index_of(payload, k) for k in ("cat", "red sofa", "dog")] + [index_of(payload, "blurry", "negative")]
     checked = 0
@@ -157,9 +162,14 @@ def test_preview_switches_refinement_and_each_mask_is_the_node_mask(refined_run,
         out = refined_run(words, negative, **setting)
         trace = out.result[3].trace
         keys = [x["key"] for x in payload["entries"] if x["prompt"] == "positive"]
-        ref = trace.word_maps(keys, image=0, size=trace.latent_hw, normalize="none", missing="zeros",
-                              propagate=setting["propagate_steps"], head_power=setting["head_power"]).numpy()
-        assert np.array_equal(decoded[0][0][:len(keys)], ref)
+        how = dict(image=0, size=trace.latent_hw, normalize="none", missing="zeros",
+                   propagate=setting["propagate_steps"], head_power=setting["head_power"],
+                   propagate_at=setting["propagate_at"].split()[0])
+        ref = trace.word_maps(keys, **how)
+        if setting["exclusive"]:
+            asked = ["cat", "red sofa", "dog"]
+            ref[[keys.index(k) for k in asked]] = trace.word_maps(asked, exclusive=True, **how)
+        assert np.array_equal(decoded[0][0][:len(keys)], ref.numpy())
         for step in (0, 25, 40, 77):
             masks = refined_run(words, negative, threshold=step / 100, **setting).result[2]
             for j, e in enumerate(order):
@@ -173,6 +183,5 @@ def test_preview_switches_refinement_and_each_mask_is_the_node_mask(refined_run,
 
 def test_plain_trace_offers_no_other_refinement(run):
     payload = run("cat").ui["daam_preview"][0]
-    assert payload["refine"] == {"node": {"propagate_steps": 0, "head_power": 0.0, "map_source": "attention"},
-                                 "other": None}
+    assert payload["refine"] == {"node": PLAIN_SETTING, "other": None}
     assert all("other" not in item for item in payload["images"])

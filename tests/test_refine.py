@@ -245,3 +245,91 @@ def test_shapes_pipeline_image_bit_identical_and_self_sums_exact():
     assert sum(v.nbytes for v in tr.self_sums.values()) == refine.self_attention_bytes(2, [(16, 16), (8, 8)])
     layers = [(*tr.layers[n].hw, tr.layers[n].heads) for n in tr.sums]
     assert sum(v.nbytes for v in tr.head_sums.values()) == refine.head_sum_bytes(2, layers, tr.layout(0).length)
+
+
+def two_layer_trace(fine, coarse, self_fine, self_coarse):
+    """A trace over "a dog and a cat" with a 4x4 layer and a 2x2 layer: ``fine [2, 16]`` / ``coarse [2, 4]`` are the
+    dog's and the cat's summed probabilities (one call each); the start token takes the rest."""
+    from daam_core.hosts.diffusers.tokenizers import clip_tokenizer
+    from daam_core.text.tokenize import tokenize
+
+    tok = clip_tokenizer()
+    layout = tokenize("a dog and a cat", tok, syntax="plain", chunked=False, max_length=tok.model_max_length,
+                      pad_with_end=True)
+    dog, cat = layout.positions("dog")[0], layout.positions("cat")[0]
+    sums, layers = {}, {}
+    for name, m, hw, factor in (("fine", fine, (4, 4), 1), ("coarse", coarse, (2, 2), 2)):
+        s = torch.zeros(1, hw[0] * hw[1], layout.length)
+        s[0, :, dog], s[0, :, cat] = m[0], m[1]
+        s[0, :, 0] = 1.0 - m.sum(0)
+        sums[name] = s
+        layers[name] = LayerInfo(name=name, part="down", kind="cross", order=factor, factor=factor, hw=hw, heads=1)
+    return AttentionTrace(sums=sums, layers=layers, calls={"fine": 1, "coarse": 1}, streams=[Stream(0, "cond", 0)],
+                          layouts=[layout], latent_hw=(4, 4), image_hw=(4, 4), recorded_branches=("cond",),
+                          self_sums={"4x4": self_fine[None], "2x2": self_coarse[None]},
+                          self_calls={"4x4": 1, "2x2": 1})
+
+
+def test_finest_propagation_sums_every_layer_at_the_finest_resolution_then_spreads_once():
+    torch.manual_seed(3)
+    fine, coarse = torch.rand(2, 16) * 0.3, torch.rand(2, 4) * 0.3
+    left = torch.tensor([x % 4 < 2 for x in range(16)])
+    self_fine = (left[:, None] == left[None, :]).float() * 2.0  # planted: each half attends to itself
+    self_coarse = torch.eye(4) + 0.5  # any matrix: "finest" never uses it
+    tr = two_layer_trace(fine, coarse, self_fine, self_coarse)
+    got = tr.word_maps(["dog", "cat"], image=0, normalize="none", upsample="nearest", propagate=1,
+                       propagate_at="finest").flatten(1)
+    # the reference by hand: the 2x2 map repeated over 2x2 blocks, added to the 4x4 map, over 2 calls; then each
+    # half takes its own mean (the planted self-attention)
+    blocks = torch.tensor([(y // 2) * 2 + (x // 2) for y in range(4) for x in range(4)])
+    summed = (fine + coarse[:, blocks]) / 2
+    want = torch.stack([torch.where(left, m[left].mean(), m[~left].mean()) for m in summed])
+    assert torch.allclose(got, want, atol=1e-7)
+    each = tr.word_maps(["dog", "cat"], image=0, normalize="none", upsample="nearest", propagate=1).flatten(1)
+    a2 = self_coarse / self_coarse.sum(-1, keepdim=True)
+    want_each = torch.stack([torch.where(left, f[left].mean(), f[~left].mean()) for f in fine])
+    want_each = (want_each + (coarse @ a2.t())[:, blocks]) / 2  # each resolution with its own self-attention
+    assert torch.allclose(each, want_each, atol=1e-7)
+    both = tr.word_maps(["dog", "cat"], image=0, normalize="none", upsample="nearest", propagate=1,
+                        propagate_at="both").flatten(1)
+    want_both = torch.stack([torch.where(left, m[left].mean(), m[~left].mean()) for m in want_each])
+    assert torch.allclose(both, want_both, atol=1e-7)  # each resolution first, then the finest once more
+    with pytest.raises(ValueError, match="propagate_at must be one of"):
+        tr.word_maps("dog", propagate=1, propagate_at="coarsest")
+
+
+def test_exclusive_words_keep_the_pixels_where_they_attend_most_against_their_own_mean():
+    # the dog attends strongly on the left and a little on the right; the cat little overall but most on the right.
+    # By raw probability the dog would take the right half too; against their own means the cat owns it.
+    left = torch.tensor([x % 4 < 2 for x in range(16)])
+    dog = torch.where(left, 0.6, 0.15)
+    cat = torch.where(left, 0.02, 0.12)
+    fine = torch.stack([dog, cat])
+    coarse = torch.zeros(2, 4)
+    eye = torch.eye(16)
+    tr = two_layer_trace(fine, coarse, eye, torch.eye(4))
+    plain = tr.word_maps(["dog", "cat"], image=0, normalize="none", upsample="nearest").double()
+    rel = plain / plain.flatten(1).mean(1)[:, None, None]
+    owner = rel.argmax(0)  # the reference rule, by hand: who is most above its own mean
+    assert torch.equal(owner.flatten(), (~left).long())  # the planted halves
+    excl = tr.word_maps(["dog", "cat"], image=0, upsample="nearest", exclusive=True)
+    normal = tr.word_maps(["dog", "cat"], image=0, upsample="nearest")
+    for j in range(2):
+        kept = normal[j] * (owner == j)
+        assert torch.allclose(excl[j], kept / kept.max())
+    masks = (excl >= 0.4).float()
+    assert masks[0].sum() > 0 and masks[1].sum() > 0 and (masks[0] * masks[1]).sum() == 0
+    # rivals: the dog against the cat is the dog's exclusive map; "dog" alone with no rival is unchanged
+    assert torch.equal(tr.word_maps("dog", image=0, upsample="nearest", rivals=["cat"])[0], excl[0])
+    assert torch.equal(tr.word_maps("dog", image=0, upsample="nearest", rivals=[])[0], normal[0])
+    # without exclusive the words do not compete with each other, only with the rivals
+    both = tr.word_maps(["dog", "a"], image=0, upsample="nearest", rivals=["cat"])
+    assert torch.equal(both[0], excl[0])
+    assert torch.equal(both[1], tr.word_maps("a", image=0, upsample="nearest", rivals=["cat"])[0])
+    # a word the model never attends to owns nothing (a zero map, not an error)
+    none = two_layer_trace(torch.stack([dog, torch.zeros(16)]), coarse, eye, torch.eye(4))
+    z = none.word_maps(["dog", "cat"], image=0, upsample="nearest", exclusive=True)
+    assert torch.equal(z[1], torch.zeros(4, 4)) and torch.allclose(z[0], none.word_maps("dog", image=0,
+                                                                                         upsample="nearest")[0])
+    with pytest.raises(Exception, match="horse"):
+        tr.word_maps("dog", rivals=["horse"])

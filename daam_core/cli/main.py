@@ -101,7 +101,7 @@ def generate(pipe, args, out: Path) -> dict:
                        guidance=args.guidance, syntax=args.syntax, model=str(getattr(args, "model", "demo")))
     if not words:
         words = [w.text for w in result.layout(0).words][:6]
-    refined = dict(propagate=args.propagate, head_power=args.head_power)
+    refined = refinements(args)
     summary = write_outputs(result, words, out, images, threshold=args.threshold, mode=args.mode, cmap=args.cmap,
                             alpha=args.alpha, **refined)
     if args.negative and args.negative_words:
@@ -180,19 +180,24 @@ def cmd_analyze(args) -> dict:
         images = pics
     summary = write_outputs(trace, words, out, images, branch=branch, threshold=args.threshold, mode=args.mode,
                             combine=args.combine, normalize=args.normalize, cmap=args.cmap, alpha=args.alpha,
-                            save_trace=False, propagate=args.propagate, head_power=args.head_power,
-                            source=args.source)
+                            save_trace=False, source=args.source, **refinements(args))
     if args.iou:
         pair = split_words(args.iou)
         if len(pair) != 2:
             raise CliError("--iou takes two words separated by a comma, e.g. --iou cat,dog")
         check_words(trace, pair, branch)
         maps = trace.word_maps(pair, branch=branch, combine=args.combine, normalize=args.normalize,
-                               propagate=args.propagate, head_power=args.head_power, source=args.source)
+                               source=args.source, **refinements(args))
         m = mask_ops.threshold(maps, args.threshold, args.mode)
         summary["iou"] = {f"{pair[0]}|{pair[1]}": [metrics.iou(m[b, 0], m[b, 1]) for b in range(m.shape[0])]}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def refinements(args) -> dict:
+    """The ``word_maps`` refinements the command line asks for."""
+    return dict(propagate=args.propagate, propagate_at=args.propagate_at, head_power=args.head_power,
+                exclusive=args.exclusive)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -203,8 +208,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     p.add_argument("--propagate", type=int, default=0, help="self-attention propagation steps k (map <- A^k map; "
                    "0 = plain DAAM); generate/demo then record self-attention sums (see docs/benchmarks.md)")
+    p.add_argument("--propagate-at", choices=("each", "finest", "both"), default="each",
+                   help="with --propagate: each layer resolution with its own self-attention, all layers summed "
+                   "at the finest recorded resolution and propagated there, or both (the first, then the second)")
     p.add_argument("--head-power", type=float, default=0.0, help="weight each attention head by its map's "
                    "concentration to this power (0 = plain DAAM); generate/demo then record per-head sums")
+    p.add_argument("--exclusive", action="store_true", help="the words compete for pixels: each keeps only the "
+                   "pixels where it attends most, relative to its own average (masks never overlap)")
 
 
 def _sampling(p: argparse.ArgumentParser, prompt_default: str | None, words_default: str | None) -> None:

@@ -49,18 +49,18 @@ def check_words(trace: AttentionTrace, words: Sequence[str], branch: str) -> Non
 def write_outputs(trace: AttentionTrace, words: Sequence[str], out: Path, images: Sequence[np.ndarray] | None = None,
                   *, branch: str = "cond", threshold: float = 0.4, mode: str = "relative", combine: str = "mean",
                   normalize: str = "minmax", cmap: str = "jet", alpha: float = 0.5, save_trace: bool = True,
-                  propagate: int = 0, head_power: float = 0.0, source: str = "attention") -> dict:
+                  **refinements) -> dict:
     """Write heat maps, overlays, masks, a labelled grid and (optionally) the trace into ``out``.
 
-    ``propagate``, ``head_power`` and ``source``: the refinements of :meth:`AttentionTrace.word_maps` (0, 0,
-    ``"attention"``: plain DAAM).
+    ``refinements``: keyword arguments of :meth:`AttentionTrace.word_maps` that refine the maps (``propagate``,
+    ``propagate_at``, ``head_power``, ``source``, ``exclusive``); none = plain DAAM.
 
     Returns a JSON-safe summary: files written and, per image and word, the mask's area fraction.
     """
     out.mkdir(parents=True, exist_ok=True)
     check_words(trace, words, branch)
     maps = trace.word_maps(list(words), branch=branch, combine=combine, normalize=normalize,
-                           propagate=propagate, head_power=head_power, source=source)  # [B, W, H, W]
+                           **refinements)  # [B, W, H, W]
     binary = mask_ops.threshold(maps, threshold, mode)
     taken: set[str] = set()
     stems = [file_stem(w, taken) for w in words]

@@ -317,14 +317,40 @@ def propagate(maps: torch.Tensor, a: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+PROPAGATE_AT = ("each", "finest", "both")
+
+
+def finest_resolution(self_sums: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """The largest layer resolution ``(h, w)`` among the recorded self-attention sums."""
+    if not self_sums:
+        raise ValueError("propagation needs self-attention sums: trace with self-attention recorded "
+                         "(refine=RefineRecording(self_attention=True))")
+    return max((tuple(int(x) for x in key.split("x")) for key in self_sums), key=lambda hw: hw[0] * hw[1])
+
+
 def token_maps(sums: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int]], calls: Mapping[str, int],
                stream: int, positions: Sequence[int], size: tuple[int, int], mode: str = "bicubic", *,
                self_sums: Mapping[str, torch.Tensor] | None = None, steps: int = 0,
-               head_sums: Mapping[str, torch.Tensor] | None = None, head_power: float = 0.0) -> torch.Tensor:
-    """:func:`daam_core.engine.aggregate.token_maps` with the refinements: each layer's map is the weighted head
-    sum (``head_power != 0``, from ``head_sums``), each resolution's sum is propagated ``steps`` times with that
-    resolution's self-attention (``self_sums``; a resolution without one is left as it is), then upsampled and
-    summed as in plain DAAM."""
+               head_sums: Mapping[str, torch.Tensor] | None = None, head_power: float = 0.0,
+               at: str = "each") -> torch.Tensor:
+    """:func:`daam_core.engine.aggregate.token_maps` with the refinements.
+
+    Each layer's map is the weighted head sum (``head_power != 0``, from ``head_sums``). Propagation (``steps``
+    times, ``self_sums``):
+
+    - ``at="each"``: each resolution's sum is propagated with that resolution's own self-attention (a resolution
+      without one is left as it is), then upsampled and summed as in plain DAAM;
+    - ``at="finest"``: every layer's map is summed at the finest resolution whose self-attention was recorded
+      (coarser layers upsampled to it, finer ones downsampled), propagated there with that resolution's
+      self-attention, then upsampled to ``size``;
+    - ``at="both"``: each resolution propagated as with ``"each"``, then summed at the finest one and propagated
+      there as with ``"finest"``.
+
+    Returns ``[P, *size]`` float32.
+    """
+    if at not in PROPAGATE_AT:
+        raise ValueError(f"propagate_at must be one of {PROPAGATE_AT}, got {at!r}")
+
     def layer_maps(name: str, acc: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if head_power == 0.0:
             return acc[stream].index_select(1, pos).t()
@@ -340,5 +366,27 @@ def token_maps(sums: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int,
             return propagate(part, propagation_matrix(self_sums[key][stream]), steps)
         return part
 
+    if steps > 0 and at in ("finest", "both"):
+        hw = finest_resolution(self_sums or {})
+        maps = aggregate.token_maps(sums, shapes, calls, stream, positions, hw, mode, layer_maps=layer_maps,
+                                    resolution_maps=resolution_maps if at == "both" else None)
+        maps = propagate(maps.flatten(1), propagation_matrix(self_sums[resolution_key(hw)][stream]), steps)
+        return aggregate.resize_maps(maps.reshape(len(positions), *hw), size, mode)
     return aggregate.token_maps(sums, shapes, calls, stream, positions, size, mode, layer_maps=layer_maps,
                                 resolution_maps=resolution_maps)
+
+
+def exclusive_owners(plain: torch.Tensor, rivals: int = 0) -> torch.Tensor:
+    """Which pixels each word owns when words compete: ``[W, H, W]`` booleans of the first ``W - rivals`` maps.
+
+    ``plain`` holds the competing words' unnormalised plain DAAM maps ``[W, H, W]`` (the last ``rivals`` of them
+    compete without being returned). A word owns a pixel where its map, divided by its own mean over the image,
+    is at least every other word's: each word is judged by how much more than usual it attends there, so a word
+    that draws little attention overall (a second noun) still owns the pixels where it is strongest. A word with
+    no attention at all owns nothing.
+    """
+    m = plain.double().clamp_min(0)
+    mean = m.flatten(1).mean(1)
+    rel = torch.where(mean[:, None, None] > 0, m / mean.clamp_min(1e-300)[:, None, None], torch.zeros_like(m))
+    owns = (rel >= rel.amax(0, keepdim=True)) & (mean[:, None, None] > 0)
+    return owns[:plain.shape[0] - rivals]

@@ -259,9 +259,9 @@ class AttentionTrace:
     def token_maps(self, positions: Sequence[int], image: int = 0, branch: str = "cond", *,
                    layers=None, factors=None, parts=None, size: tuple[int, int] | None = None, locations=None,
                    upsample: str = "bicubic", propagate: int = 0, head_power: float = 0.0,
-                   source: str = "attention") -> torch.Tensor:
+                   source: str = "attention", propagate_at: str = "each") -> torch.Tensor:
         """Maps ``[P, h, w]`` of token positions (mean head-summed probability per layer call); ``propagate``,
-        ``head_power`` and ``source`` as in :meth:`word_maps`."""
+        ``propagate_at``, ``head_power`` and ``source`` as in :meth:`word_maps`."""
         stream = self.stream_index(image, branch)
         t = self.layouts[self.streams[stream].prompt].length
         bad = [p for p in positions if not 0 <= p < t]
@@ -270,6 +270,8 @@ class AttentionTrace:
         names = self.select_layers(layers, factors, parts, locations=locations)
         if propagate < 0:
             raise ValueError(f"propagate must be >= 0 self-attention steps, got {propagate}")
+        if propagate_at not in refine.PROPAGATE_AT:
+            raise ValueError(f"propagate_at must be one of {refine.PROPAGATE_AT}, got {propagate_at!r}")
         if propagate and not self.self_sums:
             raise ValueError("propagation needs self-attention sums: trace with self-attention recorded "
                              "(refine=RefineRecording(self_attention=True))")
@@ -289,7 +291,7 @@ class AttentionTrace:
             maps = refine.token_maps({n: self.sums[n] for n in names}, {n: self.layers[n].hw for n in names},
                                      self.calls, self._row(stream), positions, self.latent_hw, upsample,
                                      self_sums=self.self_sums, steps=propagate, head_sums=self.head_sums,
-                                     head_power=head_power)
+                                     head_power=head_power, at=propagate_at)
         else:
             maps = aggregate.token_maps({n: sums[n] for n in names}, {n: self.layers[n].hw for n in names},
                                         calls, self._row(stream), positions, self.latent_hw, upsample)
@@ -301,7 +303,8 @@ class AttentionTrace:
                   combine: str = "mean", normalize: str = "minmax", size: tuple[int, int] | None = None,
                   layers=None, factors=None, parts=None, upsample: str = "bicubic", locations=None,
                   missing: str = "error", segments: str | None = None, propagate: int = 0,
-                  head_power: float = 0.0, source: str = "attention") -> torch.Tensor:
+                  head_power: float = 0.0, source: str = "attention", propagate_at: str = "each",
+                  exclusive: bool = False, rivals: Sequence[str] = ()) -> torch.Tensor:
         """Heat maps of words or phrases.
 
         Parameters
@@ -328,12 +331,24 @@ class AttentionTrace:
         propagate : int
             Self-attention propagation steps ``k`` (``map <- A^k map`` per layer resolution, ``A`` the row-normalised
             self-attention sum); 0 = plain DAAM. Needs self-attention sums (:attr:`self_sums`).
+        propagate_at : {"each", "finest", "both"}
+            ``"each"``: every layer resolution is propagated with its own self-attention; ``"finest"``: all layers
+            are summed at the finest resolution whose self-attention was recorded and propagated there;
+            ``"both"``: the first, then the second (:func:`~daam_core.engine.refine.token_maps`).
         head_power : float
             Weight each head of each layer by its map's concentration to this power
             (:func:`~daam_core.engine.refine.head_weights`); 0 = plain DAAM. Needs :attr:`head_sums`.
         source : {"attention", "output"}
             ``"attention"``: DAAM's attention probabilities; ``"output"``: joint attention's output-similarity
             maps (ConceptAttention-style, :mod:`~daam_core.engine.refine`). Needs :attr:`output_sums`.
+        exclusive : bool
+            The words compete for pixels: each keeps only the pixels it owns by
+            :func:`~daam_core.engine.refine.exclusive_owners` (judged on the plain maps of the same layers and
+            source), the rest is set to 0 and the map normalised again. Masks of two words then never overlap.
+        rivals : sequence of str
+            More words that compete with each word (and are not returned): ``word_maps("dog", rivals=["cat"])`` is
+            the dog's map without the pixels the cat owns. Without ``exclusive`` the words do not compete with each
+            other, only with the rivals.
 
         Returns
         -------
@@ -341,8 +356,19 @@ class AttentionTrace:
         """
         if isinstance(words, str):
             words = [words]
+        if isinstance(rivals, str):
+            rivals = [rivals]
         if not words:
             raise ValueError("no words given: name at least one word or phrase of the prompt")
+        if exclusive or rivals:
+            refined = self.word_maps(words, image, branch, combine=combine, normalize=normalize, size=size,
+                                     layers=layers, factors=factors, parts=parts, upsample=upsample,
+                                     locations=locations, missing=missing, segments=segments, propagate=propagate,
+                                     head_power=head_power, source=source, propagate_at=propagate_at)
+            plain = self.word_maps([*words, *rivals], image, branch, combine=combine, normalize="none", size=size,
+                                   layers=layers, factors=factors, parts=parts, upsample=upsample,
+                                   locations=locations, missing=missing, segments=segments, source=source)
+            return compete(refined, plain, len(rivals), exclusive, normalize)
         if missing not in ("error", "zeros"):
             raise ValueError("missing must be 'error' or 'zeros'")
         size = tuple(size or self.image_hw)
@@ -365,7 +391,7 @@ class AttentionTrace:
             if flat:
                 maps = self.token_maps(flat, i, branch, layers=layers, factors=factors, parts=parts,
                                        locations=locations, upsample=upsample, propagate=propagate,
-                                       head_power=head_power, source=source)
+                                       head_power=head_power, source=source, propagate_at=propagate_at)
                 index = {p: j for j, p in enumerate(flat)}
                 per_word = aggregate.combine_tokens(maps, [[index[p] for p in g] or [0] for g in groups], combine)
                 per_word = aggregate.finish_maps(per_word, size, normalize, upsample)
@@ -405,6 +431,25 @@ class AttentionTrace:
     def load(cls, path) -> "AttentionTrace":
         """Read a trace written by :meth:`save`; see :func:`load_trace`."""
         return load_trace(path)
+
+
+def compete(maps: torch.Tensor, plain: torch.Tensor, rivals: int, exclusive: bool, normalize: str) -> torch.Tensor:
+    """Word maps ``[..., W, H, W]`` kept where each word owns the pixel (:func:`refine.exclusive_owners` of the plain
+    maps ``[..., W + rivals, H, W]``: among all words and the rivals when ``exclusive``, else each word against the
+    rivals alone), normalised again the way they were."""
+    w = maps.shape[-3]
+    flat_maps, flat_plain = maps.reshape(-1, *maps.shape[-3:]), plain.reshape(-1, *plain.shape[-3:])
+    out = []
+    for m, p in zip(flat_maps, flat_plain):
+        if exclusive:
+            owns = refine.exclusive_owners(p, rivals)
+        else:
+            owns = torch.stack([refine.exclusive_owners(torch.cat([p[j:j + 1], p[w:]]), rivals)[0] for j in range(w)])
+        out.append(m * owns.to(m.dtype))
+    out = torch.stack(out).reshape(maps.shape)
+    if normalize == "none":
+        return out
+    return aggregate.normalize_maps(out, "shared" if normalize == "shared" else "max")
 
 
 def _frames_apart(x: torch.Tensor, frames: int) -> torch.Tensor:

@@ -90,9 +90,14 @@ const MAX_IMAGE_BUTTONS = 8; // more images than this (a video's frames) get a s
 function describeRefine(r) {
   const parts = [];
   if (r.map_source && r.map_source !== "attention") parts.push(r.map_source);
-  if (r.propagate_steps > 0) parts.push(`propagate ${r.propagate_steps}`);
+  if (r.propagate_steps > 0) parts.push(`propagate ${r.propagate_steps}${r.propagate_at === "finest resolution" ? " (finest)" : ""}`);
   if (r.head_power > 0) parts.push(`heads ${r.head_power}`);
+  if (r.exclusive) parts.push("exclusive");
   return parts.join(", ");
+}
+
+function isRefined(r) {
+  return r.propagate_steps > 0 || r.head_power > 0 || !!r.exclusive || (r.map_source || "attention") !== "attention";
 }
 
 class DaamPreview {
@@ -319,7 +324,7 @@ class DaamPreview {
     this.thresholdText.textContent = (step / d.threshold_steps).toFixed(2);
     this.modeButton.textContent = this.mode === "mask" ? "overlay" : "mask";
     const r = this.shownRefine();
-    const refined = r.propagate_steps > 0 || r.head_power > 0 || (r.map_source || "attention") !== "attention";
+    const refined = isRefined(r);
     this.refineButton.textContent = refined ? `refined (${describeRefine(r)})` : "plain";
     this.refineButton.classList.toggle("daam-on", refined);
     this.timeText.textContent = this.bucket === 0 ? "all steps"
@@ -419,6 +424,8 @@ class DaamPreview {
       set("propagate_steps", r.propagate_steps);
       set("head_power", r.head_power);
       set("map_source", r.map_source || "attention");
+      set("propagate_at", r.propagate_at || "each resolution");
+      set("exclusive", !!r.exclusive);
     }
     this.node.setDirtyCanvas?.(true, true);
     app.graph?.setDirtyCanvas?.(true, true);

@@ -70,15 +70,21 @@ def refine_recording(self_attention: bool, head_sums: bool, max_queries: int = D
 
 
 MAP_SOURCES = {"attention": "attention", "output similarity": "output"}  # node label -> word_maps(source=...)
+PROPAGATE_AT = {"each resolution": "each", "finest resolution": "finest", "both": "both"}  # node label -> word_maps(propagate_at=)
 
 
 def refined_word_maps(trace: AttentionTrace, words, *, propagate_steps: int = 0, head_power: float = 0.0,
-                      map_source: str = "attention", **kwargs) -> torch.Tensor:
-    """``trace.word_maps(words, propagate=..., head_power=..., source=..., **kwargs)`` with errors that name the
-    node inputs when the trace lacks the sums a refinement needs."""
+                      map_source: str = "attention", propagate_at: str = "each resolution", exclusive: bool = False,
+                      rivals=(), **kwargs) -> torch.Tensor:
+    """``trace.word_maps(words, propagate=..., head_power=..., source=..., propagate_at=..., exclusive=...,
+    rivals=..., **kwargs)`` with errors that name the node inputs when the trace lacks the sums a refinement
+    needs."""
     source = MAP_SOURCES.get(map_source)
     if source is None:
         raise ValueError(f"unknown map_source {map_source!r}; use one of {list(MAP_SOURCES)}")
+    at = PROPAGATE_AT.get(propagate_at)
+    if at is None:
+        raise ValueError(f"unknown propagate_at {propagate_at!r}; use one of {list(PROPAGATE_AT)}")
     if propagate_steps and not trace.self_sums:
         raise ValueError("propagate_steps needs self-attention sums: turn on record_self_attention in "
                          "'DAAM Trace Model' (UNet models; resolutions up to its self_attention_max are recorded)")
@@ -87,7 +93,8 @@ def refined_word_maps(trace: AttentionTrace, words, *, propagate_steps: int = 0,
     if source == "output" and not trace.output_sums:
         raise ValueError("map_source 'output similarity' needs output-similarity sums: turn on "
                          "record_output_similarity in 'DAAM Trace Model' (joint-attention models: SD3, Flux, ...)")
-    return trace.word_maps(words, propagate=propagate_steps, head_power=head_power, source=source, **kwargs)
+    return trace.word_maps(words, propagate=propagate_steps, head_power=head_power, source=source, propagate_at=at,
+                           exclusive=exclusive, rivals=rivals, **kwargs)
 
 
 def record_filter(model, *, factors, parts, parts_choices: dict, parts_label: str, resolutions_label: str,
