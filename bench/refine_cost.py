@@ -36,7 +36,11 @@ from daam_core.engine.refine import RefineRecording  # noqa: E402
 MODES = {"traced": None, "self": RefineRecording(self_attention=True), "heads": RefineRecording(head_sums=True),
          "both": RefineRecording(self_attention=True, head_sums=True)}
 MAPS = {"plain": {}, "propagate:2": {"propagate": 2}, "heads:1": {"head_power": 1.0},
-        "propagate:2+heads:1": {"propagate": 2, "head_power": 1.0}}
+        "propagate:2+heads:1": {"propagate": 2, "head_power": 1.0},
+        "finest:2+heads:4": {"propagate": 2, "propagate_at": "finest", "head_power": 4.0},
+        "exclusive": {"exclusive": True},
+        "finest:2+heads:4+exclusive": {"propagate": 2, "propagate_at": "finest", "head_power": 4.0, "exclusive": True},
+        "both:1+heads:4+exclusive": {"propagate": 1, "propagate_at": "both", "head_power": 4.0, "exclusive": True}}
 
 
 def median_time(fn, repeats: int) -> float:

@@ -34,8 +34,10 @@ DESCRIPTIONS = {
     "shapes_heatmaps": ("No checkpoint needed", "The shipped shapes model draws 'a red circle on the left and a "
                         "blue square on the right'; heat maps, overlays and masks of circle, square, red and blue. "
                         "Hover, toggle and threshold them in the preview on DAAM Heatmaps."),
-    "shapes_inpaint_word_mask": ("No checkpoint needed", "The mask of 'circle' repaints the red circle as a yellow "
-                                 "square (VAEEncodeForInpaint); every pixel outside the mask stays."),
+    "shapes_inpaint_word_mask": ("No checkpoint needed", "The mask of 'circle' (refined: propagated through the "
+                                 "model's self-attention, heads weighted, competing with 'square') repaints the red "
+                                 "circle as a yellow square (VAEEncodeForInpaint); every pixel outside the mask "
+                                 "stays."),
     "txt2img_heatmaps": ("Needs a checkpoint", "Per-word heat maps, overlays and masks of 'a cat and a dog on a "
                          "red sofa' and of the negative word 'blurry' (set ckpt_name to your SD1.x/SD2.x/SDXL model)."),
     "inpaint_word_mask": ("Needs a checkpoint", "The mask of 'dog' repaints the dog as a sleeping fox; only the "
