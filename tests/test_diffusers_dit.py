@@ -199,6 +199,31 @@ def test_sd35_exact_image_identical_clip_and_t5_words_negative(sd35, monkeypatch
     assert res.word_maps("blurry", image=0, branch="uncond").max() == 1
 
 
+def test_sd3_without_t5_exact_and_image_identical(clip_tokenizer_dir, t5_dir, monkeypatch):
+    """SD3 loaded without its T5 (``text_encoder_3=None``, a documented way to save memory): the pipeline's
+    zero T5 vectors follow the 77 CLIP positions; they take part in the softmax and are no word."""
+    pipe = tiny_sd3_pipeline(seed=2, tokenizer_dir=clip_tokenizer_dir, t5_dir=t5_dir)
+    pipe.text_encoder_3, pipe.tokenizer_3 = None, None
+    n_img = (32 // 4) * (48 // 4)
+    length = n_img + 77 + T5_LEN
+    plain = run(pipe, guidance_scale=1.0)
+    with trace(pipe) as tc:
+        with AttentionSpy(pipe, monkeypatch, "sd3", ((n_img, length), (0, n_img)), length=length) as spy:
+            traced = run(pipe, guidance_scale=1.0)
+    assert_same_image(plain, traced, "SD3 without T5, traced image")
+    res = tc.result()
+    for name, ref in spy.ref.items():
+        torch.testing.assert_close(res.sums[name][0].double(), ref[0], atol=1e-5, rtol=0)
+    layout = res.layout(0)
+    assert layout.length == 77 + T5_LEN and [(g.name, g.start, g.stop) for g in layout.segments] == \
+        [("clip", 0, 77), ("t5", 77, 77 + T5_LEN)]
+    dog = pipe.tokenizer(PROMPT).input_ids.index(pipe.tokenizer.convert_tokens_to_ids("dog</w>"))
+    assert layout.positions("dog") == (dog,)
+    assert all(w < 0 for w in layout.word_of[77:])
+    with pytest.raises(Exception, match="dog"):
+        res.word_maps("dog", segments="t5")
+
+
 def test_sd3_img2img_and_inpaint(sd3):
     from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
 
