@@ -13,6 +13,7 @@ threshold and the window of sampling steps recorded. Head/dependent overlap (mIo
 pairs as in the paper. Ends with one JSON line.
 
     python bench/attribution.py --refine --seeds 1234,1235,1236   # plain DAAM against the refinements
+    python bench/attribution.py --refine --dit                    # joint attention: output similarity
 
 ``--refine`` (issue 24) traces every image once with self-attention and per-head sums
 (:mod:`daam_core.engine.refine`), scores plain DAAM and each refinement (self-attention propagation ``k`` steps at
@@ -42,6 +43,10 @@ from daam_core.shapes import model as shapes_model, scenes  # noqa: E402
 
 
 def load_pipeline(args):
+    if args.dit:
+        from daam_core.shapes import dit
+
+        return dit.load_shapes_dit_pipeline(args.dit_folder)
     if args.checkpoint:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
         from train_shapes import load_state
@@ -56,11 +61,24 @@ def load_pipeline(args):
 
 
 def img2img_of(pipe):
-    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline, StableDiffusionImg2ImgPipeline
 
-    p = StableDiffusionImg2ImgPipeline(**pipe.components)
+    cls = StableDiffusion3Img2ImgPipeline if isinstance(pipe, StableDiffusion3Pipeline) else \
+        StableDiffusionImg2ImgPipeline
+    p = cls(**pipe.components)
     p.set_progress_bar_config(disable=True)
     return p
+
+
+def call_options(pipe) -> dict:
+    """Extra pipeline arguments: the joint-attention shapes model's T5 length (its zero T5 positions)."""
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+
+    if isinstance(pipe, (StableDiffusion3Pipeline, StableDiffusion3Img2ImgPipeline)):
+        from daam_core.shapes import dit
+
+        return {"max_sequence_length": dit.T5_TOKENS}
+    return {}
 
 
 def test_scenes(n_one: int, n_two: int, seed: int) -> list:
@@ -100,7 +118,7 @@ def real_scene_traces(pipe, items, strength: float, seed: int, refine: RefineRec
     for s in items:
         with trace(i2i, refine=refine) as tc:
             i2i(s.caption, image=to_pil(s.image), strength=1 / steps, num_inference_steps=steps, guidance_scale=1.0,
-                generator=torch.Generator().manual_seed(seed), output_type="np")
+                generator=torch.Generator().manual_seed(seed), output_type="np", **call_options(i2i))
         traces.append(tc.result())
     return traces
 
@@ -164,7 +182,7 @@ def generate(pipe, items, seed: int, steps: int, guidance: float, time_window=(0
     for i, s in enumerate(items):
         with trace(pipe, time_window=time_window, refine=refine) as tc:
             img = pipe(s.caption, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
-                       generator=torch.Generator().manual_seed(seed + i)).images[0]
+                       generator=torch.Generator().manual_seed(seed + i), **call_options(pipe)).images[0]
         img = render.to_uint8(img)
         found = {c: (shape, m) for c, shape, m in scenes.detect_objects(img)}
         ok = all(o.color in found and found[o.color][0] == o.shape for o in s.objects)
@@ -205,7 +223,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="no ablations")
     ap.add_argument("--refine", action="store_true", help="compare plain DAAM with the refinements (issue 24)")
     ap.add_argument("--seeds", default="1234,1235,1236", help="with --refine: comma-separated seeds")
+    ap.add_argument("--dit", action="store_true", help="with --refine: the joint-attention shapes model "
+                    "(daam_core/shapes/dit.py): attention against output similarity")
+    ap.add_argument("--dit-folder", help="with --dit: a trained transformer folder's parent (default: the shipped)")
     args = ap.parse_args(argv)
+    if args.dit and not args.refine:
+        ap.error("--dit compares the maps of the joint-attention model: use it with --refine")
     with torch.no_grad():  # not set_grad_enabled(False): main() is also called inside the test process
         result = run_refine(args) if args.refine else run(args)
     print(json.dumps(result))
@@ -273,6 +296,12 @@ REFINE_VARIANTS = {
     "both:1+heads:4+exclusive": {"propagate": 1, "propagate_at": "both", "head_power": 4.0, "exclusive": True},
     "both:2+heads:4+exclusive": {"propagate": 2, "propagate_at": "both", "head_power": 4.0, "exclusive": True},
 }
+DIT_VARIANTS = {  # joint attention: no self-attention or per-head sums; output similarity instead
+    "plain": {},
+    "exclusive": {"exclusive": True},
+    "output": {"source": "output"},
+    "output+exclusive": {"source": "output", "exclusive": True},
+}
 REFINE_KEYS = ("noun_1", "noun_2", "noun_2_wrong", "color_1", "color_2", "whole_1", "whole_2")
 
 
@@ -284,10 +313,10 @@ def whole_baseline(res: dict, scene, mask_of) -> None:
         res[f"whole_{n}"].append(metrics.iou(torch.ones_like(gt, dtype=torch.float32), gt))
 
 
-def refine_scores(pairs, tau: float = 0.4) -> dict:
+def refine_scores(pairs, tau: float = 0.4, variants: dict | None = None) -> dict:
     """Per variant the mean scores over ``pairs`` of ``(trace, scene, mask_of)``."""
     out = {}
-    for name, opts in REFINE_VARIANTS.items():
+    for name, opts in (variants or REFINE_VARIANTS).items():
         res = {**empty_scores(), "whole_1": [], "whole_2": []}
         for tr, s, mask_of in pairs:
             score_objects(res, tr, s, mask_of, tau, **opts)
@@ -301,32 +330,36 @@ def refine_scores(pairs, tau: float = 0.4) -> dict:
 
 
 def run_refine(args) -> dict:
-    """Every variant of :data:`REFINE_VARIANTS` on rendered and generated scenes, per seed; mean and spread."""
+    """Every variant of :data:`REFINE_VARIANTS` (:data:`DIT_VARIANTS` with ``--dit``) on rendered and generated
+    scenes, per seed; mean and spread."""
     t0 = time.time()
     pipe = load_pipeline(args)
-    opts = RefineRecording(self_attention=True, head_sums=True)
+    variants = DIT_VARIANTS if args.dit else REFINE_VARIANTS
+    opts = RefineRecording(output_similarity=True) if args.dit else RefineRecording(self_attention=True,
+                                                                                     head_sums=True)
     per_seed = {"real": [], "generated": []}
     drawn_right = []
     for seed in (int(x) for x in args.seeds.split(",")):
         items = test_scenes(args.scenes, args.scenes, seed)
         traces = real_scene_traces(pipe, items, 0.25, seed, refine=opts)
-        per_seed["real"].append(refine_scores([(tr, s, lambda o: o.mask) for tr, s in zip(traces, items)]))
+        per_seed["real"].append(refine_scores([(tr, s, lambda o: o.mask) for tr, s in zip(traces, items)],
+                                              variants=variants))
         gen = test_scenes(args.generated, args.generated, seed + 1)
         drawn = generate(pipe, gen, seed, args.steps, args.guidance, refine=opts)
         pairs = [(tr, s, (lambda f: lambda o: f[o.color][1])(found)) for (tr, found, ok), s in zip(drawn, gen) if ok]
-        per_seed["generated"].append(refine_scores(pairs))
+        per_seed["generated"].append(refine_scores(pairs, variants=variants))
         drawn_right.append(sum(ok for _, _, ok in drawn) / len(gen))
     summary = {}
     for kind, seeds in per_seed.items():
         summary[kind] = {}
-        for name in REFINE_VARIANTS:
+        for name in variants:
             row = {}
             for key in REFINE_KEYS:
                 vals = [s[name][key] for s in seeds if key in s[name]]
                 if vals:
                     row[key] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals))}
             summary[kind][name] = row
-    return {"bench": "attribution-refine", "seeds": args.seeds, "scenes": args.scenes, "generated": args.generated,
+    return {"bench": "attribution-refine", "model": "shapes DiT" if args.dit else "shapes UNet", "seeds": args.seeds, "scenes": args.scenes, "generated": args.generated,
             "drawn_right": drawn_right, "summary": summary, "per_seed": per_seed,
             "seconds": round(time.time() - t0, 1)}
 

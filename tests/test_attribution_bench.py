@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from daam_core.shapes import model as shapes_model  # noqa: E402
+from daam_core.shapes import dit as shapes_dit, model as shapes_model  # noqa: E402
 
 
 @pytest.mark.skipif(not shapes_model.available(), reason="no shapes model shipped")
@@ -47,6 +47,27 @@ def test_refinement_comparison_at_small_scale(capsys):
             assert kept <= spill and kept <= 0.05, (kind, kept, spill)
         # the noun maps of one object do not depend on exclusivity: there is nothing to compete with
         assert rows["finest:2+heads:4"]["noun_1"] == rows["finest:2+heads:4+exclusive"]["noun_1"]
+
+
+@pytest.mark.skipif(not shapes_dit.available(), reason="no joint-attention shapes model shipped")
+def test_joint_attention_model_compares_attention_and_output_similarity(capsys):
+    """``--refine --dit``: the joint-attention shapes model traced with output-similarity sums; on rendered scenes
+    both kinds of map find the named object far better than the whole image does, and competing nouns take the
+    spill off the other object."""
+    import attribution
+
+    assert attribution.main(["--refine", "--dit", "--scenes", "4", "--generated", "2", "--steps", "12",
+                             "--seeds", "1234"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["model"] == "shapes DiT"
+    rows = result["summary"]["real"]
+    assert set(rows) == set(attribution.DIT_VARIANTS) == set(result["summary"]["generated"])
+    whole = rows["plain"]["whole_1"]["mean"]
+    for name in ("plain", "output"):
+        assert rows[name]["noun_1"]["mean"] > 3 * whole, (name, rows[name]["noun_1"], whole)
+    for name in ("plain", "output"):
+        assert rows[f"{name}+exclusive" if name == "output" else "exclusive"]["noun_2_wrong"]["mean"] <= \
+            rows[name]["noun_2_wrong"]["mean"]
 
 
 @pytest.mark.skipif(not shapes_model.available(), reason="no shapes model shipped")
