@@ -143,8 +143,8 @@ def _latent_maps(trace: AttentionTrace, entries: list[Entry], combine: str, imag
 def other_refinement(trace: AttentionTrace, node: dict) -> dict | None:
     """The refinement setting the preview offers besides the node's (``node``, keys as :data:`PLAIN`): plain DAAM
     after refined maps, else output similarity where the trace holds it, else :data:`DEFAULT_REFINE` for the sums
-    the trace holds; None when it holds none."""
-    if node != PLAIN:
+    the trace holds; None when it holds none. Where to propagate does not matter without propagation steps."""
+    if {**node, "propagate_at": node["propagate_at"] if node["propagate_steps"] else PLAIN["propagate_at"]} != PLAIN:
         return dict(PLAIN)
     if trace.output_sums:
         return {**PLAIN, "map_source": "output similarity"}

@@ -33,12 +33,15 @@ def build_transformer(seed: int = 0):
 def _text_encoder(folder: Path, dtype):
     """The shapes CLIP as ``CLIPTextModelWithProjection`` with an identity projection (its pooled vector is the
     end token's hidden state, as SD3's pipeline reads it)."""
-    from transformers import CLIPTextModelWithProjection
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    enc = CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder"), torch_dtype=dtype)
+    enc = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(folder / "text_encoder")))
+    state = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    enc.text_model.load_state_dict({k.removeprefix("text_model."): v for k, v in state.items()})  # strict
     with torch.no_grad():
-        enc.text_projection.weight.copy_(torch.eye(TEXT_WIDTH, dtype=dtype))
-    return enc.eval().requires_grad_(False)
+        enc.text_projection.weight.copy_(torch.eye(TEXT_WIDTH))
+    return enc.to(dtype).eval().requires_grad_(False)
 
 
 def assemble(transformer, shapes_folder: str | Path | None = None, dtype: torch.dtype = torch.float32):
@@ -51,8 +54,10 @@ def assemble(transformer, shapes_folder: str | Path | None = None, dtype: torch.
     vae = AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=dtype).eval().requires_grad_(False)
     vae.register_to_config(shift_factor=0.0)  # SD3's pipeline shifts latents; the identity VAE needs none
     tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    if transformer.dtype != dtype:
+        transformer = transformer.to(dtype)
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer.to(dtype), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
         text_encoder=_text_encoder(folder, dtype), tokenizer=tok, text_encoder_2=_text_encoder(folder, dtype),
         tokenizer_2=CLIPTokenizer.from_pretrained(str(folder / "tokenizer")), text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
