@@ -296,7 +296,8 @@ def test_output_similarity_sums_equal_fp64_reference(pack, models, tokenizers, f
     # the preview of plain maps offers the output-similarity maps, with the node's own numbers
     (payload,) = pack.DAAMHeatmaps.execute(traced_model, tokenizer_of(family, tokenizers), {"samples": samples},
                                            long_pos, NEG, "dog").ui["daam_preview"]
-    assert payload["refine"]["other"] == {"propagate_steps": 0, "head_power": 0.0, "map_source": "output similarity"}
+    assert payload["refine"]["other"] == {"propagate_steps": 0, "head_power": 0.0, "map_source": "output similarity",
+                                          "propagate_at": "each resolution", "exclusive": False}
     keys = [e["key"] for e in payload["entries"] if e["prompt"] == "positive"]
     h, w = payload["map_hw"]
     other = np.frombuffer(base64.b64decode(payload["images"][1]["other"]["maps"]), "<f4").reshape(-1, h, w)
