@@ -153,24 +153,34 @@ def build_qwen_image(seed: int = 0, layers: int = 2, context_dim: int = 64):
                                     joint_attention_dim=context_dim), seed)
 
 
+class IndexEncoder:
+    """In place of a text encoder: the hidden state at each position is that position's index (one channel)."""
+
+    def encode_token_weights(self, pairs):
+        n = sum(len(c) for c in pairs)
+        return torch.arange(n, dtype=torch.float64).view(1, n, 1), None, {"attention_mask": torch.ones(1, n)}
+
+
+def kept_positions(te_class, tokens, module: bool = False, **parts) -> list[int]:
+    """The positions the host's ``te_class.encode_token_weights`` keeps of ``tokens``, run without weights on an
+    instance whose sub-encoders are ``parts`` (an :class:`IndexEncoder` for the one whose positions are read):
+    the cut is the host's code, the language model is not run. ``module``: the class needs ``nn.Module`` state."""
+    te = object.__new__(te_class)
+    if module:
+        torch.nn.Module.__init__(te)
+    te.__dict__.update(parts)
+    out, _, _ = te_class.encode_token_weights(te, tokens)
+    return [int(p) for p in out[0, :, 0]]
+
+
 def qwen_kept_positions(tokenizer, text: str):
     """``(tokens, positions)``: the host's ``QwenImageTokenizer`` tokens of ``text`` and the positions its encoder
-    keeps. ``QwenImageTEModel.encode_token_weights`` runs on them with an encoder in place of Qwen2.5-VL whose
-    hidden state at each position is that position's index: the cut is the host's code, the language model
-    (7B; no small config of its vision tower exists) is not run."""
+    keeps (:func:`kept_positions`; Qwen2.5-VL, 7B with no small config of its vision tower, is not run)."""
     from comfy.text_encoders.qwen_image import QwenImageTEModel
 
     tokens = tokenizer.tokenize_with_weights(text, return_word_ids=True)
-
-    class Positions:
-        def encode_token_weights(self, pairs):
-            n = sum(len(c) for c in pairs)
-            return torch.arange(n, dtype=torch.float64).view(1, n, 1), None, {"attention_mask": torch.ones(1, n)}
-
-    te = object.__new__(QwenImageTEModel)  # no weights: only its cut runs
-    te.__dict__.update(clip_name="qwen25_7b", clip="qwen25_7b", qwen25_7b=Positions())
-    out, _, _ = QwenImageTEModel.encode_token_weights(te, tokens)
-    return tokens, [int(p) for p in out[0, :, 0]]
+    return tokens, kept_positions(QwenImageTEModel, tokens, clip_name="qwen25_7b", clip="qwen25_7b",
+                                  qwen25_7b=IndexEncoder())
 
 
 def conditioning(tokens: int, context_dim: int = 64, pooled_dim: int = 32, seed: int = 0, batch: int = 1,

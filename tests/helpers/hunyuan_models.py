@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from helpers.dit_checkpoints import _patcher, detected_config
+from helpers.dit_checkpoints import IndexEncoder, _patcher, detected_config, kept_positions
 
 WIDTH = 256
 VIDEO_TEXT_DIM = 64  # the tiny models' text input (the real ones: 4096 llama, 3584 Qwen2.5-VL)
@@ -76,20 +76,11 @@ def hunyuan_video_kept_positions(tokenizer, text: str):
 
     tokens = tokenizer.tokenize_with_weights(text, return_word_ids=True)
 
-    class Positions:
-        def encode_token_weights(self, pairs):
-            n = sum(len(c) for c in pairs)
-            return torch.arange(n, dtype=torch.float64).view(1, n, 1), None, {"attention_mask": torch.ones(1, n)}
-
     class Pooled:
         def encode_token_weights(self, pairs):
             return None, torch.zeros(1, POOLED_DIM)
 
-    te = object.__new__(HunyuanVideoClipModel)  # no weights: only its cut runs
-    torch.nn.Module.__init__(te)
-    te.__dict__.update(llama=Positions(), clip_l=Pooled())
-    out, _, _ = HunyuanVideoClipModel.encode_token_weights(te, tokens)
-    return tokens, [int(p) for p in out[0, :, 0]]
+    return tokens, kept_positions(HunyuanVideoClipModel, tokens, module=True, llama=IndexEncoder(), clip_l=Pooled())
 
 
 def hunyuan_video15_kept_positions(tokenizer, text: str):
@@ -99,16 +90,8 @@ def hunyuan_video15_kept_positions(tokenizer, text: str):
     from comfy.text_encoders.hunyuan_image import HunyuanImageTEModel
 
     tokens = tokenizer.tokenize_with_weights(text, return_word_ids=True)
-
-    class Positions:
-        def encode_token_weights(self, pairs):
-            n = sum(len(c) for c in pairs)
-            return torch.arange(n, dtype=torch.float64).view(1, n, 1), None, {"attention_mask": torch.ones(1, n)}
-
-    te = object.__new__(HunyuanImageTEModel)  # no weights: only its cut runs
-    te.__dict__.update(clip_name="qwen25_7b", clip="qwen25_7b", qwen25_7b=Positions(), byt5_small=None)
-    out, _, _ = HunyuanImageTEModel.encode_token_weights(te, {k: v for k, v in tokens.items() if k != "byt5"})
-    return tokens, [int(p) for p in out[0, :, 0]]
+    return tokens, kept_positions(HunyuanImageTEModel, {k: v for k, v in tokens.items() if k != "byt5"},
+                                  clip_name="qwen25_7b", clip="qwen25_7b", qwen25_7b=IndexEncoder(), byt5_small=None)
 
 
 def conditioning(tokens: int, seed: int = 0, batch: int = 1, pooled: bool = True, **extra):
