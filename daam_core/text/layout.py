@@ -434,6 +434,13 @@ def _merge_pretokens(units: list[_Unit]) -> list[_Unit]:
 
 
 
+def zero_positions(length: int, segment: str, scheme: str = "sentencepiece", piece: str = "<zeros>") -> TokenLayout:
+    """``length`` positions that hold no word: what an encoder that is not loaded leaves in the conditioning
+    (zero vectors), as one segment named ``segment``."""
+    return TokenLayout((0,) * length, (1.0,) * length, (piece,) * length, (-1,) * length, (), length,
+                       segments=(Segment(segment, 0, length, scheme),))
+
+
 def concat_layouts(parts, tokenizer=None) -> TokenLayout:
     """One layout for conditionings concatenated on the token axis (SD3: CLIP-L/G positions, then T5's).
 

@@ -152,15 +152,13 @@ class JointTrace(DiffusersTrace):
 
     # -- prompts ----------------------------------------------------------------------------------
     def _layout_joint(self, text: str, t5_length: int, t5_text: str | None = None) -> TokenLayout:
-        from ...text.layout import Segment, TokenLayout, concat_layouts
+        from ...text.layout import concat_layouts, zero_positions
         from ...text.sentencepiece import tokenize_t5
 
         t5_tok = getattr(self.pipe, self.family.t5_tokenizer)
         if t5_tok is None and self.family.clip_segment:  # SD3 loaded without T5: the pipeline's zero T5 vectors
-            t5 = TokenLayout(ids=(0,) * t5_length, weights=(1.0,) * t5_length, pieces=("<no t5>",) * t5_length,
-                             word_of=(-1,) * t5_length, words=(), chunk_length=t5_length,
-                             segments=(Segment("t5", 0, t5_length, "sentencepiece"),))
-            return concat_layouts([("clip", self._layout(text)), ("t5", t5)], self.pipe.tokenizer)
+            return concat_layouts([("clip", self._layout(text)), ("t5", zero_positions(t5_length, "t5"))],
+                                  self.pipe.tokenizer)
         t5 = tokenize_t5(text if t5_text is None else t5_text, t5_tok, max_length=t5_length, syntax="plain")
         if not self.family.clip_segment:
             return t5

@@ -20,7 +20,7 @@ conditioning whose Llama part is not the text's is refused by the length check. 
 
 from __future__ import annotations
 
-from ....text.layout import Segment, TokenLayout, concat_layouts
+from ....text.layout import TokenLayout, concat_layouts, zero_positions
 from .base import DiTSpec, JointFamily, flat_length, host_tokenizer, register
 from .templated import templated_layout
 
@@ -57,8 +57,7 @@ class HiDream(JointFamily):
         if encoders is not None and getattr(encoders, "t5xxl", True) is None:
             layout = wordless(layout)  # no T5 loaded: the encoder gives 128 zero vectors
         if encoders is not None and getattr(encoders, "llama", True) is None and length == layout.length + 2:
-            empty = wordless(TokenLayout((0,), (1.0,), ("<zeros>",), (-1,), (), 1,
-                                         segments=(Segment("llama", 0, 1, "sentencepiece"),)))
+            empty = zero_positions(1, "llama")
             return concat_layouts([("t5", layout), ("llama", empty), ("llama", empty)])  # one zero Llama token
         if text is None:
             raise ValueError("DAAM: HiDream's layout needs the prompt's text")
