@@ -270,8 +270,6 @@ class AttentionTrace:
         names = self.select_layers(layers, factors, parts, locations=locations)
         if propagate < 0:
             raise ValueError(f"propagate must be >= 0 self-attention steps, got {propagate}")
-        if propagate_at not in refine.PROPAGATE_AT:
-            raise ValueError(f"propagate_at must be one of {refine.PROPAGATE_AT}, got {propagate_at!r}")
         if propagate and not self.self_sums:
             raise ValueError("propagation needs self-attention sums: trace with self-attention recorded "
                              "(refine=RefineRecording(self_attention=True))")
@@ -361,13 +359,19 @@ class AttentionTrace:
         if not words:
             raise ValueError("no words given: name at least one word or phrase of the prompt")
         if exclusive or rivals:
-            refined = self.word_maps(words, image, branch, combine=combine, normalize=normalize, size=size,
-                                     layers=layers, factors=factors, parts=parts, upsample=upsample,
-                                     locations=locations, missing=missing, segments=segments, propagate=propagate,
-                                     head_power=head_power, source=source, propagate_at=propagate_at)
             plain = self.word_maps([*words, *rivals], image, branch, combine=combine, normalize="none", size=size,
                                    layers=layers, factors=factors, parts=parts, upsample=upsample,
                                    locations=locations, missing=missing, segments=segments, source=source)
+            if propagate or head_power:
+                refined = self.word_maps(words, image, branch, combine=combine, normalize=normalize, size=size,
+                                         layers=layers, factors=factors, parts=parts, upsample=upsample,
+                                         locations=locations, missing=missing, segments=segments,
+                                         propagate=propagate, head_power=head_power, source=source,
+                                         propagate_at=propagate_at)
+            else:  # the words' own maps are their plain ones, normalised as finish_maps does
+                refined = plain[..., :len(words), :, :]
+                if normalize != "none":
+                    refined = aggregate.normalize_maps(refined.clamp(min=0), normalize)
             return compete(refined, plain, len(rivals), exclusive, normalize)
         if missing not in ("error", "zeros"):
             raise ValueError("missing must be 'error' or 'zeros'")

@@ -70,7 +70,7 @@ def refine_recording(self_attention: bool, head_sums: bool, max_queries: int = D
 
 
 MAP_SOURCES = {"attention": "attention", "output similarity": "output"}  # node label -> word_maps(source=...)
-PROPAGATE_AT = {"each resolution": "each", "finest resolution": "finest", "both": "both"}  # node label -> word_maps(propagate_at=)
+PROPAGATE_AT = {"each resolution": "each", "finest resolution": "finest", "both": "both"}  # label -> propagate_at
 
 
 def refined_word_maps(trace: AttentionTrace, words, *, propagate_steps: int = 0, head_power: float = 0.0,
