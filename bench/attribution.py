@@ -359,7 +359,8 @@ def run_refine(args) -> dict:
                 if vals:
                     row[key] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals))}
             summary[kind][name] = row
-    return {"bench": "attribution-refine", "model": "shapes DiT" if args.dit else "shapes UNet", "seeds": args.seeds, "scenes": args.scenes, "generated": args.generated,
+    return {"bench": "attribution-refine", "model": "shapes DiT" if args.dit else "shapes UNet", "seeds": args.seeds,
+            "scenes": args.scenes, "generated": args.generated,
             "drawn_right": drawn_right, "summary": summary, "per_seed": per_seed,
             "seconds": round(time.time() - t0, 1)}
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from daam_core.shapes import dit  # noqa: E402
-from train_shapes import batch_of_scenes, to_unit  # noqa: E402
+from train_shapes import batch_of_scenes, ema_update, to_unit  # noqa: E402
 
 
 class PromptCache:
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         print(f"wrote {args.export / 'transformer'}")
         return 0
     model = dit.build_transformer(seed=0)
-    pipe = dit.assemble(copy.deepcopy(model))
+    pipe = dit.assemble(model)  # its VAE and prompt encoding; the transformer in it is the one trained
     state_file = args.work / "state.safetensors"
     step = 0
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     start_step = step
     while True:
         elapsed = time.time() - t0
-        progress = elapsed / args.time_budget if args.time_budget else (step - start_step) / max(args.steps - start_step, 1)
+        done = step - start_step
+        progress = elapsed / args.time_budget if args.time_budget else done / max(args.steps - start_step, 1)
         if progress >= 1 or step >= args.steps:
             break
         lr = args.lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
@@ -111,10 +112,7 @@ def main(argv=None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            d = min(0.999, (1 + step - start_step) / (10 + step - start_step))
-            for pe_, pm in zip(ema.parameters(), model.parameters()):
-                pe_.mul_(d).add_(pm.detach(), alpha=1 - d)
+        ema_update(ema, model, min(0.999, (1 + done) / (10 + done)))
         step += 1
         if step % 50 == 0:
             log.write(json.dumps({"step": step, "loss": round(loss.item(), 5), "lr": lr,
